@@ -1,0 +1,1 @@
+"""Generated gRPC code for proto/smq.proto. Never edit: run scripts/gen_proto.py."""

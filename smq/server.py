@@ -1,0 +1,291 @@
+"""The gRPC face of SMQ: a thin servicer, the server factory, and an embeddable Server.
+
+    from smq.config import Config
+    from smq.server import Server
+
+    with Server(Config(dbpath="/data/q.db", port=0)) as server:   # port 0: any free port
+        print("listening on", server.port)
+        ...                                                        # stop() on exit
+
+Each servicer method unpacks the request, calls QueueService and packs the reply;
+SMQ errors become gRPC statuses in one place (`STATUS_OF`/`_abort`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import logging
+import os
+import ssl
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ._proto import smq_pb2, smq_pb2_grpc
+from .config import Config
+from .errors import SMQError, StartupError
+from .service import PAGE_BYTES, Limits, QueueService
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
+HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
+ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
+QUEUED_CALLS_PER_WORKER = 4  # calls that may wait for a thread before RESOURCE_EXHAUSTED
+STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (
+    "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE", "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "UNKNOWN")}
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Answer the call with the status for exc (never a traceback to the client)."""
+    if isinstance(exc, SMQError):
+        if exc.code == "INTERNAL":
+            log.error("%s", exc)
+        context.abort(STATUS_OF[exc.code], str(exc))
+    if not context.is_active():
+        return  # the client went away; nothing to answer
+    log.exception("unexpected error")
+    context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
+    @functools.wraps(method)
+    def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+    return handler
+
+
+def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """The same for server-streaming handlers (generators)."""
+    @functools.wraps(method)
+    def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:
+            _abort(context, exc)
+    return handler
+
+
+def is_local(context: grpc.ServicerContext) -> bool:
+    """True for callers on the Unix socket."""
+    return context.peer().startswith("unix:")
+
+
+class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
+    """SuhaibMessageQueue over QueueService."""
+
+    def __init__(self, service: QueueService, heartbeat_interval: float) -> None:
+        self.service = service
+        self.heartbeat_interval = heartbeat_interval
+
+    @rpc
+    def Connect(self, request, context):
+        return smq_pb2.ConnectResponse()
+
+    @rpc
+    def CreateTopic(self, request, context):
+        self.service.check_may_write(is_local(context))
+        self.service.create_topic(request.topic)
+        return smq_pb2.CreateTopicResponse()
+
+    @rpc
+    def GetEarliestOffset(self, request, context):
+        return smq_pb2.GetEarliestOffsetResponse(offset=self.service.earliest_offset(request.topic))
+
+    @rpc
+    def GetLatestOffset(self, request, context):
+        return smq_pb2.GetLatestOffsetResponse(offset=self.service.latest_offset(request.topic))
+
+    @rpc
+    def Produce(self, request, context):
+        self.service.check_may_write(is_local(context))
+        return smq_pb2.ProduceResponse(offset=self.service.produce(request.topic, request.message))
+
+    @rpc
+    def StreamProduce(self, request_iterator, context):
+        self.service.check_may_write(is_local(context))
+        with self.service.stream_slot():
+            last = self.service.produce_stream((r.topic, r.message) for r in request_iterator)
+        return smq_pb2.ProduceResponse(offset=last)
+
+    @rpc
+    def Consume(self, request, context):
+        payload = self.service.consume(request.topic, request.offset)
+        return smq_pb2.ConsumeResponse(message=payload, offset=request.offset)
+
+    @streaming_rpc
+    def StreamConsume(self, request, context):
+        with self.service.stream_slot():
+            follower = self.service.follow(request.topic, request.offset, self.heartbeat_interval)
+            context.add_callback(follower.cancel)
+            for page in follower:
+                if not page:
+                    yield HEARTBEAT
+                for offset, payload in page:
+                    yield smq_pb2.ConsumeResponse(message=payload, offset=offset)
+
+    @rpc
+    def DeleteUntilOffset(self, request, context):
+        self.service.check_may_write(is_local(context))
+        self.service.trim(request.topic, request.offset)
+        return smq_pb2.DeleteUntilOffsetResponse()
+
+    @rpc
+    def BulkRetrieve(self, request, context):
+        page = self.service.read(request.topic, request.start_offset, request.limit)
+        return smq_pb2.BulkRetrieveResponse(
+            messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page.messages],
+            count=len(page.messages), next_offset=page.next_offset)
+
+
+def server_credentials(config: Config) -> grpc.ServerCredentials | None:
+    """mTLS credentials, or None for plaintext. Refuses missing, unreadable or invalid files."""
+    if not config.server_enable_mtls:
+        return None
+    files = {}
+    for field, label in (("server_cert", "--server-cert"), ("server_key", "--server-key"),
+                         ("server_ca_cert", "--server-ca-cert")):
+        path = getattr(config, field)
+        try:
+            with open(path, "rb") as stream:
+                files[field] = stream.read()
+        except OSError as exc:
+            raise StartupError(f"mTLS is enabled but {label} {path!r} cannot be read: "
+                               f"{exc.strerror or exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.server_cert, config.server_key, password=lambda: "")
+    except (ssl.SSLError, ValueError) as exc:
+        raise StartupError(f"mTLS is enabled but --server-cert {config.server_cert!r} and "
+                           f"--server-key {config.server_key!r} are not a valid matching "
+                           f"PEM certificate and unencrypted key ({exc})") from None
+    try:
+        context.load_verify_locations(cafile=config.server_ca_cert)
+    except (ssl.SSLError, ValueError) as exc:
+        raise StartupError(f"mTLS is enabled but --server-ca-cert {config.server_ca_cert!r} "
+                           f"is not a valid PEM CA certificate ({exc})") from None
+    return grpc.ssl_server_credentials(
+        [(files["server_key"], files["server_cert"])],
+        root_certificates=files["server_ca_cert"], require_client_auth=True)
+
+
+def tcp_address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
+def create_server(config: Config, service: QueueService,
+                  health_servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A grpc.Server with SMQ, health and reflection, bound but not started. Returns it
+    and the TCP port (useful with port 0)."""
+    credentials = server_credentials(config)
+    threads = config.workers + config.max_streams
+    server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smq-rpc"),
+        maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
+        options=[
+            ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+            ("grpc.max_receive_message_length", config.max_message_size + ENVELOPE_BYTES),
+            ("grpc.max_send_message_length",
+             max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES),
+            ("grpc.keepalive_time_ms", 60_000),  # notice dead stream clients (power cuts)
+            ("grpc.keepalive_timeout_ms", 20_000),
+        ])
+    smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
+        Servicer(service, config.heartbeat_interval), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    address = tcp_address(config.bind, config.port)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc} (is another server using it?)") from None
+    if port == 0:
+        raise StartupError(f"cannot listen on {address} (is another server using it?)")
+    if config.unix_socket:
+        _remove_stale_socket(config.unix_socket)
+        try:
+            bound = server.add_insecure_port(f"unix:{config.unix_socket}")
+        except RuntimeError as exc:
+            bound, reason = 0, str(exc)
+        else:
+            reason = "bind failed"
+        if not bound:
+            raise StartupError(f"cannot listen on Unix socket {config.unix_socket!r}: {reason}")
+    return server, port
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Server:
+    """An SMQ server: database, writer, gRPC ports. `start()`, then `stop()` (or `with`)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.health = health.HealthServicer()
+        storage = Storage(config.dbpath, config.durability, readers=min(config.workers, 8))
+        try:
+            self.service = QueueService(storage, Limits(
+                max_message_size=config.max_message_size, max_streams=config.max_streams,
+                allow_remote_writes=config.allow_remote_writes))
+            self._grpc, self.port = create_server(config, self.service, self.health)
+        except BaseException:
+            storage.close()
+            raise
+        self._stopped = threading.Event()
+
+    def start(self) -> "Server":
+        self._grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        where = tcp_address(self.config.bind, self.port)
+        if self.config.unix_socket:
+            where += f" and unix:{self.config.unix_socket}"
+        log.info("serving on %s (%s, database %s, durability %s)", where,
+                 "mTLS" if self.config.server_enable_mtls else "plaintext",
+                 self.config.dbpath, self.config.durability)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new calls, end streams with UNAVAILABLE, give in-flight calls
+        `grace` seconds, then finish queued writes, checkpoint and close the database."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.shutdown_grace if grace is None else grace
+        self.health.enter_graceful_shutdown()
+        self.service.begin_shutdown()
+        self._grpc.stop(grace).wait()
+        self.service.close()
+        if self.config.unix_socket:
+            _remove_stale_socket(self.config.unix_socket)
+        log.info("stopped")
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -1,0 +1,282 @@
+"""The queue's rules, independent of gRPC and of SQLite.
+
+QueueService checks every request against WIRE.md's semantics, sends writes to the
+group-commit writer, reads through storage, and lets streams wait for new commits:
+each topic has a condition that the writer's commit callback notifies, so a waiting
+stream wakes at once on a commit, on its own cancellation and on shutdown.
+
+Its view of the topics (`_topics`) is only ever updated after a commit, so anything
+it says exists can be read back from the database.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import threading
+from collections.abc import Iterable, Iterator
+
+from .errors import (InvalidArgument, MessageTooLarge, OffsetNotFound, OffsetOutOfRange,
+                     Overloaded, PermissionDenied, TopicEmpty, TopicNotFound, Unavailable)
+from .storage import Storage, TopicState
+from .writer import Append, CreateTopic, GroupCommitWriter, Trim, WriteOp
+
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+DEFAULT_PAGE_MESSAGES = 100
+MAX_PAGE_MESSAGES = 10_000
+# Replies stay below gRPC's default 4 MiB receive limit, so default clients can read
+# any page (a single message larger than this still travels alone).
+PAGE_BYTES = 3 * 1024**2
+STREAM_CHUNK_MESSAGES = 1_000  # StreamProduce hands the writer at most this many at once
+STREAM_CHUNK_BYTES = 4 * 1024**2
+WRITE_TIMEOUT = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_message_size: int = 1024**2
+    max_streams: int = 64
+    allow_remote_writes: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Page:
+    """Messages read in one go: (offset, payload) pairs, ascending."""
+    messages: list[tuple[int, bytes]]
+    next_offset: int
+
+
+class QueueService:
+    """Topics, offsets, produce, consume, follow and trim, as WIRE.md defines them."""
+
+    def __init__(self, storage: Storage, limits: Limits = Limits()) -> None:
+        self.storage = storage
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._topics: dict[str, TopicState] = {}
+        self._changed: dict[str, threading.Condition] = {}
+        self._closing = False
+        self._open_streams = 0
+        self.writer = GroupCommitWriter(storage, on_commit=self._committed)
+        self._committed(self.writer.committed_topics())
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Wake every waiting stream; they end with Unavailable. Writes still work."""
+        with self._lock:
+            self._closing = True
+            for condition in self._changed.values():
+                condition.notify_all()
+
+    def close(self) -> None:
+        """Finish queued writes, stop the writer, close the database."""
+        self.begin_shutdown()
+        self.writer.close()
+        self.storage.close()
+
+    # -- topics and offsets -------------------------------------------------------
+
+    def topics(self) -> list[TopicState]:
+        with self._lock:
+            return sorted(self._topics.values(), key=lambda t: t.name)
+
+    def create_topic(self, name: str) -> bool:
+        """Create the topic unless it exists. True if it was created."""
+        check_topic_name(name)
+        if name in self._topics:
+            return False
+        return self._write(CreateTopic(name))
+
+    def earliest_offset(self, name: str) -> int:
+        topic = self._topic(name)
+        if topic.earliest is None:
+            raise TopicEmpty(name)
+        return topic.earliest
+
+    def latest_offset(self, name: str) -> int:
+        topic = self._topic(name)
+        if topic.latest is None:
+            raise TopicEmpty(name)
+        return topic.latest
+
+    # -- writing ------------------------------------------------------------------
+
+    def check_may_write(self, local: bool) -> None:
+        """Remote (TCP) writers need --allow-remote-writes; local (Unix socket) ones never do."""
+        if not local and not self.limits.allow_remote_writes:
+            raise PermissionDenied("remote writes are disabled on this server")
+
+    def produce(self, name: str, payload: bytes) -> int:
+        """Append one message; returns its offset once committed."""
+        self._check_message(name, payload)
+        return self._write(Append([(name, payload)]))[1]
+
+    def produce_stream(self, messages: Iterable[tuple[str, bytes]]) -> int:
+        """Append (topic, payload) pairs in order; returns the last offset (0 if none).
+
+        Messages are handed to the writer in chunks while the stream is still being
+        read: a chunk goes as soon as the previous one is committed (or when it is
+        full), so a fast stream fills big transactions and a slow one is not delayed.
+        On the first bad message the ones before it are committed, then the error raised.
+        """
+        last = 0
+        in_flight: WriteOp | None = None
+        chunk: list[tuple[str, bytes]] = []
+        chunk_bytes = 0
+        try:
+            for name, payload in messages:
+                self._check_message(name, payload)
+                chunk.append((name, payload))
+                chunk_bytes += len(payload)
+                full = len(chunk) >= STREAM_CHUNK_MESSAGES or chunk_bytes >= STREAM_CHUNK_BYTES
+                if in_flight is None or in_flight.done() or full:
+                    if in_flight is not None:
+                        last = in_flight.wait(WRITE_TIMEOUT)[1] or last
+                    in_flight = self.writer.submit(Append(chunk))
+                    chunk, chunk_bytes = [], 0
+        finally:
+            # Whatever ends the stream, what was accepted before it is committed.
+            if in_flight is not None:
+                last = in_flight.wait(WRITE_TIMEOUT)[1] or last
+            if chunk:
+                last = self._write(Append(chunk))[1] or last
+        return last
+
+    def trim(self, name: str, until: int) -> int:
+        """Delete every message with offset <= until; returns how many were deleted."""
+        self._topic(name)
+        if until < 1:
+            return 0
+        return self._write(Trim(name, until))
+
+    def _check_message(self, name: str, payload: bytes) -> None:
+        self._topic(name)
+        if len(payload) > self.limits.max_message_size:
+            raise MessageTooLarge(
+                f"message of {len(payload)} bytes is larger than the server's maximum "
+                f"of {self.limits.max_message_size} bytes")
+
+    def _write(self, op: WriteOp):
+        return self.writer.submit(op).wait(WRITE_TIMEOUT)
+
+    # -- reading ------------------------------------------------------------------
+
+    def consume(self, name: str, offset: int) -> bytes:
+        """The message at offset."""
+        topic = self._topic(name)
+        if offset < 1:
+            raise OffsetNotFound(f"offset {offset} is below 1: offsets start at 1")
+        if offset >= topic.next_offset:
+            raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
+        payload = self.storage.read_one(topic.id, offset)
+        if payload is None:
+            raise OffsetNotFound(f"offset {offset} was deleted; the earliest is {topic.earliest}")
+        return payload
+
+    def read(self, name: str, start_offset: int, limit: int) -> Page:
+        """BulkRetrieve: messages with offset >= start_offset, bounded in count and bytes."""
+        topic = self._topic(name)
+        count = DEFAULT_PAGE_MESSAGES if limit <= 0 else min(limit, MAX_PAGE_MESSAGES)
+        messages = self.storage.read_page(topic.id, max(start_offset, 1), count, PAGE_BYTES)
+        return Page(messages, messages[-1][0] + 1 if messages else start_offset)
+
+    # -- streams --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def stream_slot(self) -> Iterator[None]:
+        """Hold one of the --max-streams places for the duration of a stream."""
+        with self._lock:
+            if self._closing:
+                raise Unavailable("server is shutting down")
+            if self._open_streams >= self.limits.max_streams:
+                raise Overloaded(f"too many open streams (limit {self.limits.max_streams}); "
+                                 "retry later or raise --max-streams")
+            self._open_streams += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open_streams -= 1
+
+    def follow(self, name: str, from_offset: int, heartbeat: float) -> Follower:
+        """An iterator of pages from max(from_offset, earliest), then of each new commit;
+        an empty page after `heartbeat` seconds idle. Ends when cancelled."""
+        self._topic(name)
+        return Follower(self, name, max(from_offset, 1), heartbeat)
+
+    def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
+        """Wait until `offset` is committed in the topic. False on timeout or cancel."""
+        with self._lock:
+            condition = self._changed.setdefault(name, threading.Condition(self._lock))
+            return condition.wait_for(
+                lambda: self._closing or follower.cancelled
+                or self._topic_locked(name).next_offset > offset, timeout)
+
+    def _wake(self, name: str) -> None:
+        with self._lock:
+            condition = self._changed.get(name)
+            if condition is not None:
+                condition.notify_all()
+
+    # -- the committed view ---------------------------------------------------------
+
+    def _committed(self, changed: list[TopicState]) -> None:
+        """Called by the writer after each commit with copies of the topics it changed."""
+        with self._lock:
+            for topic in changed:
+                self._topics[topic.name] = topic
+                condition = self._changed.get(topic.name)
+                if condition is not None:
+                    condition.notify_all()
+
+    def _topic(self, name: str) -> TopicState:
+        check_topic_name(name)
+        with self._lock:
+            return self._topic_locked(name)
+
+    def _topic_locked(self, name: str) -> TopicState:
+        topic = self._topics.get(name)
+        if topic is None:
+            raise TopicNotFound(name)
+        return topic
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+
+class Follower:
+    """Iterates a topic's pages for a stream; `cancel()` (any thread) ends it."""
+
+    def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float) -> None:
+        self._service = service
+        self._name = name
+        self.cursor = cursor
+        self._heartbeat = heartbeat
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self._service._wake(self._name)
+
+    def __iter__(self) -> Iterator[list[tuple[int, bytes]]]:
+        service = self._service
+        while not self.cancelled:
+            if service.closing:
+                raise Unavailable("server is shutting down")
+            topic = service._topic(self._name)
+            page = service.storage.read_page(topic.id, self.cursor, MAX_PAGE_MESSAGES, PAGE_BYTES)
+            if page:
+                self.cursor = page[-1][0] + 1
+                yield page
+            elif not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
+                if not (self.cancelled or service.closing):
+                    yield []  # idle: the caller sends a heartbeat
+
+
+def check_topic_name(name: str) -> None:
+    if not TOPIC_NAME.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:57] + "..."
+        raise InvalidArgument(
+            f"invalid topic name {shown!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
