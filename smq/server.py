@@ -30,13 +30,14 @@ from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
 from .errors import SMQError, StartupError
 from .service import PAGE_BYTES, Limits, QueueService
-from .storage import Storage
+from .storage import Storage, TopicState
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
 HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
 ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
+MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
 QUEUED_CALLS_PER_WORKER = 4  # calls that may wait for a thread before RESOURCE_EXHAUSTED
 STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (
     "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE", "PERMISSION_DENIED",
@@ -142,11 +143,49 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return smq_pb2.DeleteUntilOffsetResponse()
 
     @rpc
+    def ProduceBatch(self, request, context):
+        self.service.check_may_write(is_local(context))
+        first, last = self.service.produce_batch(request.topic, list(request.messages))
+        return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
+
+    @streaming_rpc
+    def Subscribe(self, request, context):
+        with self.service.stream_slot():
+            follower = self.service.follow(request.topic, request.offset, self.heartbeat_interval,
+                                           request.max_messages)
+            context.add_callback(follower.cancel)
+            for page in follower:
+                yield smq_pb2.SubscribeResponse(
+                    messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page],
+                    next_offset=follower.cursor)
+
+    @rpc
+    def ListTopics(self, request, context):
+        return smq_pb2.ListTopicsResponse(topics=[topic_info(t) for t in self.service.topics()])
+
+    @rpc
+    def DescribeTopic(self, request, context):
+        return smq_pb2.DescribeTopicResponse(topic=topic_info(self.service.describe(request.topic)))
+
+    @rpc
+    def DeleteTopic(self, request, context):
+        self.service.check_may_write(is_local(context))
+        self.service.delete_topic(request.topic)
+        return smq_pb2.DeleteTopicResponse()
+
+    @rpc
     def BulkRetrieve(self, request, context):
         page = self.service.read(request.topic, request.start_offset, request.limit)
         return smq_pb2.BulkRetrieveResponse(
             messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page.messages],
             count=len(page.messages), next_offset=page.next_offset)
+
+
+def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
+    return smq_pb2.TopicInfo(
+        name=topic.name, earliest_offset=topic.earliest or 0, latest_offset=topic.latest or 0,
+        message_count=topic.message_count, stored_bytes=topic.stored_bytes,
+        next_offset=topic.next_offset, created_at=topic.created_at)
 
 
 def server_credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -197,7 +236,8 @@ def create_server(config: Config, service: QueueService,
         maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-            ("grpc.max_receive_message_length", config.max_message_size + ENVELOPE_BYTES),
+            ("grpc.max_receive_message_length",
+             max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES),
             ("grpc.max_send_message_length",
              max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES),
             ("grpc.keepalive_time_ms", 60_000),  # notice dead stream clients (power cuts)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from .errors import (InvalidArgument, MessageTooLarge, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import Storage, TopicState
-from .writer import Append, CreateTopic, GroupCommitWriter, Trim, WriteOp
+from .writer import Append, CreateTopic, DeleteTopic, GroupCommitWriter, Trim, WriteOp
 
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
@@ -78,8 +78,17 @@ class QueueService:
     # -- topics and offsets -------------------------------------------------------
 
     def topics(self) -> list[TopicState]:
+        """Every topic with its counters, by name."""
         with self._lock:
             return sorted(self._topics.values(), key=lambda t: t.name)
+
+    def describe(self, name: str) -> TopicState:
+        return self._topic(name)
+
+    def delete_topic(self, name: str) -> None:
+        """Delete a topic and its messages; its streams end with NOT_FOUND."""
+        self._topic(name)
+        self._write(DeleteTopic(name))
 
     def create_topic(self, name: str) -> bool:
         """Create the topic unless it exists. True if it was created."""
@@ -143,6 +152,15 @@ class QueueService:
                 last = self._write(Append(chunk))[1] or last
         return last
 
+    def produce_batch(self, name: str, payloads: list[bytes]) -> tuple[int, int]:
+        """Append all payloads to one topic in one transaction, or none of them.
+        Returns (first offset, last offset); (0, 0) for an empty batch."""
+        for payload in payloads:
+            self._check_message(name, payload)
+        if not payloads:
+            return (0, 0)
+        return self._write(Append([(name, p) for p in payloads], atomic=True))
+
     def trim(self, name: str, until: int) -> int:
         """Delete every message with offset <= until; returns how many were deleted."""
         self._topic(name)
@@ -199,11 +217,13 @@ class QueueService:
             with self._lock:
                 self._open_streams -= 1
 
-    def follow(self, name: str, from_offset: int, heartbeat: float) -> Follower:
+    def follow(self, name: str, from_offset: int, heartbeat: float,
+               page_messages: int = MAX_PAGE_MESSAGES) -> Follower:
         """An iterator of pages from max(from_offset, earliest), then of each new commit;
         an empty page after `heartbeat` seconds idle. Ends when cancelled."""
         self._topic(name)
-        return Follower(self, name, max(from_offset, 1), heartbeat)
+        size = MAX_PAGE_MESSAGES if page_messages <= 0 else min(page_messages, MAX_PAGE_MESSAGES)
+        return Follower(self, name, max(from_offset, 1), heartbeat, size)
 
     def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
         """Wait until `offset` is committed in the topic. False on timeout or cancel."""
@@ -225,7 +245,10 @@ class QueueService:
         """Called by the writer after each commit with copies of the topics it changed."""
         with self._lock:
             for topic in changed:
-                self._topics[topic.name] = topic
+                if topic.deleted:
+                    self._topics.pop(topic.name, None)
+                else:
+                    self._topics[topic.name] = topic
                 condition = self._changed.get(topic.name)
                 if condition is not None:
                     condition.notify_all()
@@ -249,11 +272,13 @@ class QueueService:
 class Follower:
     """Iterates a topic's pages for a stream; `cancel()` (any thread) ends it."""
 
-    def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float) -> None:
+    def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float,
+                 page_messages: int) -> None:
         self._service = service
         self._name = name
         self.cursor = cursor
         self._heartbeat = heartbeat
+        self._page_messages = page_messages
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -266,7 +291,7 @@ class Follower:
             if service.closing:
                 raise Unavailable("server is shutting down")
             topic = service._topic(self._name)
-            page = service.storage.read_page(topic.id, self.cursor, MAX_PAGE_MESSAGES, PAGE_BYTES)
+            page = service.storage.read_page(topic.id, self.cursor, self._page_messages, PAGE_BYTES)
             if page:
                 self.cursor = page[-1][0] + 1
                 yield page

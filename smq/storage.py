@@ -36,7 +36,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                name         TEXT NOT NULL UNIQUE,
                next_offset  INTEGER NOT NULL DEFAULT 1,  -- never goes back: offsets are not reused
                stored_bytes INTEGER NOT NULL DEFAULT 0,  -- sum of payload sizes still stored
-               created_at   INTEGER NOT NULL             -- unix seconds
+               created_at   INTEGER NOT NULL,            -- unix seconds
+               deleted      INTEGER NOT NULL DEFAULT 0   -- kept so a re-created topic goes on
            )""",
         """CREATE TABLE messages (
                topic_id   INTEGER NOT NULL,
@@ -66,6 +67,8 @@ class TopicState:
     next_offset: int
     earliest: int | None
     stored_bytes: int
+    created_at: int = 0
+    deleted: bool = False
 
     @property
     def latest(self) -> int | None:
@@ -173,16 +176,16 @@ class Storage:
 
     def load_topics(self, conn: apsw.Connection | None = None) -> dict[str, TopicState]:
         """Every topic with its counters, as committed."""
-        sql = """SELECT id, name, next_offset, stored_bytes,
+        sql = """SELECT id, name, next_offset, stored_bytes, created_at,
                         (SELECT min(msg_offset) FROM messages WHERE topic_id = topics.id)
-                 FROM topics"""
+                 FROM topics WHERE NOT deleted"""
         if conn is not None:
             rows = conn.execute(sql).fetchall()
         else:
             with self._reader("load topics") as reader:
                 rows = reader.execute(sql).fetchall()
-        return {name: TopicState(tid, name, nxt, earliest, size)
-                for tid, name, nxt, size, earliest in rows}
+        return {name: TopicState(tid, name, nxt, earliest, size, created)
+                for tid, name, nxt, size, created, earliest in rows}
 
     def read_one(self, topic_id: int, offset: int) -> bytes | None:
         """The payload at offset, or None if it is not stored."""
@@ -232,11 +235,22 @@ class Storage:
             return self.load_topics(self._writer)
 
     def insert_topic(self, name: str) -> TopicState:
-        cursor = self._writer.execute(
-            "INSERT INTO topics (name, created_at) VALUES (?, ?) RETURNING id",
-            (name, int(time.time())))
-        topic_id = cursor.fetchall()[0][0]
-        return TopicState(topic_id, name, next_offset=1, earliest=None, stored_bytes=0)
+        """Create a topic, or bring back a deleted one with its offsets going on."""
+        now = int(time.time())
+        topic_id, next_offset = self._writer.execute(
+            "INSERT INTO topics (name, created_at) VALUES (?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at"
+            " RETURNING id, next_offset", (name, now)).fetchall()[0]
+        return TopicState(topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now)
+
+    def delete_topic(self, topic: TopicState) -> None:
+        """Delete the topic's messages and hide it; its next_offset is kept."""
+        self._writer.execute("DELETE FROM messages WHERE topic_id = ?", (topic.id,))
+        self._writer.execute("UPDATE topics SET deleted = 1, stored_bytes = 0 WHERE id = ?",
+                             (topic.id,))
+        topic.deleted = True
+        topic.earliest = None
+        topic.stored_bytes = 0
 
     def append(self, topic: TopicState, payloads: Iterable[bytes]) -> int:
         """Append payloads at topic.next_offset onwards; advance the counters. Returns the count."""

@@ -139,6 +139,24 @@ class Trim(WriteOp):
             writer.space_to_give_back = True
 
 
+class DeleteTopic(WriteOp):
+    """Delete a topic and its messages. Result: True if it existed."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def apply(self, writer: GroupCommitWriter) -> None:
+        topic = writer.topics.pop(self.name, None)
+        if topic is None:
+            self.error = TopicNotFound(self.name)
+            return
+        writer.storage.delete_topic(topic)
+        writer.deleted.append(topic)
+        writer.space_to_give_back = True
+        self.result = True
+
+
 class Barrier(WriteOp):
     """Does nothing; answers once the writer has reached it (a liveness probe)."""
 
@@ -150,13 +168,18 @@ _STOP = object()
 
 
 class GroupCommitWriter:
-    """The single writer thread. Submit ops with `submit`; `close` drains and stops."""
+    """The single writer thread. Submit ops with `submit`; `close` drains and stops.
+
+    `topics` holds the live topics; `touched` and `deleted` collect what the current
+    group changed, for `on_commit`.
+    """
 
     def __init__(self, storage: Storage,
                  on_commit: Callable[[list[TopicState]], None] = lambda topics: None) -> None:
         self.storage = storage
         self.topics: dict[str, TopicState] = storage.reload_topics()
         self.touched: set[str] = set()
+        self.deleted: list[TopicState] = []
         self.space_to_give_back = True  # a previous run may have left free pages
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -232,8 +255,7 @@ class GroupCommitWriter:
         try:
             self._apply_in_one_transaction(group)
         except SMQError as exc:
-            self.topics = self.storage.reload_topics()
-            self.touched.clear()
+            self._forget_uncommitted()
             if len(group) == 1:
                 group[0].result, group[0].error = None, exc
                 log.error("write failed: %s", exc)
@@ -244,8 +266,7 @@ class GroupCommitWriter:
                 return
         except Exception as exc:  # a bug: fail the callers rather than hang them
             log.exception("unexpected error in the writer")
-            self.topics = self.storage.reload_topics()
-            self.touched.clear()
+            self._forget_uncommitted()
             for op in group:
                 op.result, op.error = None, StorageFailure(f"unexpected writer error: {exc}")
         self._publish()
@@ -261,10 +282,18 @@ class GroupCommitWriter:
         self.committed_ops += len(group)
         self.committed_messages += sum(op.messages for op in group)
 
+    def _forget_uncommitted(self) -> None:
+        """After a rollback: the database is the truth again."""
+        self.topics = self.storage.reload_topics()
+        self.touched.clear()
+        self.deleted.clear()
+
     def _publish(self) -> None:
-        if self.touched:
+        if self.touched or self.deleted:
             changed = [copy.copy(self.topics[n]) for n in self.touched if n in self.topics]
+            changed += [copy.copy(t) for t in self.deleted if t.name not in self.topics]
             self.touched.clear()
+            self.deleted.clear()
             self._on_commit(changed)
         if self.space_to_give_back and self._queue.empty():
             self._idle_work()

@@ -84,6 +84,31 @@ class SuhaibMessageQueueStub:
                 request_serializer=smq__pb2.BulkRetrieveRequest.SerializeToString,
                 response_deserializer=smq__pb2.BulkRetrieveResponse.FromString,
                 _registered_method=True)
+        self.ProduceBatch = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/ProduceBatch',
+                request_serializer=smq__pb2.ProduceBatchRequest.SerializeToString,
+                response_deserializer=smq__pb2.ProduceBatchResponse.FromString,
+                _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/smq.SuhaibMessageQueue/Subscribe',
+                request_serializer=smq__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=smq__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.ListTopics = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/ListTopics',
+                request_serializer=smq__pb2.ListTopicsRequest.SerializeToString,
+                response_deserializer=smq__pb2.ListTopicsResponse.FromString,
+                _registered_method=True)
+        self.DescribeTopic = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/DescribeTopic',
+                request_serializer=smq__pb2.DescribeTopicRequest.SerializeToString,
+                response_deserializer=smq__pb2.DescribeTopicResponse.FromString,
+                _registered_method=True)
+        self.DeleteTopic = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/DeleteTopic',
+                request_serializer=smq__pb2.DeleteTopicRequest.SerializeToString,
+                response_deserializer=smq__pb2.DeleteTopicResponse.FromString,
+                _registered_method=True)
 
 
 class SuhaibMessageQueueServicer:
@@ -149,6 +174,42 @@ class SuhaibMessageQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProduceBatch(self, request, context):
+        """Added by this SMQ (not in the original). Existing clients never call them.
+
+        Appends every message to one topic in one transaction: all or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Subscribe(self, request, context):
+        """Like StreamConsume, but each response carries a page of messages; an empty page
+        is a heartbeat. Catches up from disk in large pages, then pushes each commit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTopics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeTopic(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTopic(self, request, context):
+        """Deletes a topic and its messages. Re-creating it continues its offsets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SuhaibMessageQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +262,31 @@ def add_SuhaibMessageQueueServicer_to_server(servicer, server):
                     servicer.BulkRetrieve,
                     request_deserializer=smq__pb2.BulkRetrieveRequest.FromString,
                     response_serializer=smq__pb2.BulkRetrieveResponse.SerializeToString,
+            ),
+            'ProduceBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProduceBatch,
+                    request_deserializer=smq__pb2.ProduceBatchRequest.FromString,
+                    response_serializer=smq__pb2.ProduceBatchResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=smq__pb2.SubscribeRequest.FromString,
+                    response_serializer=smq__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'ListTopics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTopics,
+                    request_deserializer=smq__pb2.ListTopicsRequest.FromString,
+                    response_serializer=smq__pb2.ListTopicsResponse.SerializeToString,
+            ),
+            'DescribeTopic': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeTopic,
+                    request_deserializer=smq__pb2.DescribeTopicRequest.FromString,
+                    response_serializer=smq__pb2.DescribeTopicResponse.SerializeToString,
+            ),
+            'DeleteTopic': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTopic,
+                    request_deserializer=smq__pb2.DeleteTopicRequest.FromString,
+                    response_serializer=smq__pb2.DeleteTopicResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +559,141 @@ class SuhaibMessageQueue:
             '/smq.SuhaibMessageQueue/BulkRetrieve',
             smq__pb2.BulkRetrieveRequest.SerializeToString,
             smq__pb2.BulkRetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProduceBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/ProduceBatch',
+            smq__pb2.ProduceBatchRequest.SerializeToString,
+            smq__pb2.ProduceBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/Subscribe',
+            smq__pb2.SubscribeRequest.SerializeToString,
+            smq__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTopics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/ListTopics',
+            smq__pb2.ListTopicsRequest.SerializeToString,
+            smq__pb2.ListTopicsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeTopic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/DescribeTopic',
+            smq__pb2.DescribeTopicRequest.SerializeToString,
+            smq__pb2.DescribeTopicResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTopic(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/DeleteTopic',
+            smq__pb2.DeleteTopicRequest.SerializeToString,
+            smq__pb2.DeleteTopicResponse.FromString,
             options,
             channel_credentials,
             insecure,
