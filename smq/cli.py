@@ -59,7 +59,7 @@ def setup_logging(level: str) -> None:
 def serve(config: Config) -> int:
     """Run the server until SIGTERM or SIGINT, then drain and exit 0."""
     from .server import Server  # grpc is only loaded by commands that need it
-    from .systemd import Notifier
+    from .systemd import Notifier, Supervisor
 
     setup_logging(config.log_level)
     notifier = Notifier()
@@ -72,12 +72,14 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     server = Server(config).start()
-    notifier.ready(f"serving on port {server.port}")
+    notifier.ready(server.status_line())
+    supervisor = Supervisor(notifier, server.service.is_healthy, server.status_line).start()
     try:
         while not stop.wait(timeout=3600):
             pass
     finally:
         notifier.stopping()
+        supervisor.stop()
         logging.getLogger("smq").info("shutting down (grace %.1fs)", config.shutdown_grace)
         server.stop()
     return EXIT_OK

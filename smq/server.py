@@ -272,6 +272,10 @@ def create_server(config: Config, service: QueueService,
     return server, port
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _remove_stale_socket(path: str) -> None:
     try:
         if stat.S_ISSOCK(os.stat(path).st_mode):
@@ -301,13 +305,23 @@ class Server:
         self._grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        where = tcp_address(self.config.bind, self.port)
-        if self.config.unix_socket:
-            where += f" and unix:{self.config.unix_socket}"
-        log.info("serving on %s (%s, database %s, durability %s)", where,
+        log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
                  "mTLS" if self.config.server_enable_mtls else "plaintext",
                  self.config.dbpath, self.config.durability)
         return self
+
+    def addresses(self) -> str:
+        where = tcp_address(self.config.bind, self.port)
+        if self.config.unix_socket:
+            where += f" and unix:{self.config.unix_socket}"
+        return where
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: where it listens and what it stores."""
+        topics = self.service.topics()
+        stored = sum(t.message_count for t in topics)
+        return (f"serving on {self.addresses()}; {_count(len(topics), 'topic')}, "
+                f"{_count(stored, 'message')} stored")
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new calls, end streams with UNAVAILABLE, give in-flight calls

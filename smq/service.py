@@ -16,10 +16,10 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 
-from .errors import (InvalidArgument, MessageTooLarge, OffsetNotFound, OffsetOutOfRange,
+from .errors import (SMQError, InvalidArgument, MessageTooLarge, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import Storage, TopicState
-from .writer import Append, CreateTopic, DeleteTopic, GroupCommitWriter, Trim, WriteOp
+from .writer import Append, Barrier, CreateTopic, DeleteTopic, GroupCommitWriter, Trim, WriteOp
 
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
@@ -74,6 +74,18 @@ class QueueService:
         self.begin_shutdown()
         self.writer.close()
         self.storage.close()
+
+    def is_healthy(self, timeout: float) -> bool:
+        """Liveness: the writer thread runs, completes an (empty) write transaction and a
+        read of the file answers, all within `timeout` seconds."""
+        if not self.writer.is_alive():
+            return False
+        try:
+            self.writer.submit(Barrier()).wait(timeout)
+            self.storage.check_readable()
+        except SMQError:
+            return False
+        return True
 
     # -- topics and offsets -------------------------------------------------------
 

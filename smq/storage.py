@@ -215,19 +215,31 @@ class Storage:
         return page
 
     def check_readable(self) -> None:
-        """A trivial read through the pool, for liveness checks."""
+        """A trivial read of the file through the pool, for liveness checks."""
         with self._reader("liveness check") as conn:
-            conn.execute("SELECT 1").fetchall()
+            conn.execute("SELECT count(*) FROM topics").fetchall()
 
     # -- writing (the writer thread only) -----------------------------------------
 
     @contextlib.contextmanager
     def write_transaction(self) -> Iterator[None]:
         """One transaction on the writer connection; committed (and, in full durability,
-        fsynced) when the block ends, rolled back if it raises."""
+        fsynced) when the block ends, rolled back if it raises. It takes the write lock
+        at once (BEGIN IMMEDIATE), so even an empty one proves the database is writable."""
         with storage_errors("write"):
-            with self._writer:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
                 yield
+            except BaseException:
+                with contextlib.suppress(apsw.Error):
+                    self._writer.execute("ROLLBACK")
+                raise
+            try:
+                self._writer.execute("COMMIT")
+            except apsw.Error:
+                if not self._writer.getautocommit():
+                    self._writer.execute("ROLLBACK")
+                raise
 
     def reload_topics(self) -> dict[str, TopicState]:
         """Topic counters as committed, read on the writer connection (after a rollback)."""

@@ -21,15 +21,18 @@ import pytest
 from smq._proto import smq_pb2, smq_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
+# The server under test: `python -m smq` from this checkout, or a built artifact
+# (SMQ_TEST_SERVER=dist/smq-...-linux-x86_64.pex runs the same tests against the PEX).
+SERVER_COMMAND = os.environ.get("SMQ_TEST_SERVER", "").split() or [sys.executable, "-m", "smq"]
 LISTENING = re.compile(r"serving on \S+:(\d+)")
 ENV_NAMES = ("DB_PATH", "PORT", "SERVER_ENABLE_MTLS", "SERVER_CERT_FILE", "SERVER_KEY_FILE",
              "SERVER_CA_CERT_FILE", "ALLOW_REMOTE_WRITES", "ENABLE_MTLS", "CLIENT_CERT",
-             "CLIENT_KEY", "CA_CERT", "NOTIFY_SOCKET", "WATCHDOG_USEC")
+             "CLIENT_KEY", "CA_CERT", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in ENV_NAMES and not k.startswith("SMQ_")}
+           if k not in ENV_NAMES and not (k.startswith("SMQ_") and k != "SMQ_TEST_SERVER")}
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env
@@ -43,7 +46,7 @@ class ServerProcess:
         self.log_path = cwd / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smq", *args], cwd=cwd, env=env or clean_env(),
+            [*SERVER_COMMAND, *args], cwd=cwd, env=env or clean_env(),
             stdout=self._log, stderr=subprocess.STDOUT, text=True)
         self.port: int | None = None
 
