@@ -41,12 +41,13 @@ def clean_env(**extra: str) -> dict[str, str]:
 class ServerProcess:
     """A `python -m smq` child process. `port` is known once it logs that it serves."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
         self.args = args
         self.log_path = cwd / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
-            [*SERVER_COMMAND, *args], cwd=cwd, env=env or clean_env(),
+            [*(command or SERVER_COMMAND), *args], cwd=cwd, env=env or clean_env(),
             stdout=self._log, stderr=subprocess.STDOUT, text=True)
         self.port: int | None = None
 
@@ -92,14 +93,16 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
-    """start_server(*flags, db=..., env=..., wait=True) -> ServerProcess on a free port."""
+    """start_server(*flags, db=, env=, wait=True, command=) -> ServerProcess on a free port.
+    `command` replaces the server command (e.g. a wrapper in front of SERVER_COMMAND)."""
     started: list[ServerProcess] = []
 
     def start(*flags: str, db: Path | str | None = None, env: dict[str, str] | None = None,
-              wait: bool = True, port: str = "0") -> ServerProcess:
+              wait: bool = True, port: str = "0",
+              command: list[str] | None = None) -> ServerProcess:
         args = ["--dbpath", str(db or tmp_path / "smq.db"), "--port", port,
                 "--bind", "127.0.0.1", *flags]
-        server = ServerProcess(args, tmp_path, env)
+        server = ServerProcess(args, tmp_path, env, command)
         started.append(server)
         return server.wait_serving() if wait else server
 
