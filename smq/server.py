@@ -19,6 +19,7 @@ import os
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
 from .errors import SMQError, StartupError
@@ -86,9 +88,11 @@ def is_local(context: grpc.ServicerContext) -> bool:
 class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
-    def __init__(self, service: QueueService, heartbeat_interval: float) -> None:
+    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str) -> None:
         self.service = service
         self.heartbeat_interval = heartbeat_interval
+        self.durability = durability
+        self.started = time.monotonic()
 
     @rpc
     def Connect(self, request, context):
@@ -174,6 +178,18 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return smq_pb2.DeleteTopicResponse()
 
     @rpc
+    def GetServerInfo(self, request, context):
+        writer = self.service.writer
+        topics = self.service.topics()
+        return smq_pb2.GetServerInfoResponse(
+            version=__version__, durability=self.durability,
+            max_message_size=self.service.limits.max_message_size,
+            uptime_seconds=time.monotonic() - self.started, commits=writer.commits,
+            committed_writes=writer.committed_ops, committed_messages=writer.committed_messages,
+            topics=len(topics), stored_messages=sum(t.message_count for t in topics),
+            stored_bytes=sum(t.stored_bytes for t in topics))
+
+    @rpc
     def BulkRetrieve(self, request, context):
         page = self.service.read(request.topic, request.start_offset, request.limit)
         return smq_pb2.BulkRetrieveResponse(
@@ -244,7 +260,7 @@ def create_server(config: Config, service: QueueService,
             ("grpc.keepalive_timeout_ms", 20_000),
         ])
     smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
-        Servicer(service, config.heartbeat_interval), server)
+        Servicer(service, config.heartbeat_interval, config.durability), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

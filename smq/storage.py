@@ -265,7 +265,8 @@ class Storage:
         topic.stored_bytes = 0
 
     def append(self, topic: TopicState, payloads: Iterable[bytes]) -> int:
-        """Append payloads at topic.next_offset onwards; advance the counters. Returns the count."""
+        """Append payloads at topic.next_offset onwards and advance topic's counters in
+        memory (save_counters stores them). Returns the count."""
         first = topic.next_offset
         rows = [(topic.id, first + i, payload) for i, payload in enumerate(payloads)]
         if not rows:
@@ -277,13 +278,18 @@ class Storage:
         topic.stored_bytes += added
         if topic.earliest is None:
             topic.earliest = first
-        self._writer.execute(
-            "UPDATE topics SET next_offset = ?, stored_bytes = ? WHERE id = ?",
-            (topic.next_offset, topic.stored_bytes, topic.id))
         return len(rows)
 
+    def save_counters(self, topics: Iterable[TopicState]) -> None:
+        """Store the counters of topics changed in this transaction (once per commit,
+        not once per append)."""
+        self._writer.executemany(
+            "UPDATE topics SET next_offset = ?, stored_bytes = ? WHERE id = ?",
+            [(t.next_offset, t.stored_bytes, t.id) for t in topics])
+
     def trim(self, topic: TopicState, until: int) -> int:
-        """Delete every message with offset <= until. Returns how many were deleted."""
+        """Delete every message with offset <= until (counters: as for append).
+        Returns how many were deleted."""
         if topic.earliest is None or until < topic.earliest:
             return 0
         freed, count = self._writer.execute(
@@ -293,8 +299,6 @@ class Storage:
             "DELETE FROM messages WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until))
         topic.stored_bytes -= freed
         topic.earliest = None if until >= topic.next_offset - 1 else until + 1
-        self._writer.execute("UPDATE topics SET stored_bytes = ? WHERE id = ?",
-                             (topic.stored_bytes, topic.id))
         return count
 
     def give_back_space(self, max_pages: int = 2048) -> int:

@@ -278,6 +278,7 @@ class GroupCommitWriter:
             for op in group:
                 op.error = None
                 op.apply(self)
+            self.storage.save_counters(self.topics[n] for n in self.touched if n in self.topics)
         self.commits += 1
         self.committed_ops += len(group)
         self.committed_messages += sum(op.messages for op in group)

@@ -201,3 +201,31 @@ class DeleteTopicRequest(_message.Message):
 class DeleteTopicResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "durability", "max_message_size", "uptime_seconds", "commits", "committed_writes", "committed_messages", "topics", "stored_messages", "stored_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DURABILITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMMITS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_WRITES_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    STORED_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    durability: str
+    max_message_size: int
+    uptime_seconds: float
+    commits: int
+    committed_writes: int
+    committed_messages: int
+    topics: int
+    stored_messages: int
+    stored_bytes: int
+    def __init__(self, version: _Optional[str] = ..., durability: _Optional[str] = ..., max_message_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., commits: _Optional[int] = ..., committed_writes: _Optional[int] = ..., committed_messages: _Optional[int] = ..., topics: _Optional[int] = ..., stored_messages: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...

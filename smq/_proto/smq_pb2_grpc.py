@@ -109,6 +109,11 @@ class SuhaibMessageQueueStub:
                 request_serializer=smq__pb2.DeleteTopicRequest.SerializeToString,
                 response_deserializer=smq__pb2.DeleteTopicResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/GetServerInfo',
+                request_serializer=smq__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=smq__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class SuhaibMessageQueueServicer:
@@ -210,6 +215,13 @@ class SuhaibMessageQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetServerInfo(self, request, context):
+        """Version, settings that matter to clients, and counters since start.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SuhaibMessageQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +299,11 @@ def add_SuhaibMessageQueueServicer_to_server(servicer, server):
                     servicer.DeleteTopic,
                     request_deserializer=smq__pb2.DeleteTopicRequest.FromString,
                     response_serializer=smq__pb2.DeleteTopicResponse.SerializeToString,
+            ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=smq__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=smq__pb2.GetServerInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -694,6 +711,33 @@ class SuhaibMessageQueue:
             '/smq.SuhaibMessageQueue/DeleteTopic',
             smq__pb2.DeleteTopicRequest.SerializeToString,
             smq__pb2.DeleteTopicResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/GetServerInfo',
+            smq__pb2.GetServerInfoRequest.SerializeToString,
+            smq__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
