@@ -27,7 +27,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DURABILITY_MODES = ("full", "normal")
 SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
               "m": 1024**2, "mb": 1024**2, "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
-DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0}
+DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0,
+                  "d": 86400.0}
 
 
 def parse_bool(text: str) -> bool:
@@ -48,10 +49,10 @@ def parse_size(text: str) -> int:
 
 
 def parse_duration(text: str) -> float:
-    """'10', '10s', '250ms', '1m' -> seconds."""
+    """'10', '10s', '250ms', '1m', '12h', '7d' -> seconds."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", text.lower())
     if not match or match.group(2) not in DURATION_UNITS:
-        raise ValueError("expected a duration such as 10s, 250ms or 1m")
+        raise ValueError("expected a duration such as 10s, 250ms, 1m, 12h or 7d")
     return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
@@ -139,6 +140,26 @@ SETTINGS: tuple[Setting, ...] = (
             in_range(parse_duration, 0.01, 3600), "idle streams get a heartbeat this often"),
     Setting("shutdown_grace", "--shutdown-grace", "SMQ_SHUTDOWN_GRACE",
             in_range(parse_duration, 0, 600), "time in-flight calls get to finish on shutdown"),
+    Setting("startup_check", "--startup-check", "SMQ_STARTUP_CHECK", parse_choice(("quick", "off")),
+            "quick: check the database file for damage on start (reads it all once); off"),
+    Setting("on_corrupt", "--on-corrupt", "SMQ_ON_CORRUPT", parse_choice(("refuse", "move-aside")),
+            "a damaged database: refuse to start, or move it to <name>.corrupt-<time> and "
+            "start empty"),
+    Setting("max_db_size", "--max-db-size", "SMQ_MAX_DB_SIZE", parse_size,
+            "disk budget of the database file (e.g. 512MiB); 0: no limit"),
+    Setting("min_free_space", "--min-free-space", "SMQ_MIN_FREE_SPACE", parse_size,
+            "free space to leave on the filesystem; writes beyond it are refused"),
+    Setting("on_full", "--on-full", "SMQ_ON_FULL", parse_choice(("reject", "drop-oldest")),
+            "at the disk budget: reject writes (RESOURCE_EXHAUSTED) or drop the topic's oldest "
+            "messages; per-topic override"),
+    Setting("retention_max_messages", "--retention-max-messages", "SMQ_RETENTION_MAX_MESSAGES",
+            in_range(int, 0, 2**62), "keep at most this many messages per topic; 0: no limit; "
+            "per-topic override"),
+    Setting("retention_max_bytes", "--retention-max-bytes", "SMQ_RETENTION_MAX_BYTES", parse_size,
+            "keep at most this many payload bytes per topic; 0: no limit; per-topic override"),
+    Setting("retention_max_age", "--retention-max-age", "SMQ_RETENTION_MAX_AGE",
+            in_range(parse_duration, 0, 100 * 365 * 86400),
+            "drop messages older than this (e.g. 7d); 0: forever; per-topic override"),
     Setting("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS),
             "debug, info, warning or error"),
     Setting("env_file", "--env-file", "SMQ_ENV_FILE", str,
@@ -172,6 +193,14 @@ class Config:
     workers: int = 8
     heartbeat_interval: float = 10.0
     shutdown_grace: float = 5.0
+    startup_check: str = "quick"
+    on_corrupt: str = "refuse"
+    max_db_size: int = 0
+    min_free_space: int = 32 * 1024**2
+    on_full: str = "reject"
+    retention_max_messages: int = 0
+    retention_max_bytes: int = 0
+    retention_max_age: float = 0.0
     log_level: str = "info"
     env_file: str = ".env"
     host: str = "localhost"

@@ -32,7 +32,7 @@ from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
 from .errors import SMQError, StartupError
 from .service import PAGE_BYTES, Limits, QueueService
-from .storage import Storage, TopicState
+from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,15 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return smq_pb2.DeleteTopicResponse()
 
     @rpc
+    def SetTopicPolicy(self, request, context):
+        self.service.check_may_write(is_local(context))
+        return policy_reply(*self.service.set_policy(request.topic, policy_from(request.policy)))
+
+    @rpc
+    def GetTopicPolicy(self, request, context):
+        return policy_reply(*self.service.policy(request.topic))
+
+    @rpc
     def GetServerInfo(self, request, context):
         writer = self.service.writer
         topics = self.service.topics()
@@ -202,6 +211,25 @@ def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
         name=topic.name, earliest_offset=topic.earliest or 0, latest_offset=topic.latest or 0,
         message_count=topic.message_count, stored_bytes=topic.stored_bytes,
         next_offset=topic.next_offset, created_at=topic.created_at)
+
+
+POLICY_FIELDS = (("max_messages", "max_messages"), ("max_bytes", "max_bytes"),
+                 ("max_age", "max_age_seconds"), ("on_full", "on_full"))
+
+
+def policy_from(message: smq_pb2.TopicPolicy) -> TopicPolicy:
+    return TopicPolicy(**{ours: getattr(message, wire) if message.HasField(wire) else None
+                          for ours, wire in POLICY_FIELDS})
+
+
+def policy_message(policy: TopicPolicy) -> smq_pb2.TopicPolicy:
+    return smq_pb2.TopicPolicy(**{wire: getattr(policy, ours) for ours, wire in POLICY_FIELDS
+                                  if getattr(policy, ours) is not None})
+
+
+def policy_reply(overrides: TopicPolicy, effective: TopicPolicy) -> smq_pb2.TopicPolicyResponse:
+    return smq_pb2.TopicPolicyResponse(overrides=policy_message(overrides),
+                                       effective=policy_message(effective))
 
 
 def server_credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -306,11 +334,17 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.health = health.HealthServicer()
-        storage = Storage(config.dbpath, config.durability, readers=min(config.workers, 8))
+        storage = Storage(config.dbpath, StorageOptions(
+            durability=config.durability, readers=min(config.workers, 8),
+            startup_check=config.startup_check, on_corrupt=config.on_corrupt,
+            max_db_size=config.max_db_size, min_free_space=config.min_free_space))
         try:
             self.service = QueueService(storage, Limits(
                 max_message_size=config.max_message_size, max_streams=config.max_streams,
-                allow_remote_writes=config.allow_remote_writes))
+                allow_remote_writes=config.allow_remote_writes,
+                topic_defaults=TopicPolicy(
+                    config.retention_max_messages, config.retention_max_bytes,
+                    int(config.retention_max_age), config.on_full)))
             self._grpc, self.port = create_server(config, self.service, self.health)
         except BaseException:
             storage.close()

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Iterator
 
 from .errors import (SMQError, InvalidArgument, MessageTooLarge, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, TopicEmpty, TopicNotFound, Unavailable)
-from .storage import Storage, TopicState
-from .writer import Append, Barrier, CreateTopic, DeleteTopic, GroupCommitWriter, Trim, WriteOp
+from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
+from .writer import (Append, Barrier, CreateTopic, DeleteTopic, GroupCommitWriter, SetPolicy, Trim,
+                     WriteOp)
 
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
@@ -37,6 +38,8 @@ class Limits:
     max_message_size: int = 1024**2
     max_streams: int = 64
     allow_remote_writes: bool = True
+    # Retention and disk-full behaviour of topics that do not override it.
+    topic_defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,8 @@ class QueueService:
         self._changed: dict[str, threading.Condition] = {}
         self._closing = False
         self._open_streams = 0
-        self.writer = GroupCommitWriter(storage, on_commit=self._committed)
+        self.writer = GroupCommitWriter(storage, on_commit=self._committed,
+                                        defaults=limits.topic_defaults)
         self._committed(self.writer.committed_topics())
 
     # -- lifecycle --------------------------------------------------------------
@@ -96,6 +100,24 @@ class QueueService:
 
     def describe(self, name: str) -> TopicState:
         return self._topic(name)
+
+    def policy(self, name: str) -> tuple[TopicPolicy, TopicPolicy]:
+        """The topic's own overrides, and the policy in effect."""
+        topic = self._topic(name)
+        return topic.policy, topic.policy.over(self.limits.topic_defaults)
+
+    def set_policy(self, name: str, policy: TopicPolicy) -> tuple[TopicPolicy, TopicPolicy]:
+        """Replace the topic's overrides; they apply from the next commit on."""
+        self._topic(name)
+        for field in ("max_messages", "max_bytes", "max_age"):
+            value = getattr(policy, field)
+            if value is not None and value < 0:
+                raise InvalidArgument(f"{field} must be 0 (no limit) or more, not {value}")
+        if policy.on_full is not None and policy.on_full not in ON_FULL_POLICIES:
+            raise InvalidArgument(f"on_full must be one of {', '.join(ON_FULL_POLICIES)}, "
+                                  f"not {policy.on_full!r}")
+        self._write(SetPolicy(name, policy))
+        return self.policy(name)
 
     def delete_topic(self, name: str) -> None:
         """Delete a topic and its messages; its streams end with NOT_FOUND."""

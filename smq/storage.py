@@ -37,7 +37,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                next_offset  INTEGER NOT NULL DEFAULT 1,  -- never goes back: offsets are not reused
                stored_bytes INTEGER NOT NULL DEFAULT 0,  -- sum of payload sizes still stored
                created_at   INTEGER NOT NULL,            -- unix seconds
-               deleted      INTEGER NOT NULL DEFAULT 0   -- kept so a re-created topic goes on
+               deleted      INTEGER NOT NULL DEFAULT 0,  -- kept so a re-created topic goes on
+               -- per-topic overrides of the server's defaults; NULL: use the default
+               max_messages INTEGER,
+               max_bytes    INTEGER,
+               max_age      INTEGER,                     -- seconds
+               on_full      TEXT                         -- 'reject' or 'drop-oldest'
            )""",
         """CREATE TABLE messages (
                topic_id   INTEGER NOT NULL,
@@ -45,6 +50,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                payload    BLOB NOT NULL,
                PRIMARY KEY (topic_id, msg_offset)
            )""",
+        # When messages were written, coarsely: one row per topic per second of writing
+        # at most, (first offset written in that second, unix second). Age retention
+        # reads it instead of a timestamp per message.
+        """CREATE TABLE time_marks (
+               topic_id     INTEGER NOT NULL,
+               first_offset INTEGER NOT NULL,
+               marked_at    INTEGER NOT NULL,
+               PRIMARY KEY (topic_id, first_offset)
+           ) WITHOUT ROWID""",
     ),
 }
 
@@ -59,6 +73,24 @@ BUSY_TIMEOUT_MS = 10_000
 WAL_SIZE_LIMIT = 64 * 1024**2  # truncate the WAL back to this after checkpoints
 
 
+ON_FULL_POLICIES = ("reject", "drop-oldest")
+
+
+@dataclasses.dataclass(frozen=True)
+class TopicPolicy:
+    """Retention and disk-full behaviour of a topic. None: the server's default.
+    0 for a limit means no limit."""
+    max_messages: int | None = None
+    max_bytes: int | None = None
+    max_age: int | None = None  # seconds
+    on_full: str | None = None  # 'reject' or 'drop-oldest'
+
+    def over(self, defaults: TopicPolicy) -> TopicPolicy:
+        """This policy with its unset fields taken from defaults."""
+        return TopicPolicy(*(mine if mine is not None else theirs for mine, theirs in
+                             zip(dataclasses.astuple(self), dataclasses.astuple(defaults))))
+
+
 @dataclasses.dataclass
 class TopicState:
     """What the log knows of one topic. `earliest` is None when nothing is stored."""
@@ -69,6 +101,8 @@ class TopicState:
     stored_bytes: int
     created_at: int = 0
     deleted: bool = False
+    policy: TopicPolicy = dataclasses.field(default_factory=lambda: TopicPolicy())
+    last_mark: int = 0  # unix second of the newest time mark
 
     @property
     def latest(self) -> int | None:
@@ -94,15 +128,38 @@ def storage_errors(action: str) -> Iterator[None]:
         raise StorageFailure(f"{action}: {type(exc).__name__}: {exc}") from exc
 
 
+@dataclasses.dataclass(frozen=True)
+class StorageOptions:
+    durability: str = "full"     # a key of DURABILITY_PRAGMAS
+    readers: int = 4             # read connections in the pool
+    startup_check: str = "quick"  # 'quick': PRAGMA quick_check on open; 'off'
+    on_corrupt: str = "refuse"   # 'refuse' or 'move-aside' (rename it, start fresh)
+    max_db_size: int = 0         # bytes; 0: no limit (SQLite's max_page_count enforces it)
+    min_free_space: int = 0      # bytes that must stay free on the filesystem
+
+
+class DamagedDatabase(StartupError):
+    """The file is not SQLite, or SQLite finds it damaged."""
+
+
 class Storage:
     """The SQLite log. Write methods run only inside write_transaction()."""
 
-    def __init__(self, path: str, durability: str = "full", readers: int = 4) -> None:
+    def __init__(self, path: str, options: StorageOptions = StorageOptions()) -> None:
         self.path = path
-        self._durability = durability
-        self._writer = self._open_writer()
+        self.options = options
+        try:
+            self._writer = self._open_writer()
+        except DamagedDatabase as exc:
+            if options.on_corrupt != "move-aside":
+                raise
+            moved = self._move_aside()
+            log.error("DATABASE DAMAGED: %s; moved it to %s and starting with an EMPTY "
+                      "database (--on-corrupt=move-aside)", exc, moved)
+            self._writer = self._open_writer()
+        self.page_size = self._writer.pragma("page_size")
         self._readers: queue.LifoQueue[apsw.Connection] = queue.LifoQueue()
-        for _ in range(readers):
+        for _ in range(options.readers):
             self._readers.put(self._connect(apsw.SQLITE_OPEN_READWRITE, query_only=True))
 
     # -- setting up -----------------------------------------------------------
@@ -115,8 +172,10 @@ class Storage:
         return conn
 
     def _open_writer(self) -> apsw.Connection:
-        """Open (creating if needed) and migrate the database; refuse files that are not ours."""
+        """Open (creating if needed), check and migrate the database; refuse files that
+        are not ours, newer than us, or damaged."""
         where = f"database {self.path!r}"
+        conn = None
         try:
             conn = self._connect(apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
             version = conn.pragma("user_version")
@@ -131,20 +190,31 @@ class Storage:
                 conn.pragma("auto_vacuum", "INCREMENTAL")
             if conn.pragma("journal_mode", "WAL") != "wal":
                 raise StartupError(f"{where}: cannot switch to WAL mode (is the directory writable?)")
-            conn.pragma("synchronous", DURABILITY_PRAGMAS[self._durability])
+            conn.pragma("synchronous", DURABILITY_PRAGMAS[self.options.durability])
             conn.pragma("journal_size_limit", WAL_SIZE_LIMIT)
+            if self.options.startup_check == "quick":
+                problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise DamagedDatabase(f"{where} is damaged: {_one_line(problems)}")
             self._migrate(conn, version)
+            if self.options.max_db_size:
+                pages = max(self.options.max_db_size // conn.pragma("page_size"), 16)
+                conn.pragma("max_page_count", pages)
             return conn
-        except StartupError:
-            raise
-        except apsw.CantOpenError as exc:
-            raise StartupError(f"cannot open {where}: {_open_hint(self.path)} ({exc})") from None
-        except (apsw.NotADBError, apsw.CorruptError) as exc:
-            raise StartupError(f"{where} is not a valid SQLite database or is damaged ({exc})") from None
-        except apsw.ReadOnlyError as exc:
-            raise StartupError(f"{where} is read-only ({exc})") from None
-        except apsw.Error as exc:
-            raise StartupError(f"cannot open {where}: {type(exc).__name__}: {exc}") from None
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StartupError) or not isinstance(exc, apsw.Error):
+                raise
+            raise _startup_error(where, self.path, exc) from None
+
+    def _move_aside(self) -> str:
+        """Rename the database (and its WAL and shared-memory files) out of the way."""
+        target = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, target + suffix)
+        return target
 
     @staticmethod
     def _migrate(conn: apsw.Connection, version: int) -> None:
@@ -175,17 +245,20 @@ class Storage:
             self._readers.put(conn)
 
     def load_topics(self, conn: apsw.Connection | None = None) -> dict[str, TopicState]:
-        """Every topic with its counters, as committed."""
+        """Every topic with its counters and policy, as committed."""
         sql = """SELECT id, name, next_offset, stored_bytes, created_at,
-                        (SELECT min(msg_offset) FROM messages WHERE topic_id = topics.id)
+                        max_messages, max_bytes, max_age, on_full,
+                        (SELECT min(msg_offset) FROM messages WHERE topic_id = topics.id),
+                        (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id)
                  FROM topics WHERE NOT deleted"""
         if conn is not None:
             rows = conn.execute(sql).fetchall()
         else:
             with self._reader("load topics") as reader:
                 rows = reader.execute(sql).fetchall()
-        return {name: TopicState(tid, name, nxt, earliest, size, created)
-                for tid, name, nxt, size, created, earliest in rows}
+        return {row[1]: TopicState(row[0], row[1], row[2], row[9], row[3], row[4],
+                                   policy=TopicPolicy(*row[5:9]), last_mark=row[10] or 0)
+                for row in rows}
 
     def read_one(self, topic_id: int, offset: int) -> bytes | None:
         """The payload at offset, or None if it is not stored."""
@@ -258,6 +331,7 @@ class Storage:
     def delete_topic(self, topic: TopicState) -> None:
         """Delete the topic's messages and hide it; its next_offset is kept."""
         self._writer.execute("DELETE FROM messages WHERE topic_id = ?", (topic.id,))
+        self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("UPDATE topics SET deleted = 1, stored_bytes = 0 WHERE id = ?",
                              (topic.id,))
         topic.deleted = True
@@ -274,6 +348,12 @@ class Storage:
         self._writer.executemany(
             "INSERT INTO messages (topic_id, msg_offset, payload) VALUES (?, ?, ?)", rows)
         added = sum(len(row[2]) for row in rows)
+        now = int(time.time())
+        if now != topic.last_mark:
+            self._writer.execute(
+                "INSERT OR REPLACE INTO time_marks (topic_id, first_offset, marked_at)"
+                " VALUES (?, ?, ?)", (topic.id, first, now))
+            topic.last_mark = now
         topic.next_offset = first + len(rows)
         topic.stored_bytes += added
         if topic.earliest is None:
@@ -297,9 +377,60 @@ class Storage:
             " WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until)).fetchall()[0]
         self._writer.execute(
             "DELETE FROM messages WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until))
+        self._trim_time_marks(topic, until)
         topic.stored_bytes -= freed
         topic.earliest = None if until >= topic.next_offset - 1 else until + 1
         return count
+
+    def _trim_time_marks(self, topic: TopicState, until: int) -> None:
+        """Drop the marks of trimmed messages; the first message left keeps its time."""
+        row = self._writer.execute(
+            "SELECT marked_at FROM time_marks WHERE topic_id = ? AND first_offset <= ?"
+            " ORDER BY first_offset DESC LIMIT 1", (topic.id, until + 1)).fetchone()
+        self._writer.execute("DELETE FROM time_marks WHERE topic_id = ? AND first_offset <= ?",
+                             (topic.id, until))
+        if row is not None and until + 1 < topic.next_offset:
+            self._writer.execute(
+                "INSERT OR IGNORE INTO time_marks (topic_id, first_offset, marked_at)"
+                " VALUES (?, ?, ?)", (topic.id, until + 1, row[0]))
+
+    def offset_older_than(self, topic: TopicState, cutoff: int) -> int:
+        """The last offset written before unix second `cutoff` (0 if none)."""
+        row = self._writer.execute(
+            "SELECT first_offset FROM time_marks WHERE topic_id = ? AND marked_at >= ?"
+            " ORDER BY first_offset LIMIT 1", (topic.id, cutoff)).fetchone()
+        return (row[0] if row is not None else topic.next_offset) - 1
+
+    def offset_freeing(self, topic: TopicState, excess: int) -> int:
+        """The smallest offset such that trimming up to it frees at least `excess` bytes.
+        Reads only the rows it would trim."""
+        freed = 0
+        offset = 0
+        for offset, size in self._writer.execute(
+                "SELECT msg_offset, length(payload) FROM messages WHERE topic_id = ?"
+                " ORDER BY msg_offset", (topic.id,)):
+            freed += size
+            if freed >= excess:
+                break
+        return offset
+
+    def set_policy(self, topic: TopicState, policy: TopicPolicy) -> None:
+        self._writer.execute(
+            "UPDATE topics SET max_messages = ?, max_bytes = ?, max_age = ?, on_full = ?"
+            " WHERE id = ?", (*dataclasses.astuple(policy), topic.id))
+        topic.policy = policy
+
+    def free_space(self) -> int:
+        """Bytes new messages can still take: free on the filesystem (beyond the
+        --min-free-space floor) plus free pages inside the file, within --max-db-size."""
+        with storage_errors("free space"):
+            stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            reusable = self._writer.pragma("freelist_count") * self.page_size
+            room = stats.f_bavail * stats.f_frsize - self.options.min_free_space + reusable
+            if self.options.max_db_size:
+                used = self._writer.pragma("page_count") * self.page_size
+                room = min(room, self.options.max_db_size - used + reusable)
+            return room
 
     def give_back_space(self, max_pages: int = 2048) -> int:
         """Return up to max_pages free pages to the filesystem (outside a transaction).
@@ -310,7 +441,27 @@ class Storage:
             return self._writer.pragma("freelist_count")
 
 
+def _one_line(problems: list[str], limit: int = 200) -> str:
+    """SQLite's multi-line integrity report, as one short line."""
+    lines = [line.strip() for p in problems for line in p.splitlines()
+             if line.strip() and not line.startswith("***")]
+    text = "; ".join(lines)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _startup_error(where: str, path: str, exc: apsw.Error) -> StartupError:
+    if isinstance(exc, (apsw.NotADBError, apsw.CorruptError)):
+        return DamagedDatabase(f"{where} is not an SQLite database or is damaged ({exc})")
+    if isinstance(exc, apsw.CantOpenError):
+        return StartupError(f"cannot open {where}: {_open_hint(path)} ({exc})")
+    if isinstance(exc, apsw.ReadOnlyError):
+        return StartupError(f"{where} is read-only: {_open_hint(path)} ({exc})")
+    return StartupError(f"cannot open {where}: {type(exc).__name__}: {exc}")
+
+
 def _open_hint(path: str) -> str:
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"file {path!r} is not writable"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         return f"directory {directory!r} does not exist"

@@ -23,14 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import SMQError, StorageFailure, TopicNotFound, Unavailable
-from .storage import Storage, TopicState
+from .errors import SMQError, StorageFailure, StorageFull, TopicNotFound, Unavailable
+from .storage import Storage, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP_MESSAGES = 20_000
 MAX_GROUP_BYTES = 32 * 1024**2
-IDLE_VACUUM_SECONDS = 1.0
+TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
+ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
+MAKE_ROOM_ATTEMPTS = 12
 
 
 class WriteOp:
@@ -111,6 +113,7 @@ class Append(WriteOp):
             if topic is None:
                 self.error = TopicNotFound(name)
                 break
+            writer.reserve_space(sum(len(p) + ROW_OVERHEAD for _, p in self.items[start:end]))
             offset = topic.next_offset
             writer.storage.append(topic, [payload for _, payload in self.items[start:end]])
             writer.touched.add(name)
@@ -157,6 +160,37 @@ class DeleteTopic(WriteOp):
         self.result = True
 
 
+class SetPolicy(WriteOp):
+    """Store a topic's retention / disk-full policy; it applies from this commit on."""
+
+    def __init__(self, name: str, policy: TopicPolicy) -> None:
+        super().__init__()
+        self.name = name
+        self.policy = policy
+
+    def apply(self, writer: GroupCommitWriter) -> None:
+        topic = writer.topics.get(self.name)
+        if topic is None:
+            self.error = TopicNotFound(self.name)
+            return
+        writer.storage.set_policy(topic, self.policy)
+        writer.touched.add(self.name)
+        self.result = True
+
+
+class EnforceAge(WriteOp):
+    """Trim what is older than each topic's max_age (the writer's own periodic op)."""
+
+    def apply(self, writer: GroupCommitWriter) -> None:
+        now = int(time.time())
+        for topic in writer.topics.values():
+            max_age = writer.policy_of(topic).max_age
+            if max_age and topic.earliest is not None:
+                until = writer.storage.offset_older_than(topic, now - max_age)
+                if until >= topic.earliest:
+                    writer.trim(topic, until)
+
+
 class Barrier(WriteOp):
     """Does nothing; answers once the writer has reached it (a liveness probe)."""
 
@@ -175,8 +209,11 @@ class GroupCommitWriter:
     """
 
     def __init__(self, storage: Storage,
-                 on_commit: Callable[[list[TopicState]], None] = lambda topics: None) -> None:
+                 on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
+                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject")) -> None:
         self.storage = storage
+        self.defaults = defaults
+        self._room: int | None = None  # free space known in this group, see reserve_space
         self.topics: dict[str, TopicState] = storage.reload_topics()
         self.touched: set[str] = set()
         self.deleted: list[TopicState] = []
@@ -190,6 +227,43 @@ class GroupCommitWriter:
         self.committed_messages = 0
         self._thread = threading.Thread(target=self._run, name="smq-writer", daemon=True)
         self._thread.start()
+
+    def policy_of(self, topic: TopicState) -> TopicPolicy:
+        return topic.policy.over(self.defaults)
+
+    def trim(self, topic: TopicState, until: int) -> int:
+        """Trim inside the current transaction and remember to give the space back."""
+        count = self.storage.trim(topic, until)
+        if count:
+            self.touched.add(topic.name)
+            self.space_to_give_back = True
+        return count
+
+    def reserve_space(self, size: int) -> None:
+        """Raise StorageFull unless `size` more bytes fit the disk budget (the filesystem's
+        free space above --min-free-space, and --max-db-size). Measured once a group."""
+        if self._room is None:
+            self._room = self.storage.free_space()
+        if size > self._room:
+            raise StorageFull("disk budget reached: free space or --max-db-size exhausted; "
+                              "trim or delete messages, or raise the limits")
+        self._room -= size
+
+    def _enforce_retention(self) -> None:
+        """Trim the topics this group grew beyond their max_messages / max_bytes."""
+        for name in list(self.touched):
+            topic = self.topics.get(name)
+            if topic is None or topic.earliest is None:
+                continue
+            policy = self.policy_of(topic)
+            until = 0
+            if policy.max_messages and topic.message_count > policy.max_messages:
+                until = topic.next_offset - 1 - policy.max_messages
+            if policy.max_bytes and topic.stored_bytes > policy.max_bytes:
+                until = max(until, self.storage.offset_freeing(
+                    topic, topic.stored_bytes - policy.max_bytes))
+            if until:
+                self.trim(topic, until)
 
     def committed_topics(self) -> list[TopicState]:
         """Copies of the topic counters as of start-up, for the service's first view."""
@@ -213,12 +287,22 @@ class GroupCommitWriter:
     # -- the thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        next_tick = time.monotonic() + TICK_SECONDS
         while True:
             group = self._next_group()
             if group is None:
                 return
             if group:
                 self._commit_group(group)
+            if time.monotonic() >= next_tick:
+                self._tick()
+                next_tick = time.monotonic() + TICK_SECONDS
+
+    def _tick(self) -> None:
+        """Periodic upkeep: age retention, then giving free pages back to the disk."""
+        if any(self.policy_of(t).max_age for t in self.topics.values()):
+            self._commit_group([EnforceAge()])
+        self._give_space_back()
 
     def _next_group(self) -> list[WriteOp] | None:
         """The op at the head plus what is queued behind it, within the caps.
@@ -227,9 +311,8 @@ class GroupCommitWriter:
             first, self._carry = self._carry, None
         else:
             try:
-                first = self._queue.get(timeout=IDLE_VACUUM_SECONDS)
+                first = self._queue.get(timeout=TICK_SECONDS)
             except queue.Empty:
-                self._idle_work()
                 return []
         if first is _STOP:
             return None
@@ -256,14 +339,15 @@ class GroupCommitWriter:
             self._apply_in_one_transaction(group)
         except SMQError as exc:
             self._forget_uncommitted()
-            if len(group) == 1:
-                group[0].result, group[0].error = None, exc
-                log.error("write failed: %s", exc)
-            else:
+            if len(group) > 1:
                 log.warning("group of %d writes failed (%s); retrying one by one", len(group), exc)
                 for op in group:
                     self._commit_group([op])
                 return
+            if not (isinstance(exc, StorageFull) and self._drop_oldest_for(group[0])):
+                group[0].result, group[0].error = None, exc
+                log.log(logging.WARNING if isinstance(exc, StorageFull) else logging.ERROR,
+                        "write failed: %s", exc)
         except Exception as exc:  # a bug: fail the callers rather than hang them
             log.exception("unexpected error in the writer")
             self._forget_uncommitted()
@@ -274,19 +358,51 @@ class GroupCommitWriter:
             op._finish()
 
     def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
+        self._room = None
         with self.storage.write_transaction():
             for op in group:
                 op.error = None
                 op.apply(self)
+            self._enforce_retention()
             self.storage.save_counters(self.topics[n] for n in self.touched if n in self.topics)
         self.commits += 1
         self.committed_ops += len(group)
         self.committed_messages += sum(op.messages for op in group)
 
+    def _drop_oldest_for(self, op: WriteOp) -> bool:
+        """For an Append to topics whose policy is drop-oldest: trim their oldest messages
+        until it commits. True if it committed; False to let it fail (RESOURCE_EXHAUSTED)."""
+        if not isinstance(op, Append):
+            return False
+        topics = [self.topics.get(name) for name in {name for name, _ in op.items}]
+        if not topics or any(t is None or self.policy_of(t).on_full != "drop-oldest" for t in topics):
+            return False
+        excess = 2 * (op.bytes + ROW_OVERHEAD * op.messages)
+        for _ in range(MAKE_ROOM_ATTEMPTS):
+            try:
+                with self.storage.write_transaction():
+                    dropped = 0
+                    for topic in topics:
+                        if topic.earliest is not None:
+                            dropped += self.trim(topic, self.storage.offset_freeing(topic, excess))
+                    self.storage.save_counters(topics)
+                if not dropped:
+                    return False
+                log.warning("disk budget reached: dropped %d oldest messages of %s (drop-oldest)",
+                            dropped, ", ".join(t.name for t in topics))
+                self._apply_in_one_transaction([op])
+                return True
+            except SMQError:
+                self._forget_uncommitted()
+                topics = [self.topics[t.name] for t in topics if t.name in self.topics]
+                excess *= 2
+        return False
+
     def _forget_uncommitted(self) -> None:
-        """After a rollback: the database is the truth again."""
+        """After a rollback: the database is the truth again. Every topic is published
+        anew, since what was committed before the failure must not be lost from view."""
         self.topics = self.storage.reload_topics()
-        self.touched.clear()
+        self.touched = set(self.topics)
         self.deleted.clear()
 
     def _publish(self) -> None:
@@ -296,10 +412,8 @@ class GroupCommitWriter:
             self.touched.clear()
             self.deleted.clear()
             self._on_commit(changed)
-        if self.space_to_give_back and self._queue.empty():
-            self._idle_work()
 
-    def _idle_work(self) -> None:
+    def _give_space_back(self) -> None:
         if not self.space_to_give_back:
             return
         try:

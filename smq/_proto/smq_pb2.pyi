@@ -229,3 +229,37 @@ class GetServerInfoResponse(_message.Message):
     stored_messages: int
     stored_bytes: int
     def __init__(self, version: _Optional[str] = ..., durability: _Optional[str] = ..., max_message_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., commits: _Optional[int] = ..., committed_writes: _Optional[int] = ..., committed_messages: _Optional[int] = ..., topics: _Optional[int] = ..., stored_messages: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
+
+class TopicPolicy(_message.Message):
+    __slots__ = ("max_messages", "max_bytes", "max_age_seconds", "on_full")
+    MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ON_FULL_FIELD_NUMBER: _ClassVar[int]
+    max_messages: int
+    max_bytes: int
+    max_age_seconds: int
+    on_full: str
+    def __init__(self, max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_age_seconds: _Optional[int] = ..., on_full: _Optional[str] = ...) -> None: ...
+
+class SetTopicPolicyRequest(_message.Message):
+    __slots__ = ("topic", "policy")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    policy: TopicPolicy
+    def __init__(self, topic: _Optional[str] = ..., policy: _Optional[_Union[TopicPolicy, _Mapping]] = ...) -> None: ...
+
+class GetTopicPolicyRequest(_message.Message):
+    __slots__ = ("topic",)
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    def __init__(self, topic: _Optional[str] = ...) -> None: ...
+
+class TopicPolicyResponse(_message.Message):
+    __slots__ = ("overrides", "effective")
+    OVERRIDES_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
+    overrides: TopicPolicy
+    effective: TopicPolicy
+    def __init__(self, overrides: _Optional[_Union[TopicPolicy, _Mapping]] = ..., effective: _Optional[_Union[TopicPolicy, _Mapping]] = ...) -> None: ...

@@ -109,6 +109,16 @@ class SuhaibMessageQueueStub:
                 request_serializer=smq__pb2.DeleteTopicRequest.SerializeToString,
                 response_deserializer=smq__pb2.DeleteTopicResponse.FromString,
                 _registered_method=True)
+        self.SetTopicPolicy = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/SetTopicPolicy',
+                request_serializer=smq__pb2.SetTopicPolicyRequest.SerializeToString,
+                response_deserializer=smq__pb2.TopicPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetTopicPolicy = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/GetTopicPolicy',
+                request_serializer=smq__pb2.GetTopicPolicyRequest.SerializeToString,
+                response_deserializer=smq__pb2.TopicPolicyResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/smq.SuhaibMessageQueue/GetServerInfo',
                 request_serializer=smq__pb2.GetServerInfoRequest.SerializeToString,
@@ -215,6 +225,19 @@ class SuhaibMessageQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTopicPolicy(self, request, context):
+        """Per-topic retention and disk-full policy: overrides of the server's defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTopicPolicy(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Version, settings that matter to clients, and counters since start.
         """
@@ -299,6 +322,16 @@ def add_SuhaibMessageQueueServicer_to_server(servicer, server):
                     servicer.DeleteTopic,
                     request_deserializer=smq__pb2.DeleteTopicRequest.FromString,
                     response_serializer=smq__pb2.DeleteTopicResponse.SerializeToString,
+            ),
+            'SetTopicPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTopicPolicy,
+                    request_deserializer=smq__pb2.SetTopicPolicyRequest.FromString,
+                    response_serializer=smq__pb2.TopicPolicyResponse.SerializeToString,
+            ),
+            'GetTopicPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTopicPolicy,
+                    request_deserializer=smq__pb2.GetTopicPolicyRequest.FromString,
+                    response_serializer=smq__pb2.TopicPolicyResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -711,6 +744,60 @@ class SuhaibMessageQueue:
             '/smq.SuhaibMessageQueue/DeleteTopic',
             smq__pb2.DeleteTopicRequest.SerializeToString,
             smq__pb2.DeleteTopicResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTopicPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/SetTopicPolicy',
+            smq__pb2.SetTopicPolicyRequest.SerializeToString,
+            smq__pb2.TopicPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTopicPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/GetTopicPolicy',
+            smq__pb2.GetTopicPolicyRequest.SerializeToString,
+            smq__pb2.TopicPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,
