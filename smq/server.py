@@ -187,6 +187,28 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return policy_reply(*self.service.policy(request.topic))
 
     @rpc
+    def CommitOffset(self, request, context):
+        self.service.commit_offset(request.consumer, request.topic, request.offset)
+        return smq_pb2.CommitOffsetResponse()
+
+    @rpc
+    def GetCommittedOffset(self, request, context):
+        return smq_pb2.GetCommittedOffsetResponse(
+            offset=self.service.committed_offset(request.consumer, request.topic))
+
+    @rpc
+    def ListConsumers(self, request, context):
+        return smq_pb2.ListConsumersResponse(consumers=[
+            smq_pb2.ConsumerInfo(consumer=c.consumer, topic=c.topic, committed_offset=c.committed_offset,
+                                 lag=c.lag, updated_at=c.updated_at)
+            for c in self.service.consumers(request.topic, request.consumer)])
+
+    @rpc
+    def DeleteConsumer(self, request, context):
+        self.service.delete_consumer(request.consumer, request.topic)
+        return smq_pb2.DeleteConsumerResponse()
+
+    @rpc
     def GetServerInfo(self, request, context):
         writer = self.service.writer
         topics = self.service.topics()
@@ -214,7 +236,8 @@ def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
 
 
 POLICY_FIELDS = (("max_messages", "max_messages"), ("max_bytes", "max_bytes"),
-                 ("max_age", "max_age_seconds"), ("on_full", "on_full"))
+                 ("max_age", "max_age_seconds"), ("on_full", "on_full"),
+                 ("keep_uncommitted", "keep_uncommitted"))
 
 
 def policy_from(message: smq_pb2.TopicPolicy) -> TopicPolicy:
@@ -344,7 +367,7 @@ class Server:
                 allow_remote_writes=config.allow_remote_writes,
                 topic_defaults=TopicPolicy(
                     config.retention_max_messages, config.retention_max_bytes,
-                    int(config.retention_max_age), config.on_full)))
+                    int(config.retention_max_age), config.on_full, keep_uncommitted=False)))
             self._grpc, self.port = create_server(config, self.service, self.health)
         except BaseException:
             storage.close()

@@ -16,11 +16,11 @@ import re
 import threading
 from collections.abc import Iterable, Iterator
 
-from .errors import (SMQError, InvalidArgument, MessageTooLarge, OffsetNotFound, OffsetOutOfRange,
-                     Overloaded, PermissionDenied, TopicEmpty, TopicNotFound, Unavailable)
+from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
+                     Overloaded, PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
-from .writer import (Append, Barrier, CreateTopic, DeleteTopic, GroupCommitWriter, SetPolicy, Trim,
-                     WriteOp)
+from .writer import (Append, Barrier, CommitOffset, CreateTopic, DeleteConsumer, DeleteTopic,
+                     GroupCommitWriter, SetPolicy, Trim, WriteOp)
 
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
@@ -39,7 +39,16 @@ class Limits:
     max_streams: int = 64
     allow_remote_writes: bool = True
     # Retention and disk-full behaviour of topics that do not override it.
-    topic_defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject")
+    topic_defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerState:
+    consumer: str
+    topic: str
+    committed_offset: int
+    lag: int
+    updated_at: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +128,48 @@ class QueueService:
         self._write(SetPolicy(name, policy))
         return self.policy(name)
 
+    # -- durable consumers --------------------------------------------------------------
+
+    def commit_offset(self, consumer: str, name: str, offset: int) -> None:
+        """Record that `consumer` has processed `name` up to and including `offset`."""
+        check_name(consumer, "consumer name")
+        topic = self._topic(name)
+        if offset < 0:
+            raise InvalidArgument(f"offset {offset} is negative: commit 0 to start from the beginning")
+        if offset >= topic.next_offset:
+            raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
+        self._write(CommitOffset(consumer, name, offset))
+
+    def committed_offset(self, consumer: str, name: str) -> int:
+        check_name(consumer, "consumer name")
+        offset = self.storage.committed_offset(consumer, self._topic(name).id)
+        if offset is None:
+            raise NotFound(f"consumer {consumer!r} has no committed offset on topic {name!r}")
+        return offset
+
+    def consumers(self, topic: str = "", consumer: str = "") -> list[ConsumerState]:
+        """Named consumers with their committed offsets and lag, optionally filtered."""
+        with self._lock:
+            by_id = {t.id: t for t in self._topics.values()}
+        found = []
+        for name, topic_id, offset, updated_at in self.storage.consumers():
+            state = by_id.get(topic_id)
+            if state is None or (topic and state.name != topic) or (consumer and name != consumer):
+                continue
+            lag = max((state.latest or offset) - offset, 0)
+            found.append(ConsumerState(name, state.name, offset, lag, updated_at))
+        return found
+
+    def delete_consumer(self, consumer: str, topic: str = "") -> int:
+        """Forget a named consumer on one topic, or on all. NotFound if it had no offset."""
+        check_name(consumer, "consumer name")
+        if topic:
+            self._topic(topic)
+        if not self._write(DeleteConsumer(consumer, [topic] if topic else None)):
+            raise NotFound(f"consumer {consumer!r} has no committed offset"
+                           + (f" on topic {topic!r}" if topic else ""))
+        return 1
+
     def delete_topic(self, name: str) -> None:
         """Delete a topic and its messages; its streams end with NOT_FOUND."""
         self._topic(name)
@@ -126,7 +177,7 @@ class QueueService:
 
     def create_topic(self, name: str) -> bool:
         """Create the topic unless it exists. True if it was created."""
-        check_topic_name(name)
+        check_name(name)
         if name in self._topics:
             return False
         return self._write(CreateTopic(name))
@@ -288,7 +339,7 @@ class QueueService:
                     condition.notify_all()
 
     def _topic(self, name: str) -> TopicState:
-        check_topic_name(name)
+        check_name(name)
         with self._lock:
             return self._topic_locked(name)
 
@@ -334,8 +385,9 @@ class Follower:
                     yield []  # idle: the caller sends a heartbeat
 
 
-def check_topic_name(name: str) -> None:
+def check_name(name: str, what: str = "topic name") -> None:
+    """Topic and consumer names: 1 to 249 characters of A-Z a-z 0-9 . _ -"""
     if not TOPIC_NAME.fullmatch(name):
         shown = name if len(name) <= 60 else name[:57] + "..."
-        raise InvalidArgument(
-            f"invalid topic name {shown!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
+        raise InvalidArgument(f"invalid {what} {shown!r}: use 1 to 249 characters of A-Z a-z 0-9 . _ -")
+

@@ -42,7 +42,8 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                max_messages INTEGER,
                max_bytes    INTEGER,
                max_age      INTEGER,                     -- seconds
-               on_full      TEXT                         -- 'reject' or 'drop-oldest'
+               on_full      TEXT,                        -- 'reject' or 'drop-oldest'
+               keep_uncommitted INTEGER                  -- retention spares uncommitted messages
            )""",
         """CREATE TABLE messages (
                topic_id   INTEGER NOT NULL,
@@ -59,6 +60,15 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                marked_at    INTEGER NOT NULL,
                PRIMARY KEY (topic_id, first_offset)
            ) WITHOUT ROWID""",
+        # Durable named consumers: the last offset each has processed, per topic.
+        """CREATE TABLE consumers (
+               name             TEXT NOT NULL,
+               topic_id         INTEGER NOT NULL,
+               committed_offset INTEGER NOT NULL,
+               updated_at       INTEGER NOT NULL,
+               PRIMARY KEY (name, topic_id)
+           ) WITHOUT ROWID""",
+        "CREATE INDEX consumers_by_topic ON consumers (topic_id, committed_offset)",
     ),
 }
 
@@ -84,6 +94,7 @@ class TopicPolicy:
     max_bytes: int | None = None
     max_age: int | None = None  # seconds
     on_full: str | None = None  # 'reject' or 'drop-oldest'
+    keep_uncommitted: bool | None = None  # retention spares what named consumers lack
 
     def over(self, defaults: TopicPolicy) -> TopicPolicy:
         """This policy with its unset fields taken from defaults."""
@@ -103,6 +114,7 @@ class TopicState:
     deleted: bool = False
     policy: TopicPolicy = dataclasses.field(default_factory=lambda: TopicPolicy())
     last_mark: int = 0  # unix second of the newest time mark
+    min_committed: int | None = None  # lowest offset committed by a named consumer
 
     @property
     def latest(self) -> int | None:
@@ -247,18 +259,25 @@ class Storage:
     def load_topics(self, conn: apsw.Connection | None = None) -> dict[str, TopicState]:
         """Every topic with its counters and policy, as committed."""
         sql = """SELECT id, name, next_offset, stored_bytes, created_at,
-                        max_messages, max_bytes, max_age, on_full,
+                        max_messages, max_bytes, max_age, on_full, keep_uncommitted,
                         (SELECT min(msg_offset) FROM messages WHERE topic_id = topics.id),
-                        (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id)
+                        (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id),
+                        (SELECT min(committed_offset) FROM consumers WHERE topic_id = topics.id)
                  FROM topics WHERE NOT deleted"""
         if conn is not None:
             rows = conn.execute(sql).fetchall()
         else:
             with self._reader("load topics") as reader:
                 rows = reader.execute(sql).fetchall()
-        return {row[1]: TopicState(row[0], row[1], row[2], row[9], row[3], row[4],
-                                   policy=TopicPolicy(*row[5:9]), last_mark=row[10] or 0)
-                for row in rows}
+        topics = {}
+        for (tid, name, next_offset, stored_bytes, created_at, *policy,
+             earliest, last_mark, min_committed) in rows:
+            if policy[4] is not None:
+                policy[4] = bool(policy[4])
+            topics[name] = TopicState(tid, name, next_offset, earliest, stored_bytes, created_at,
+                                      policy=TopicPolicy(*policy), last_mark=last_mark or 0,
+                                      min_committed=min_committed)
+        return topics
 
     def read_one(self, topic_id: int, offset: int) -> bytes | None:
         """The payload at offset, or None if it is not stored."""
@@ -332,6 +351,8 @@ class Storage:
         """Delete the topic's messages and hide it; its next_offset is kept."""
         self._writer.execute("DELETE FROM messages WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
+        self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
+        topic.min_committed = None
         self._writer.execute("UPDATE topics SET deleted = 1, stored_bytes = 0 WHERE id = ?",
                              (topic.id,))
         topic.deleted = True
@@ -416,9 +437,44 @@ class Storage:
 
     def set_policy(self, topic: TopicState, policy: TopicPolicy) -> None:
         self._writer.execute(
-            "UPDATE topics SET max_messages = ?, max_bytes = ?, max_age = ?, on_full = ?"
-            " WHERE id = ?", (*dataclasses.astuple(policy), topic.id))
+            "UPDATE topics SET max_messages = ?, max_bytes = ?, max_age = ?, on_full = ?,"
+            " keep_uncommitted = ? WHERE id = ?", (*dataclasses.astuple(policy), topic.id))
         topic.policy = policy
+
+    # -- durable consumers ------------------------------------------------------------
+
+    def commit_offset(self, consumer: str, topic: TopicState, offset: int) -> None:
+        """Store the consumer's committed offset on the topic (writer thread)."""
+        self._writer.execute(
+            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (name, topic_id) DO UPDATE SET committed_offset = excluded.committed_offset,"
+            " updated_at = excluded.updated_at", (consumer, topic.id, offset, int(time.time())))
+        self._refresh_min_committed(topic)
+
+    def delete_consumer(self, consumer: str, topics: Iterable[TopicState]) -> int:
+        """Forget the consumer's offsets on these topics (writer thread). Returns how many."""
+        deleted = 0
+        for topic in topics:
+            deleted += len(self._writer.execute(
+                "DELETE FROM consumers WHERE name = ? AND topic_id = ? RETURNING 1",
+                (consumer, topic.id)).fetchall())
+            self._refresh_min_committed(topic)
+        return deleted
+
+    def _refresh_min_committed(self, topic: TopicState) -> None:
+        topic.min_committed = self._writer.execute(
+            "SELECT min(committed_offset) FROM consumers WHERE topic_id = ?", (topic.id,)).get
+
+    def committed_offset(self, consumer: str, topic_id: int) -> int | None:
+        with self._reader("read committed offset") as conn:
+            return conn.execute("SELECT committed_offset FROM consumers WHERE name = ? AND topic_id = ?",
+                                (consumer, topic_id)).get
+
+    def consumers(self) -> list[tuple[str, int, int, int]]:
+        """Every (consumer, topic id, committed offset, updated at), by consumer and topic."""
+        with self._reader("list consumers") as conn:
+            return conn.execute("SELECT name, topic_id, committed_offset, updated_at FROM consumers"
+                                " ORDER BY name, topic_id").fetchall()
 
     def free_space(self) -> int:
         """Bytes new messages can still take: free on the filesystem (beyond the

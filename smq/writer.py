@@ -178,6 +178,37 @@ class SetPolicy(WriteOp):
         self.result = True
 
 
+class CommitOffset(WriteOp):
+    """Store a named consumer's committed offset on a topic."""
+
+    def __init__(self, consumer: str, name: str, offset: int) -> None:
+        super().__init__()
+        self.consumer, self.name, self.offset = consumer, name, offset
+
+    def apply(self, writer: GroupCommitWriter) -> None:
+        topic = writer.topics.get(self.name)
+        if topic is None:
+            self.error = TopicNotFound(self.name)
+            return
+        writer.storage.commit_offset(self.consumer, topic, self.offset)
+        writer.touched.add(self.name)
+        self.result = True
+
+
+class DeleteConsumer(WriteOp):
+    """Forget a named consumer on some topics (all when `names` is None). Result: how many."""
+
+    def __init__(self, consumer: str, names: list[str] | None) -> None:
+        super().__init__()
+        self.consumer, self.names = consumer, names
+
+    def apply(self, writer: GroupCommitWriter) -> None:
+        names = list(writer.topics) if self.names is None else self.names
+        topics = [writer.topics[n] for n in names if n in writer.topics]
+        self.result = writer.storage.delete_consumer(self.consumer, topics)
+        writer.touched.update(t.name for t in topics)
+
+
 class EnforceAge(WriteOp):
     """Trim what is older than each topic's max_age (the writer's own periodic op)."""
 
@@ -187,8 +218,7 @@ class EnforceAge(WriteOp):
             max_age = writer.policy_of(topic).max_age
             if max_age and topic.earliest is not None:
                 until = writer.storage.offset_older_than(topic, now - max_age)
-                if until >= topic.earliest:
-                    writer.trim(topic, until)
+                writer.retention_trim(topic, until)
 
 
 class Barrier(WriteOp):
@@ -210,7 +240,7 @@ class GroupCommitWriter:
 
     def __init__(self, storage: Storage,
                  on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
-                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject")) -> None:
+                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False)) -> None:
         self.storage = storage
         self.defaults = defaults
         self._room: int | None = None  # free space known in this group, see reserve_space
@@ -239,6 +269,15 @@ class GroupCommitWriter:
             self.space_to_give_back = True
         return count
 
+    def retention_trim(self, topic: TopicState, until: int) -> int:
+        """Trim for retention or the disk budget: like trim, but with keep_uncommitted it
+        spares what a named consumer has not committed yet."""
+        if self.policy_of(topic).keep_uncommitted and topic.min_committed is not None:
+            until = min(until, topic.min_committed)
+        if topic.earliest is None or until < topic.earliest:
+            return 0
+        return self.trim(topic, until)
+
     def reserve_space(self, size: int) -> None:
         """Raise StorageFull unless `size` more bytes fit the disk budget (the filesystem's
         free space above --min-free-space, and --max-db-size). Measured once a group."""
@@ -263,7 +302,7 @@ class GroupCommitWriter:
                 until = max(until, self.storage.offset_freeing(
                     topic, topic.stored_bytes - policy.max_bytes))
             if until:
-                self.trim(topic, until)
+                self.retention_trim(topic, until)
 
     def committed_topics(self) -> list[TopicState]:
         """Copies of the topic counters as of start-up, for the service's first view."""
@@ -384,7 +423,8 @@ class GroupCommitWriter:
                     dropped = 0
                     for topic in topics:
                         if topic.earliest is not None:
-                            dropped += self.trim(topic, self.storage.offset_freeing(topic, excess))
+                            dropped += self.retention_trim(
+                                topic, self.storage.offset_freeing(topic, excess))
                     self.storage.save_counters(topics)
                 if not dropped:
                     return False

@@ -231,16 +231,18 @@ class GetServerInfoResponse(_message.Message):
     def __init__(self, version: _Optional[str] = ..., durability: _Optional[str] = ..., max_message_size: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., commits: _Optional[int] = ..., committed_writes: _Optional[int] = ..., committed_messages: _Optional[int] = ..., topics: _Optional[int] = ..., stored_messages: _Optional[int] = ..., stored_bytes: _Optional[int] = ...) -> None: ...
 
 class TopicPolicy(_message.Message):
-    __slots__ = ("max_messages", "max_bytes", "max_age_seconds", "on_full")
+    __slots__ = ("max_messages", "max_bytes", "max_age_seconds", "on_full", "keep_uncommitted")
     MAX_MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ON_FULL_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNCOMMITTED_FIELD_NUMBER: _ClassVar[int]
     max_messages: int
     max_bytes: int
     max_age_seconds: int
     on_full: str
-    def __init__(self, max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_age_seconds: _Optional[int] = ..., on_full: _Optional[str] = ...) -> None: ...
+    keep_uncommitted: bool
+    def __init__(self, max_messages: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_age_seconds: _Optional[int] = ..., on_full: _Optional[str] = ..., keep_uncommitted: _Optional[bool] = ...) -> None: ...
 
 class SetTopicPolicyRequest(_message.Message):
     __slots__ = ("topic", "policy")
@@ -263,3 +265,71 @@ class TopicPolicyResponse(_message.Message):
     overrides: TopicPolicy
     effective: TopicPolicy
     def __init__(self, overrides: _Optional[_Union[TopicPolicy, _Mapping]] = ..., effective: _Optional[_Union[TopicPolicy, _Mapping]] = ...) -> None: ...
+
+class CommitOffsetRequest(_message.Message):
+    __slots__ = ("consumer", "topic", "offset")
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    consumer: str
+    topic: str
+    offset: int
+    def __init__(self, consumer: _Optional[str] = ..., topic: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class CommitOffsetResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetCommittedOffsetRequest(_message.Message):
+    __slots__ = ("consumer", "topic")
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    consumer: str
+    topic: str
+    def __init__(self, consumer: _Optional[str] = ..., topic: _Optional[str] = ...) -> None: ...
+
+class GetCommittedOffsetResponse(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...
+
+class ConsumerInfo(_message.Message):
+    __slots__ = ("consumer", "topic", "committed_offset", "lag", "updated_at")
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAG_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    consumer: str
+    topic: str
+    committed_offset: int
+    lag: int
+    updated_at: int
+    def __init__(self, consumer: _Optional[str] = ..., topic: _Optional[str] = ..., committed_offset: _Optional[int] = ..., lag: _Optional[int] = ..., updated_at: _Optional[int] = ...) -> None: ...
+
+class ListConsumersRequest(_message.Message):
+    __slots__ = ("topic", "consumer")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    consumer: str
+    def __init__(self, topic: _Optional[str] = ..., consumer: _Optional[str] = ...) -> None: ...
+
+class ListConsumersResponse(_message.Message):
+    __slots__ = ("consumers",)
+    CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    consumers: _containers.RepeatedCompositeFieldContainer[ConsumerInfo]
+    def __init__(self, consumers: _Optional[_Iterable[_Union[ConsumerInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteConsumerRequest(_message.Message):
+    __slots__ = ("consumer", "topic")
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    consumer: str
+    topic: str
+    def __init__(self, consumer: _Optional[str] = ..., topic: _Optional[str] = ...) -> None: ...
+
+class DeleteConsumerResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -119,6 +119,26 @@ class SuhaibMessageQueueStub:
                 request_serializer=smq__pb2.GetTopicPolicyRequest.SerializeToString,
                 response_deserializer=smq__pb2.TopicPolicyResponse.FromString,
                 _registered_method=True)
+        self.CommitOffset = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/CommitOffset',
+                request_serializer=smq__pb2.CommitOffsetRequest.SerializeToString,
+                response_deserializer=smq__pb2.CommitOffsetResponse.FromString,
+                _registered_method=True)
+        self.GetCommittedOffset = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/GetCommittedOffset',
+                request_serializer=smq__pb2.GetCommittedOffsetRequest.SerializeToString,
+                response_deserializer=smq__pb2.GetCommittedOffsetResponse.FromString,
+                _registered_method=True)
+        self.ListConsumers = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/ListConsumers',
+                request_serializer=smq__pb2.ListConsumersRequest.SerializeToString,
+                response_deserializer=smq__pb2.ListConsumersResponse.FromString,
+                _registered_method=True)
+        self.DeleteConsumer = channel.unary_unary(
+                '/smq.SuhaibMessageQueue/DeleteConsumer',
+                request_serializer=smq__pb2.DeleteConsumerRequest.SerializeToString,
+                response_deserializer=smq__pb2.DeleteConsumerResponse.FromString,
+                _registered_method=True)
         self.GetServerInfo = channel.unary_unary(
                 '/smq.SuhaibMessageQueue/GetServerInfo',
                 request_serializer=smq__pb2.GetServerInfoRequest.SerializeToString,
@@ -238,6 +258,32 @@ class SuhaibMessageQueueServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitOffset(self, request, context):
+        """Durable named consumers: a committed offset per (consumer, topic), kept in the
+        database. Allowed to remote callers even with remote writes disabled.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCommittedOffset(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConsumers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteConsumer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetServerInfo(self, request, context):
         """Version, settings that matter to clients, and counters since start.
         """
@@ -332,6 +378,26 @@ def add_SuhaibMessageQueueServicer_to_server(servicer, server):
                     servicer.GetTopicPolicy,
                     request_deserializer=smq__pb2.GetTopicPolicyRequest.FromString,
                     response_serializer=smq__pb2.TopicPolicyResponse.SerializeToString,
+            ),
+            'CommitOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitOffset,
+                    request_deserializer=smq__pb2.CommitOffsetRequest.FromString,
+                    response_serializer=smq__pb2.CommitOffsetResponse.SerializeToString,
+            ),
+            'GetCommittedOffset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCommittedOffset,
+                    request_deserializer=smq__pb2.GetCommittedOffsetRequest.FromString,
+                    response_serializer=smq__pb2.GetCommittedOffsetResponse.SerializeToString,
+            ),
+            'ListConsumers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConsumers,
+                    request_deserializer=smq__pb2.ListConsumersRequest.FromString,
+                    response_serializer=smq__pb2.ListConsumersResponse.SerializeToString,
+            ),
+            'DeleteConsumer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConsumer,
+                    request_deserializer=smq__pb2.DeleteConsumerRequest.FromString,
+                    response_serializer=smq__pb2.DeleteConsumerResponse.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
@@ -798,6 +864,114 @@ class SuhaibMessageQueue:
             '/smq.SuhaibMessageQueue/GetTopicPolicy',
             smq__pb2.GetTopicPolicyRequest.SerializeToString,
             smq__pb2.TopicPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/CommitOffset',
+            smq__pb2.CommitOffsetRequest.SerializeToString,
+            smq__pb2.CommitOffsetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCommittedOffset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/GetCommittedOffset',
+            smq__pb2.GetCommittedOffsetRequest.SerializeToString,
+            smq__pb2.GetCommittedOffsetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConsumers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/ListConsumers',
+            smq__pb2.ListConsumersRequest.SerializeToString,
+            smq__pb2.ListConsumersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConsumer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/smq.SuhaibMessageQueue/DeleteConsumer',
+            smq__pb2.DeleteConsumerRequest.SerializeToString,
+            smq__pb2.DeleteConsumerResponse.FromString,
             options,
             channel_credentials,
             insecure,
