@@ -245,6 +245,8 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Refuse bad certificate files before the database is created, opened or migrated.
+        server_credentials(config)
         self.health = health.HealthServicer()
         storage = Storage(config.dbpath, config.durability, readers=min(config.workers, 8))
         try:
