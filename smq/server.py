@@ -249,13 +249,18 @@ class Server:
         server_credentials(config)
         self.health = health.HealthServicer()
         storage = Storage(config.dbpath, config.durability, readers=min(config.workers, 8))
+        service: QueueService | None = None
         try:
-            self.service = QueueService(storage, Limits(
+            service = QueueService(storage, Limits(
                 max_message_size=config.max_message_size, max_streams=config.max_streams,
                 allow_remote_writes=config.allow_remote_writes))
+            self.service = service
             self._grpc, self.port = create_server(config, self.service, self.health)
         except BaseException:
-            storage.close()
+            if service is not None:
+                service.close()  # stops the writer thread too, then closes the database
+            else:
+                storage.close()
             raise
         self._stopped = threading.Event()
 
