@@ -50,7 +50,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
             log.error("%s", exc)
         context.abort(STATUS_OF[exc.code], str(exc))
     if not context.is_active():
-        return  # the client went away; nothing to answer
+        # The client went away, or shutdown cancelled the call: nobody to answer. End the
+        # call all the same, or grpc tries to send the handler's None as the reply and
+        # logs a traceback.
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 

@@ -135,6 +135,73 @@ def test_sigterm_during_concurrent_produce_keeps_every_ack(start_server, tmp_pat
                         timeout=RPC_TIMEOUT).offset == latest.offset + 1
 
 
+def wait_latest(stub: smq_pb2_grpc.SuhaibMessageQueueStub, topic: str, offset: int) -> None:
+    """Poll until `offset` is committed in the topic (the server got that far)."""
+    deadline = time.monotonic() + RPC_TIMEOUT
+    while True:
+        try:
+            if stub.GetLatestOffset(smq_pb2.GetLatestOffsetRequest(topic=topic),
+                                    timeout=RPC_TIMEOUT).offset >= offset:
+                return
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION  # still empty
+        assert time.monotonic() < deadline, f"offset {offset} of {topic} never committed"
+        time.sleep(0.02)
+
+
+def unfinished_stream_produce(stub: smq_pb2_grpc.SuhaibMessageQueueStub, topic: str,
+                              never: threading.Event) -> grpc.Future:
+    """A StreamProduce that sent one message (committed) and never half-closes."""
+    def requests() -> Iterator[smq_pb2.ProduceRequest]:
+        yield smq_pb2.ProduceRequest(topic=topic, message=b"first")
+        never.wait(60)
+
+    future = stub.StreamProduce.future(requests(), timeout=120)
+    wait_latest(stub, topic, 1)
+    return future
+
+
+def test_unfinished_client_stream_holds_shutdown_only_for_the_grace(start_server):
+    server = start_server("--shutdown-grace", "2")
+    stub = server.stub()
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="slow"), timeout=RPC_TIMEOUT)
+    never = threading.Event()
+    try:
+        future = unfinished_stream_produce(stub, "slow", never)
+        code, took = stop_and_time(server)
+        assert code == 0, server.log()
+        with pytest.raises(grpc.RpcError) as info:
+            future.result(timeout=EXIT_TIMEOUT)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        never.set()
+    assert "Traceback" not in server.log(), server.log()
+
+
+def test_client_cancelling_stream_produce_leaves_no_traceback(start_server):
+    server = start_server("--max-streams", "1")
+    stub = server.stub()
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="gone"), timeout=RPC_TIMEOUT)
+    never = threading.Event()
+    try:
+        future = unfinished_stream_produce(stub, "gone", never)
+        future.cancel()
+    finally:
+        never.set()
+    deadline = time.monotonic() + RPC_TIMEOUT
+    while True:  # the one stream slot comes back once the server has ended the call
+        try:
+            stub.StreamProduce(iter([smq_pb2.ProduceRequest(topic="gone", message=b"again")]),
+                               timeout=RPC_TIMEOUT)
+            break
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert time.monotonic() < deadline, "the cancelled stream was never ended"
+            time.sleep(0.05)
+    assert server.terminate() == 0  # the log is complete once the process is gone
+    assert "Traceback" not in server.log() and "ERROR" not in server.log(), server.log()
+
+
 def test_health_watch_sees_not_serving_when_draining(start_server):
     server = start_server("--shutdown-grace", "2")
     watch = health_pb2_grpc.HealthStub(server.channel()).Watch(
