@@ -1,5 +1,6 @@
 """Test certificates, made in the test: two unrelated CAs, a server certificate for
-localhost/127.0.0.1 and a client certificate from each CA (PEM files in a directory).
+localhost/127.0.0.1, a client certificate from each CA and an expired one from the
+first (PEM files in a directory).
 
 The layout follows ORIGINAL.md's mTLS recipe, with the subjectAltName grpc requires.
 """
@@ -28,6 +29,8 @@ class CertSet:
     other_ca_cert: Path
     other_client_cert: Path
     other_client_key: Path
+    expired_client_cert: Path
+    expired_client_key: Path
 
     def read(self, field: str) -> bytes:
         return getattr(self, field).read_bytes()
@@ -41,12 +44,16 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _builder(subject: str, issuer: x509.Name, public_key) -> x509.CertificateBuilder:
+def _builder(subject: str, issuer: x509.Name, public_key, expired: bool = False
+             ) -> x509.CertificateBuilder:
     now = datetime.datetime.now(datetime.timezone.utc)
+    if expired:
+        start, end = now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)
+    else:
+        start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=2)
     return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
             .public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2)))
+            .not_valid_before(start).not_valid_after(end))
 
 
 def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -62,11 +69,11 @@ def _make_ca(common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
 
 
 def _make_leaf(common_name: str, ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-               usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None = None
-               ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+               usage: x509.ObjectIdentifier, san: list[x509.GeneralName] | None = None,
+               expired: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_cert, ca_key = ca
     key = _key()
-    builder = (_builder(common_name, ca_cert.subject, key.public_key())
+    builder = (_builder(common_name, ca_cert.subject, key.public_key(), expired)
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
     if san:
@@ -94,6 +101,7 @@ def make_certs(directory: Path) -> CertSet:
                         [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     client = _make_leaf("smq-client", ca, ExtendedKeyUsageOID.CLIENT_AUTH)
     other_client = _make_leaf("smq-client", other_ca, ExtendedKeyUsageOID.CLIENT_AUTH)
+    expired_client = _make_leaf("smq-client", ca, ExtendedKeyUsageOID.CLIENT_AUTH, expired=True)
     return CertSet(
         dir=directory,
         ca_cert=_write_cert(directory / "ca.crt", ca[0]),
@@ -104,4 +112,6 @@ def make_certs(directory: Path) -> CertSet:
         other_ca_cert=_write_cert(directory / "other-ca.crt", other_ca[0]),
         other_client_cert=_write_cert(directory / "other-client.crt", other_client[0]),
         other_client_key=_write_key(directory / "other-client.key", other_client[1]),
+        expired_client_cert=_write_cert(directory / "expired-client.crt", expired_client[0]),
+        expired_client_key=_write_key(directory / "expired-client.key", expired_client[1]),
     )

@@ -161,13 +161,14 @@ def produce_one(server: ServerProcess) -> int:
     return stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"x"), timeout=10).offset
 
 
-def test_only_flags_serves(tmp_path: Path):
+def test_only_flags_serves_and_flags_beat_the_environment(tmp_path: Path):
     db = tmp_path / "flags.db"
-    server = ServerProcess(["--dbpath", str(db), "--port", "0", "--bind", "127.0.0.1"], tmp_path)
+    env = clean_env(DB_PATH=str(tmp_path / "env.db"), PORT="1", SMQ_BIND="256.0.0.1")
+    server = ServerProcess(["--dbpath", str(db), "--port", "0", "--bind", "127.0.0.1"], tmp_path, env)
     try:
         server.wait_serving()
         assert produce_one(server) == 1
-        assert db.exists()
+        assert db.exists() and not (tmp_path / "env.db").exists()
         assert server.terminate() == 0
     finally:
         server.close()

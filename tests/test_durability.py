@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ServerProcess
 from smq._proto import smq_pb2, smq_pb2_grpc
+from smq.storage import Storage
 
 RPC_TIMEOUT = 30
 
@@ -190,3 +191,15 @@ def test_kill_9_immediately_after_a_single_ack(start_server, tmp_path: Path):
     assert produce(stub, "t", b"next") == offset + 1
     assert server.terminate() == 0
     assert_intact(db)
+
+
+@pytest.mark.parametrize("mode,synchronous", [("full", 2), ("normal", 1)])
+def test_durability_modes_set_wal_and_synchronous(mode: str, synchronous: int, tmp_path: Path):
+    """A power cut cannot be tested here; what makes an ack survive one can: WAL with
+    synchronous=FULL (2) fsyncs every commit; normal (1) only at checkpoints."""
+    storage = Storage(str(tmp_path / "s.db"), mode)
+    try:
+        assert storage._writer.pragma("journal_mode") == "wal"
+        assert storage._writer.pragma("synchronous") == synchronous
+    finally:
+        storage.close()

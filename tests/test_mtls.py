@@ -66,13 +66,16 @@ def test_client_certificate_from_the_ca_is_served(mtls_server: ServerProcess, ce
     assert "mTLS" in mtls_server.log()
 
 
-@pytest.mark.parametrize("who", ["no client certificate", "other CA's client", "plaintext"])
+@pytest.mark.parametrize("who", ["no client certificate", "other CA's client", "expired client",
+                                 "plaintext"])
 def test_other_clients_are_refused_and_change_nothing(who: str, mtls_server: ServerProcess,
                                                       certs: CertSet):
     if who == "no client certificate":
         stub = tls_stub(mtls_server.port, certs, key=None, cert=None)
     elif who == "other CA's client":
         stub = tls_stub(mtls_server.port, certs, key="other_client_key", cert="other_client_cert")
+    elif who == "expired client":
+        stub = tls_stub(mtls_server.port, certs, key="expired_client_key", cert="expired_client_cert")
     else:
         stub = smq_pb2_grpc.SuhaibMessageQueueStub(
             grpc.insecure_channel(f"127.0.0.1:{mtls_server.port}"))
