@@ -62,6 +62,14 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_db_path(text: str) -> str:
+    # SQLite would take "" as a temporary database and ":memory:" as an in-memory one:
+    # a queue that loses every message at exit.
+    if not text.strip() or text.strip() == ":memory:":
+        raise ValueError("expected the path of the database file")
+    return text
+
+
 def parse_host(text: str) -> str:
     host = text.strip()
     if not host:
@@ -112,7 +120,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("dbpath", "--dbpath", "DB_PATH", str, "SQLite database file"),
+    Setting("dbpath", "--dbpath", "DB_PATH", parse_db_path, "SQLite database file"),
     Setting("port", "--port", "PORT", parse_port, "TCP port to listen on"),
     Setting("bind", "--bind", "SMQ_BIND", parse_host,
             "address to listen on (127.0.0.1 for this device only)"),

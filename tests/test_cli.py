@@ -89,6 +89,8 @@ INVALID_RUNS = {
     "client bool env": ([], {"ENABLE_MTLS": "sure"}, None, ("ENABLE_MTLS", "'sure'")),
     "smq env": ([], {"SMQ_MAX_STREAMS": "0"}, None, ("SMQ_MAX_STREAMS", "'0'")),
     "dot env file": ([], {}, "PORT=x\n", ("PORT", "'x'", ".env file")),
+    "empty dbpath flag": (["--dbpath", ""], {}, None, ("--dbpath", "''")),
+    "empty dbpath env": ([], {"DB_PATH": ""}, None, ("DB_PATH", "''", "environment")),
     "mtls without files": (["--server-enable-mtls"], {}, None, ("--server-cert", "SERVER_CERT_FILE")),
     "mtls env without key": ([], {"SERVER_ENABLE_MTLS": "true", "SERVER_CERT_FILE": "s.crt",
                                   "SERVER_CA_CERT_FILE": "ca.crt"}, None, ("SERVER_KEY_FILE",)),
