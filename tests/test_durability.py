@@ -11,7 +11,6 @@ import apsw
 import grpc
 import pytest
 
-from conftest import ServerProcess
 from smq._proto import smq_pb2, smq_pb2_grpc
 from smq.storage import Storage
 
