@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
@@ -152,6 +152,20 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
             count=len(page.messages), next_offset=page.next_offset)
 
 
+class Reflection(reflection.ReflectionServicer):
+    """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
+    one holds a thread, and the unary calls' threads must stay theirs."""
+
+    def __init__(self, service_names: tuple[str, ...], service: QueueService) -> None:
+        super().__init__(service_names)
+        self.service = service
+
+    @streaming_rpc
+    def ServerReflectionInfo(self, request_iterator, context):
+        with self.service.stream_slot():
+            yield from super().ServerReflectionInfo(request_iterator, context)
+
+
 def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     """mTLS credentials, or None for plaintext. Refuses missing, unreadable or invalid files."""
     if not config.server_enable_mtls:
@@ -209,9 +223,9 @@ def create_server(config: Config, service: QueueService,
     smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
         Servicer(service, config.heartbeat_interval), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+         reflection.SERVICE_NAME), service), server)
     address = tcp_address(config.bind, config.port)
     try:
         if credentials is None:

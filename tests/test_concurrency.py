@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import ServerProcess
 from smq._proto import smq_pb2, smq_pb2_grpc
@@ -222,3 +223,36 @@ def test_bounded_worker_pool_answers_or_refuses_never_hangs(start_server):
                                            timeout=RPC_TIMEOUT).offset
     assert latest == accepted
     server.stub().Connect(smq_pb2.ConnectRequest(), timeout=RPC_TIMEOUT)  # still healthy
+
+
+def test_idle_reflection_streams_cannot_starve_unary_calls(start_server):
+    """Reflection is a stream like any other: idle ones (a client that opened the stream
+    and went quiet) must not take the unary calls' threads and make them hang."""
+    server = start_server("--workers", "1", "--max-streams", "1")
+    quiet = threading.Event()
+
+    def one_question() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        quiet.wait(RPC_TIMEOUT)  # then silence, the stream left open
+
+    calls = []
+    try:
+        for _ in range(2):  # as many as the server has threads
+            call = reflection_pb2_grpc.ServerReflectionStub(server.channel()).ServerReflectionInfo(
+                one_question(), timeout=RPC_TIMEOUT)
+            try:
+                reply = next(call)  # this stream's handler is running
+                names = {s.name for s in reply.list_services_response.service}
+                assert "smq.SuhaibMessageQueue" in names
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            calls.append(call)
+        stub = server.stub()
+        try:
+            stub.Connect(smq_pb2.ConnectRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.code()
+    finally:
+        quiet.set()
+        for call in calls:
+            call.cancel()
