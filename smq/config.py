@@ -140,7 +140,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_size", "--max-message-size", "SMQ_MAX_MESSAGE_SIZE",
             in_range(parse_size, 1, 64 * 1024**2), "largest accepted message (e.g. 1048576, 512KiB, 4MiB)"),
     Setting("max_streams", "--max-streams", "SMQ_MAX_STREAMS", in_range(int, 1, 10_000),
-            "concurrent StreamConsume/StreamProduce calls; more get RESOURCE_EXHAUSTED"),
+            "concurrent streams (StreamConsume, StreamProduce, reflection); more get RESOURCE_EXHAUSTED"),
     Setting("workers", "--workers", "SMQ_WORKERS", in_range(int, 1, 1_000),
             "threads for unary calls (streams get their own, up to --max-streams)"),
     Setting("heartbeat_interval", "--heartbeat-interval", "SMQ_HEARTBEAT_INTERVAL",
