@@ -29,7 +29,7 @@ Settings come from flags, then environment variables, then the .env file, then d
 """
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, group: str) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, group: str) -> None:
     """One flag per setting of `group`; defaults stay None so only typed flags override."""
     for setting in SETTINGS:
         if setting.group != group:
@@ -47,6 +47,10 @@ def serve_parser() -> argparse.ArgumentParser:
         epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"smq {__version__}")
     add_setting_flags(parser, "server")
+    # The original smq parsed its client flags too; scripts that pass them keep working.
+    add_setting_flags(parser.add_argument_group(
+        "client settings", "accepted like the original smq did; the server itself does not use them"),
+        "client")
     return parser
 
 

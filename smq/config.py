@@ -63,6 +63,14 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_db_path(text: str) -> str:
+    # SQLite would take "" as a temporary database and ":memory:" as an in-memory one:
+    # a queue that loses every message at exit.
+    if not text.strip() or text.strip() == ":memory:":
+        raise ValueError("expected the path of the database file")
+    return text
+
+
 def parse_host(text: str) -> str:
     host = text.strip()
     if not host:
@@ -113,7 +121,7 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("dbpath", "--dbpath", "DB_PATH", str, "SQLite database file"),
+    Setting("dbpath", "--dbpath", "DB_PATH", parse_db_path, "SQLite database file"),
     Setting("port", "--port", "PORT", parse_port, "TCP port to listen on"),
     Setting("bind", "--bind", "SMQ_BIND", parse_host,
             "address to listen on (127.0.0.1 for this device only)"),
@@ -133,7 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_message_size", "--max-message-size", "SMQ_MAX_MESSAGE_SIZE",
             in_range(parse_size, 1, 64 * 1024**2), "largest accepted message (e.g. 1048576, 512KiB, 4MiB)"),
     Setting("max_streams", "--max-streams", "SMQ_MAX_STREAMS", in_range(int, 1, 10_000),
-            "concurrent StreamConsume/StreamProduce calls; more get RESOURCE_EXHAUSTED"),
+            "concurrent streams (StreamConsume, StreamProduce, reflection); more get RESOURCE_EXHAUSTED"),
     Setting("workers", "--workers", "SMQ_WORKERS", in_range(int, 1, 1_000),
             "threads for unary calls (streams get their own, up to --max-streams)"),
     Setting("heartbeat_interval", "--heartbeat-interval", "SMQ_HEARTBEAT_INTERVAL",

@@ -25,7 +25,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
@@ -53,7 +53,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
             log.error("%s", exc)
         context.abort(STATUS_OF[exc.code], str(exc))
     if not context.is_active():
-        return  # the client went away; nothing to answer
+        # The client went away, or shutdown cancelled the call: nobody to answer. End the
+        # call all the same, or grpc tries to send the handler's None as the reply and
+        # logs a traceback.
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
@@ -255,6 +258,20 @@ def policy_reply(overrides: TopicPolicy, effective: TopicPolicy) -> smq_pb2.Topi
                                        effective=policy_message(effective))
 
 
+class Reflection(reflection.ReflectionServicer):
+    """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
+    one holds a thread, and the unary calls' threads must stay theirs."""
+
+    def __init__(self, service_names: tuple[str, ...], service: QueueService) -> None:
+        super().__init__(service_names)
+        self.service = service
+
+    @streaming_rpc
+    def ServerReflectionInfo(self, request_iterator, context):
+        with self.service.stream_slot():
+            yield from super().ServerReflectionInfo(request_iterator, context)
+
+
 def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     """mTLS credentials, or None for plaintext. Refuses missing, unreadable or invalid files."""
     if not config.server_enable_mtls:
@@ -292,11 +309,11 @@ def tcp_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def create_server(config: Config, service: QueueService,
-                  health_servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
-    """A grpc.Server with SMQ, health and reflection, bound but not started. Returns it
-    and the TCP port (useful with port 0)."""
-    credentials = server_credentials(config)
+def create_server(config: Config, service: QueueService, health_servicer: health.HealthServicer,
+                  credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
+    """A grpc.Server with SMQ, health and reflection, bound but not started, on TCP with
+    `credentials` (None: plaintext) and the Unix socket. Returns it and the TCP port
+    (useful with port 0)."""
     threads = config.workers + config.max_streams
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smq-rpc"),
@@ -313,9 +330,9 @@ def create_server(config: Config, service: QueueService,
     smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
         Servicer(service, config.heartbeat_interval, config.durability), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+         reflection.SERVICE_NAME), service), server)
     address = tcp_address(config.bind, config.port)
     try:
         if credentials is None:
@@ -356,21 +373,28 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # Refuse bad certificate files before the database is created, opened or migrated.
+        credentials = server_credentials(config)
         self.health = health.HealthServicer()
         storage = Storage(config.dbpath, StorageOptions(
             durability=config.durability, readers=min(config.workers, 8),
             startup_check=config.startup_check, on_corrupt=config.on_corrupt,
             max_db_size=config.max_db_size, min_free_space=config.min_free_space))
+        service: QueueService | None = None
         try:
-            self.service = QueueService(storage, Limits(
+            service = QueueService(storage, Limits(
                 max_message_size=config.max_message_size, max_streams=config.max_streams,
                 allow_remote_writes=config.allow_remote_writes,
                 topic_defaults=TopicPolicy(
                     config.retention_max_messages, config.retention_max_bytes,
                     int(config.retention_max_age), config.on_full, keep_uncommitted=False)))
-            self._grpc, self.port = create_server(config, self.service, self.health)
+            self.service = service
+            self._grpc, self.port = create_server(config, self.service, self.health, credentials)
         except BaseException:
-            storage.close()
+            if service is not None:
+                service.close()  # stops the writer thread too, then closes the database
+            else:
+                storage.close()
             raise
         self._stopped = threading.Event()
 
