@@ -309,11 +309,10 @@ def tcp_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def create_server(config: Config, service: QueueService, health_servicer: health.HealthServicer,
-                  credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
-    """A grpc.Server with SMQ, health and reflection, bound but not started, on TCP with
-    `credentials` (None: plaintext) and the Unix socket. Returns it and the TCP port
-    (useful with port 0)."""
+def create_server(config: Config, credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
+    """A grpc.Server bound to TCP with `credentials` (None: plaintext) and to the Unix
+    socket, with no services yet and not started. Returns it and the TCP port (useful
+    with port 0). Binding first means a busy port is refused before the database is touched."""
     threads = config.workers + config.max_streams
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smq-rpc"),
@@ -327,12 +326,6 @@ def create_server(config: Config, service: QueueService, health_servicer: health
             ("grpc.keepalive_time_ms", 60_000),  # notice dead stream clients (power cuts)
             ("grpc.keepalive_timeout_ms", 20_000),
         ])
-    smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
-        Servicer(service, config.heartbeat_interval, config.durability), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), service), server)
     address = tcp_address(config.bind, config.port)
     try:
         if credentials is None:
@@ -356,6 +349,17 @@ def create_server(config: Config, service: QueueService, health_servicer: health
     return server, port
 
 
+def add_services(server: grpc.Server, config: Config, service: QueueService,
+                 health_servicer: health.HealthServicer) -> None:
+    """SMQ, health and reflection on one server."""
+    smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
+        Servicer(service, config.heartbeat_interval, config.durability), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), service), server)
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -373,15 +377,15 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        # Refuse bad certificate files before the database is created, opened or migrated.
-        credentials = server_credentials(config)
+        # Refuse bad certificate files and a busy port before the database is touched.
+        self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
-        storage = Storage(config.dbpath, StorageOptions(
-            durability=config.durability, readers=min(config.workers, 8),
-            startup_check=config.startup_check, on_corrupt=config.on_corrupt,
-            max_db_size=config.max_db_size, min_free_space=config.min_free_space))
         service: QueueService | None = None
         try:
+            storage = Storage(config.dbpath, StorageOptions(
+                durability=config.durability, readers=min(config.workers, 8),
+                startup_check=config.startup_check, on_corrupt=config.on_corrupt,
+                max_db_size=config.max_db_size, min_free_space=config.min_free_space))
             service = QueueService(storage, Limits(
                 max_message_size=config.max_message_size, max_streams=config.max_streams,
                 allow_remote_writes=config.allow_remote_writes,
@@ -389,12 +393,13 @@ class Server:
                     config.retention_max_messages, config.retention_max_bytes,
                     int(config.retention_max_age), config.on_full, keep_uncommitted=False)))
             self.service = service
-            self._grpc, self.port = create_server(config, self.service, self.health, credentials)
+            add_services(self._grpc, config, service, self.health)
         except BaseException:
             if service is not None:
                 service.close()  # stops the writer thread too, then closes the database
-            else:
+            elif "storage" in locals():
                 storage.close()
+            self._grpc.stop(None)
             raise
         self._stopped = threading.Event()
 
