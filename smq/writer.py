@@ -157,6 +157,7 @@ class GroupCommitWriter:
         self.storage = storage
         self.topics: dict[str, TopicState] = storage.reload_topics()
         self.touched: set[str] = set()
+        self._topics_stale = False  # True while `topics` may be ahead of the database
         self.space_to_give_back = True  # a previous run may have left free pages
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -232,8 +233,7 @@ class GroupCommitWriter:
         try:
             self._apply_in_one_transaction(group)
         except SMQError as exc:
-            self.topics = self.storage.reload_topics()
-            self.touched.clear()
+            self._forget_uncommitted()
             if len(group) == 1:
                 group[0].result, group[0].error = None, exc
                 log.error("write failed: %s", exc)
@@ -244,15 +244,28 @@ class GroupCommitWriter:
                 return
         except Exception as exc:  # a bug: fail the callers rather than hang them
             log.exception("unexpected error in the writer")
-            self.topics = self.storage.reload_topics()
-            self.touched.clear()
+            self._forget_uncommitted()
             for op in group:
                 op.result, op.error = None, StorageFailure(f"unexpected writer error: {exc}")
         self._publish()
         for op in group:
             op._finish()
 
+    def _forget_uncommitted(self) -> None:
+        """After a rollback: drop counters the failed ops advanced. Never raises: if the
+        database cannot be read either, the next group reloads them first (or fails)."""
+        self.touched.clear()
+        self._topics_stale = True
+        try:
+            self.topics = self.storage.reload_topics()
+            self._topics_stale = False
+        except SMQError as exc:
+            log.error("cannot reload topic counters after a failed write: %s", exc)
+
     def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
+        if self._topics_stale:
+            self.topics = self.storage.reload_topics()
+            self._topics_stale = False
         with self.storage.write_transaction():
             for op in group:
                 op.error = None

@@ -23,6 +23,7 @@ import pytest
 from conftest import ServerProcess, clean_env, make_topic
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
 from smq.service import DEFAULT_PAGE_MESSAGES, MAX_PAGE_MESSAGES
+from smq.storage import MIGRATIONS
 
 TIMEOUT = 20.0  # seconds for any one call: generous, the machine is shared
 MiB = 1024**2
@@ -559,6 +560,34 @@ def test_stream_produce_bad_first_message_appends_nothing(stub, topic):
 
 
 # -- the rest of the status-code table --------------------------------------------------
+
+def test_storage_failure_is_internal_and_the_writer_survives(start_server, tmp_path):
+    db_path = tmp_path / "broken.db"
+    server = start_server(db=db_path)
+    stub = server.stub()
+    make_topic(stub, "t", 2)
+
+    def sql(statement: str) -> None:  # change the database under the running server
+        with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
+            db.execute(statement)
+
+    sql("DROP TABLE messages")
+    calls = {"Produce": lambda: produce(stub, "t", b"x"), "Consume": lambda: consume(stub, "t", 1),
+             "BulkRetrieve": lambda: bulk(stub, "t", 0, 10),
+             "StreamProduce": lambda: stream_produce(stub, [pb.ProduceRequest(topic="t", message=b"y")]),
+             "Produce again": lambda: produce(stub, "t", b"z")}
+    for name, call in calls.items():
+        error = error_of(call)  # promptly (TIMEOUT), not after the server's own write timeout
+        assert error.code() == grpc.StatusCode.INTERNAL, (name, error.code(), error.details())
+        assert "Traceback" not in error.details() and 'File "' not in error.details()
+    assert "no such table: messages" in server.log()  # the details are in the server log
+    assert stub.Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
+
+    sql(MIGRATIONS[1][1])  # the storage comes back (empty): writes work again, offsets go on
+    assert produce(stub, "t", b"back") == 3
+    assert stored(stub, "t") == [(3, b"back")]
+    assert server.terminate() == 0
+
 
 def _can_mount_private_tmpfs() -> bool:
     try:
