@@ -142,6 +142,15 @@ def test_stream_on_an_empty_topic_waits_then_gets_the_first_message(stub, reader
     assert reader.messages(1) == [(1, b"first")]
 
 
+def test_stream_on_a_topic_trimmed_empty_gets_the_next_offset(stub, readers):
+    make_topic(stub, "t", 3)
+    delete_until(stub, "t", 3)
+    reader = readers(stub, "t", 0)
+    assert reader.next() == reader.next() == HEARTBEAT  # it waits, idle, like on a new topic
+    assert produce(stub, "t", b"after") == 4
+    assert reader.messages(1) == [(4, b"after")]
+
+
 def test_heartbeats_while_idle(stub, readers):
     make_topic(stub, "t", 2)
     reader = readers(stub, "t", 1)
