@@ -128,7 +128,8 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def StreamConsume(self, request, context):
         with self.service.stream_slot():
             follower = self.service.follow(request.topic, request.offset, self.heartbeat_interval)
-            context.add_callback(follower.cancel)
+            if not context.add_callback(follower.cancel):
+                return  # already cancelled: nobody would wake the follower until a heartbeat
             for page in follower:
                 if not page:
                     yield HEARTBEAT

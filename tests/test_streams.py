@@ -284,6 +284,20 @@ def test_too_many_streams_then_cancel_frees_a_slot(start_server, readers):
         assert reader.next_message() == pb.ConsumeResponse(message=b"m2", offset=2)
 
 
+def test_streams_cancelled_at_once_do_not_keep_their_slots(start_server, readers):
+    """Open-and-cancel storms (a client reconnecting in a loop) must not leave slots held
+    until the next heartbeat (60 s here) by streams cancelled before they were set up."""
+    stub = start_server("--max-streams", "2", "--heartbeat-interval", "60").stub()
+    make_topic(stub, "t", 1)
+    for i in range(300):
+        call = stub.StreamConsume(pb.ConsumeRequest(topic="t", offset=2))
+        if i % 3:
+            time.sleep(0.0003 * (i % 7))  # vary where in the server's setup the cancel lands
+        call.cancel()
+    both = [open_stream_when_a_slot_is_free(stub, "t", readers) for _ in range(2)]
+    assert [reader.call.is_active() for reader in both] == [True, True]
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 def test_open_streams_end_with_unavailable_on_shutdown(start_server, readers):
