@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import queue
 import re
 import sqlite3
 import subprocess
@@ -587,6 +588,34 @@ def test_storage_failure_is_internal_and_the_writer_survives(start_server, tmp_p
     assert produce(stub, "t", b"back") == 3
     assert stored(stub, "t") == [(3, b"back")]
     assert server.terminate() == 0
+
+
+def test_too_many_concurrent_calls_is_resource_exhausted(start_server, tmp_path):
+    """Hold the database's write lock from outside so that Produce calls stay in flight;
+    beyond the server's limit of concurrent calls the rest are refused at once."""
+    db_path = tmp_path / "busy.db"
+    stub = start_server("--workers", "1", "--max-streams", "1", db=db_path).stub()
+    make_topic(stub, "t")
+    finished: queue.Queue = queue.Queue()
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as lock:
+        lock.execute("BEGIN IMMEDIATE")  # the server's writer now waits (busy timeout 10 s)
+        calls = [stub.Produce.future(pb.ProduceRequest(topic="t", message=b"%d" % i), timeout=TIMEOUT)
+                 for i in range(40)]
+        for call in calls:
+            call.add_done_callback(finished.put)
+        refused = finished.get(timeout=TIMEOUT)  # the first call to end is a refusal
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.details()
+        lock.execute("ROLLBACK")
+    outcomes = []
+    for call in calls:
+        try:
+            outcomes.append(call.result(timeout=TIMEOUT).offset)
+        except grpc.RpcError as error:
+            outcomes.append(error.code())
+    offsets = sorted(o for o in outcomes if isinstance(o, int))
+    assert offsets and offsets == list(range(1, len(offsets) + 1))  # the admitted ones all landed
+    assert set(outcomes) - set(offsets) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert produce(stub, "t", b"after") == len(offsets) + 1  # and the server is fine afterwards
 
 
 def _can_mount_private_tmpfs() -> bool:
