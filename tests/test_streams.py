@@ -134,6 +134,16 @@ def test_live_messages_are_pushed_not_polled(start_server, readers):
     assert time.monotonic() - started < 5.0
 
 
+def test_history_larger_than_one_read_arrives_whole_and_in_order(stub, readers):
+    payloads = [bytes([i]) * (512 * 1024) for i in range(1, 9)]  # 4 MiB: more than one page
+    make_topic(stub, "t")
+    stub.StreamProduce(iter(pb.ProduceRequest(topic="t", message=p) for p in payloads), timeout=TIMEOUT)
+    reader = readers(stub, "t", 0)
+    assert reader.messages(8) == list(enumerate(payloads, start=1))
+    assert produce(stub, "t", b"live") == 9
+    assert reader.messages(1) == [(9, b"live")]
+
+
 def test_stream_on_an_empty_topic_waits_then_gets_the_first_message(stub, readers):
     make_topic(stub, "t")
     reader = readers(stub, "t", 0)

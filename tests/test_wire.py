@@ -221,6 +221,16 @@ def test_create_topic_is_idempotent(stub, topic):
     assert produce(stub, topic, b"m4") == 4
 
 
+def test_concurrent_create_topic_calls_all_succeed(stub, topic):
+    name = topic + ".racy"
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(
+            lambda _: stub.CreateTopic(pb.CreateTopicRequest(topic=name), timeout=TIMEOUT), range(8)))
+    assert replies == [pb.CreateTopicResponse()] * 8
+    assert produce(stub, name, b"one") == 1
+    assert stored(stub, name) == [(1, b"one")]
+
+
 def test_new_topic_is_empty(stub, topic):
     assert_empty(stub, topic)
     page = bulk(stub, topic, 0, 10)
@@ -355,12 +365,13 @@ def test_delete_until_offset_is_inclusive_and_idempotent(stub, topic):
         assert (earliest(stub, topic), latest(stub, topic)) == (5, 10)
 
 
-def test_delete_above_latest_empties_topic_and_offsets_go_on(stub, topic):
+@pytest.mark.parametrize("until", [6, 1000, 2**63 - 1])
+def test_delete_above_latest_empties_topic_and_offsets_go_on(stub, topic, until):
     make_topic(stub, topic, 5)
-    delete_until(stub, topic, 1000)
+    delete_until(stub, topic, until)
     assert_empty(stub, topic)
     assert stored(stub, topic) == []
-    delete_until(stub, topic, 1000)  # idempotent on an empty topic too
+    delete_until(stub, topic, until)  # idempotent on an empty topic too
     assert produce(stub, topic, b"next") == 6
     assert (earliest(stub, topic), latest(stub, topic)) == (6, 6)
     assert stored(stub, topic) == [(6, b"next")]
@@ -427,8 +438,9 @@ def test_bulk_retrieve_skips_deleted_messages(stub, topic):
     assert (page.count, page.next_offset) == (2, 7)
 
 
-@pytest.mark.parametrize("count, start", [(0, 0), (0, 5), (3, 4), (3, 1000)],
-                         ids=["empty_topic_from_0", "empty_topic_from_5", "latest+1", "far_beyond"])
+@pytest.mark.parametrize("count, start", [(0, 0), (0, 5), (3, 4), (3, 1000), (3, 2**63 - 1)],
+                         ids=["empty_topic_from_0", "empty_topic_from_5", "latest+1", "far_beyond",
+                              "int64_max"])
 def test_bulk_retrieve_returning_nothing_keeps_start_offset(stub, topic, count, start):
     make_topic(stub, topic, count)
     page = bulk(stub, topic, start, 10)
