@@ -31,7 +31,7 @@ from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
 from .errors import SMQError, StartupError
-from .service import PAGE_BYTES, Limits, QueueService
+from .service import PAGE_BYTES, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
@@ -135,13 +135,19 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @streaming_rpc
     def StreamConsume(self, request, context):
         with self.service.stream_slot():
-            follower = self.service.follow(request.topic, request.offset, self.heartbeat_interval)
-            context.add_callback(follower.cancel)
-            for page in follower:
+            for page in self._follow(context, request.topic, request.offset):
                 if not page:
                     yield HEARTBEAT
                 for offset, payload in page:
                     yield smq_pb2.ConsumeResponse(message=payload, offset=offset)
+
+    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int,
+                page_messages: int = 0) -> Follower:
+        """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends."""
+        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages)
+        if not context.add_callback(follower.cancel):
+            follower.cancel()  # the call already ended: nothing would wake it later
+        return follower
 
     @rpc
     def DeleteUntilOffset(self, request, context):
@@ -158,9 +164,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @streaming_rpc
     def Subscribe(self, request, context):
         with self.service.stream_slot():
-            follower = self.service.follow(request.topic, request.offset, self.heartbeat_interval,
-                                           request.max_messages)
-            context.add_callback(follower.cancel)
+            follower = self._follow(context, request.topic, request.offset, request.max_messages)
             for page in follower:
                 yield smq_pb2.SubscribeResponse(
                     messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page],

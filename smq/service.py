@@ -380,7 +380,12 @@ class Follower:
             if page:
                 self.cursor = page[-1][0] + 1
                 yield page
-            elif not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
+                continue
+            # Nothing is stored from the cursor on, so every offset below the topic's next
+            # one was deleted: wait for that one (waiting for an offset that already went
+            # by would return at once, forever, and never send a heartbeat).
+            self.cursor = max(self.cursor, topic.next_offset)
+            if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
                 if not (self.cancelled or service.closing):
                     yield []  # idle: the caller sends a heartbeat
 

@@ -393,6 +393,7 @@ class Storage:
         Returns how many were deleted."""
         if topic.earliest is None or until < topic.earliest:
             return 0
+        until = min(until, topic.next_offset - 1)  # also keeps until + 1 within int64
         freed, count = self._writer.execute(
             "SELECT coalesce(sum(length(payload)), 0), count(*) FROM messages"
             " WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until)).fetchall()[0]

@@ -247,6 +247,7 @@ class GroupCommitWriter:
         self.topics: dict[str, TopicState] = storage.reload_topics()
         self.touched: set[str] = set()
         self.deleted: list[TopicState] = []
+        self._topics_stale = False  # True while `topics` may be ahead of the database
         self.space_to_give_back = True  # a previous run may have left free pages
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -398,6 +399,9 @@ class GroupCommitWriter:
 
     def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
         self._room = None
+        if self._topics_stale:
+            self.topics = self.storage.reload_topics()
+            self._topics_stale = False
         with self.storage.write_transaction():
             for op in group:
                 op.error = None
@@ -440,10 +444,18 @@ class GroupCommitWriter:
 
     def _forget_uncommitted(self) -> None:
         """After a rollback: the database is the truth again. Every topic is published
-        anew, since what was committed before the failure must not be lost from view."""
-        self.topics = self.storage.reload_topics()
-        self.touched = set(self.topics)
+        anew, since what was committed before the failure must not be lost from view.
+        Never raises: if the database cannot be read either, the next group reloads the
+        counters first (or fails)."""
         self.deleted.clear()
+        self._topics_stale = True
+        try:
+            self.topics = self.storage.reload_topics()
+            self._topics_stale = False
+            self.touched = set(self.topics)
+        except SMQError as exc:
+            self.touched.clear()
+            log.error("cannot reload topic counters after a failed write: %s", exc)
 
     def _publish(self) -> None:
         if self.touched or self.deleted:

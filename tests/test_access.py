@@ -1,0 +1,188 @@
+"""Who may write, and the services beside SMQ on the same port (WIRE.md):
+--allow-remote-writes=false / ALLOW_REMOTE_WRITES=false refuses writes over TCP with
+PERMISSION_DENIED and changes nothing, while callers on --unix-socket may still write;
+grpc.health.v1 answers SERVING (NOT_SERVING while draining); reflection lists the
+service and describes it well enough to call it without the .proto file.
+"""
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+from collections.abc import Callable
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from conftest import ServerProcess, clean_env, make_topic
+from smq._proto import smq_pb2 as pb, smq_pb2_grpc
+
+TIMEOUT = 20.0
+SERVICE = "smq.SuhaibMessageQueue"
+WIRE_RPCS = {"Connect", "GetLatestOffset", "GetEarliestOffset", "CreateTopic", "Produce",
+             "Consume", "StreamProduce", "StreamConsume", "DeleteUntilOffset", "BulkRetrieve"}
+
+pytestmark = pytest.mark.timeout(120)
+
+# The four writes, each on an existing topic "t" (CreateTopic also on a new one).
+WRITES: dict[str, Callable[[smq_pb2_grpc.SuhaibMessageQueueStub], object]] = {
+    "CreateTopic(new)": lambda s: s.CreateTopic(pb.CreateTopicRequest(topic="new"), timeout=TIMEOUT),
+    "CreateTopic(existing)": lambda s: s.CreateTopic(pb.CreateTopicRequest(topic="t"), timeout=TIMEOUT),
+    "Produce": lambda s: s.Produce(pb.ProduceRequest(topic="t", message=b"w"), timeout=TIMEOUT),
+    "StreamProduce": lambda s: s.StreamProduce(
+        iter([pb.ProduceRequest(topic="t", message=b"w1"), pb.ProduceRequest(topic="t", message=b"w2")]),
+        timeout=TIMEOUT),
+    "StreamProduce(empty)": lambda s: s.StreamProduce(iter([]), timeout=TIMEOUT),
+    "DeleteUntilOffset": lambda s: s.DeleteUntilOffset(
+        pb.DeleteUntilOffsetRequest(topic="t", offset=2), timeout=TIMEOUT),
+}
+
+
+def contents(stub, topic: str) -> list[tuple[int, bytes]]:
+    page = stub.BulkRetrieve(pb.BulkRetrieveRequest(topic=topic, start_offset=0, limit=1000),
+                             timeout=TIMEOUT)
+    return [(m.offset, m.message) for m in page.messages]
+
+
+def unix_stub(path) -> smq_pb2_grpc.SuhaibMessageQueueStub:
+    return smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(f"unix:{path}"))
+
+
+@pytest.fixture
+def read_only_server(start_server, tmp_path) -> tuple[ServerProcess, str]:
+    """Remote writes disabled, plus a Unix socket (short path: the limit is ~107 bytes)."""
+    socket_path = str(tmp_path / "s.sock")
+    server = start_server("--allow-remote-writes=false", "--unix-socket", socket_path)
+    return server, socket_path
+
+
+# -- remote writes -------------------------------------------------------------------
+
+def test_writes_over_tcp_are_permission_denied_and_change_nothing(read_only_server):
+    server, socket_path = read_only_server
+    local, remote = unix_stub(socket_path), server.stub()
+    make_topic(local, "t", 3)
+    before = contents(remote, "t")
+    for name, write in WRITES.items():
+        with pytest.raises(grpc.RpcError) as info:
+            write(remote)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    assert contents(remote, "t") == before == [(1, b"m1"), (2, b"m2"), (3, b"m3")]
+    with pytest.raises(grpc.RpcError) as info:
+        remote.GetLatestOffset(pb.GetLatestOffsetRequest(topic="new"), timeout=TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND  # CreateTopic created nothing
+
+
+def test_reads_over_tcp_still_work_with_writes_disabled(read_only_server):
+    server, socket_path = read_only_server
+    local, remote = unix_stub(socket_path), server.stub()
+    make_topic(local, "t", 3)
+    assert remote.Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
+    assert remote.GetEarliestOffset(pb.GetEarliestOffsetRequest(topic="t"), timeout=TIMEOUT).offset == 1
+    assert remote.GetLatestOffset(pb.GetLatestOffsetRequest(topic="t"), timeout=TIMEOUT).offset == 3
+    assert remote.Consume(pb.ConsumeRequest(topic="t", offset=2), timeout=TIMEOUT) == \
+        pb.ConsumeResponse(message=b"m2", offset=2)
+    assert contents(remote, "t") == [(1, b"m1"), (2, b"m2"), (3, b"m3")]
+
+    stream = remote.StreamConsume(pb.ConsumeRequest(topic="t", offset=3), timeout=TIMEOUT)
+    try:
+        assert next(stream) == pb.ConsumeResponse(message=b"m3", offset=3)
+        local.Produce(pb.ProduceRequest(topic="t", message=b"local"), timeout=TIMEOUT)
+        assert next(r for r in stream if r.offset != -1) == pb.ConsumeResponse(message=b"local", offset=4)
+    finally:
+        stream.cancel()
+
+
+def test_writes_over_the_unix_socket_are_allowed_with_remote_writes_disabled(read_only_server):
+    server, socket_path = read_only_server
+    local, remote = unix_stub(socket_path), server.stub()
+    local.CreateTopic(pb.CreateTopicRequest(topic="t"), timeout=TIMEOUT)
+    local.CreateTopic(pb.CreateTopicRequest(topic="t"), timeout=TIMEOUT)
+    assert local.Produce(pb.ProduceRequest(topic="t", message=b"a"), timeout=TIMEOUT).offset == 1
+    assert local.StreamProduce(iter([pb.ProduceRequest(topic="t", message=b"b"),
+                                     pb.ProduceRequest(topic="t", message=b"c")]),
+                               timeout=TIMEOUT).offset == 3
+    local.DeleteUntilOffset(pb.DeleteUntilOffsetRequest(topic="t", offset=1), timeout=TIMEOUT)
+    assert contents(remote, "t") == [(2, b"b"), (3, b"c")]
+    assert contents(local, "t") == [(2, b"b"), (3, b"c")]
+
+
+def test_allow_remote_writes_false_from_the_environment(start_server):
+    server = start_server(env=clean_env(ALLOW_REMOTE_WRITES="false"))
+    stub = server.stub()
+    for name, write in WRITES.items():
+        with pytest.raises(grpc.RpcError) as info:
+            write(stub)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
+    assert stub.Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
+
+
+def test_remote_writes_are_allowed_by_default_and_over_the_socket_too(start_server, tmp_path):
+    socket_path = str(tmp_path / "s.sock")
+    server = start_server("--unix-socket", socket_path)
+    make_topic(server.stub(), "t", 1)
+    assert unix_stub(socket_path).Produce(pb.ProduceRequest(topic="t", message=b"u"),
+                                          timeout=TIMEOUT).offset == 2
+    assert contents(server.stub(), "t") == [(1, b"m1"), (2, b"u")]
+
+
+# -- health ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("service", ["", SERVICE])
+def test_health_is_serving(smq_server, service):
+    health = health_pb2_grpc.HealthStub(smq_server.channel())
+    response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_turns_not_serving_while_draining(start_server):
+    server = start_server("--shutdown-grace", "2")  # watches stay open through the grace
+    health = health_pb2_grpc.HealthStub(server.channel())
+    statuses: dict[str, queue.Queue] = {}
+    for service in ("", SERVICE):
+        statuses[service] = queue.Queue()
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+
+        def pump(watch=watch, into=statuses[service]) -> None:
+            try:
+                for response in watch:
+                    into.put(response.status)
+            except grpc.RpcError:
+                pass
+            into.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+    for service in statuses:
+        assert statuses[service].get(timeout=TIMEOUT) == health_pb2.HealthCheckResponse.SERVING
+    server.proc.send_signal(signal.SIGTERM)
+    for service in statuses:
+        assert statuses[service].get(timeout=TIMEOUT) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert server.proc.wait(TIMEOUT) == 0
+
+
+# -- reflection ----------------------------------------------------------------------
+
+def reflect(server: ServerProcess, request: reflection_pb2.ServerReflectionRequest):
+    stub = reflection_pb2_grpc.ServerReflectionStub(server.channel())
+    return next(stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT))
+
+
+def test_reflection_lists_the_service(smq_server):
+    response = reflect(smq_server, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {service.name for service in response.list_services_response.service}
+    assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_describes_the_service_for_generic_clients(smq_server):
+    response = reflect(smq_server, reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol=SERVICE))
+    files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+             for raw in response.file_descriptor_response.file_descriptor_proto]
+    smq_file = next(f for f in files if f.package == "smq")
+    service = next(s for s in smq_file.service if s.name == "SuhaibMessageQueue")
+    assert WIRE_RPCS <= {method.name for method in service.method}  # plus our additions
+    produce = next(m for m in smq_file.message_type if m.name == "ProduceRequest")
+    assert [(f.name, f.number) for f in produce.field] == [("topic", 1), ("message", 2)]
