@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import queue
@@ -160,15 +161,22 @@ class Storage:
     def __init__(self, path: str, options: StorageOptions = StorageOptions()) -> None:
         self.path = path
         self.options = options
+        self._lock_fd = self._lock_database()
         try:
             self._writer = self._open_writer()
         except DamagedDatabase as exc:
             if options.on_corrupt != "move-aside":
+                self._unlock_database()
                 raise
             moved = self._move_aside()
             log.error("DATABASE DAMAGED: %s; moved it to %s and starting with an EMPTY "
                       "database (--on-corrupt=move-aside)", exc, moved)
+            self._unlock_database()
+            self._lock_fd = self._lock_database()
             self._writer = self._open_writer()
+        except BaseException:
+            self._unlock_database()
+            raise
         self.page_size = self._writer.pragma("page_size")
         self._readers: queue.LifoQueue[apsw.Connection] = queue.LifoQueue()
         for _ in range(options.readers):
@@ -220,6 +228,30 @@ class Storage:
                 raise
             raise _startup_error(where, self.path, exc) from None
 
+    def _lock_database(self) -> int:
+        """One SMQ per database file: an exclusive flock on the file, held until close().
+        (flock is separate from SQLite's own fcntl locks; the descriptor is closed only
+        after SQLite's connections, so closing it cannot drop their locks.)"""
+        where = f"database {self.path!r}"
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except IsADirectoryError:
+            raise StartupError(f"cannot open {where}: it is a directory") from None
+        except OSError as exc:
+            raise StartupError(f"cannot open {where}: {_open_hint(self.path)} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"{where} is in use by another SMQ server; "
+                               "stop it or choose another --dbpath") from None
+        return fd
+
+    def _unlock_database(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
     def _move_aside(self) -> str:
         """Rename the database (and its WAL and shared-memory files) out of the way."""
         target = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
@@ -244,6 +276,7 @@ class Storage:
         with contextlib.suppress(apsw.Error):
             self._writer.pragma("wal_checkpoint", "TRUNCATE")
         self._writer.close()
+        self._unlock_database()
 
     # -- reading (any thread) -------------------------------------------------
 

@@ -280,3 +280,14 @@ def test_free_space_floor_refuses_before_the_disk_is_full(start_server, tmp_path
         fill_until_refused(stub, "t", 16 * KIB)
         assert shutil.disk_usage(mount).free >= 1.5 * 1024 * KIB
         assert server.terminate() == 0
+
+
+def test_a_second_server_on_the_same_database_is_refused(start_server, tmp_path):
+    first = start_server()
+    result = start_and_fail(tmp_path, "--dbpath", str(tmp_path / "smq.db"))
+    assert_one_line_refusal(result, "in use by another SMQ")
+    stub = first.stub()
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="t"))
+    assert stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"x")).offset == 1
+    assert first.terminate() == 0
+    start_server(db=tmp_path / "smq.db")  # free again once the first one stopped
