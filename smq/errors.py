@@ -137,6 +137,7 @@ class Unavailable(SMQConnectionError):
 
 
 class Unauthenticated(SMQAuthenticationError):
+    """The server refused the caller's credentials: check the client certificate and key."""
     code = "UNAUTHENTICATED"
 
 
@@ -146,6 +147,7 @@ class DeadlineExceeded(SMQTimeoutError):
 
 
 class InvalidArgument(SMQError):
+    """A bad topic name (1 to 249 of A-Z a-z 0-9 . _ -) or another bad argument."""
     code = "INVALID_ARGUMENT"
 
 
@@ -155,13 +157,15 @@ class NotFound(SMQError):
 
 
 class TopicNotFound(NotFound):
+    """The topic does not exist (create it first)."""
+
     def __init__(self, topic: str) -> None:
         super().__init__(f"topic {topic!r} does not exist")
         self.topic = topic
 
 
 class OffsetNotFound(NotFound):
-    pass
+    """The offset is below 1, or its message was deleted (trimmed)."""
 
 
 class TopicEmpty(SMQError):
@@ -189,15 +193,15 @@ class ResourceExhausted(SMQError):
 
 
 class MessageTooLarge(ResourceExhausted):
-    pass
+    """The message is larger than the server's --max-message-size."""
 
 
 class StorageFull(ResourceExhausted):
-    pass
+    """The disk is full or a configured storage quota is reached."""
 
 
 class Overloaded(ResourceExhausted):
-    pass
+    """Too many concurrent calls or streams: retry later."""
 
 
 class InternalError(SMQError):
@@ -206,10 +210,11 @@ class InternalError(SMQError):
 
 
 class StorageFailure(InternalError):
-    pass
+    """The database failed unexpectedly (logged by the server)."""
 
 
 class Cancelled(SMQError):
+    """The call was cancelled before it finished."""
     code = "CANCELLED"
 
 
@@ -219,10 +224,12 @@ class UnknownError(SMQError):
 
 
 class AlreadyExists(SMQError):
+    """Status ALREADY_EXISTS (SMQ does not send it: creating a topic is idempotent)."""
     code = "ALREADY_EXISTS"
 
 
 class Aborted(SMQError):
+    """Status ABORTED (SMQ does not send it)."""
     code = "ABORTED"
 
 
@@ -232,6 +239,7 @@ class Unimplemented(SMQError):
 
 
 class DataLoss(SMQError):
+    """Status DATA_LOSS (SMQ does not send it)."""
     code = "DATA_LOSS"
 
 
