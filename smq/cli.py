@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import itertools
 import json
@@ -163,10 +164,37 @@ class UsageError(Exception):
 def run_command(args: list[str]) -> int:
     """Parse and run a client command; map errors to messages and exit codes."""
     parsed = command_parser().parse_args(args)  # exits 2 on bad usage
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="smq: %(message)s",
-                        force=True)  # the client logs reconnects as warnings
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    with client_warnings_on_stderr():
+        return run_parsed(parsed)
+
+
+@contextlib.contextmanager
+def client_warnings_on_stderr() -> Iterator[None]:
+    """Show the client's warnings (reconnects) as `smq: ...` lines while a command runs."""
+    class Stderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:  # whatever sys.stderr is when the record comes
+                sys.stderr.write(self.format(record) + "\n")
+            except Exception:
+                self.handleError(record)
+
+    handler = Stderr()
+    handler.setFormatter(logging.Formatter("smq: %(message)s"))
+    logger = logging.getLogger("smq.client")
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+
+def run_parsed(parsed: argparse.Namespace) -> int:
     try:
         with connect(parsed) as client:
             return parsed.run(client, parsed, Output(parsed.json))
