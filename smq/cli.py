@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from . import __version__
 from .config import SETTINGS, SETTINGS_BY_FIELD, Config, load
 from .errors import (NotFound, PermissionDenied, SMQAuthenticationError, SMQConnectionError,
-                     SMQError, StartupError)
+                     SMQError, SMQTimeoutError, StartupError)
 
 if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from .client import Client, TopicInfo
@@ -219,6 +219,8 @@ def hint(exc: SMQError, parsed: argparse.Namespace) -> str:
         return "\n(list topics with: smq topic list; create one with: smq topic create NAME)"
     if isinstance(exc, PermissionDenied):
         return "\n(on the server's device, use its socket: smq ... --unix-socket PATH)"
+    if isinstance(exc, SMQTimeoutError):
+        return "\n(wait longer with --timeout SECONDS)"
     if isinstance(exc, SMQConnectionError):
         return ("\n(connect elsewhere with --host/--port or --unix-socket, or set "
                 "SMQ_HOST, PORT, SMQ_UNIX_SOCKET; mTLS: --enable-mtls and the certificate flags)")

@@ -91,6 +91,9 @@ ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType({
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 })
 
+# Iterators reconnect after these: the server went away, or a page read timed out.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
 _HINTS: Mapping[grpc.StatusCode, str] = {
     grpc.StatusCode.PERMISSION_DENIED:
         "write through the server's Unix socket, or start it with --allow-remote-writes=true",
@@ -207,9 +210,12 @@ class Client:
                  channel: grpc.Channel | None = None) -> None:
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, not {retries}")
+        if tls_config is not None and unix_socket:
+            raise ValueError("tls_config cannot be used with unix_socket: the server's "
+                             "socket is plaintext, for callers on the same device")
         self.timeout = timeout
         self.retries = retries
-        self.tls = tls_config is not None and unix_socket is None and channel is None
+        self.tls = tls_config is not None and channel is None
         if channel is not None:
             self.target = "(given channel)"
         elif unix_socket:
@@ -423,15 +429,16 @@ class Client:
     def _consume_at_end(self, topic: str, method: str, which: str, timeout: Timeout) -> Message:
         request_class = getattr(smq_pb2, f"{method}Request")
         op = _Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
-        for attempt in range(3):
+        attempt = 0
+        while True:
             offset = self._call(method, request_class(topic=topic), timeout, op,
                                 idempotent=True).offset
             try:
                 return self._consume(topic, offset, timeout, wrap_all=True)
-            except NotFound:
-                if attempt == 2:  # trimmed again and again under our feet
+            except NotFound:  # trimmed between the two calls: look again, twice at most
+                attempt += 1
+                if attempt > 2:
                     raise
-        raise AssertionError("unreachable")
 
     def bulk_retrieve(self, topic: str, start_offset: int, limit: int,
                       timeout: Timeout = USE_CLIENT_DEFAULT) -> smq_pb2.BulkRetrieveResponse:
@@ -469,8 +476,8 @@ class Client:
         it ends once it has caught up.
 
         It knows its next offset: when the connection is lost or the server restarts,
-        it reconnects (backoff up to 5 s, forever, logged as warnings) and goes on where
-        it was, with no gap and no duplicate. Messages deleted meanwhile are skipped.
+        it reconnects (backoff up to 5 s, forever, logged as warnings; also when a page
+        read times out) and goes on where it was, with no gap and no duplicate. Messages deleted meanwhile are skipped.
         `reconnect=False` raises SMQConnectionError instead; without `follow` it gives up
         after the client's `retries`. Uses only the original SMQ's calls."""
         op = _Op(f"read messages of {topic!r}", SMQConsumeError, topic)
@@ -536,7 +543,7 @@ class Client:
             except grpc.RpcError as exc:
                 if self.closed:
                     return
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or (
+                if exc.code() not in _RESUMABLE or (
                         max_failures is not None and failures >= max_failures):
                     raise self._error(exc, op, None) from exc
                 reason = exc.details() or "unavailable"

@@ -302,6 +302,12 @@ def test_server_shutting_down_and_down(start_server) -> None:
         assert f"server at 127.0.0.1:{server.port} is unavailable" in str(error)
 
 
+def test_tls_is_not_for_the_unix_socket(tmp_path: Path) -> None:
+    tls = smq.ClientTLSConfig("c.crt", "c.key", "ca.crt")
+    with pytest.raises(ValueError, match="plaintext"):
+        Client(unix_socket=str(tmp_path / "s.sock"), tls_config=tls)
+
+
 def test_unreadable_tls_files(tmp_path: Path) -> None:
     tls = smq.ClientTLSConfig(str(tmp_path / "no.crt"), str(tmp_path / "no.key"), str(tmp_path / "ca"))
     error = raised(lambda: Client("localhost", 1, tls_config=tls))
