@@ -14,6 +14,8 @@ Programs written for pysmq run unchanged once `from pysmq.client import Client` 
 classes, which this module re-exports). What differs from pysmq:
 
 - `produce` returns the real offset, `stream_produce` works.
+- pysmq's positional arguments keep their places (`consume(topic, offset, timeout)`);
+  what is new is keyword-only (`Client(..., *, timeout=, retries=, unix_socket=)`).
 - Timeouts: every call gets `timeout=` seconds (the client's default, 10 s, unless
   given; None waits forever). Streams have no deadline.
 - Idempotent calls (connect, offsets, consume, bulk_retrieve, create_topic,
