@@ -1,9 +1,55 @@
 """SMQ: an ultra-light, durable, log-based message queue for small devices.
 
-Run `smq --help` for the server; embed it with `smq.server.Server`.
+Run `smq --help` for the server and the command line; embed the server with
+`smq.server.Server`; talk to one with `smq.Client` (see `smq.client`). Every error is
+an `smq.SMQError` (see `smq.errors`).
+
+The client names are loaded on first use, so that `import smq` (and `smq --help`)
+stays fast and does not load grpc.
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .config import Config
-from .errors import SMQError
+from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
+                     InternalError, InvalidArgument, NotFound, OffsetOutOfRange,
+                     PermissionDenied, ResourceExhausted, SMQAuthenticationError,
+                     SMQConnectionError, SMQConsumeError, SMQError, SMQException,
+                     SMQOffsetError, SMQProduceError, SMQTimeoutError, SMQTopicCreationError,
+                     TopicEmpty, Unauthenticated, Unavailable, Unimplemented, UnknownError)
+
+if TYPE_CHECKING:
+    from .client import Client, ClientTLSConfig, Message, TopicInfo
 
 __version__ = "0.1.0"
-__all__ = ["Config", "SMQError", "__version__"]
+
+_LAZY = {"Client": "client", "ClientTLSConfig": "client", "Message": "client",
+         "TopicInfo": "client"}
+
+__all__ = [
+    "__version__", "Config",
+    # client (smq.client)
+    "Client", "ClientTLSConfig", "Message", "TopicInfo",
+    # errors (smq.errors): the root, pysmq's names, one class per status
+    "SMQError", "SMQException", "SMQConnectionError", "SMQAuthenticationError",
+    "SMQProduceError", "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError",
+    "SMQTimeoutError",
+    "Unavailable", "Unauthenticated", "DeadlineExceeded", "InvalidArgument", "NotFound",
+    "TopicEmpty", "OffsetOutOfRange", "PermissionDenied", "ResourceExhausted",
+    "InternalError", "Cancelled", "UnknownError", "AlreadyExists", "Aborted",
+    "Unimplemented", "DataLoss",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,52 +1,175 @@
-"""One error tree for SMQ. Each error carries the gRPC status name it travels as.
+"""One error tree for SMQ: the server raises it, the client raises it back.
 
-    SMQError
-    ├── InvalidArgument        INVALID_ARGUMENT     bad topic name, bad argument
-    ├── NotFound               NOT_FOUND
-    │   ├── TopicNotFound                           the topic does not exist
-    │   └── OffsetNotFound                          offset below 1 or already deleted
-    ├── TopicEmpty             FAILED_PRECONDITION  no stored message (earliest/latest)
-    ├── OffsetOutOfRange       OUT_OF_RANGE         offset above the latest
-    ├── PermissionDenied       PERMISSION_DENIED    remote writes are disabled
-    ├── ResourceExhausted      RESOURCE_EXHAUSTED
-    │   ├── MessageTooLarge                         above the server's maximum
-    │   ├── StorageFull                             disk full or quota reached
-    │   └── Overloaded                              too many concurrent calls or streams
-    ├── Unavailable            UNAVAILABLE          the server is shutting down
-    ├── StorageFailure         INTERNAL             unexpected storage error (logged)
-    └── StartupError                                the server cannot start (exit code 2)
-        └── ConfigError                             a setting has an invalid value
+    SMQError (alias SMQException)                .code .details .original_error
+    ├── SMQConnectionError                       cannot reach the server, or lost it
+    │   ├── Unavailable            UNAVAILABLE   server down, restarting or shutting down
+    │   └── SMQAuthenticationError               TLS: certificates cannot be read or are refused
+    │       └── Unauthenticated    UNAUTHENTICATED
+    ├── SMQTimeoutError
+    │   └── DeadlineExceeded       DEADLINE_EXCEEDED  no answer within the timeout
+    ├── InvalidArgument            INVALID_ARGUMENT   bad topic name, bad argument
+    ├── NotFound                   NOT_FOUND
+    │   ├── TopicNotFound                        the topic does not exist
+    │   └── OffsetNotFound                       offset below 1 or already deleted
+    ├── TopicEmpty                 FAILED_PRECONDITION  no stored message (earliest/latest)
+    ├── OffsetOutOfRange           OUT_OF_RANGE       offset above the latest
+    ├── PermissionDenied           PERMISSION_DENIED  remote writes are disabled
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED
+    │   ├── MessageTooLarge                      above the server's maximum
+    │   ├── StorageFull                          disk full or quota reached
+    │   └── Overloaded                           too many concurrent calls or streams
+    ├── InternalError              INTERNAL           server-side failure (details in its log)
+    │   └── StorageFailure                       unexpected storage error
+    ├── Cancelled                  CANCELLED          the call was cancelled
+    ├── UnknownError               UNKNOWN            what the original SMQ answers for most failures
+    ├── AlreadyExists              ALREADY_EXISTS     (not sent by SMQ; mapped for completeness)
+    ├── Aborted                    ABORTED            (not sent by SMQ)
+    ├── Unimplemented              UNIMPLEMENTED      the server lacks the RPC (an older SMQ)
+    ├── DataLoss                   DATA_LOSS          (not sent by SMQ)
+    ├── SMQProduceError                          what the client was doing when it failed:
+    ├── SMQConsumeError                          the exception classes of `pysmq` 1.0.8
+    ├── SMQTopicCreationError
+    ├── SMQOffsetError
+    └── StartupError                             the server cannot start (exit code 2)
+        └── ConfigError                          a setting has an invalid value
 
-The server maps `code` to a gRPC status in one place (server.py); storage maps
+Two axes, one tree. The status classes say *what went wrong*; each has the gRPC status
+name it travels as in the class attribute `code` (a str: this module does not import
+grpc). The server maps `code` to a status in one place (server.py), and storage maps
 apsw errors into this tree in one place (storage.py).
+
+`smq.client` maps every gRPC status back to one status class (one-to-one, see
+`smq.client.ERROR_FOR_STATUS`). An error raised by a `Client` method is also an
+instance of the `pysmq` class of the operation (`SMQProduceError` for `produce`,
+`SMQConsumeError` for `consume`, ...), exactly where `pysmq` would raise that class, so
+code written for pysmq keeps working::
+
+    try:
+        client.produce("nope", b"x")
+    except smq.NotFound as exc:              # also an SMQProduceError
+        print(exc.code, exc.details)         # grpc.StatusCode.NOT_FOUND, "topic 'nope' ..."
+
+Connection, timeout and authentication errors are not tied to the operation (pysmq
+raises them the same way for every call), except in `consume_earliest` and
+`consume_latest`, where pysmq turns every error into an `SMQConsumeError`.
+
+On an error raised by the client, `code` is the `grpc.StatusCode` received, `details`
+the server's text and `original_error` the `grpc.RpcError`.
 """
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import grpc
+
 
 class SMQError(Exception):
-    """Base of every SMQ error. `code` is the gRPC status name it is sent as."""
-    code = "UNKNOWN"
+    """Base of every SMQ error.
+
+    `code`: on the class, the gRPC status name it is sent as (str); on an error raised by
+    `smq.client`, the `grpc.StatusCode` received. `details`: the status text the server
+    sent ("" when the error did not come from a server). `original_error`: the exception
+    it was translated from (a `grpc.RpcError` in the client), as in pysmq.
+    """
+    code: str | grpc.StatusCode = "UNKNOWN"
+    details: str = ""
+
+    def __init__(self, message: str = "", original_error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.original_error = original_error
+
+    @classmethod
+    def from_status(cls, message: str, *, code: Any, details: str,
+                    original_error: BaseException | None = None, **fields: Any) -> SMQError:
+        """An instance of `cls` for a status received from a server (used by smq.client).
+        Bypasses subclass constructors: `fields` (e.g. topic=...) become attributes."""
+        exc = cls.__new__(cls)
+        SMQError.__init__(exc, message, original_error)
+        exc.code = code
+        exc.details = details
+        for name, value in fields.items():
+            setattr(exc, name, value)
+        return exc
+
+
+SMQException = SMQError  # the name of pysmq's base class
+
+
+# -- what the client was doing (pysmq's classes) -------------------------------------
+
+class SMQConnectionError(SMQError):
+    """The server cannot be reached, or the connection was lost (pysmq)."""
+
+
+class SMQAuthenticationError(SMQConnectionError):
+    """TLS or authentication failed, e.g. a certificate cannot be read (pysmq)."""
+
+
+class SMQProduceError(SMQError):
+    """Producing failed (pysmq): `produce`, `stream_produce`, `produce_many`."""
+
+
+class SMQConsumeError(SMQError):
+    """Consuming failed (pysmq): `consume*`, `stream_consume`, `bulk_retrieve`,
+    `iter_messages`, `subscribe`."""
+
+
+class SMQTopicCreationError(SMQError):
+    """Creating a topic failed (pysmq)."""
+
+
+class SMQOffsetError(SMQError):
+    """Reading or trimming offsets failed (pysmq): `get_*_offset`, `delete_until_offset`."""
+
+
+class SMQTimeoutError(SMQError):
+    """An operation did not finish within its timeout (pysmq)."""
+
+
+# -- what went wrong: one class per gRPC status ---------------------------------------
+
+class Unavailable(SMQConnectionError):
+    """The server is not reachable, restarting or shutting down. Reads are retried by
+    the client; retry writes once it is back."""
+    code = "UNAVAILABLE"
+
+
+class Unauthenticated(SMQAuthenticationError):
+    """The server refused the caller's credentials: check the client certificate and key."""
+    code = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(SMQTimeoutError):
+    """No answer within the timeout. Pass a larger `timeout=`, or check the server."""
+    code = "DEADLINE_EXCEEDED"
 
 
 class InvalidArgument(SMQError):
+    """A bad topic name (1 to 249 of A-Z a-z 0-9 . _ -) or another bad argument."""
     code = "INVALID_ARGUMENT"
 
 
 class NotFound(SMQError):
+    """The topic does not exist, or the offset is below 1 or already deleted."""
     code = "NOT_FOUND"
 
 
 class TopicNotFound(NotFound):
+    """The topic does not exist (create it first)."""
+
     def __init__(self, topic: str) -> None:
         super().__init__(f"topic {topic!r} does not exist")
         self.topic = topic
 
 
 class OffsetNotFound(NotFound):
-    pass
+    """The offset is below 1, or its message was deleted (trimmed)."""
 
 
 class TopicEmpty(SMQError):
+    """The topic stores no message, so it has no earliest or latest offset."""
     code = "FAILED_PRECONDITION"
 
     def __init__(self, topic: str) -> None:
@@ -55,36 +178,72 @@ class TopicEmpty(SMQError):
 
 
 class OffsetOutOfRange(SMQError):
+    """The offset is above the latest: that message does not exist yet."""
     code = "OUT_OF_RANGE"
 
 
 class PermissionDenied(SMQError):
+    """Remote writes are disabled: write through the server's Unix socket instead."""
     code = "PERMISSION_DENIED"
 
 
 class ResourceExhausted(SMQError):
+    """Message too large, disk full or quota reached, or too many calls or streams."""
     code = "RESOURCE_EXHAUSTED"
 
 
 class MessageTooLarge(ResourceExhausted):
-    pass
+    """The message is larger than the server's --max-message-size."""
 
 
 class StorageFull(ResourceExhausted):
-    pass
+    """The disk is full or a configured storage quota is reached."""
 
 
 class Overloaded(ResourceExhausted):
-    pass
+    """Too many concurrent calls or streams: retry later."""
 
 
-class Unavailable(SMQError):
-    code = "UNAVAILABLE"
-
-
-class StorageFailure(SMQError):
+class InternalError(SMQError):
+    """The server failed unexpectedly; its log has the details."""
     code = "INTERNAL"
 
+
+class StorageFailure(InternalError):
+    """The database failed unexpectedly (logged by the server)."""
+
+
+class Cancelled(SMQError):
+    """The call was cancelled before it finished."""
+    code = "CANCELLED"
+
+
+class UnknownError(SMQError):
+    """Status UNKNOWN: what the original SMQ server answers for most failures."""
+    code = "UNKNOWN"
+
+
+class AlreadyExists(SMQError):
+    """Status ALREADY_EXISTS (SMQ does not send it: creating a topic is idempotent)."""
+    code = "ALREADY_EXISTS"
+
+
+class Aborted(SMQError):
+    """Status ABORTED (SMQ does not send it)."""
+    code = "ABORTED"
+
+
+class Unimplemented(SMQError):
+    """The server does not know this call (e.g. an original SMQ server and a new RPC)."""
+    code = "UNIMPLEMENTED"
+
+
+class DataLoss(SMQError):
+    """Status DATA_LOSS (SMQ does not send it)."""
+    code = "DATA_LOSS"
+
+
+# -- the server side ------------------------------------------------------------------
 
 class StartupError(SMQError):
     """The server refuses to start; `main` prints the message and exits with code 2."""
@@ -98,3 +257,25 @@ class ConfigError(StartupError):
         self.setting = setting
         self.value = value
         self.reason = reason
+
+
+# Raised for every operation the same way (pysmq does too): never combined with an
+# operation class, except where pysmq wraps everything (consume_earliest/latest).
+TRANSPORT_ERRORS = (SMQConnectionError, SMQTimeoutError)
+
+
+@functools.cache
+def with_operation(status_class: type[SMQError], operation_class: type[SMQError]) -> type[SMQError]:
+    """The class of an error that is both `status_class` (what went wrong) and
+    `operation_class` (what was being done), e.g. NotFound and SMQProduceError.
+
+    Created once per pair and named like the status class, so `repr()` shows `NotFound(...)`.
+    """
+    if issubclass(status_class, operation_class):
+        return status_class
+    return type(status_class.__name__, (status_class, operation_class), {
+        "__module__": status_class.__module__,
+        "__qualname__": status_class.__qualname__,
+        "__doc__": f"{status_class.__name__} raised while the client did what "
+                   f"{operation_class.__name__} stands for.",
+    })
