@@ -275,3 +275,12 @@ def _read_env_file(path: str, required: bool) -> dict[str, str | None]:
             return dict(dotenv.dotenv_values(stream=stream))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("--env-file (SMQ_ENV_FILE)", path, f"cannot be read: {exc}") from None
+
+
+def __getattr__(name: str) -> Any:
+    """pysmq kept its client settings in `pysmq.config`; so does SMQ, lazily (they live in
+    smq.client, which loads grpc): `from smq.config import ClientTLSConfig` works."""
+    if name in ("ClientTLSConfig", "ClientConfig", "SMQ_SPECIAL_OFFSET_HEARTBEAT"):
+        from . import client
+        return getattr(client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

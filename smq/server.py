@@ -41,9 +41,7 @@ HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
 ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
 MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
 QUEUED_CALLS_PER_WORKER = 4  # calls that may wait for a thread before RESOURCE_EXHAUSTED
-STATUS_OF = {name: getattr(grpc.StatusCode, name) for name in (
-    "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE", "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "UNAVAILABLE", "INTERNAL", "UNKNOWN")}
+STATUS_OF = {code.name: code for code in grpc.StatusCode}  # an SMQError's `code` -> status
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
