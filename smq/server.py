@@ -24,13 +24,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
-from .errors import SMQError, StartupError
+from .errors import InvalidArgument, SMQError, StartupError
 from .service import PAGE_BYTES, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
@@ -59,12 +60,26 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
 
+class UndecodableRequest:
+    """Stands in for a request that is not valid protobuf (e.g. a topic that is not
+    UTF-8), so that it is answered INVALID_ARGUMENT instead of gRPC's INTERNAL."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def decoded(request: Any) -> Any:
+    if isinstance(request, UndecodableRequest):
+        raise InvalidArgument(f"malformed request: {request.error}")
+    return request
+
+
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
     @functools.wraps(method)
     def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return method(self, request, context)
+            return method(self, decoded(request), context)
         except Exception as exc:
             _abort(context, exc)
     return handler
@@ -75,10 +90,35 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
     @functools.wraps(method)
     def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from method(self, request, context)
+            yield from method(self, decoded(request), context)
         except Exception as exc:
             _abort(context, exc)
     return handler
+
+
+def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue") -> grpc.GenericRpcHandler:
+    """The service's method handlers, as the generated add_*_to_server builds them, but
+    with deserializers that turn a malformed request into an UndecodableRequest."""
+    service = smq_pb2.DESCRIPTOR.services_by_name[service_name]
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler,
+             (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {}
+    for method in service.methods:
+        parse = getattr(smq_pb2, method.input_type.name).FromString
+
+        def deserialize(data: bytes, parse: Callable[[bytes], Any] = parse) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as exc:
+                return UndecodableRequest(exc)
+
+        make = kinds[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=deserialize,
+            response_serializer=getattr(smq_pb2, method.output_type.name).SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def is_local(context: grpc.ServicerContext) -> bool:
@@ -122,7 +162,8 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def StreamProduce(self, request_iterator, context):
         self.service.check_may_write(is_local(context))
         with self.service.stream_slot():
-            last = self.service.produce_stream((r.topic, r.message) for r in request_iterator)
+            last = self.service.produce_stream(
+                (r.topic, r.message) for r in map(decoded, request_iterator))
         return smq_pb2.ProduceResponse(offset=last)
 
     @rpc
@@ -354,8 +395,8 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
 def add_services(server: grpc.Server, config: Config, service: QueueService,
                  health_servicer: health.HealthServicer) -> None:
     """SMQ, health and reflection on one server."""
-    smq_pb2_grpc.add_SuhaibMessageQueueServicer_to_server(
-        Servicer(service, config.heartbeat_interval, config.durability), server)
+    server.add_generic_rpc_handlers(
+        (lenient_handler(Servicer(service, config.heartbeat_interval, config.durability)),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

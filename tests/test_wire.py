@@ -675,3 +675,24 @@ def test_disk_full_is_resource_exhausted(tmp_path):
         assert stored(stub, "t") == acked  # what was acknowledged is intact and readable
     finally:
         server.close()
+
+
+def test_topic_that_is_not_utf8_is_invalid_argument(smq_server):
+    """Raw protobuf bytes with a non-UTF-8 topic (field 1 = b'\\xff\\xfe'): gRPC cannot
+    decode them into a message; the server still answers INVALID_ARGUMENT, not INTERNAL."""
+    channel = smq_server.channel()
+    raw = b"\x0a\x02\xff\xfe"
+    for method in ("GetLatestOffset", "Produce", "CreateTopic"):
+        call = channel.unary_unary(f"/smq.SuhaibMessageQueue/{method}")
+        with pytest.raises(grpc.RpcError) as err:
+            call(raw, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+    stream = channel.stream_unary("/smq.SuhaibMessageQueue/StreamProduce")
+    with pytest.raises(grpc.RpcError) as err:
+        stream(iter([raw]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    consume = channel.unary_stream("/smq.SuhaibMessageQueue/StreamConsume")
+    with pytest.raises(grpc.RpcError) as err:
+        next(iter(consume(raw, timeout=10)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Traceback" not in smq_server.log()
