@@ -95,7 +95,7 @@
                 else if name == "protobuf" && prev ? protobuf7 && satisfies pin prev.protobuf7 then
                   prev.protobuf7
                 else
-                  prev.${name}.overridePythonAttrs (old: {
+                  prev.${name}.overridePythonAttrs (_: {
                     inherit (pin) version;
                     src = final.fetchPypi {
                       pname = pin.sdist;
