@@ -53,8 +53,9 @@ def port_open(port: int) -> bool:
 class Target:
     """Where the server runs: this host, or a chroot. Paths are the server's view."""
 
-    def __init__(self, pex: Path, root: Path | None, work: Path) -> None:
+    def __init__(self, pex: Path, root: Path | None, work: Path, python: str | None = None) -> None:
         self.root = root
+        self.python = [python] if python else []
         if root is None:
             self.data = work / "data"
             self.pex = str(pex.resolve())
@@ -76,18 +77,20 @@ class Target:
         if self.root is None:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PEX_", "SMQ_"))}
             env.update(PEX_ROOT=self.pex_root, PYTHONUNBUFFERED="1")
-            return [self.pex, *args], env
+            return [*self.python, self.pex, *args], env
         return [str(HERE / "in-root"), str(self.root), f"PEX_ROOT={self.pex_root}",
-                "PYTHONUNBUFFERED=1", self.pex, *args], None
+                "PYTHONUNBUFFERED=1", *self.python, self.pex, *args], None
 
 
 class Smoke:
     def __init__(self, args: argparse.Namespace) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="smq-smoke-"))
-        self.target = Target(Path(args.pex), Path(args.root) if args.root else None, self.work)
+        self.target = Target(Path(args.pex), Path(args.root) if args.root else None, self.work,
+                             args.python)
         self.client_pex = args.client_pex
         self.timeout = args.timeout
-        self.report: dict = {"pex": str(args.pex), "root": args.root, "steps": []}
+        self.report: dict = {"pex": str(args.pex), "root": args.root, "python": args.python,
+                             "steps": []}
 
     def step(self, name: str, ok: bool, **details) -> None:
         self.report["steps"].append({"step": name, "ok": ok, **details})
@@ -191,6 +194,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pex")
     parser.add_argument("--root", help="run the server chrooted in this Debian root")
+    parser.add_argument("--python", help="run the PEX as `PYTHON PEX ...` (default: ./PEX, "
+                        "whose /bin/sh boot picks the oldest python3.11-3.13 on PATH)")
     parser.add_argument("--client-pex", help="run the client with this (host) PEX's environment")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per start")
     parser.add_argument("--json", help="write the report here")
