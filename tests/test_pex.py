@@ -104,8 +104,8 @@ def test_pex_is_a_reproducible_sh_boot_venv_zipapp(x86_pex: Path):
     assert stamps == {(1980, 1, 1, 0, 0, 0)}, "timestamps must not depend on the build time"
     assert not [n for n in names if n.endswith(".pyc")], "bytecode makes builds unreproducible"
     assert info["entry_point"] == "smq.cli:main" and info["venv"] is True
-    assert info["interpreter_constraints"] == ["CPython<3.14,>=3.11"]
     dists = info["distributions"]
+    assert not [d for d in dists if d.endswith(".whl") and "-none-any" not in d and "x86_64" not in d]
     for cp in ("cp311", "cp312", "cp313"):
         assert any(d.startswith("grpcio-") and f"-{cp}-" in d and "x86_64" in d for d in dists), cp
         assert any(d.startswith("apsw-") and f"-{cp}-" in d and "x86_64" in d for d in dists), cp
