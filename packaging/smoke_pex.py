@@ -34,6 +34,15 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# --mdwe: run the server behind prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN), the kernel's
+# form of systemd's MemoryDenyWriteExecute=yes (the unit in systemd/ sets it); the rule
+# survives execve, so it covers the /bin/sh boot, pex's venv set-up and the server.
+MDWE_WRAPPER = """
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit("PR_SET_MDWE failed: " + os.strerror(ctypes.get_errno()))
+os.execvp(sys.argv[1], sys.argv[1:])
+"""
 SERVING = re.compile(r"serving on \S*?:(\d+)")
 MESSAGES = 20
 
@@ -53,9 +62,14 @@ def port_open(port: int) -> bool:
 class Target:
     """Where the server runs: this host, or a chroot. Paths are the server's view."""
 
-    def __init__(self, pex: Path, root: Path | None, work: Path, python: str | None = None) -> None:
+    def __init__(self, pex: Path, root: Path | None, work: Path, python: str | None = None,
+                 mdwe: bool = False) -> None:
         self.root = root
         self.python = [python] if python else []
+        if mdwe:
+            if root is not None:
+                raise SystemExit("--mdwe is for runs on this host")
+            self.python = [sys.executable, "-c", MDWE_WRAPPER, *(self.python or [])]
         if root is None:
             self.data = work / "data"
             self.pex = str(pex.resolve())
@@ -86,10 +100,11 @@ class Smoke:
     def __init__(self, args: argparse.Namespace) -> None:
         self.work = Path(tempfile.mkdtemp(prefix="smq-smoke-"))
         self.target = Target(Path(args.pex), Path(args.root) if args.root else None, self.work,
-                             args.python)
+                             args.python, args.mdwe)
         self.client_pex = args.client_pex
         self.timeout = args.timeout
         self.report: dict = {"pex": str(args.pex), "root": args.root, "python": args.python,
+                             "mdwe": args.mdwe,
                              "steps": []}
 
     def step(self, name: str, ok: bool, **details) -> None:
@@ -196,6 +211,8 @@ def main() -> int:
     parser.add_argument("--root", help="run the server chrooted in this Debian root")
     parser.add_argument("--python", help="run the PEX as `PYTHON PEX ...` (default: ./PEX, "
                         "whose /bin/sh boot picks the oldest python3.11-3.13 on PATH)")
+    parser.add_argument("--mdwe", action="store_true",
+                        help="run the server with no writable+executable memory (Linux 6.3+)")
     parser.add_argument("--client-pex", help="run the client with this (host) PEX's environment")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per start")
     parser.add_argument("--json", help="write the report here")
