@@ -184,7 +184,9 @@ def run_parsed(parsed: argparse.Namespace) -> int:
 
 def hint(exc: SMQError, parsed: argparse.Namespace) -> str:
     """What to try next, in terms of this command line."""
-    if isinstance(exc, NotFound):  # only topics can be missing for these commands
+    if isinstance(exc, NotFound) and parsed.command == "consumer":  # a consumer, or a topic
+        return "\n(list consumers with: smq consumer list; topics with: smq topic list)"
+    if isinstance(exc, NotFound):  # the other commands name only topics
         return "\n(list topics with: smq topic list; create one with: smq topic create NAME)"
     if isinstance(exc, PermissionDenied):
         return "\n(on the server's device, use its socket: smq ... --unix-socket PATH)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import itertools
 import json
@@ -17,10 +18,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from .client_types import TopicPolicy  # no grpc there
 from .errors import SMQError
 
 if TYPE_CHECKING:  # grpc is only loaded by commands that need it
-    from .client import Client, TopicInfo
+    from .client import Client
+    from .client_types import ConsumerInfo, TopicInfo
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C stopped an operation (not a --follow)
@@ -91,6 +94,42 @@ def timestamp(unix_seconds: int) -> str:
 def plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    """Rows of cells in aligned columns; the first row is the header."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in rows)
+
+
+def size_text(size: int) -> str:
+    """Bytes the way --max-bytes takes them: 524288 -> 512KiB."""
+    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds the way --max-age takes them: 604800 -> 7d, 90 -> 90s."""
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    return f"{seconds:g}s"
+
+
+def uptime_text(seconds: float) -> str:
+    """3725.2 -> 1h 2m 5s."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole, parts = int(seconds), []
+    for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= factor or parts:
+            parts.append(f"{whole // factor}{unit}")
+            whole %= factor
+    return " ".join(parts)
+
+
 # -- each command: run(client, args, out) -> exit code -----------------------------------
 
 def cmd_ping(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -120,9 +159,7 @@ def cmd_topic_list(client: Client, args: argparse.Namespace, out: Output) -> int
     rows = [("TOPIC", "MESSAGES", "EARLIEST", "LATEST", "BYTES")]
     rows += [(t.name, str(t.message_count), str(t.earliest_offset or "-"),
               str(t.latest_offset or "-"), str(t.stored_bytes)) for t in topics]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(table(rows))
     return EXIT_OK
 
 
@@ -140,6 +177,47 @@ def cmd_topic_delete(client: Client, args: argparse.Namespace, out: Output) -> i
     client.delete_topic(args.name)
     out.emit({"topic": args.name, "deleted": True}, f"deleted topic {args.name!r}")
     return EXIT_OK
+
+
+# Each policy field: its option (without --) and how the table shows a value.
+POLICY_OPTIONS: dict[str, tuple[str, Callable[[Any], str]]] = {
+    "max_messages": ("max-messages", lambda n: str(n) if n else "no limit"),
+    "max_bytes": ("max-bytes", lambda n: size_text(n) if n else "no limit"),
+    "max_age": ("max-age", lambda n: duration_text(n) if n else "forever"),
+    "on_full": ("on-full", str),
+    "keep_uncommitted": ("keep-uncommitted", lambda b: "true" if b else "false"),
+}
+DEFAULT = "default"  # an option's value that removes its override
+
+
+def cmd_topic_policy(client: Client, args: argparse.Namespace, out: Output) -> int:
+    changes = {field: getattr(args, field) for field in POLICY_OPTIONS
+               if getattr(args, field) is not None}
+    if not changes and not args.reset:
+        overrides, effective = client.get_topic_policy(args.name)
+        report_policy(out, args.name, overrides, effective, "")
+        return EXIT_OK
+    # SetTopicPolicy replaces every override: keep the ones not named here (unless --reset).
+    fields = {} if args.reset else dataclasses.asdict(client.get_topic_policy(args.name)[0])
+    fields.update({field: None if value == DEFAULT else value for field, value in changes.items()})
+    overrides = TopicPolicy(**fields)
+    effective = client.set_topic_policy(args.name, **fields)
+    done = "reset" if args.reset and not changes else "set"
+    report_policy(out, args.name, overrides, effective, f"{done} the policy of topic {args.name!r}\n")
+    return EXIT_OK
+
+
+def report_policy(out: Output, topic: str, overrides: TopicPolicy, effective: TopicPolicy,
+                  heading: str) -> None:
+    def text() -> str:
+        rows = [("SETTING", "OVERRIDE", "EFFECTIVE")]
+        for field, (option, show) in POLICY_OPTIONS.items():
+            override = getattr(overrides, field)
+            rows.append((option, "-" if override is None else show(override),
+                         show(getattr(effective, field))))
+        return f"{heading}{table(rows)}\n(-: the server's default)"
+    out.emit({"topic": topic, "overrides": dataclasses.asdict(overrides),
+              "effective": dataclasses.asdict(effective)}, text)
 
 
 def cmd_offsets(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -234,19 +312,98 @@ def report_produced(out: Output, topic: str, ranges: list[range]) -> None:
 
 def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
     info = client.describe_topic(args.topic)  # fails fast: no such topic, server down
-    if args.start == "earliest":
+    if args.start in (None, "earliest"):
         start = 0
     elif args.start == "latest":
         start = info.latest_offset if info.latest_offset is not None else info.next_offset
     else:
         start = int(args.start)
+    # With --consumer, the client starts after the committed offset (at `start` if there
+    # is none) and commits each page once it is printed: at least once, never skipped.
     if args.follow:
-        messages = client.subscribe(args.topic, start)
+        messages = client.subscribe(args.topic, start, consumer=args.consumer)
     else:
-        messages = client.iter_messages(args.topic, start, follow=False)
+        messages = client.iter_messages(args.topic, start, follow=False, consumer=args.consumer)
     if args.limit is not None:
         messages = itertools.islice(messages, args.limit)
-    for payload, offset in messages:
-        out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
-                 lambda: f"{offset}\t{escape(payload)}", flush=args.follow)
+    printed = None
+    try:
+        for payload, offset in messages:
+            out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
+                     lambda: f"{offset}\t{escape(payload)}",
+                     flush=args.follow or args.consumer is not None)
+            printed = offset
+    except KeyboardInterrupt:
+        commit_printed(client, args, printed)
+        raise
+    commit_printed(client, args, printed)
+    return EXIT_OK
+
+
+def commit_printed(client: Client, args: argparse.Namespace, printed: int | None) -> None:
+    """--consumer: commit what was printed where the iterator has not (--limit, Ctrl-C)."""
+    if args.consumer is not None and printed is not None:
+        client.commit_offset(args.consumer, args.topic, printed)
+
+
+# -- durable named consumers --------------------------------------------------------------
+
+def consumer_record(info: ConsumerInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
+
+
+def cmd_consumer_list(client: Client, args: argparse.Namespace, out: Output) -> int:
+    consumers = client.list_consumers(args.topic, consumer=args.name)
+    if out.as_json:
+        for info in consumers:
+            out.emit(consumer_record(info), "")
+        return EXIT_OK
+    if not consumers:
+        where = "".join(f" {what} {value!r}" for what, value in
+                        (("named", args.name), ("on topic", args.topic)) if value)
+        print(f"no consumers{where} (a consumer appears once it commits: "
+              "smq consumer commit NAME TOPIC OFFSET, or smq consume TOPIC --consumer NAME)")
+        return EXIT_OK
+    rows = [("CONSUMER", "TOPIC", "COMMITTED", "LAG", "UPDATED")]
+    rows += [(c.consumer, c.topic, str(c.committed_offset), str(c.lag), timestamp(c.updated_at))
+             for c in consumers]
+    print(table(rows))
+    return EXIT_OK
+
+
+def cmd_consumer_commit(client: Client, args: argparse.Namespace, out: Output) -> int:
+    client.commit_offset(args.name, args.topic, args.offset)
+    out.emit({"consumer": args.name, "topic": args.topic, "committed_offset": args.offset},
+             f"consumer {args.name!r} committed offset {args.offset} of {args.topic!r}; "
+             f"it resumes at {args.offset + 1}")
+    return EXIT_OK
+
+
+def cmd_consumer_get(client: Client, args: argparse.Namespace, out: Output) -> int:
+    offset = client.committed_offset(args.name, args.topic)
+    out.emit({"consumer": args.name, "topic": args.topic, "committed_offset": offset},
+             lambda: fields_text([("consumer", args.name), ("topic", args.topic),
+                                  ("committed", offset), ("resumes at", offset + 1)]))
+    return EXIT_OK
+
+
+def cmd_consumer_delete(client: Client, args: argparse.Namespace, out: Output) -> int:
+    client.delete_consumer(args.name, args.topic)
+    where = f"on topic {args.topic!r}" if args.topic else "on every topic"
+    out.emit({"consumer": args.name, "topic": args.topic, "deleted": True},
+             f"deleted consumer {args.name!r} {where}")
+    return EXIT_OK
+
+
+# -- the server ---------------------------------------------------------------------------
+
+def cmd_info(client: Client, args: argparse.Namespace, out: Output) -> int:
+    info = client.server_info()
+    out.emit({"target": client.target, **dataclasses.asdict(info)}, lambda: fields_text([
+        ("server", client.target), ("version", info.version), ("durability", info.durability),
+        ("max message size", size_text(info.max_message_size)),
+        ("uptime", uptime_text(info.uptime)), ("topics", info.topics),
+        ("stored messages", info.stored_messages), ("stored bytes", info.stored_bytes),
+        ("commits", info.commits), ("committed writes", info.committed_writes),
+        ("committed messages", info.committed_messages)]))
     return EXIT_OK
