@@ -5,7 +5,7 @@ Run `smq --help` for the server and the command line; embed the server with
 an `smq.SMQError` (see `smq.errors`).
 
 The client names are loaded on first use, so that `import smq` (and `smq --help`)
-stays fast and does not load grpc.
+stays fast and does not load grpc (only `Client` does).
 """
 from __future__ import annotations
 
@@ -21,17 +21,21 @@ from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceed
                      TopicEmpty, Unauthenticated, Unavailable, Unimplemented, UnknownError)
 
 if TYPE_CHECKING:
-    from .client import Client, ClientTLSConfig, Message, TopicInfo
+    from .client import Client
+    from .client_types import (ClientTLSConfig, ConsumerInfo, Message, ServerInfo, TopicInfo,
+                               TopicPolicy)
 
 __version__ = "0.1.0"
 
-_LAZY = {"Client": "client", "ClientTLSConfig": "client", "Message": "client",
-         "TopicInfo": "client"}
+_LAZY = {"Client": "client", "ClientTLSConfig": "client_types", "Message": "client_types",
+         "TopicInfo": "client_types", "TopicPolicy": "client_types",
+         "ConsumerInfo": "client_types", "ServerInfo": "client_types"}
 
 __all__ = [
     "__version__", "Config",
     # client (smq.client)
-    "Client", "ClientTLSConfig", "Message", "TopicInfo",
+    "Client", "ClientTLSConfig", "Message", "TopicInfo", "TopicPolicy", "ConsumerInfo",
+    "ServerInfo",
     # errors (smq.errors): the root, pysmq's names, one class per status
     "SMQError", "SMQException", "SMQConnectionError", "SMQAuthenticationError",
     "SMQProduceError", "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError",

@@ -19,12 +19,19 @@ classes, which this module re-exports). What differs from pysmq:
 - Timeouts: every call gets `timeout=` seconds (the client's default, 10 s, unless
   given; None waits forever). Streams have no deadline.
 - Idempotent calls (connect, offsets, consume, bulk_retrieve, create_topic,
-  delete_until_offset, topic listing) are retried with exponential backoff while the
-  server is UNAVAILABLE, within their timeout. Produce calls are never retried.
+  delete_until_offset, listings, policies, commit_offset) are retried with exponential
+  backoff while the server is UNAVAILABLE, within their timeout. Produce calls and
+  deletions of topics and consumers are never retried.
 - Errors are typed by status code (see `smq.errors`): `.code` is the grpc.StatusCode,
   `.details` the server's text, and the message says what to do.
 - `iter_messages` and `subscribe` follow a topic across server restarts, without gaps
   or duplicates; `produce_many` sends batches. `unix_socket=` connects locally.
+- This SMQ's own calls: per-topic retention (`get_topic_policy`, `set_topic_policy`),
+  durable named consumers (`commit_offset`, `committed_offset`, `list_consumers`,
+  `delete_consumer`, and `consumer=` on `iter_messages`/`subscribe`), `server_info`.
+
+The value types live in `smq.client_types`, the channel and the status -> error table
+in `smq.client_transport`; import them all from here.
 
 A Client is thread-safe: one per process is enough. `close()` (or leaving the `with`
 block) releases the connection and ends running iterators; a closed client refuses reuse.
@@ -32,158 +39,43 @@ block) releases the connection and ends running iterators; a closed client refus
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from types import MappingProxyType
-from typing import Any, Final, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 import grpc
 
 from ._proto import smq_pb2, smq_pb2_grpc
-from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
-                     InternalError, InvalidArgument, NotFound, OffsetOutOfRange,
-                     PermissionDenied, ResourceExhausted, SMQAuthenticationError,
-                     SMQConnectionError, SMQConsumeError, SMQError, SMQException,
-                     SMQOffsetError, SMQProduceError, SMQTimeoutError, SMQTopicCreationError,
-                     TopicEmpty, TRANSPORT_ERRORS, Unauthenticated, Unavailable, Unimplemented,
-                     UnknownError, with_operation)
+from .client_transport import ERROR_FOR_STATUS, RESUMABLE, Op, error_for, open_channel
+from .client_types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_HOST,
+                           DEFAULT_MAX_MESSAGE_SIZE_MB, DEFAULT_PAGE_SIZE, DEFAULT_PORT,
+                           DEFAULT_RETRIES, DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT,
+                           USE_CLIENT_DEFAULT, ClientConfig, ClientTLSConfig, ConsumerInfo,
+                           Message, Payload, ServerInfo, Timeout, TopicInfo, TopicPolicy,
+                           _UseClientDefault, as_bytes, batches, whole_seconds)
+from .errors import (NotFound, SMQAuthenticationError, SMQConnectionError, SMQConsumeError,
+                     SMQError, SMQException, SMQOffsetError, SMQProduceError, SMQTimeoutError,
+                     SMQTopicCreationError)
 
 __all__ = [
-    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "USE_CLIENT_DEFAULT",
-    "ERROR_FOR_STATUS", "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
+    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
+    "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "ERROR_FOR_STATUS",
+    "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
     "SMQException", "SMQConnectionError", "SMQAuthenticationError", "SMQProduceError",
     "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError", "SMQTimeoutError",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HOST: Final = "localhost"
-DEFAULT_PORT: Final = 8097
-DEFAULT_TIMEOUT: Final = 10.0      # seconds, for every unary call
-DEFAULT_RETRIES: Final = 6         # extra attempts of idempotent calls on UNAVAILABLE
-DEFAULT_MAX_MESSAGE_SIZE_MB: Final = 1024  # pysmq's default, both directions
-DEFAULT_PAGE_SIZE: Final = 1000    # messages per BulkRetrieve / Subscribe page
-DEFAULT_BATCH_SIZE: Final = 1000   # messages per ProduceBatch request
-DEFAULT_BATCH_BYTES: Final = 3 * 1024**2  # payload bytes per ProduceBatch request
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds; doubled per attempt, with jitter
-RECONNECT_BACKOFF_MAX = 5.0        # iterators that reconnect forever wait at most this
-SMQ_SPECIAL_OFFSET_HEARTBEAT: Final = -1  # offset of StreamConsume heartbeats (pysmq's name)
-_MESSAGE_OVERHEAD = 8              # protobuf framing per message in a batch, at most
-
-#: Every gRPC status an SMQ call can end with, and the error class it raises (one-to-one).
-ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType({
-    grpc.StatusCode.CANCELLED: Cancelled,
-    grpc.StatusCode.UNKNOWN: UnknownError,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
-    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
-    grpc.StatusCode.FAILED_PRECONDITION: TopicEmpty,
-    grpc.StatusCode.ABORTED: Aborted,
-    grpc.StatusCode.OUT_OF_RANGE: OffsetOutOfRange,
-    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
-    grpc.StatusCode.INTERNAL: InternalError,
-    grpc.StatusCode.UNAVAILABLE: Unavailable,
-    grpc.StatusCode.DATA_LOSS: DataLoss,
-    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
-})
-
-# Iterators reconnect after these: the server went away, or a page read timed out.
-_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-_HINTS: Mapping[grpc.StatusCode, str] = {
-    grpc.StatusCode.PERMISSION_DENIED:
-        "write through the server's Unix socket, or start it with --allow-remote-writes=true",
-    grpc.StatusCode.UNAUTHENTICATED: "check the client certificate and key",
-    grpc.StatusCode.INTERNAL: "the server log has the details",
-}
-
-
-class _UseClientDefault:
-    def __repr__(self) -> str:
-        return "USE_CLIENT_DEFAULT"
-
-
-#: The default of every `timeout=` argument: use the Client's `timeout`.
-USE_CLIENT_DEFAULT: Final = _UseClientDefault()
-Timeout = float | None | _UseClientDefault
-
-
-@dataclasses.dataclass(frozen=True)
-class ClientTLSConfig:
-    """Files for mutual TLS, all PEM: the client's certificate and private key, and
-    the CA that signed the server's certificate (pysmq's class, same fields)."""
-    cert_file: str
-    key_file: str
-    ca_file: str
-
-
-class ClientConfig:
-    """pysmq's defaults, kept for programs that import them. Changing them has no
-    effect (as in pysmq): pass `timeout=` to `Client` instead."""
-    DEFAULT_TIMEOUT = DEFAULT_TIMEOUT
-    DEFAULT_TOPIC_TIMEOUT = DEFAULT_TIMEOUT
-    DEFAULT_DELETE_TIMEOUT = DEFAULT_TIMEOUT
-    DEFAULT_MAX_MESSAGE_SIZE_MB = DEFAULT_MAX_MESSAGE_SIZE_MB
-
-
-class Message(NamedTuple):
-    """A stored message. A tuple, so `payload, offset = message` works as in pysmq."""
-    payload: bytes
-    offset: int
-
-
-@dataclasses.dataclass(frozen=True)
-class TopicInfo:
-    """What the server knows of a topic. Offsets are None while it stores no message."""
-    name: str
-    earliest_offset: int | None
-    latest_offset: int | None
-    message_count: int
-    stored_bytes: int       # sum of payload sizes
-    next_offset: int        # the offset the next message will get
-    created_at: int         # unix seconds
-
-    @classmethod
-    def from_proto(cls, info: smq_pb2.TopicInfo) -> TopicInfo:
-        empty = info.message_count == 0
-        return cls(name=info.name,
-                   earliest_offset=None if empty else info.earliest_offset,
-                   latest_offset=None if empty else info.latest_offset,
-                   message_count=info.message_count, stored_bytes=info.stored_bytes,
-                   next_offset=info.next_offset, created_at=info.created_at)
-
-
-Payload = bytes | bytearray | memoryview | str
-
-
-def _as_bytes(payload: Payload) -> bytes:
-    """Messages are bytes; a str is sent as UTF-8."""
-    if isinstance(payload, str):
-        return payload.encode("utf-8")
-    if isinstance(payload, (bytes, bytearray, memoryview)):
-        return bytes(payload)
-    raise TypeError(f"a message must be bytes or str, not {type(payload).__name__}")
+RECONNECT_BACKOFF_MAX: Final = 5.0  # iterators that reconnect forever wait at most this
 
 
 def _backoff(attempt: int, cap: float = BACKOFF_MAX) -> float:
     """Seconds to wait before retry number `attempt` (0-based): doubling, with jitter."""
     return min(cap, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Op:
-    """What a call does, for error messages and classes: `action` completes
-    "could not ...", `error_class` is the pysmq class for errors of this operation."""
-    action: str
-    error_class: type[SMQError] | None
-    topic: str | None = None
-    wrap_all: bool = False  # pysmq's consume_earliest/latest wrap even connection errors
 
 
 class Client:
@@ -226,41 +118,11 @@ class Client:
             self.target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") \
                 else f"{host}:{port}"
         if channel is None:
-            channel = self._open_channel(tls_config, server_hostname, max_send_message_size_mb,
-                                         max_receive_message_size_mb)
+            channel = open_channel(self.target, tls_config, server_hostname=server_hostname,
+                                   max_send_mb=max_send_message_size_mb,
+                                   max_receive_mb=max_receive_message_size_mb)
         self._channel: grpc.Channel | None = channel
         self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
-
-    def _open_channel(self, tls: ClientTLSConfig | None, server_hostname: str | None,
-                      max_send_mb: int, max_receive_mb: int) -> grpc.Channel:
-        options: list[tuple[str, Any]] = [
-            ("grpc.max_send_message_length", _size_option(max_send_mb)),
-            ("grpc.max_receive_message_length", _size_option(max_receive_mb)),
-            # Notice a dead connection under an idle stream (the server allows pings
-            # this far apart), and come back quickly after a server restart.
-            ("grpc.keepalive_time_ms", 300_000),
-            ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 2_000),
-        ]
-        if not self.tls or tls is None:
-            return grpc.insecure_channel(self.target, options=options)
-        files = {}
-        for field, what in (("cert_file", "client certificate"), ("key_file", "client key"),
-                            ("ca_file", "CA certificate")):
-            path = getattr(tls, field)
-            try:
-                with open(path, "rb") as stream:
-                    files[field] = stream.read()
-            except OSError as exc:
-                raise SMQAuthenticationError(
-                    f"cannot read the {what} {path!r} ({field}): {exc.strerror or exc}", exc) from exc
-        if server_hostname:
-            options.append(("grpc.ssl_target_name_override", server_hostname))
-        credentials = grpc.ssl_channel_credentials(
-            root_certificates=files["ca_file"], private_key=files["key_file"],
-            certificate_chain=files["cert_file"])
-        return grpc.secure_channel(self.target, credentials, options=options)
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -289,13 +151,20 @@ class Client:
 
         Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
         self._call("Connect", smq_pb2.ConnectRequest(), timeout,
-                   _Op(f"connect to {self.target}", SMQConnectionError), idempotent=True)
+                   Op(f"connect to {self.target}", SMQConnectionError), idempotent=True)
 
     def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Like `connect`, and return the round trip time in seconds."""
         started = time.perf_counter()
         self.connect(timeout)
         return time.perf_counter() - started
+
+    def server_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
+        """The server's version, durability, maximum message size, uptime, commit
+        counters and storage totals (not in the original SMQ: Unimplemented there)."""
+        response = self._call("GetServerInfo", smq_pb2.GetServerInfoRequest(), timeout,
+                              Op("get the server's info", None), idempotent=True)
+        return ServerInfo.from_proto(response)
 
     # -- topics ---------------------------------------------------------------------
 
@@ -304,38 +173,67 @@ class Client:
 
         Raises SMQTopicCreationError: InvalidArgument (bad name), PermissionDenied."""
         self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
-                   _Op(f"create topic {topic!r}", SMQTopicCreationError, topic), idempotent=True)
+                   Op(f"create topic {topic!r}", SMQTopicCreationError, topic), idempotent=True)
 
     def list_topics(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[TopicInfo]:
         """Every topic, by name."""
         response = self._call("ListTopics", smq_pb2.ListTopicsRequest(), timeout,
-                              _Op("list topics", None), idempotent=True)
+                              Op("list topics", None), idempotent=True)
         return [TopicInfo.from_proto(t) for t in response.topics]
 
     def describe_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicInfo:
         """Offsets, size and counters of one topic. Raises NotFound."""
         response = self._call("DescribeTopic", smq_pb2.DescribeTopicRequest(topic=topic), timeout,
-                              _Op(f"describe topic {topic!r}", None, topic), idempotent=True)
+                              Op(f"describe topic {topic!r}", None, topic), idempotent=True)
         return TopicInfo.from_proto(response.topic)
 
     def delete_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Delete a topic and all its messages. Re-creating it continues its offsets.
         Raises NotFound, PermissionDenied (remote writes disabled)."""
         self._call("DeleteTopic", smq_pb2.DeleteTopicRequest(topic=topic), timeout,
-                   _Op(f"delete topic {topic!r}", None, topic))
+                   Op(f"delete topic {topic!r}", None, topic))
+
+    def get_topic_policy(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT
+                         ) -> tuple[TopicPolicy, TopicPolicy]:
+        """The topic's retention and disk-full policy, as (overrides, effective): what the
+        topic sets itself (None: the server's default), and what applies. Raises NotFound."""
+        response = self._call("GetTopicPolicy", smq_pb2.GetTopicPolicyRequest(topic=topic),
+                              timeout, Op(f"get the policy of topic {topic!r}", None, topic),
+                              idempotent=True)
+        return TopicPolicy.from_proto(response.overrides), TopicPolicy.from_proto(response.effective)
+
+    def set_topic_policy(self, topic: str, *, max_messages: int | None = None,
+                         max_bytes: int | None = None, max_age: float | None = None,
+                         on_full: str | None = None, keep_uncommitted: bool | None = None,
+                         timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicPolicy:
+        """Set the topic's policy overrides (see `TopicPolicy`) and return the effective policy.
+
+        This REPLACES the overrides: a field not given goes back to the server's default.
+        To change one field, pass the others from `get_topic_policy(topic)[0]` too
+        (`dataclasses.asdict(overrides) | {"max_age": 3600}`). Limits: 0 is no limit;
+        `max_age` in whole seconds; `on_full` "reject" or "drop-oldest". Applies from the
+        next commit on. Raises NotFound, InvalidArgument, PermissionDenied (remote writes
+        disabled)."""
+        policy = TopicPolicy(max_messages, max_bytes, whole_seconds(max_age, "max_age"),
+                             on_full, keep_uncommitted)
+        request = smq_pb2.SetTopicPolicyRequest(
+            topic=topic, policy=smq_pb2.TopicPolicy(**policy.to_proto_fields()))
+        response = self._call("SetTopicPolicy", request, timeout,  # replaces: safe to retry
+                              Op(f"set the policy of topic {topic!r}", None, topic), idempotent=True)
+        return TopicPolicy.from_proto(response.effective)
 
     # -- offsets ----------------------------------------------------------------------
 
     def get_earliest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The lowest offset still stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
         return self._call("GetEarliestOffset", smq_pb2.GetEarliestOffsetRequest(topic=topic),
-                          timeout, _Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
+                          timeout, Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
                           idempotent=True).offset
 
     def get_latest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The highest offset stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
         return self._call("GetLatestOffset", smq_pb2.GetLatestOffsetRequest(topic=topic),
-                          timeout, _Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
+                          timeout, Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
                           idempotent=True).offset
 
     def delete_until_offset(self, topic: str, offset: int,
@@ -343,7 +241,7 @@ class Client:
         """Delete every message with offset <= `offset` (idempotent; offsets are never
         reused). Raises SMQOffsetError: NotFound, PermissionDenied."""
         self._call("DeleteUntilOffset", smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
-                   timeout, _Op(f"delete messages of {topic!r} up to offset {offset}",
+                   timeout, Op(f"delete messages of {topic!r} up to offset {offset}",
                                 SMQOffsetError, topic), idempotent=True)
 
     # -- producing ----------------------------------------------------------------------
@@ -352,9 +250,9 @@ class Client:
         """Append one message (bytes, or str sent as UTF-8); returns its offset once it
         is committed. Not retried. Raises SMQProduceError: NotFound, InvalidArgument,
         PermissionDenied, ResourceExhausted (too large, disk full, overloaded)."""
-        request = smq_pb2.ProduceRequest(topic=topic, message=_as_bytes(message))
+        request = smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
         return self._call("Produce", request, timeout,
-                          _Op(f"produce to {topic!r}", SMQProduceError, topic)).offset
+                          Op(f"produce to {topic!r}", SMQProduceError, topic)).offset
 
     def stream_produce(self, topic: str, messages: Iterable[Payload], *,
                        timeout: float | None = None) -> int:
@@ -368,13 +266,13 @@ class Client:
         def requests() -> Iterator[smq_pb2.ProduceRequest]:
             try:
                 for message in messages:
-                    yield smq_pb2.ProduceRequest(topic=topic, message=_as_bytes(message))
+                    yield smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
             except Exception as exc:  # end the stream cleanly, re-raise below
                 failure.append(exc)
 
         try:
             offset = self._call("StreamProduce", requests(), timeout,
-                                _Op(f"stream-produce to {topic!r}", SMQProduceError, topic)).offset
+                                Op(f"stream-produce to {topic!r}", SMQProduceError, topic)).offset
         finally:
             if failure:
                 raise failure[0]
@@ -396,13 +294,13 @@ class Client:
             raise ValueError("batch_size and max_batch_bytes must be at least 1")
         ranges: list[range] = []
         appended = 0
-        for batch in _batches(messages, batch_size, max_batch_bytes):
+        for batch in batches(messages, batch_size, max_batch_bytes):
             action = f"produce a batch of {len(batch)} messages to {topic!r}"
             if appended:
                 action += f" (the {appended} messages before it were appended)"
             response = self._call("ProduceBatch",
                                   smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
-                                  timeout, _Op(action, SMQProduceError, topic))
+                                  timeout, Op(action, SMQProduceError, topic))
             ranges.append(range(response.first_offset, response.last_offset + 1))
             appended += len(batch)
         return ranges
@@ -416,7 +314,7 @@ class Client:
 
     def _consume(self, topic: str, offset: int, timeout: Timeout, wrap_all: bool) -> Message:
         response = self._call("Consume", smq_pb2.ConsumeRequest(topic=topic, offset=offset), timeout,
-                              _Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic,
+                              Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic,
                                   wrap_all), idempotent=True)
         return Message(response.message, response.offset)
 
@@ -430,7 +328,7 @@ class Client:
 
     def _consume_at_end(self, topic: str, method: str, which: str, timeout: Timeout) -> Message:
         request_class = getattr(smq_pb2, f"{method}Request")
-        op = _Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
+        op = Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
         attempt = 0
         while True:
             offset = self._call(method, request_class(topic=topic), timeout, op,
@@ -450,14 +348,14 @@ class Client:
         Pages are also capped by the server. Raises SMQConsumeError."""
         request = smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=start_offset, limit=limit)
         return self._call("BulkRetrieve", request, timeout,
-                          _Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
+                          Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
                           idempotent=True)
 
     def stream_consume(self, topic: str, start_offset: int) -> Iterator[Message]:
         """Every message from `start_offset` (or the earliest), then each new one as it
         is committed; never ends by itself. Heartbeats are skipped. As in pysmq, a lost
         connection raises SMQConnectionError: `iter_messages` resumes instead."""
-        op = _Op(f"stream messages of {topic!r}", SMQConsumeError, topic)
+        op = Op(f"stream messages of {topic!r}", SMQConsumeError, topic)
         try:
             with self._stream("StreamConsume",
                               smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)) as call:
@@ -471,7 +369,8 @@ class Client:
 
     def iter_messages(self, topic: str, from_offset: int = 0, *, follow: bool = True,
                       page_size: int = DEFAULT_PAGE_SIZE, reconnect: bool = True,
-                      timeout: Timeout = USE_CLIENT_DEFAULT) -> Iterator[Message]:
+                      timeout: Timeout = USE_CLIENT_DEFAULT,
+                      consumer: str | None = None) -> Iterator[Message]:
         """Every message from `from_offset` (0, or anything below the earliest, means the
         earliest), as (payload, offset): the stored ones in pages (BulkRetrieve), then,
         with `follow`, each new one as it is committed (StreamConsume). Without `follow`
@@ -481,8 +380,16 @@ class Client:
         it reconnects (backoff up to 5 s, forever, logged as warnings; also when a page
         read times out) and goes on where it was, with no gap and no duplicate. Messages deleted meanwhile are skipped.
         `reconnect=False` raises SMQConnectionError instead; without `follow` it gives up
-        after the client's `retries`. Uses only the original SMQ's calls."""
-        op = _Op(f"read messages of {topic!r}", SMQConsumeError, topic)
+        after the client's `retries`. Uses only the original SMQ's calls (but see `consumer`).
+
+        `consumer`: a durable named consumer. It starts after the consumer's committed
+        offset (at `from_offset` if it has none) and commits as it goes: the last offset
+        of each page once the loop asks for the next message, so what is committed has
+        been handled (at least once: after a crash, the rest of a page comes again).
+        Followed messages come one per page here; `subscribe` commits fewer, larger pages.
+        A loop that stops early leaves its current page uncommitted: call
+        `commit_offset` with the last offset it handled."""
+        op = Op(f"read messages of {topic!r}", SMQConsumeError, topic)
 
         def pages(cursor: int) -> Iterator[list[Message]]:
             while True:
@@ -504,15 +411,18 @@ class Client:
                         yield [Message(response.message, response.offset)]
 
         limit = None if follow and reconnect else (self.retries if reconnect else 0)
-        return self._resuming(pages, max(from_offset, 0), op, limit, follow)
+        return self._resuming(pages, max(from_offset, 0), op, limit, follow,
+                              consumer, topic, self._timeout_of(timeout))
 
     def subscribe(self, topic: str, from_offset: int = 0, *, page_size: int = 0,
-                  reconnect: bool = True) -> Iterator[Message]:
+                  reconnect: bool = True, consumer: str | None = None) -> Iterator[Message]:
         """Like `iter_messages(topic, from_offset)`, over the paged Subscribe stream of
         this SMQ (not in the original): the fastest way to read a topic and follow it.
         Yields each message as (payload, offset); pages are up to `page_size` messages
-        (0: the server's maximum). Resumes after a reconnect like `iter_messages`."""
-        op = _Op(f"subscribe to {topic!r}", SMQConsumeError, topic)
+        (0: the server's maximum). Resumes after a reconnect like `iter_messages`, and
+        with `consumer=NAME` starts after its committed offset and commits each page
+        (the server sends what one commit appended as one page) as `iter_messages` does."""
+        op = Op(f"subscribe to {topic!r}", SMQConsumeError, topic)
 
         def pages(cursor: int) -> Iterator[list[Message]]:
             request = smq_pb2.SubscribeRequest(topic=topic, offset=cursor, max_messages=page_size)
@@ -520,17 +430,76 @@ class Client:
                 for response in call:
                     yield [Message(m.message, m.offset) for m in response.messages]
 
-        return self._resuming(pages, max(from_offset, 0), op, None if reconnect else 0, True)
+        return self._resuming(pages, max(from_offset, 0), op, None if reconnect else 0, True,
+                              consumer, topic, self.timeout)
+
+    # -- durable named consumers ------------------------------------------------------------
+
+    def commit_offset(self, consumer: str, topic: str, offset: int, *,
+                      timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Record, in the server's database, that `consumer` has processed `topic` up to
+        and including `offset`; it resumes at `offset + 1` (commit 0 to start from the
+        beginning). Committing is allowed even where remote writes are disabled.
+        Raises NotFound (no topic), OffsetOutOfRange (above the latest), InvalidArgument
+        (bad consumer name: as for topics)."""
+        request = smq_pb2.CommitOffsetRequest(consumer=consumer, topic=topic, offset=offset)
+        self._call("CommitOffset", request, timeout,
+                   Op(f"commit offset {offset} of {topic!r} for consumer {consumer!r}", None, topic),
+                   idempotent=True)
+
+    def committed_offset(self, consumer: str, topic: str, *,
+                         timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """The last offset `consumer` committed on `topic`. Raises NotFound if it has
+        committed none there (or the topic does not exist)."""
+        request = smq_pb2.GetCommittedOffsetRequest(consumer=consumer, topic=topic)
+        return self._call("GetCommittedOffset", request, timeout,
+                          Op(f"get the committed offset of consumer {consumer!r} on {topic!r}",
+                             None, topic), idempotent=True).offset
+
+    def resume_offset(self, consumer: str, topic: str, *,
+                      timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """Where `consumer` goes on reading `topic`: its committed offset + 1, or 0 (the
+        earliest) if it has committed nothing there. Raises NotFound (no topic)."""
+        try:
+            return self.committed_offset(consumer, topic, timeout=timeout) + 1
+        except NotFound:
+            self.describe_topic(topic, timeout=timeout)  # NotFound if the topic is missing
+            return 0
+
+    def list_consumers(self, topic: str | None = None, *, consumer: str | None = None,
+                       timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ConsumerInfo]:
+        """Every committed offset of a named consumer, by consumer: all of them, or only
+        those on `topic` and/or of `consumer` (no match: an empty list)."""
+        request = smq_pb2.ListConsumersRequest(topic=topic or "", consumer=consumer or "")
+        response = self._call("ListConsumers", request, timeout, Op("list consumers", None, topic),
+                              idempotent=True)
+        return [ConsumerInfo.from_proto(c) for c in response.consumers]
+
+    def delete_consumer(self, consumer: str, topic: str | None = None, *,
+                        timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Forget `consumer`'s committed offset on `topic`, or on every topic. Not retried.
+        Raises NotFound if it had none there (or the topic does not exist)."""
+        where = f" on {topic!r}" if topic else ""
+        self._call("DeleteConsumer", smq_pb2.DeleteConsumerRequest(consumer=consumer, topic=topic or ""),
+                   timeout, Op(f"delete consumer {consumer!r}{where}", None, topic))
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _resuming(self, pages: Callable[[int], Iterator[list[Message]]], cursor: int, op: _Op,
-                  max_failures: int | None, follow: bool) -> Iterator[Message]:
+    def _resuming(self, pages: Callable[[int], Iterator[list[Message]]], cursor: int, op: Op,
+                  max_failures: int | None, follow: bool, consumer: str | None = None,
+                  topic: str = "", timeout: float | None = None) -> Iterator[Message]:
         """Yield messages from `pages(cursor)`, reopening it at the next offset after
-        UNAVAILABLE (up to `max_failures` times in a row; None: forever)."""
+        UNAVAILABLE (up to `max_failures` times in a row; None: forever). With a
+        `consumer`: start after its committed offset, and commit at the end of each page
+        (a commit that fails to reach the server is made at the next page instead)."""
         failures = 0
+        committed: int | None = None  # the consumer's offset on the server, once known
         while True:
             try:
+                if consumer is not None and committed is None:
+                    committed = self._committed_or_none(consumer, topic, timeout)
+                    cursor = cursor if committed is None else committed + 1
+                    committed = cursor - 1 if committed is None else committed
                 with contextlib.closing(pages(cursor)) as stream:
                     for page in stream:
                         failures = 0  # the server answered: count failures anew
@@ -539,13 +508,15 @@ class Client:
                                 continue  # already yielded before a reconnect
                             cursor = message.offset + 1
                             yield message
+                        committed = self._commit_page(consumer, topic, committed, cursor, timeout)
                 if not follow:
+                    self._commit_page(consumer, topic, committed, cursor, timeout)
                     return
                 reason = "the server ended the stream"
             except grpc.RpcError as exc:
                 if self.closed:
                     return
-                if exc.code() not in _RESUMABLE or (
+                if exc.code() not in RESUMABLE or (
                         max_failures is not None and failures >= max_failures):
                     raise self._error(exc, op, None) from exc
                 reason = exc.details() or "unavailable"
@@ -556,6 +527,26 @@ class Client:
             time.sleep(delay)
             if self.closed:
                 return
+
+    def _commit_page(self, consumer: str | None, topic: str, committed: int | None, cursor: int,
+                     timeout: float | None) -> int | None:
+        """Commit up to cursor - 1 (the last message yielded) unless it is already; returns
+        what is committed now. Raises grpc.RpcError."""
+        if consumer is None or committed is None or cursor - 1 <= committed or self.closed:
+            return committed
+        self._stub_or_raise().CommitOffset(smq_pb2.CommitOffsetRequest(
+            consumer=consumer, topic=topic, offset=cursor - 1), timeout=timeout)
+        return cursor - 1
+
+    def _committed_or_none(self, consumer: str, topic: str, timeout: float | None) -> int | None:
+        """The consumer's committed offset, None if it has none. Raises grpc.RpcError."""
+        try:
+            return self._stub_or_raise().GetCommittedOffset(smq_pb2.GetCommittedOffsetRequest(
+                consumer=consumer, topic=topic), timeout=timeout).offset
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return None  # no commit, or no topic: then the first page says so
 
     @contextlib.contextmanager
     def _stream(self, method: str, request: Any) -> Iterator[Any]:
@@ -574,7 +565,7 @@ class Client:
     def _timeout_of(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
 
-    def _call(self, method: str, request: Any, timeout: Timeout, op: _Op,
+    def _call(self, method: str, request: Any, timeout: Timeout, op: Op,
               idempotent: bool = False) -> Any:
         """One unary (or client-streaming) call: deadline, retries, error translation."""
         call = getattr(self._stub_or_raise(), method)
@@ -596,53 +587,6 @@ class Client:
                         continue
                 raise self._error(exc, op, budget) from exc
 
-    def _error(self, exc: grpc.RpcError, op: _Op, timeout: float | None) -> SMQError:
-        """The SMQError for a failed call: the status class, combined with the
-        operation's pysmq class where pysmq raises that one."""
-        code = exc.code()
-        details = exc.details() or ""
-        status_class = ERROR_FOR_STATUS.get(code, UnknownError)
-        error_class = status_class
-        if op.error_class is not None and (op.wrap_all or not issubclass(status_class, TRANSPORT_ERRORS)):
-            error_class = with_operation(status_class, op.error_class)
-        if code == grpc.StatusCode.UNAVAILABLE:
-            reason = f"the SMQ server at {self.target} is unavailable ({details}); " \
-                     "check that it is running and reachable there"
-            if self.tls:
-                reason += ", and that the certificates match (client, server name, CA)"
-        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            waited = f" within {timeout:g} s" if timeout is not None else ""
-            reason = f"no answer from {self.target}{waited} ({details}); " \
-                     "pass a larger timeout= or check the server"
-        elif code == grpc.StatusCode.UNIMPLEMENTED:
-            reason = f"the server at {self.target} does not support this call " \
-                     f"({details}); is it an older or the original SMQ?"
-        else:
-            reason = details or code.name
-            if code in _HINTS:
-                reason += f"; {_HINTS[code]}"
-        return error_class.from_status(f"could not {op.action}: {reason}", code=code,
-                                       details=details, original_error=exc, topic=op.topic)
+    def _error(self, exc: grpc.RpcError, op: Op, timeout: float | None) -> SMQError:
+        return error_for(exc, op, target=self.target, tls=self.tls, timeout=timeout)
 
-
-def _size_option(megabytes: int) -> int:
-    """A channel size limit in bytes; -1 (unlimited) beyond what gRPC's int option holds."""
-    size = megabytes * 1024 * 1024
-    return -1 if megabytes < 0 or size >= 2**31 else size
-
-
-def _batches(messages: Iterable[Payload], max_count: int, max_bytes: int) -> Iterator[list[bytes]]:
-    """Group messages into lists of at most max_count messages and max_bytes bytes
-    (counting framing); a message larger than max_bytes forms a batch alone."""
-    batch: list[bytes] = []
-    size = 0
-    for message in messages:
-        payload = _as_bytes(message)
-        cost = len(payload) + _MESSAGE_OVERHEAD
-        if batch and (len(batch) >= max_count or size + cost > max_bytes):
-            yield batch
-            batch, size = [], 0
-        batch.append(payload)
-        size += cost
-    if batch:
-        yield batch

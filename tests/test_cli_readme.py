@@ -41,13 +41,17 @@ def matches(expected: str, actual: str) -> bool:
 def test_python_examples_run(start_server, tmp_path: Path) -> None:
     server = start_server()
     examples = python_examples()
-    assert len(examples) >= 3
+    assert len(examples) >= 5
+    outputs = []
     for example in examples:
         code = example.replace("8097", str(server.port))
         result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(),
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"{example}\n{result.stderr}"
-    assert "read up to 2501" in result.stdout
+        outputs.append(result.stdout)
+    assert "read up to 2501" in outputs[2]
+    assert outputs[3].startswith("uploader is at 2501\nuploader: committed 2501, 0 behind\n")
+    assert outputs[4].startswith("604800 0\nSMQ 0.1.0: 2501 messages, ")
 
 
 def test_session_transcript_replays(start_server, tmp_path: Path) -> None:

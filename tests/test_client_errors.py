@@ -100,7 +100,9 @@ class AbortingServer:
         handlers = {}
         for method in ("Connect", "CreateTopic", "Produce", "Consume", "GetLatestOffset",
                        "GetEarliestOffset", "DeleteUntilOffset", "BulkRetrieve", "ProduceBatch",
-                       "ListTopics", "DescribeTopic", "DeleteTopic"):
+                       "ListTopics", "DescribeTopic", "DeleteTopic", "SetTopicPolicy",
+                       "GetTopicPolicy", "CommitOffset", "GetCommittedOffset", "ListConsumers",
+                       "DeleteConsumer", "GetServerInfo"):
             handlers[method] = grpc.unary_unary_rpc_method_handler(self.abort)
         for method in ("StreamConsume", "Subscribe"):
             handlers[method] = grpc.unary_stream_rpc_method_handler(self.abort_stream)
@@ -147,6 +149,18 @@ OPERATIONS: dict[str, tuple[Call, type[smq.SMQError] | None, bool]] = {
     "list_topics": (lambda c: c.list_topics(), None, False),
     "describe_topic": (lambda c: c.describe_topic("t"), None, False),
     "delete_topic": (lambda c: c.delete_topic("t"), None, False),
+    "get_topic_policy": (lambda c: c.get_topic_policy("t"), None, False),
+    "set_topic_policy": (lambda c: c.set_topic_policy("t", max_messages=1), None, False),
+    "commit_offset": (lambda c: c.commit_offset("c", "t", 1), None, False),
+    "committed_offset": (lambda c: c.committed_offset("c", "t"), None, False),
+    "resume_offset": (lambda c: c.resume_offset("c", "t"), None, False),
+    "list_consumers": (lambda c: c.list_consumers(), None, False),
+    "delete_consumer": (lambda c: c.delete_consumer("c"), None, False),
+    "server_info": (lambda c: c.server_info(), None, False),
+    "iter_messages(consumer=)": (lambda c: next(c.iter_messages("t", reconnect=False, consumer="c")),
+                                 smq.SMQConsumeError, False),
+    "subscribe(consumer=)": (lambda c: next(c.subscribe("t", reconnect=False, consumer="c")),
+                             smq.SMQConsumeError, False),
 }
 
 
@@ -177,7 +191,13 @@ def test_only_idempotent_calls_are_retried_on_unavailable(aborting: AbortingServ
                                      (lambda: client.consume("t", 1), 3),
                                      (lambda: client.create_topic("t"), 3),
                                      (lambda: client.produce("t", b"x"), 1),
-                                     (lambda: client.produce_many("t", [b"x"]), 1)):
+                                     (lambda: client.produce_many("t", [b"x"]), 1),
+                                     (lambda: client.set_topic_policy("t", max_age=60), 3),
+                                     (lambda: client.commit_offset("c", "t", 1), 3),
+                                     (lambda: client.list_consumers(), 3),
+                                     (lambda: client.server_info(), 3),
+                                     (lambda: client.delete_consumer("c", "t"), 1),
+                                     (lambda: client.delete_topic("t"), 1)):
             aborting.calls = 0
             with pytest.raises(smq.Unavailable):
                 call()
