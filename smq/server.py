@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import ssl
 import stat
@@ -251,6 +252,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def DeleteConsumer(self, request, context):
+        self.service.check_may_write(is_local(context))
         self.service.delete_consumer(request.consumer, request.topic)
         return smq_pb2.DeleteConsumerResponse()
 
@@ -434,7 +436,7 @@ class Server:
                 allow_remote_writes=config.allow_remote_writes,
                 topic_defaults=TopicPolicy(
                     config.retention_max_messages, config.retention_max_bytes,
-                    int(config.retention_max_age), config.on_full, keep_uncommitted=False)))
+                    math.ceil(config.retention_max_age), config.on_full, keep_uncommitted=False)))
             self.service = service
             add_services(self._grpc, config, service, self.health)
         except BaseException:

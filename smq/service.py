@@ -116,7 +116,8 @@ class QueueService:
         return topic.policy, topic.policy.over(self.limits.topic_defaults)
 
     def set_policy(self, name: str, policy: TopicPolicy) -> tuple[TopicPolicy, TopicPolicy]:
-        """Replace the topic's overrides; they apply from the next commit on."""
+        """Replace the topic's overrides; they apply from this commit on (a lower limit
+        trims at once)."""
         self._topic(name)
         for field in ("max_messages", "max_bytes", "max_age"):
             value = getattr(policy, field)
@@ -149,6 +150,8 @@ class QueueService:
 
     def consumers(self, topic: str = "", consumer: str = "") -> list[ConsumerState]:
         """Named consumers with their committed offsets and lag, optionally filtered."""
+        if topic:
+            self._topic(topic)
         with self._lock:
             by_id = {t.id: t for t in self._topics.values()}
         found = []
@@ -156,9 +159,8 @@ class QueueService:
             state = by_id.get(topic_id)
             if state is None or (topic and state.name != topic) or (consumer and name != consumer):
                 continue
-            lag = max((state.latest or offset) - offset, 0)
-            found.append(ConsumerState(name, state.name, offset, lag, updated_at))
-        return found
+            found.append(ConsumerState(name, state.name, offset, _lag(state, offset), updated_at))
+        return sorted(found, key=lambda c: (c.consumer, c.topic))
 
     def delete_consumer(self, consumer: str, topic: str = "") -> int:
         """Forget a named consumer on one topic, or on all. NotFound if it had no offset."""
@@ -388,6 +390,13 @@ class Follower:
             if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
                 if not (self.cancelled or service.closing):
                     yield []  # idle: the caller sends a heartbeat
+
+
+def _lag(topic: TopicState, committed: int) -> int:
+    """Stored messages after the committed offset (deleted ones are not owed)."""
+    if topic.earliest is None:
+        return 0
+    return max(topic.next_offset - max(committed + 1, topic.earliest), 0)
 
 
 def check_name(name: str, what: str = "topic name") -> None:

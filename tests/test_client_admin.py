@@ -97,10 +97,12 @@ def test_remote_writes_disabled(start_server, tmp_path: Path) -> None:
             remote.set_topic_policy("t", max_messages=1)
         assert remote.get_topic_policy("t")[0] == TopicPolicy()  # reading is fine
         assert local.set_topic_policy("t", max_messages=1).max_messages == 1
-        # Named consumers may commit and be deleted remotely all the same.
+        # Named consumers may commit remotely all the same; deleting one is a write.
         remote.commit_offset("remote", "t", 2)
         assert remote.committed_offset("remote", "t") == 2
-        remote.delete_consumer("remote")
+        with pytest.raises(smq.PermissionDenied):
+            remote.delete_consumer("remote")
+        local.delete_consumer("remote")
 
 
 # -- durable named consumers -----------------------------------------------------------------------
@@ -123,7 +125,8 @@ def test_commit_get_list_and_delete(client: Client, topic: str) -> None:
     assert [c.consumer for c in client.list_consumers(topic, consumer="fwd")] == ["fwd"]
     assert {(c.consumer, c.topic) for c in client.list_consumers(consumer="fwd")} >= {("fwd", topic)}
     assert client.list_consumers(topic, consumer="nobody") == []
-    assert client.list_consumers("no-such-topic") == []
+    with pytest.raises(smq.NotFound):
+        client.list_consumers("no-such-topic")
 
     client.delete_consumer("fwd", topic)
     with pytest.raises(smq.NotFound):

@@ -86,3 +86,34 @@ def test_retention_keeps_what_a_consumer_has_not_committed(stub):
     # An explicit trim is the user's decision and is not held back.
     stub.DeleteUntilOffset(smq_pb2.DeleteUntilOffsetRequest(topic="t", offset=19))
     assert stub.GetEarliestOffset(smq_pb2.GetEarliestOffsetRequest(topic="t")).offset == 20
+
+
+def test_lag_counts_only_stored_messages(stub):
+    make_topic(stub, "t", 6)
+    commit(stub, "c", "t", 1)
+    stub.DeleteUntilOffset(smq_pb2.DeleteUntilOffsetRequest(topic="t", offset=3))
+    (info,) = stub.ListConsumers(smq_pb2.ListConsumersRequest(topic="t")).consumers
+    assert info.lag == 3  # offsets 4, 5, 6 are stored; 2 and 3 were deleted, not owed
+
+
+def test_listing_consumers_of_a_missing_topic_is_not_found(stub):
+    assert status_of(stub.ListConsumers, smq_pb2.ListConsumersRequest(topic="nope")) == \
+        grpc.StatusCode.NOT_FOUND
+
+
+def test_remote_callers_may_commit_but_not_delete_consumers(start_server, tmp_path):
+    server = start_server("--allow-remote-writes=false", "--unix-socket", str(tmp_path / "s.sock"))
+    make_topic(stub_for(f"unix:{tmp_path / 's.sock'}"), "t", 2)
+    remote = server.stub()
+    commit(remote, "c", "t", 2)
+    assert status_of(remote.DeleteConsumer, smq_pb2.DeleteConsumerRequest(consumer="c")) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert committed(remote, "c", "t") == 2
+
+
+def test_sub_second_default_max_age_is_not_forever(start_server):
+    server = start_server("--retention-max-age", "500ms")
+    stub = server.stub()
+    make_topic(stub, "t")
+    policy = stub.GetTopicPolicy(smq_pb2.GetTopicPolicyRequest(topic="t"))
+    assert policy.effective.max_age_seconds == 1

@@ -260,7 +260,8 @@ class SuhaibMessageQueueServicer:
 
     def CommitOffset(self, request, context):
         """Durable named consumers: a committed offset per (consumer, topic), kept in the
-        database. Allowed to remote callers even with remote writes disabled.
+        database. Committing is allowed to remote callers even with remote writes disabled
+        (read-only consumers keep their place); DeleteConsumer is not.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
