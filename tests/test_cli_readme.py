@@ -1,4 +1,4 @@
-"""docs/README-client.md stays true: its Python examples run, and its shell session
+"""README.md's client and CLI sections stay true: its Python examples run, and its shell session
 replays with the same output against a real server."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import ROOT, clean_env
 
-README = ROOT / "docs" / "README-client.md"
+README = ROOT / "README.md"
 MARKER = "<!-- transcript: tests/test_cli_readme.py replays it -->"
 
 
