@@ -69,8 +69,10 @@ def setup_logging(level: str) -> None:
     # Plain lines on stderr: the journal adds timestamps and the unit name.
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("nats", "grpc", "asyncio"):
+    for noisy in ("nats", "grpc"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # asyncio's ssl transport warns about every TLS connection nats-py closes.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

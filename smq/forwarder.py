@@ -171,7 +171,11 @@ class Forwarder:
     async def _session(self) -> None:
         plan, upstream = self.plan, self.upstream
         self.sessions += 1
+        if self.problem == "starting":
+            self.problem = f"connecting to SMQ at {self.source.target.address}"
         await self.source.ping()
+        if not upstream.connected:
+            self.problem = f"connecting to NATS at {', '.join(upstream.options.servers)}"
         await upstream.connect()
         if not upstream.connected:
             await self._wait_connected()
@@ -184,6 +188,7 @@ class Forwarder:
         upstream.begin_chain(stream.last_seq)
         self.problem = ""
         if not self._ready:
+            await self._refresh_latest(with_committed=True)
             self._ready = True
             log.info("forwarding %s from SMQ at %s to JetStream stream %r at %s as %s",
                      ", ".join(plan.topics), self.source.target.address, plan.stream,
@@ -305,6 +310,9 @@ class Forwarder:
                       self.plan.node, stored)
         elif stored is not None and stored > (committed or 0):
             # Stored upstream, but the commit did not happen (a crash, a lost connection).
+            log.info("JetStream already holds %r up to offset %d (committed: %s): committing it, "
+                     "not sending it again", topic.name, stored,
+                     committed if committed is not None else "none")
             await self._commit(topic, stored)
             committed = stored
         topic.committed = committed
@@ -403,10 +411,12 @@ class Forwarder:
                 log.info("%s", line)
                 next_log = loop.time() + self.plan.log_interval
 
-    async def _refresh_latest(self) -> None:
+    async def _refresh_latest(self, with_committed: bool = False) -> None:
         for topic in self.topics:
             try:
                 offsets = await self.source.offsets(topic.name)
+                if offsets is not None and with_committed:
+                    topic.committed = await self.source.committed(topic.name)
             except SourceError:
                 return  # SMQ is away: keep what we know
             if offsets is not None:

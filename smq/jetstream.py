@@ -21,6 +21,7 @@ message), which is where forwarding resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -150,6 +151,7 @@ class JetStream:
         self._expect_seq: int | None = None
         self._last_id: str | None = None
         self._closing = False
+        self._last_error: str | None = None
 
     # -- connection ---------------------------------------------------------------------
 
@@ -173,11 +175,20 @@ class JetStream:
             kwargs.update(user=options.user, password=options.password)
         if options.token:
             kwargs["token"] = options.token
+        # With unlimited reconnects nats-py also retries the first connection forever:
+        # bound it, and tell why it failed (its error callback saw each attempt fail).
+        nc = self._nats.NATS()
+        self._last_error = None
+        budget = (CONNECT_TIMEOUT + RECONNECT_WAIT) * len(options.servers) + 1
         try:
-            nc = await self._nats.connect(**kwargs)
+            await asyncio.wait_for(nc.connect(**kwargs), budget)
         except Exception as exc:  # nats-py raises many kinds; all mean "not now"
+            with contextlib.suppress(Exception):
+                await nc.close()
+            reason = self._last_error if isinstance(exc, TimeoutError) and self._last_error \
+                else describe(exc)
             raise NotConnected(f"cannot connect to NATS at {', '.join(options.servers)}: "
-                               f"{describe(exc)}") from exc
+                               f"{reason}") from exc
         self._inbox = nc.new_inbox()
         await nc.subscribe(self._inbox + ".*", cb=self._on_reply)
         self._nc = nc
@@ -203,7 +214,8 @@ class JetStream:
                 log.debug("closing the NATS connection: %s", describe(exc))
 
     async def _on_error(self, exc: Exception) -> None:
-        log.debug("NATS: %s", describe(exc))
+        self._last_error = describe(exc)
+        log.debug("NATS: %s", self._last_error)
 
     async def _on_disconnected(self) -> None:
         if self._closing:

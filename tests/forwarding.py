@@ -1,17 +1,23 @@
-"""Real `nats-server` processes for the forwarder's tests: one server or a 3-node
-JetStream cluster, on loopback ports, each with its own store in the test's temp dir.
+"""What the forwarder's tests run: real `nats-server` processes (one server, or a
+3-node JetStream cluster) on loopback ports with stores in the test's temp dir, the
+forwarder as a child process (`python -m smq.forward`), and a reader of a whole stream.
 
 Debian's package installs the binary as /usr/sbin/nats-server (`apt-get install -y
 nats-server`); tests that need it skip with that hint when it is missing.
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 INSTALL_HINT = "nats-server is not installed (CI: apt-get install -y nats-server)"
@@ -153,5 +159,116 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         time.sleep(interval)
 
 
-def environ_without_nats() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
+class ForwarderProcess:
+    """`python -m smq.forward ARGS` with output in a log file."""
+
+    def __init__(self, args: Sequence[str], cwd: Path, env: dict[str, str]) -> None:
+        self.args = list(args)
+        self.log_path = cwd / f"forward-{time.monotonic_ns()}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "smq.forward", *self.args],
+                                         cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, pattern: str, timeout: float = 30.0) -> re.Match:
+        """The first match of `pattern` in the log, waiting for it."""
+        def found():
+            if self.proc.poll() is not None and not re.search(pattern, self.log()):
+                raise AssertionError(f"forwarder exited {self.proc.returncode}:\n{self.log()}")
+            return re.search(pattern, self.log())
+        return wait_for(found, timeout, what=f"{pattern!r} in the forwarder log")
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def forward_env(**extra: str) -> dict[str, str]:
+    """The environment without any SMQ or NATS setting of the developer's."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SMQ_", "NATS_")) and k not in (
+               "PORT", "ENABLE_MTLS", "CLIENT_CERT", "CLIENT_KEY", "CA_CERT",
+               "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredMessage:
+    seq: int
+    subject: str
+    msg_id: str
+    data: bytes
+
+
+def read_stream(urls: Sequence[str], stream: str, **connect: object) -> list[StoredMessage]:
+    """Every message of `stream`, in stream order, read by sequence number (no consumer:
+    that needs the cluster's meta leader, which a test may just have killed)."""
+    import nats
+
+    async def read() -> list[StoredMessage]:
+        nc = await nats.connect(servers=list(urls), connect_timeout=2, **connect)
+        try:
+            js = nc.jetstream(timeout=5)
+            last = await retried(lambda: js.stream_info(stream))
+            last_seq, first_seq = last.state.last_seq, last.state.first_seq
+            found: dict[int, StoredMessage] = {}
+
+            async def get(seq: int) -> None:
+                msg = await retried(lambda: js.get_msg(stream, seq))
+                found[seq] = StoredMessage(seq, msg.subject, (msg.headers or {}).get("Nats-Msg-Id", ""),
+                                          msg.data or b"")
+
+            seqs = list(range(max(first_seq, 1), last_seq + 1)) if last_seq else []
+            for start in range(0, len(seqs), 200):
+                await asyncio.gather(*(get(seq) for seq in seqs[start:start + 200]))
+            return [found[seq] for seq in seqs]
+        finally:
+            await nc.close()
+
+    async def retried(call):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return await call()
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+
+    return asyncio.run(read())
+
+
+def check_exactly_once_in_order(stored: list[StoredMessage], node: str,
+                                expected: dict[str, list[bytes]], prefix: str = "smq") -> None:
+    """The stream holds, per topic, offsets 1..N once each, in order, with the payloads
+    SMQ stored (expected[topic][offset - 1]), and nothing else."""
+    by_topic: dict[str, list[StoredMessage]] = {}
+    for message in stored:
+        topic = message.subject[len(f"{prefix}.{node}."):]
+        assert message.subject == f"{prefix}.{node}.{topic}", message
+        by_topic.setdefault(topic, []).append(message)
+    assert sorted(by_topic) == sorted(t for t in expected if expected[t]), sorted(by_topic)
+    for topic, messages in by_topic.items():
+        offsets = [int(m.msg_id.rsplit("/", 1)[1]) for m in messages]
+        duplicates = len(offsets) - len(set(offsets))
+        assert duplicates == 0, f"{topic}: {duplicates} duplicates"
+        assert offsets == sorted(offsets), f"{topic}: out of order"
+        assert offsets == list(range(1, len(expected[topic]) + 1)), \
+            f"{topic}: {len(offsets)} of {len(expected[topic])} messages"
+        assert [m.msg_id for m in messages] == [f"{node}/{topic}/{o}" for o in offsets]
+        assert [m.data for m in messages] == expected[topic], f"{topic}: payloads differ"
+
+
+def skip_without_nats() -> Callable:
+    import pytest
+    return pytest.mark.skipif(nats_server_binary() is None, reason=INSTALL_HINT)
