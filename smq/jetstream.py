@@ -326,17 +326,17 @@ class JetStream:
             return
         status = (msg.headers or {}).get("Status")
         if status == "503":
-            future.set_exception(PublishFailed(
+            _fail(future, PublishFailed(
                 f"no stream answered (no JetStream leader for {self.stream!r} right now?)"))
             return
         try:
             reply = json.loads(msg.data)
         except ValueError:
-            future.set_exception(PublishFailed(f"unreadable acknowledgement {msg.data[:80]!r}"))
+            _fail(future, PublishFailed(f"unreadable acknowledgement {msg.data[:80]!r}"))
             return
         error = reply.get("error")
         if error:
-            future.set_exception(PublishFailed(
+            _fail(future, PublishFailed(
                 f"JetStream refused the message: {error.get('description', error)}",
                 error.get("err_code")))
             return
@@ -344,7 +344,7 @@ class JetStream:
         duplicate = bool(reply.get("duplicate"))
         if duplicate and seq == 0:
             # A NATS 2.9 cluster answers so for an id it has only staged: not a proof.
-            future.set_exception(PublishFailed("JetStream reported a duplicate it has not stored yet"))
+            _fail(future, PublishFailed("JetStream reported a duplicate it has not stored yet"))
             return
         future.set_result(PubAck(seq, duplicate))
 
@@ -352,8 +352,14 @@ class JetStream:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
-                future.set_exception(error)
-                future.exception()  # retrieved: an unawaited failure is not an error
+                _fail(future, error)
+
+
+def _fail(future: asyncio.Future, error: JetStreamError) -> None:
+    """Fail `future`; nobody may wait for it any more (its session ended), and that
+    is no error to report."""
+    future.set_exception(error)
+    future.exception()  # marks it retrieved; awaiting it still raises
 
 
 def describe(exc: BaseException) -> str:
