@@ -221,6 +221,14 @@ def test_env_example_lists_every_setting():
     assert not [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
+def test_readme_documents_every_setting():
+    text = (ROOT / "docs" / "README-forward.md").read_text()
+    rows = " ".join(line for line in text.splitlines() if line.startswith("| `--"))
+    for setting in SETTINGS:
+        assert f"`{setting.flag}`" in rows and f"`{setting.env}`" in rows or \
+            setting.flag in rows and setting.env in rows, setting.flag
+
+
 def test_forward_config_defaults_match_the_documented_ones():
     config = ForwardConfig()
     assert (config.subject_prefix, config.start_from, config.rate_limit) == ("smq", "earliest", 0.0)
