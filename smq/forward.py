@@ -18,9 +18,13 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .forward_config import SETTINGS, ForwardConfig, load
+
+if TYPE_CHECKING:  # nats-py is only loaded once the settings are known to be good
+    from .jetstream import NatsOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROG = "smq forward"
@@ -96,15 +100,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{PROG}: error: --nats-creds needs the nkeys package: pip install nkeys",
                   file=sys.stderr)
             return EXIT_USAGE
+    try:
+        nats_options(config).tls_context()  # unreadable or mismatched files: say so now
+    except (OSError, ValueError) as exc:
+        print(f"{PROG}: error: the NATS TLS files cannot be used: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     setup_logging(config.log_level)
     return asyncio.run(forward(config))
+
+
+def nats_options(config: ForwardConfig) -> NatsOptions:
+    from .jetstream import NatsOptions
+    return NatsOptions(
+        servers=config.nats_servers, creds=config.nats_creds, user=config.nats_user,
+        password=config.nats_password, token=config.nats_token, ca=config.nats_ca,
+        cert=config.nats_cert, key=config.nats_key, name=f"smq-forward {config.node}")
 
 
 async def forward(config: ForwardConfig) -> int:
     """Run the forwarder until a signal; returns the exit code."""
     from .forward_source import SmqSource, SmqTarget
     from .forwarder import Forwarder, Plan
-    from .jetstream import JetStream, NatsOptions
+    from .jetstream import JetStream
     from .systemd import Notifier
 
     log = logging.getLogger("smq.forward")
@@ -118,17 +135,13 @@ async def forward(config: ForwardConfig) -> int:
                        client_cert=config.client_cert if config.enable_mtls else "",
                        client_key=config.client_key if config.enable_mtls else "",
                        ca_cert=config.ca_cert if config.enable_mtls else "")
-    nats_options = NatsOptions(
-        servers=config.nats_servers, creds=config.nats_creds, user=config.nats_user,
-        password=config.nats_password, token=config.nats_token, ca=config.nats_ca,
-        cert=config.nats_cert, key=config.nats_key, name=f"smq-forward {config.node}")
     plan = Plan(topics=config.topics, node=config.node, subject_prefix=config.subject_prefix,
                 stream=config.stream, window=config.window, rate_limit=config.rate_limit,
                 ack_timeout=config.ack_timeout, start_from=config.start_from,
                 create_stream=config.create_stream, replicas=config.replicas,
                 duplicate_window=config.duplicate_window, log_interval=config.log_interval)
     source = SmqSource(target, config.consumer)
-    upstream = JetStream(nats_options, config.stream)
+    upstream = JetStream(nats_options(config), config.stream)
 
     def on_status(status: str) -> None:
         notifier.status(status)

@@ -39,6 +39,7 @@ STATUS_INTERVAL = 5.0        # seconds between status line updates (sd_notify ST
 TOPIC_POLL = 2.0             # seconds between looks for a topic that does not exist yet
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0  # seconds between sessions: doubling, with jitter
 MAX_PAGE = 1000              # messages per Subscribe page
+MAX_INFLIGHT_BYTES = 16 * 1024**2  # payload bytes in flight, at most (one message may exceed it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +111,28 @@ class RateLimit:
         self._next += self._interval
         if delay > 0:
             await asyncio.sleep(delay)
+
+
+class _Budget:
+    """Messages and payload bytes in flight: at most `count` messages and `size` bytes
+    (a message larger than `size` goes alone). One waiter: the publisher."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._count, self._size = count, size
+        self._messages = self._bytes = 0
+        self._released = asyncio.Event()
+
+    async def acquire(self, size: int) -> None:
+        while self._messages and (self._messages >= self._count or self._bytes + size > self._size):
+            self._released.clear()
+            await self._released.wait()
+        self._messages += 1
+        self._bytes += size
+
+    def release(self, size: int) -> None:
+        self._messages -= 1
+        self._bytes -= size
+        self._released.set()
 
 
 class Forwarder:
@@ -196,8 +219,9 @@ class Forwarder:
             self._on_ready(self.status_line())
 
         queue: asyncio.Queue[tuple[TopicState, int, bytes]] = asyncio.Queue(maxsize=plan.window)
-        inflight: asyncio.Queue[tuple[TopicState, int, asyncio.Future, float] | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(plan.window)
+        inflight: asyncio.Queue[tuple[TopicState, int, asyncio.Future, float, int] | None] = \
+            asyncio.Queue()
+        slots = _Budget(plan.window, MAX_INFLIGHT_BYTES)
         readers = [asyncio.create_task(self._read(topic, queue)) for topic in self.topics]
         publisher = asyncio.create_task(self._publish(queue, inflight, slots))
         acker = asyncio.create_task(self._acknowledge(inflight, slots))
@@ -328,22 +352,23 @@ class Forwarder:
     # -- publishing, acknowledging, committing ------------------------------------------------
 
     async def _publish(self, queue: asyncio.Queue[tuple[TopicState, int, bytes]],
-                       inflight: asyncio.Queue, slots: asyncio.Semaphore) -> None:
+                       inflight: asyncio.Queue, slots: _Budget) -> None:
         loop = asyncio.get_running_loop()
         while True:
             topic, offset, payload = await queue.get()
-            await slots.acquire()
+            await slots.acquire(len(payload))
             await self._rate.acquire()
             future = await self.upstream.publish(topic.subject, payload, topic.id_prefix + str(offset))
-            inflight.put_nowait((topic, offset, future, loop.time() + self.plan.ack_timeout))
+            inflight.put_nowait((topic, offset, future, loop.time() + self.plan.ack_timeout,
+                                 len(payload)))
 
-    async def _acknowledge(self, inflight: asyncio.Queue, slots: asyncio.Semaphore) -> None:
+    async def _acknowledge(self, inflight: asyncio.Queue, slots: _Budget) -> None:
         """Waits for each acknowledgement, in publishing order."""
         while True:
             item = await inflight.get()
             if item is None:
                 return
-            topic, offset, future, deadline = item
+            topic, offset, future, deadline, size = item
             try:
                 async with asyncio.timeout_at(deadline):
                     ack = await future
@@ -354,7 +379,7 @@ class Forwarder:
             except PublishFailed as exc:
                 raise PublishFailed(f"{topic.id_prefix}{offset}: {exc}", exc.err_code) from None
             finally:
-                slots.release()
+                slots.release(size)
             topic.acked = offset
             topic.forwarded += 1
             self.forwarded += 1

@@ -300,6 +300,11 @@ class JetStream:
             headers["Nats-Expected-Last-Sequence"] = str(self._expect_seq)
         else:
             raise RuntimeError("begin_chain() first")
+        size = len(payload) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
+        if size > nc.max_payload:
+            raise PublishFailed(f"{msg_id} is {len(payload)} bytes, more than the NATS server "
+                                f"takes (max_payload {nc.max_payload}): raise max_payload on the "
+                                "NATS servers; this topic cannot go on until then")
         token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._pending[token] = future

@@ -326,3 +326,23 @@ def tls_context(certs):
     context = ssl.create_default_context(cafile=str(certs.ca_cert))
     context.load_cert_chain(str(certs.client_cert), str(certs.client_key))
     return context
+
+
+def test_a_message_larger_than_nats_takes_stops_its_topic_with_a_clear_error(
+        start_server, forward, tmp_path):
+    smq = start_server("--max-message-size", "2MiB")
+    nats_server = NatsServer(tmp_path / "nats", "small", free_ports(1)[0],
+                             extra_config="max_payload: 65536").start()
+    try:
+        stub = smq.stub()
+        make_topic(stub, "t")
+        produce(stub, "t", 3)
+        stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"x" * 100_000), timeout=10)
+        forwarder = forward("--topics", "t", *smq_args(smq), "--nats-servers", nats_server.url,
+                            "--create-stream")
+        forwarder.wait_log(r"edge/t/4 is 100000 bytes, more than the NATS server takes "
+                           r"\(max_payload 65536\)")
+        wait_for(lambda: committed(stub, "t") == 3, 10, what="the messages before it")
+        assert forwarder.terminate() == 0
+    finally:
+        nats_server.kill()

@@ -115,6 +115,14 @@ def test_missing_nats_py_is_one_line_and_exit_2(tmp_path):
                    "pip install 'smq[forward]' (or: pip install nats-py)\n")
 
 
+def test_unusable_nats_tls_files_exit_2_with_one_line(tmp_path):
+    bad = tmp_path / "not-a-cert.pem"
+    bad.write_text("hello\n")
+    code, out = run_forward("--topics", "t", "--nats-ca", str(bad), cwd=tmp_path)
+    assert code == 2 and len(out.splitlines()) == 1
+    assert out.startswith("smq forward: error: the NATS TLS files cannot be used: ")
+
+
 def test_help_lists_every_flag_with_its_environment_variable(tmp_path):
     code, out = run_forward("--help", cwd=tmp_path)
     assert code == 0
