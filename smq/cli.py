@@ -113,6 +113,9 @@ def serve(config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["forward"]:
+        from .forward import main as forward_main  # loads nats-py only for this command
+        return forward_main(args[1:])
     if args[:1] and args[0] in COMMANDS:
         return run_command(args)
     if args[:1] == ["serve"]:

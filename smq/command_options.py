@@ -36,6 +36,8 @@ commands (smq COMMAND --help shows each one's options and examples):
   trim TOPIC OFFSET                  delete the messages up to OFFSET
   consumer list|get|commit|delete    durable named consumers and their committed offsets
   info                               the server's version, settings and counters
+  forward --topics T1,T2 --nats-servers URL
+                                     forward topics to NATS JetStream (smq forward --help)
   ping                               check that the server answers"""
 
 
