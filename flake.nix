@@ -71,6 +71,7 @@
           protobuf
           python-dotenv
           sdnotify
+          nats-py
         ];
       # requirements/dev.txt's test tools (pysmq is not in nixpkgs; no test imports it).
       testDeps =

@@ -33,7 +33,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'smq[forward]' (or: pip install nats-py)"
+INSTALL_HINT = "pip install nats-py (a dependency of smq; the PEX carries it)"
 CONNECT_TIMEOUT = 5.0       # seconds per server for a connection attempt
 API_TIMEOUT = 5.0           # seconds for a JetStream API request (stream info, get message)
 RECONNECT_WAIT = 1.0        # seconds between reconnect attempts to the same server

@@ -112,7 +112,7 @@ def test_missing_nats_py_is_one_line_and_exit_2(tmp_path):
                             code="import sys; sys.modules['nats'] = None  # as if not installed")
     assert code == 2
     assert out == ("smq forward: error: forwarding to NATS needs nats-py, which is not installed: "
-                   "pip install 'smq[forward]' (or: pip install nats-py)\n")
+                   "pip install nats-py (a dependency of smq; the PEX carries it)\n")
 
 
 def test_unusable_nats_tls_files_exit_2_with_one_line(tmp_path):
@@ -133,10 +133,10 @@ def test_help_lists_every_flag_with_its_environment_variable(tmp_path):
     assert "default 256" in text and "default nats://localhost:4222" in text
 
 
-def test_pyproject_offers_nats_py_as_the_forward_extra():
+def test_nats_py_is_a_dependency_so_the_pex_carries_the_forwarder():
     text = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'(?m)^forward = \["nats-py>=2\.6"\]', text)
-    assert re.search(r"(?m)^nats-py==[\d.]+", (ROOT / "requirements" / "dev.txt").read_text())
+    assert re.search(r'(?m)^ +"nats-py>=2\.6",', text)
+    assert re.search(r"(?m)^nats-py==[\d.]+", (ROOT / "requirements" / "runtime.txt").read_text())
 
 
 # -- pure helpers -------------------------------------------------------------------------------

@@ -84,7 +84,9 @@ def test_install_and_uninstall_into_a_staging_root(tmp_path):
     result = run("install", "--root", str(root), "--pex", str(pex))
     assert result.returncode == 0, result.stderr
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-    assert files == ["etc/smq/smq.env", "etc/smq/smq.env.example",
+    assert files == ["etc/smq/forward.env", "etc/smq/forward.env.example",
+                     "etc/smq/smq.env", "etc/smq/smq.env.example",
+                     "etc/systemd/system/smq-forward.service",
                      "etc/systemd/system/smq.service", "opt/smq/smq.pex"]
     assert os.access(root / "opt/smq/smq.pex", os.X_OK)
     assert (root / "etc/systemd/system/smq.service").read_text() == UNIT.read_text()
@@ -102,6 +104,7 @@ def test_install_and_uninstall_into_a_staging_root(tmp_path):
     assert run("uninstall", "--root", str(root)).returncode == 0
     assert not (root / "opt/smq/smq.pex").exists()
     assert not (root / "etc/systemd/system/smq.service").exists()
+    assert not (root / "etc/systemd/system/smq-forward.service").exists()
     assert (root / "etc/smq/smq.env").exists() and (root / "var/lib/smq/smq.db").exists()
     assert run("uninstall", "--root", str(root), "--purge").returncode == 0
     assert not (root / "etc/smq").exists() and not (root / "var/lib/smq").exists()

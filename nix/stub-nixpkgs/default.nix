@@ -22,6 +22,7 @@ let
     apsw = "3.51.2.0";
     python-dotenv = "1.2.1";
     sdnotify = "0.3.2";
+    nats-py = "2.10.0";
     setuptools = "80.9.0";
     hypothesis = "6.140.0";
     pytest = "8.4.2";
