@@ -372,6 +372,9 @@ class Storage:
         Returns how many were deleted."""
         if topic.earliest is None or until < topic.earliest:
             return 0
+        # Nothing is stored above the latest; clamping keeps until + 1 within int64
+        # (a client may send DeleteUntilOffset with offset 2**63 - 1).
+        until = min(until, topic.next_offset - 1)
         freed, count = self._writer.execute(
             "SELECT coalesce(sum(length(payload)), 0), count(*) FROM messages"
             " WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until)).fetchall()[0]
