@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
-from .errors import SMQError, StartupError
+from .errors import InvalidArgument, SMQError, StartupError
 from .service import PAGE_BYTES, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
@@ -78,6 +78,59 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
         except Exception as exc:
             _abort(context, exc)
     return handler
+
+
+class Undecodable:
+    """Stands for a request body that does not parse as the method's message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def invalid(self) -> InvalidArgument:
+        return InvalidArgument(f"request body does not parse ({self.error})")
+
+
+class UndecodableRequests(grpc.ServerInterceptor):
+    """A request body that does not parse (truncated, garbage, bad UTF-8 in a string)
+    answers INVALID_ARGUMENT. Left to gRPC, it answers INTERNAL and logs a traceback
+    for every such request."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:
+                return Undecodable(exc)
+
+        def unary(behavior):
+            def checked(request, context):
+                if isinstance(request, Undecodable):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.invalid()))
+                return behavior(request, context)
+            return checked
+
+        def streamed(behavior):
+            def checked(request_iterator, context):
+                def requests():
+                    for request in request_iterator:
+                        if isinstance(request, Undecodable):
+                            raise request.invalid()  # the servicer's wrapper answers it
+                        yield request
+                return behavior(requests(), context)
+            return checked
+
+        if handler.request_streaming:
+            wrap = {"stream_unary": streamed, "stream_stream": streamed}
+        else:
+            wrap = {"unary_unary": unary, "unary_stream": unary}
+        return handler._replace(request_deserializer=deserialize, **{
+            kind: wrapper(getattr(handler, kind)) for kind, wrapper in wrap.items()
+            if getattr(handler, kind) is not None})
 
 
 def is_local(context: grpc.ServicerContext) -> bool:
@@ -278,6 +331,7 @@ def create_server(config: Config, service: QueueService,
     server = grpc.server(
         concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smq-rpc"),
         maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
+        interceptors=[UndecodableRequests()],
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length",

@@ -95,3 +95,62 @@ def test_delete_until_int64_max_empties_the_topic(stub):
     info = stub.DescribeTopic(smq_pb2.DescribeTopicRequest(topic="int64-max")).topic
     assert (info.message_count, info.next_offset) == (0, 4)
     assert stub.Produce(smq_pb2.ProduceRequest(topic="int64-max", message=b"y")).offset == 4
+
+
+SMQ_METHODS = [m.name for m in smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].methods]
+BAD_BODIES = [b"\xff\xff\xff", b"\x0a\x7f", b"\x0a\x03\xff\xfe\xfd", b"\x08", b"\x12\x05ab"]
+
+
+def parses(name: str, body: bytes) -> bool:
+    """Whether `body` is a valid request message of method `name`."""
+    method = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].methods_by_name[name]
+    try:
+        getattr(smq_pb2, method.input_type.name).FromString(body)
+        return True
+    except Exception:
+        return False
+
+
+def raw_call(channel: grpc.Channel, name: str, body: bytes):
+    """Call method `name` with a raw request body: (code, details)."""
+    method = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].methods_by_name[name]
+    path = f"/smq.SuhaibMessageQueue/{name}"
+    STATS["calls"] += 1
+    try:
+        if method.client_streaming:
+            channel.stream_unary(path)(iter([body]), timeout=DEADLINE)
+        elif method.server_streaming:
+            stream = channel.unary_stream(path)(body, timeout=DEADLINE)
+            next(stream)
+            stream.cancel()
+        else:
+            channel.unary_unary(path)(body, timeout=DEADLINE)
+        return OK, ""
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+
+
+def test_undecodable_request_bodies_answer_invalid_argument(server, stub):
+    """Were INTERNAL 'Exception deserializing request!', with a traceback in the log
+    for each: truncated protobuf, garbage, invalid UTF-8 in a string field."""
+    channel = server.channel()
+    refused = 0
+    for name in SMQ_METHODS:
+        for body in BAD_BODIES:
+            code, details = raw_call(channel, name, body)
+            if parses(name, body):  # e.g. an unknown field of a message with no fields
+                assert code in WIRE_CODES, (name, body, code, details)
+            else:
+                assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, body, code, details)
+                refused += 1
+    assert refused >= 3 * len(SMQ_METHODS)
+    # In a StreamProduce, the messages before the bad one stay appended (WIRE.md).
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="raw"))
+    good = smq_pb2.ProduceRequest(topic="raw", message=b"before").SerializeToString()
+    with pytest.raises(grpc.RpcError) as err:
+        channel.stream_unary("/smq.SuhaibMessageQueue/StreamProduce")(
+            iter([good, b"\xff\xff\xff", good]), timeout=DEADLINE)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="raw"))
+    assert [m.message for m in reply.messages] == [b"before"]
+    assert "Traceback" not in server.log()
