@@ -154,3 +154,10 @@ def test_undecodable_request_bodies_answer_invalid_argument(server, stub):
     reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="raw"))
     assert [m.message for m in reply.messages] == [b"before"]
     assert "Traceback" not in server.log()
+
+
+@pytest.mark.parametrize("topic, code", [("bad name\x00", grpc.StatusCode.INVALID_ARGUMENT),
+                                         ("no-such-topic", grpc.StatusCode.NOT_FOUND)])
+def test_empty_produce_batch_checks_its_topic(stub, topic, code):
+    """Was OK (0, 0): an empty ProduceBatch skipped the topic check entirely."""
+    assert call(stub.ProduceBatch, smq_pb2.ProduceBatchRequest(topic=topic))[0] == code
