@@ -330,7 +330,12 @@ class Follower:
             if page:
                 self.cursor = page[-1][0] + 1
                 yield page
-            elif not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
+                continue
+            # Nothing stored from the cursor on: what lies below the next offset was
+            # deleted (the read is no older than `topic`), so wait for the next offset;
+            # waiting for a deleted one would return at once, again and again.
+            self.cursor = max(self.cursor, topic.next_offset)
+            if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
                 if not (self.cancelled or service.closing):
                     yield []  # idle: the caller sends a heartbeat
 

@@ -15,6 +15,7 @@ import collections
 import os
 import re
 import string
+import time
 from pathlib import Path
 
 import apsw
@@ -95,6 +96,38 @@ def test_delete_until_int64_max_empties_the_topic(stub):
     info = stub.DescribeTopic(smq_pb2.DescribeTopicRequest(topic="int64-max")).topic
     assert (info.message_count, info.next_offset) == (0, 4)
     assert stub.Produce(smq_pb2.ProduceRequest(topic="int64-max", message=b"y")).offset == 4
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_stream_on_a_trimmed_empty_topic_heartbeats_instead_of_spinning(server, stub):
+    """Was: a stream starting below the next offset of a topic trimmed empty (or deleted
+    and re-created) busy-looped (a core at 100%) and never sent a heartbeat."""
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="emptied"))
+    for _ in range(3):
+        stub.Produce(smq_pb2.ProduceRequest(topic="emptied", message=b"gone"))
+    stub.DeleteUntilOffset(smq_pb2.DeleteUntilOffsetRequest(topic="emptied", offset=3))
+    consume = stub.StreamConsume(smq_pb2.ConsumeRequest(topic="emptied", offset=1), timeout=DEADLINE)
+    subscribe = stub.Subscribe(smq_pb2.SubscribeRequest(topic="emptied", offset=2), timeout=DEADLINE)
+    try:
+        assert next(consume).offset == -1  # a heartbeat
+        beat = next(subscribe)
+        assert list(beat.messages) == [] and beat.next_offset == 4  # where the stream goes on
+        before = cpu_seconds(server.proc.pid)
+        time.sleep(2)
+        busy = cpu_seconds(server.proc.pid) - before
+        assert busy < 1.0, f"the server used {busy:.2f} s of CPU in 2 s with two idle streams"
+        stub.Produce(smq_pb2.ProduceRequest(topic="emptied", message=b"new"))
+        assert (next(r for r in consume if r.offset != -1).offset) == 4
+        page = next(r for r in subscribe if r.messages)
+        assert [(m.offset, m.message) for m in page.messages] == [(4, b"new")]
+    finally:
+        consume.cancel()
+        subscribe.cancel()
 
 
 SMQ_METHODS = [m.name for m in smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].methods]
