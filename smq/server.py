@@ -53,7 +53,10 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
             log.error("%s", exc)
         context.abort(STATUS_OF[exc.code], str(exc))
     if not context.is_active():
-        return  # the client went away; nothing to answer
+        # The client went away (e.g. a StreamProduce whose client died): nothing to
+        # answer. Ending the call by abort, not by returning None, keeps gRPC from
+        # trying to serialize None and logging a traceback.
+        context.abort(grpc.StatusCode.CANCELLED, "the client went away")
     log.exception("unexpected error")
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
