@@ -174,6 +174,35 @@ def raw_connection(server, *chunks: bytes) -> socket.socket:
 
 # -- the tests --------------------------------------------------------------------------
 
+def test_garbage_bytes_and_half_open_http2_connections(server):
+    rng = random.Random(7)
+    held = []
+    for size in (1, 9, 24, 100, 4096, 65536, 300_000):  # random bytes, then hold the socket
+        held.append(raw_connection(server, rng.randbytes(size)))
+    for _ in range(5):  # random bytes, then close at once
+        raw_connection(server, rng.randbytes(rng.randrange(1, 10_000))).close()
+    held += [
+        raw_connection(server, PREFACE),  # preface, then silence
+        raw_connection(server, PREFACE[:10]),  # half a preface
+        raw_connection(server, PREFACE + SETTINGS),
+        raw_connection(server, PREFACE + SETTINGS + headers(1, "Produce")),  # HEADERS, then nothing
+        raw_connection(server, PREFACE + SETTINGS + headers(1, "StreamProduce")),
+        raw_connection(server, PREFACE + SETTINGS + headers(1, "StreamConsume")),
+        raw_connection(server, PREFACE + SETTINGS + headers(1, "Produce", end_headers=False)),
+        # a gRPC message announced as 1 MiB, of which 10 bytes come
+        raw_connection(server, PREFACE + SETTINGS + headers(1, "Produce")
+                       + data(1, b"\x00" + struct.pack(">I", MIB) + b"0123456789")),
+        raw_connection(server, PREFACE + SETTINGS + frame(0x1, 0x4, 1, b"\xff" * 50)),  # bad HPACK
+        raw_connection(server, PREFACE + rng.randbytes(2000)),  # preface, then garbage frames
+    ]
+    time.sleep(1)
+    serves_normally(server, "while-held")
+    for sock in held:
+        sock.close()
+    serves_normally(server, "after-closed")
+    assert server.proc.poll() is None and "Traceback" not in server.log()
+
+
 VANISHING_CLIENT = """
 import sys, time, grpc
 from smq._proto import smq_pb2, smq_pb2_grpc
@@ -242,3 +271,208 @@ def test_clients_that_vanish_free_their_stream_slots(server, stub):
     # Its death is no error of the server's: no traceback in the log (there was one,
     # 'Exception serializing message!', for every StreamProduce whose client died).
     assert "Traceback" not in server.log() and "ERROR" not in server.log()
+
+
+def test_200_idle_streams_others_unaffected_and_the_cap_answers_resource_exhausted(server, stub):
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="idle"))
+    stub.Produce(smq_pb2.ProduceRequest(topic="idle", message=b"hello"))
+    idle_stubs = [separate_stub(server) for _ in range(10)]  # 10 connections of 20 streams
+    idle = [idle_stubs[i % 10].StreamConsume(smq_pb2.ConsumeRequest(topic="idle", offset=1))
+            for i in range(200)]
+    try:
+        for stream in idle:
+            assert next(stream).message == b"hello"
+        REPORT["RSS with 200 idle streams"] = memory(server.proc.pid)["VmRSS"] / 1024
+
+        # Others work normally meanwhile: producers (unary, batch, stream) and a consumer.
+        stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="busy"))
+        errors: list[BaseException] = []
+        consumed: list[int] = []
+
+        def guarded(work):
+            def run():
+                try:
+                    work()
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    errors.append(exc)
+            return threading.Thread(target=run)
+
+        def unary():
+            producer = separate_stub(server)
+            for _ in range(300):
+                producer.Produce(smq_pb2.ProduceRequest(topic="busy", message=b"u"), timeout=DEADLINE)
+
+        def batches():
+            producer = separate_stub(server)
+            for _ in range(30):
+                producer.ProduceBatch(smq_pb2.ProduceBatchRequest(topic="busy", messages=[b"b"] * 10),
+                                      timeout=DEADLINE)
+
+        def streamed():
+            separate_stub(server).StreamProduce(
+                iter([smq_pb2.ProduceRequest(topic="busy", message=b"s")] * 300), timeout=DEADLINE)
+
+        def consumer():
+            stream = separate_stub(server).StreamConsume(
+                smq_pb2.ConsumeRequest(topic="busy", offset=1), timeout=120)
+            for reply in stream:
+                if reply.offset != -1:
+                    consumed.append(reply.offset)
+                if len(consumed) == 900:
+                    break
+            stream.cancel()
+
+        threads = [guarded(work) for work in (unary, batches, streamed, consumer)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        REPORT["others' 900 messages took (s)"] = time.monotonic() - started
+        assert not errors, errors
+        assert consumed == list(range(1, 901))
+
+        # The cap: 200 idle + 50 more open; the next stream (consume or produce) is refused.
+        extra, code = wait_for_free_slots(server, "idle", MAX_STREAMS - 200)
+        try:
+            assert (len(extra), code) == (MAX_STREAMS - 200, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            REPORT["RSS with 250 open streams"] = memory(server.proc.pid)["VmRSS"] / 1024
+            with pytest.raises(grpc.RpcError) as err:
+                stub.StreamProduce(iter([smq_pb2.ProduceRequest(topic="busy", message=b"x")]),
+                                   timeout=DEADLINE)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with pytest.raises(grpc.RpcError) as err:
+                next(stub.Subscribe(smq_pb2.SubscribeRequest(topic="idle"), timeout=DEADLINE))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            # Unary calls are not streams: they still work at the cap.
+            assert stub.Produce(smq_pb2.ProduceRequest(topic="busy", message=b"at cap"),
+                                timeout=DEADLINE).offset == 901
+            assert stub.Consume(smq_pb2.ConsumeRequest(topic="busy", offset=901),
+                                timeout=DEADLINE).message == b"at cap"
+        finally:
+            cancel_all(extra)
+    finally:
+        cancel_all(idle)
+    opened, _ = wait_for_free_slots(server, "idle", MAX_STREAMS)
+    cancel_all(opened)
+    assert len(opened) == MAX_STREAMS  # every slot came back
+
+
+def test_consumer_that_never_reads_keeps_server_memory_bounded(server, stub):
+    """A StreamConsume whose iterator is never advanced while 100 MiB go to its topic
+    (the issue asks for 50: twice that makes the bound plainer). gRPC flow control
+    stops the server's sender; memory must not grow with the data."""
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="flood"))
+    stalled = separate_stub(server).StreamConsume(smq_pb2.ConsumeRequest(topic="flood", offset=1),
+                                                  timeout=300)
+    time.sleep(1)
+    baseline = server.sampler.reset()
+    big = [bytes([i % 256]) * (256 * 1024) for i in range(8)]
+    produced = 0
+    latencies = []
+    reader_got = []
+
+    def reader():  # another consumer of the same topic reads everything meanwhile
+        stream = separate_stub(server).StreamConsume(smq_pb2.ConsumeRequest(topic="flood", offset=1),
+                                                     timeout=300)
+        for reply in stream:
+            if reply.offset != -1:
+                reader_got.append(reply.offset)
+            if len(reader_got) == 400:
+                break
+        stream.cancel()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    other = separate_stub(server)
+    other.CreateTopic(smq_pb2.CreateTopicRequest(topic="bystander"))
+    growth = []
+    for half in range(2):
+        for _ in range(25):
+            stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic="flood", messages=big), timeout=DEADLINE)
+            produced += sum(map(len, big))
+            started = time.monotonic()
+            other.Produce(smq_pb2.ProduceRequest(topic="bystander", message=b"still here"),
+                          timeout=DEADLINE)
+            latencies.append(time.monotonic() - started)
+        if half:
+            thread.join(300)
+        time.sleep(2)  # let the stalled sender fill whatever it can
+        growth.append((server.sampler.peak - baseline) / 1024)
+    REPORT["stalled consumer: produced"] = produced / MIB
+    REPORT["stalled consumer: peak RSS growth at 50 MiB"] = growth[0]
+    REPORT["stalled consumer: peak RSS growth at 100 MiB"] = growth[1]
+    REPORT["bystander Produce max latency (s)"] = max(latencies)
+    assert reader_got == list(range(1, 401))
+    # Bounded: the second 50 MiB add (next to) nothing, and the total stays well below
+    # what was produced. Unbounded buffering would add 50 MiB per 50 MiB.
+    assert growth[1] - growth[0] < 20, f"RSS grew {growth} MiB after 50 and 100 MiB produced"
+    assert growth[1] < 80, f"RSS grew {growth[1]:.0f} MiB while {produced / MIB:.0f} MiB were produced"
+
+    # Nothing was lost for the slow one: it now reads all 400, in order, exactly.
+    count = 0
+    for reply in stalled:
+        if reply.offset == -1:
+            continue
+        count += 1
+        assert reply.offset == count and reply.message == big[(count - 1) % 8]
+        if count == 400:
+            break
+    stalled.cancel()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known: one TCP connection that opens more HEADERS-only calls than the server's "
+    "threads + queue (workers + max-streams + 4 x workers) and never sends their bodies "
+    "makes every other call answer RESOURCE_EXHAUSTED for as long as it stays open "
+    "(gRPC's sync server blocks a worker thread per call waiting for the request)"))
+def test_headers_only_stream_flood_does_not_starve_others(server):
+    total = 8 + MAX_STREAMS + 4 * 8 + 10
+    sock = raw_connection(server, PREFACE, SETTINGS,
+                          b"".join(headers(1 + 2 * i, "Produce") for i in range(total)))
+    try:
+        time.sleep(2)
+        separate_stub(server).Connect(smq_pb2.ConnectRequest(), timeout=10)
+    finally:
+        sock.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the next tests need the server back
+            try:
+                separate_stub(server).Connect(smq_pb2.ConnectRequest(), timeout=5)
+                break
+            except grpc.RpcError:
+                time.sleep(0.5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known: ProduceBatch has no cap on the number of messages; a 2 MB request of a "
+    "million empty messages makes the server allocate hundreds of MiB"))
+def test_produce_batch_of_a_million_empty_messages_keeps_memory_bounded(start_server):
+    own = start_server()
+    stub = own.stub()
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="tiny"))
+    before = memory(own.proc.pid)["VmHWM"]
+    try:
+        stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic="tiny", messages=[b""] * 1_000_000),
+                          timeout=120)
+    except grpc.RpcError as exc:  # refusing it is a fine answer
+        assert exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
+    growth = (memory(own.proc.pid)["VmHWM"] - before) / 1024
+    REPORT["own server: ProduceBatch of 1e6 empty messages, VmHWM growth"] = growth
+    assert growth < 64, f"one 2 MB request grew the server's peak memory by {growth:.0f} MiB"
+
+
+def test_zz_server_survived_with_data_intact(server, stub, canary):
+    reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="canary", start_offset=1, limit=1000))
+    assert [(m.offset, m.message) for m in reply.messages] == list(enumerate(canary, 1))
+    serves_normally(server, "at-the-end")
+    REPORT["peak RSS (VmHWM)"] = memory(server.proc.pid)["VmHWM"] / 1024
+    REPORT["highest sampled VmRSS"] = server.sampler.overall / 1024
+    log = server.log()
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert server.terminate() == 0
+    conn = apsw.Connection(str(server.db))
+    try:
+        assert conn.execute("PRAGMA integrity_check").get == "ok"
+    finally:
+        conn.close()
