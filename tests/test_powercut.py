@@ -18,8 +18,8 @@ ProduceBatch is there whole or not at all; a StreamProduce is there as a prefix
 consumer resumes from the offset it remembers and sees no gap. Now and then the
 server is killed again while it starts up on the crashed file.
 
-SMQ_POWERCUT_CYCLES sets the number of kills (default 12); SMQ_POWERCUT_SEED the
-random seed (printed).
+SMQ_POWERCUT_CYCLES sets the number of kills (default 20, about a minute);
+SMQ_POWERCUT_SEED the random seed (printed).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import pytest
 
 from smq._proto import smq_pb2, smq_pb2_grpc
 
-CYCLES = int(os.environ.get("SMQ_POWERCUT_CYCLES", "12"))
+CYCLES = int(os.environ.get("SMQ_POWERCUT_CYCLES", "20"))
 SEED = int(os.environ.get("SMQ_POWERCUT_SEED", str(random.randrange(1 << 30))))
 TOPICS = ["pc-0", "pc-1", "pc-2"]
 CALL_TIMEOUT = 60.0  # generous: only a hang should ever reach it
