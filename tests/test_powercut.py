@@ -33,7 +33,6 @@ from pathlib import Path
 
 import apsw
 import grpc
-import pytest
 
 from smq._proto import smq_pb2, smq_pb2_grpc
 
