@@ -96,12 +96,23 @@ class Undecodable:
 class UndecodableRequests(grpc.ServerInterceptor):
     """A request body that does not parse (truncated, garbage, bad UTF-8 in a string)
     answers INVALID_ARGUMENT. Left to gRPC, it answers INTERNAL and logs a traceback
-    for every such request."""
+    for every such request. Wrapped handlers are made once per method."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
+        method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            handler = continuation(handler_call_details)
+            if handler is None or not method.startswith(f"/{SERVICE_NAME}/"):
+                return handler
+            wrapped = self._wrapped.setdefault(method, self._wrap(handler))
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         parse = handler.request_deserializer
 
         def deserialize(data: bytes) -> Any:
