@@ -58,8 +58,10 @@ class Sampler:
     def _run(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                rss = memory(self.pid)["VmRSS"]
+                rss = memory(self.pid).get("VmRSS")
             except OSError:
+                rss = None
+            if rss is None:  # the process is gone (or a zombie)
                 return
             self.peak = max(self.peak, rss)
             self.overall = max(self.overall, rss)
@@ -83,7 +85,7 @@ def server(tmp_path_factory, request):
     REPORT["RSS at start"] = memory(proc.proc.pid)["VmRSS"] / 1024
     yield proc
     if proc.proc.poll() is None:
-        REPORT["peak RSS (VmHWM)"] = memory(proc.proc.pid)["VmHWM"] / 1024
+        REPORT["peak RSS (VmHWM)"] = memory(proc.proc.pid).get("VmHWM", 0) / 1024
     proc.sampler.stop()
     proc.close()
     capman = request.config.pluginmanager.getplugin("capturemanager")
