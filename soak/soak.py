@@ -8,7 +8,7 @@ It starts the server itself (this checkout's `python -m smq`, or --server-cmd) o
 free loopback port with a database in a fresh work directory, and runs at once:
 
 - producers: unary Produce, ProduceBatch and StreamProduce, to four topics (one with
-  a retention policy of 20,000 messages);
+  a retention policy of 1,000 messages, so retention trims all along);
 - consumers: StreamConsume and Subscribe, each remembering its offset across restarts;
   every message must come at the next offset (no gap, no repeat; on the retention
   topic a skip forward is allowed and counted) with an intact payload (each payload
@@ -53,7 +53,7 @@ import grpc  # noqa: E402
 from smq._proto import smq_pb2, smq_pb2_grpc  # noqa: E402
 
 TOPICS = ["soak-0", "soak-1", "soak-2", "soak-r"]
-RETENTION_TOPIC, RETENTION_MAX = "soak-r", 20_000
+RETENTION_TOPIC, RETENTION_MAX = "soak-r", 1_000
 CHURN_TOPIC = "soak-churn"
 CALL_TIMEOUT = 60.0
 AFTER_RESTART_GRACE = 5.0  # errors this long after the server is back still count as expected
