@@ -32,7 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .config import Config
-from .errors import InvalidArgument, SMQError, StartupError
+from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
 from .service import PAGE_BYTES, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
@@ -42,6 +42,7 @@ SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_na
 HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
 ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
 MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
+MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty ones is a weapon)
 QUEUED_CALLS_PER_WORKER = 4  # calls that may wait for a thread before RESOURCE_EXHAUSTED
 STATUS_OF = {code.name: code for code in grpc.StatusCode}  # an SMQError's `code` -> status
 
@@ -198,6 +199,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @rpc
     def ProduceBatch(self, request, context):
         self.service.check_may_write(is_local(context))
+        if len(request.messages) > MAX_BATCH_MESSAGES:  # before a Python object per message
+            raise ResourceExhausted(f"a batch holds at most {MAX_BATCH_MESSAGES} messages, "
+                                    f"not {len(request.messages)}: split it")
         first, last = self.service.produce_batch(request.topic, list(request.messages))
         return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
 
@@ -368,6 +372,9 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
              max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES),
             ("grpc.max_send_message_length",
              max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES),
+            # One connection may not hold every thread: a client that opens calls and
+            # never sends their requests would otherwise lock everyone else out.
+            ("grpc.max_concurrent_streams", config.max_streams + max(config.workers // 2, 1)),
             ("grpc.keepalive_time_ms", 60_000),  # notice dead stream clients (power cuts)
             ("grpc.keepalive_timeout_ms", 20_000),
         ])

@@ -242,6 +242,7 @@ class QueueService:
     def produce_batch(self, name: str, payloads: list[bytes]) -> tuple[int, int]:
         """Append all payloads to one topic in one transaction, or none of them.
         Returns (first offset, last offset); (0, 0) for an empty batch."""
+        self._topic(name)  # an empty batch still names a valid, existing topic
         for payload in payloads:
             self._check_message(name, payload)
         if not payloads:
