@@ -194,16 +194,18 @@ def test_bounded_worker_pool_answers_or_refuses_never_hangs(start_server):
     server.stub().CreateTopic(smq_pb2.CreateTopicRequest(topic="busy"), timeout=RPC_TIMEOUT)
     callers = 100
     start = threading.Barrier(callers)
-    channel = server.channel()
-    stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
+    # Separate connections, as from many clients: one connection gets only a few calls
+    # admitted at once and the rest wait in the client, which is not what is tested here.
+    stubs = [smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(25)]
     codes: list[grpc.StatusCode] = []
     lock = threading.Lock()
 
     def caller(n: int) -> None:
         start.wait(RPC_TIMEOUT)
         try:
-            stub.Produce(smq_pb2.ProduceRequest(topic="busy", message=f"{n}".encode()),
-                         timeout=RPC_TIMEOUT)
+            stubs[n % len(stubs)].Produce(
+                smq_pb2.ProduceRequest(topic="busy", message=f"{n}".encode()), timeout=RPC_TIMEOUT)
             code = grpc.StatusCode.OK
         except grpc.RpcError as exc:
             code = exc.code()

@@ -606,12 +606,18 @@ def test_too_many_concurrent_calls_is_resource_exhausted(start_server, tmp_path)
     """Hold the database's write lock from outside so that Produce calls stay in flight;
     beyond the server's limit of concurrent calls the rest are refused at once."""
     db_path = tmp_path / "busy.db"
-    stub = start_server("--workers", "1", "--max-streams", "1", db=db_path).stub()
+    server = start_server("--workers", "1", "--max-streams", "1", db=db_path)
+    stub = server.stub()
     make_topic(stub, "t")
+    # The server admits only a few calls per connection (the rest wait in the client), so
+    # the calls come over 20 separate connections, as from 20 clients.
+    stubs = [smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(20)]
     finished: queue.Queue = queue.Queue()
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as lock:
         lock.execute("BEGIN IMMEDIATE")  # the server's writer now waits (busy timeout 10 s)
-        calls = [stub.Produce.future(pb.ProduceRequest(topic="t", message=b"%d" % i), timeout=TIMEOUT)
+        calls = [stubs[i % 20].Produce.future(pb.ProduceRequest(topic="t", message=b"%d" % i),
+                                               timeout=TIMEOUT)
                  for i in range(40)]
         for call in calls:
             call.add_done_callback(finished.put)
