@@ -197,7 +197,7 @@ def test_bounded_worker_pool_answers_or_refuses_never_hangs(start_server):
     # Separate connections, as from many clients: one connection gets only a few calls
     # admitted at once and the rest wait in the client, which is not what is tested here.
     stubs = [smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(
-        server.address, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(25)]
+        server.address, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(50)]
     codes: list[grpc.StatusCode] = []
     lock = threading.Lock()
 
