@@ -33,6 +33,7 @@ fails on a slow figure.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import multiprocessing
@@ -65,6 +66,18 @@ SERVER_ENV_NAMES = ("DB_PATH", "PORT", "SERVER_ENABLE_MTLS", "SERVER_CERT_FILE",
                     "WATCHDOG_PID")
 LATENCY_WARMUP = 10  # first messages of the latency phase, not counted
 MiB = 1024**2
+PR_SET_PDEATHSIG = 1
+try:  # looked up here, so that a freshly forked child only makes the call
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent process dies, so that no server or client
+    outlives an interrupted benchmark."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 # -- figures and targets ---------------------------------------------------------------
@@ -153,6 +166,7 @@ def fmt(value: float | None, unit: str) -> str:
 
 def client_main(role: str, address: str, params: dict, barrier, results) -> None:
     """Entry point of a client process: connect, wait for the others, run, report."""
+    die_with_parent()
     try:
         channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
@@ -328,7 +342,8 @@ class ServerProcess:
         log = open(self.log_path, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.command, cwd=self.workdir, env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while True:
@@ -655,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-gRPC ceiling")
     parser.add_argument("--workdir", help="keep server databases and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     quick = args.quick
     settings = Settings(
         repeat=args.repeat or (1 if quick else 3),

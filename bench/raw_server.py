@@ -43,7 +43,7 @@ WORKERS = 8
 MAX_STREAMS = 64
 MAX_MESSAGE_SIZE = 1024**2
 
-RAW_RECENT = 100_000  # payloads kept per topic for the relay
+RAW_RECENT = 1_000  # payloads kept per topic for the relay (and no more: no storage)
 HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
 
 
