@@ -324,9 +324,11 @@ ROLES = {
 class ServerProcess:
     """A server child process: started, measured through /proc, stopped."""
 
-    def __init__(self, kind: str, command: list[str], workdir: Path) -> None:
+    def __init__(self, kind: str, command: list[str], workdir: Path,
+                 source: Path = ROOT) -> None:
         self.kind = kind
         self.command = command
+        self.source = source  # the checkout whose smq package runs
         self.workdir = workdir
         self.log_path = workdir / f"{kind}-{time.monotonic_ns()}.log"
         self.proc: subprocess.Popen | None = None
@@ -338,7 +340,7 @@ class ServerProcess:
         """Spawn; return the seconds until Connect answers."""
         env = {k: v for k, v in os.environ.items()
                if k not in SERVER_ENV_NAMES and not k.startswith("SMQ_")}
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
         log = open(self.log_path, "w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.command, cwd=self.workdir, env=env, stdout=log,
@@ -402,6 +404,7 @@ class Settings:
     latency_seconds: float
     settle: float
     raw: bool
+    baseline: Path | None = None  # another checkout's smq, measured alongside (A/B)
 
     def catchup(self, size: int) -> int:
         return max(100, min(self.catchup_count, self.catchup_bytes // size))
@@ -432,7 +435,7 @@ class Bench:
         except Exception:
             pass  # a client failed before the start; its report says why
         cpu0 = server.cpu_seconds()
-        info0 = server.info() if server.kind == "smq" else None
+        info0 = server.info() if server.kind != "raw" else None
         reports, errors = [], []
         deadline = time.monotonic() + timeout
         for _ in procs:
@@ -470,13 +473,14 @@ class Bench:
 
     def run_server(self, kind: str, size: int, mode: str, repeat: int) -> None:
         s = self.s
-        if kind == "smq":
+        if kind != "raw":
             command = [sys.executable, "-m", "smq", "--dbpath", "bench.db", "--port", "0",
                        "--bind", "127.0.0.1", "--durability", mode]
         else:
             command = [sys.executable, str(RAW_SERVER), "--port", "0", "--bind", "127.0.0.1"]
         rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-{size}-{mode}-", dir=self.workdir))
-        server = ServerProcess(kind, command, rundir)
+        server = ServerProcess(kind, command, rundir,
+                               self.s.baseline if kind == "base" else ROOT)
         where = {"server": kind, "size": size, "mode": mode, "repeat": repeat}
 
         def record(figure: str, value: float | None, **detail: Any) -> None:
@@ -563,6 +567,8 @@ class Bench:
                     self.run_server("raw", size, "-", repeat)
                 for mode in self.s.modes:
                     self.run_server("smq", size, mode, repeat)
+                    if self.s.baseline:
+                        self.run_server("base", size, mode, repeat)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -603,9 +609,11 @@ def evaluate(settings: Settings, samples: list[dict], batch: int, bulk_limit: in
                     else:
                         target_text.append(check.text(figure.unit))
                         met.append(check.holds(smq, ratio))
+                base = aggregate(samples, figure, "base", size, mode) if settings.baseline else None
                 rows.append({
                     "figure": figure.key, "label": figure.label, "unit": figure.unit,
                     "size": size, "mode": mode, "smq": smq, "raw": raw, "ratio": ratio,
+                    "base": base, "vs_base": smq / base if smq is not None and base else None,
                     "target": " & ".join(target_text),
                     "met": None if not met else (None if None in met else all(met))})
     return rows
@@ -613,12 +621,19 @@ def evaluate(settings: Settings, samples: list[dict], batch: int, bulk_limit: in
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
     header = ("figure", "size", "mode", "SMQ median", "raw median", "ratio", "target", "met?")
+    with_base = any(r.get("base") is not None for r in rows)
+    if with_base:
+        header += ("baseline", "SMQ/base")
     lines = [header]
     for r in rows:
-        lines.append((
+        line = (
             f"{r['label']} [{r['unit']}]", f"{r['size']}B", r["mode"], fmt(r["smq"], r["unit"]),
             fmt(r["raw"], r["unit"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
-            r["target"] or "", "" if not r["target"] else {True: "yes", False: "NO", None: "?"}[r["met"]]))
+            r["target"] or "", "" if not r["target"] else {True: "yes", False: "NO", None: "?"}[r["met"]])
+        if with_base:
+            line += (fmt(r["base"], r["unit"]),
+                     "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}")
+        lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for i, line in enumerate(lines):
         print("  ".join(cell.ljust(w) if j in (0, 2, 6, 7) else cell.rjust(w)
@@ -638,9 +653,11 @@ def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> 
                   and x.get(key) is not None]
         return statistics.median(values) if values else None
 
+    with_base = any(x["server"] == "base" for x in samples)
     print("\nserver CPU per message (us, median) and messages per commit, by phase", file=out)
     print(f"{'phase':16} {'size':>6} {'mode':6} {'SMQ us/msg':>10} {'raw us/msg':>10} "
-          f"{'SMQ-raw':>8} {'msg/commit':>10}", file=out)
+          f"{'SMQ-raw':>8} {'msg/commit':>10}"
+          + (f" {'base us/msg':>11} {'base m/c':>8}" if with_base else ""), file=out)
     for size in settings.sizes:
         for mode in settings.modes:
             for name in phases:
@@ -648,8 +665,13 @@ def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> 
                 raw = median_of("server_cpu_us_per_msg", "raw", size, mode, name)
                 mpc = median_of("msgs_per_commit", "smq", size, mode, name)
                 diff = f"{smq - raw:8.1f}" if smq is not None and raw is not None else f"{'-':>8}"
-                print(f"{name:16} {size:>5}B {mode:6} {fmt(smq, 'us'):>10} {fmt(raw, 'us'):>10} "
-                      f"{diff} {fmt(mpc, 'msg'):>10}", file=out)
+                line = (f"{name:16} {size:>5}B {mode:6} {fmt(smq, 'us'):>10} {fmt(raw, 'us'):>10} "
+                        f"{diff} {fmt(mpc, 'msg'):>10}")
+                if with_base:
+                    base = median_of("server_cpu_us_per_msg", "base", size, mode, name)
+                    base_mpc = median_of("msgs_per_commit", "base", size, mode, name)
+                    line += f" {fmt(base, 'us'):>11} {fmt(base_mpc, 'msg'):>8}"
+                print(line, file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -668,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rate", type=int, default=200, help="msg/s of the latency phase")
     parser.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 3)")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-gRPC ceiling")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the smq package of another checkout (e.g. `git "
+                             "archive main smq | tar -x -C DIR`), interleaved: an A/B comparison")
     parser.add_argument("--workdir", help="keep server databases and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
@@ -682,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         catchup_bytes=(20 if quick else 100) * MiB,
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds or (0.3 if quick else 3.0),
-        settle=0.2 if quick else 1.0, raw=not args.no_raw)
+        settle=0.2 if quick else 1.0, raw=not args.no_raw,
+        baseline=Path(args.baseline).resolve() if args.baseline else None)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="smq-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
@@ -708,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         "errors": bench.errors,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
         print(f"\nall samples: {args.json}")
     if bench.errors:
         print(f"\n{len(bench.errors)} error(s):", file=sys.stderr)
