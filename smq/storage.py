@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
+import operator
 import os
 import queue
 import time
@@ -99,8 +100,12 @@ class TopicPolicy:
 
     def over(self, defaults: TopicPolicy) -> TopicPolicy:
         """This policy with its unset fields taken from defaults."""
+        # Not dataclasses.astuple: it deep-copies every field, and this runs at each commit.
         return TopicPolicy(*(mine if mine is not None else theirs for mine, theirs in
-                             zip(dataclasses.astuple(self), dataclasses.astuple(defaults))))
+                             zip(_policy_values(self), _policy_values(defaults))))
+
+
+_policy_values = operator.attrgetter(*(f.name for f in dataclasses.fields(TopicPolicy)))
 
 
 @dataclasses.dataclass
@@ -161,6 +166,7 @@ class Storage:
     def __init__(self, path: str, options: StorageOptions = StorageOptions()) -> None:
         self.path = path
         self.options = options
+        self._directory = os.path.dirname(os.path.abspath(path))  # for free_space()
         self._lock_fd = self._lock_database()
         try:
             self._writer = self._open_writer()
@@ -514,7 +520,7 @@ class Storage:
         """Bytes new messages can still take: free on the filesystem (beyond the
         --min-free-space floor) plus free pages inside the file, within --max-db-size."""
         with storage_errors("free space"):
-            stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            stats = os.statvfs(self._directory)
             reusable = self._writer.pragma("freelist_count") * self.page_size
             room = stats.f_bavail * stats.f_frsize - self.options.min_free_space + reusable
             if self.options.max_db_size:
