@@ -15,12 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import logging
 import operator
 import os
 import queue
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import apsw
 
@@ -398,27 +399,28 @@ class Storage:
         topic.earliest = None
         topic.stored_bytes = 0
 
-    def append(self, topic: TopicState, payloads: Iterable[bytes]) -> int:
+    def append(self, topic: TopicState, payloads: Sequence[bytes], size: int | None = None) -> int:
         """Append payloads at topic.next_offset onwards and advance topic's counters in
-        memory (save_counters stores them). Returns the count."""
+        memory (save_counters stores them). `size`: their total length, if known.
+        Returns the count."""
         first = topic.next_offset
-        rows = [(topic.id, first + i, payload) for i, payload in enumerate(payloads)]
-        if not rows:
+        if not payloads:
             return 0
         self._writer.executemany(
-            "INSERT INTO messages (topic_id, msg_offset, payload) VALUES (?, ?, ?)", rows)
-        added = sum(len(row[2]) for row in rows)
+            "INSERT INTO messages (topic_id, msg_offset, payload) VALUES (?, ?, ?)",
+            zip(itertools.repeat(topic.id), itertools.count(first), payloads))
+        added = sum(map(len, payloads)) if size is None else size
         now = int(time.time())
         if now != topic.last_mark:
             self._writer.execute(
                 "INSERT OR REPLACE INTO time_marks (topic_id, first_offset, marked_at)"
                 " VALUES (?, ?, ?)", (topic.id, first, now))
             topic.last_mark = now
-        topic.next_offset = first + len(rows)
+        topic.next_offset = first + len(payloads)
         topic.stored_bytes += added
         if topic.earliest is None:
             topic.earliest = first
-        return len(rows)
+        return len(payloads)
 
     def save_counters(self, topics: Iterable[TopicState]) -> None:
         """Store the counters of topics changed in this transaction (once per commit,

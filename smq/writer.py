@@ -87,39 +87,57 @@ class Append(WriteOp):
     At an unknown topic it stops with TopicNotFound; what it appended before that
     is committed and `result` covers it (StreamProduce's rule). With `atomic`, every
     topic is checked first, so it appends all or nothing.
+
+    The pairs are kept as runs of consecutive payloads to one topic, grouped here in
+    the caller's thread so that the writer's time goes to SQLite alone.
     """
 
     def __init__(self, items: Sequence[tuple[str, bytes]], atomic: bool = False) -> None:
-        super().__init__()
-        self.items = items
+        runs: list[tuple[str, list[bytes]]] = []
+        for name, payload in items:
+            if runs and runs[-1][0] == name:
+                runs[-1][1].append(payload)
+            else:
+                runs.append((name, [payload]))
+        self._init(runs, atomic)
+
+    @classmethod
+    def to_topic(cls, name: str, payloads: list[bytes], atomic: bool = False) -> Append:
+        """Payloads to one topic (ProduceBatch, Produce), without pairing each one."""
+        op = cls.__new__(cls)
+        op._init([(name, payloads)] if payloads else [], atomic)
+        return op
+
+    def _init(self, runs: list[tuple[str, list[bytes]]], atomic: bool) -> None:
+        WriteOp.__init__(self)
+        self.runs = runs
         self.atomic = atomic
-        self.messages = len(items)
-        self.bytes = sum(len(payload) for _, payload in items)
+        self.run_bytes = [sum(map(len, payloads)) for _, payloads in runs]
+        self.messages = sum(len(payloads) for _, payloads in runs)
+        self.bytes = sum(self.run_bytes)
+
+    @property
+    def items(self) -> list[tuple[str, bytes]]:
+        return [(name, payload) for name, payloads in self.runs for payload in payloads]
 
     def apply(self, writer: GroupCommitWriter) -> None:
         if self.atomic:
-            missing = next((t for t, _ in self.items if t not in writer.topics), None)
+            missing = next((t for t, _ in self.runs if t not in writer.topics), None)
             if missing is not None:
                 self.error = TopicNotFound(missing)
                 return
         first = last = 0
-        start = 0
-        while start < len(self.items):
-            name = self.items[start][0]
-            end = start
-            while end < len(self.items) and self.items[end][0] == name:
-                end += 1
+        for (name, payloads), size in zip(self.runs, self.run_bytes):
             topic = writer.topics.get(name)
             if topic is None:
                 self.error = TopicNotFound(name)
                 break
-            writer.reserve_space(sum(len(p) + ROW_OVERHEAD for _, p in self.items[start:end]))
+            writer.reserve_space(size + ROW_OVERHEAD * len(payloads))
             offset = topic.next_offset
-            writer.storage.append(topic, [payload for _, payload in self.items[start:end]])
+            writer.storage.append(topic, payloads, size)
             writer.touched.add(name)
             first = first or offset
             last = topic.next_offset - 1
-            start = end
         self.result = (first, last)
 
 
@@ -417,7 +435,7 @@ class GroupCommitWriter:
         until it commits. True if it committed; False to let it fail (RESOURCE_EXHAUSTED)."""
         if not isinstance(op, Append):
             return False
-        topics = [self.topics.get(name) for name in {name for name, _ in op.items}]
+        topics = [self.topics.get(name) for name in {name for name, _ in op.runs}]
         if not topics or any(t is None or self.policy_of(t).on_full != "drop-oldest" for t in topics):
             return False
         excess = 2 * (op.bytes + ROW_OVERHEAD * op.messages)
