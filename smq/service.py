@@ -269,7 +269,7 @@ class QueueService:
                 f"of {self.limits.max_message_size} bytes")
 
     def _write(self, op: WriteOp):
-        return self.writer.submit(op).wait(WRITE_TIMEOUT)
+        return self.writer.execute(op, WRITE_TIMEOUT)
 
     # -- reading ------------------------------------------------------------------
 

@@ -1,10 +1,15 @@
-"""Group commit: one thread applies every write, many writes per transaction.
+"""Group commit: one write transaction at a time, many writes per transaction.
 
 Callers (gRPC threads) submit WriteOps and wait. The writer thread takes the op at
 the head of the queue plus everything queued behind it (up to a size cap), applies
 them all in one transaction, commits once (one fsync in full durability), and only
 then releases every caller. While one commit is being fsynced, new ops pile up and
 form the next group: the more concurrent writers, the more each commit carries.
+
+A lone writer commits its own op (`execute`): with nothing queued, no commit
+running and nobody else about at the last commit, waking the writer thread and
+being woken by it again costs more than the commit itself (two thread switches,
+each a GIL hand-off). The commit lock keeps transactions one at a time either way.
 
 If a group fails in storage (disk full, I/O error), nothing of it was committed;
 its ops are retried one per transaction so that one bad op cannot fail the others.
@@ -271,6 +276,9 @@ class GroupCommitWriter:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._carry: WriteOp | None = None
         self._closed = False
+        self._commit_lock = threading.Lock()  # held while a group is applied and committed
+        self._finished = False  # set by close() under the commit lock: no more commits
+        self._expected = 1  # writers about at the last commit
         self.commits = 0  # transactions committed, and the ops/messages they carried
         self.committed_ops = 0
         self.committed_messages = 0
@@ -328,33 +336,55 @@ class GroupCommitWriter:
         return [copy.copy(t) for t in self.topics.values()]
 
     def submit(self, op: WriteOp) -> WriteOp:
+        """Queue op for the writer thread; `op.wait()` for its result."""
         if self._closed:
             raise Unavailable("server is shutting down")
         self._queue.put(op)
         return op
 
+    def execute(self, op: WriteOp, timeout: float | None = None) -> Any:
+        """Apply op, wait until it is committed, return its result or raise its error.
+        A lone writer (see the module's docstring) commits it in the calling thread."""
+        if self._closed:
+            raise Unavailable("server is shutting down")
+        if self._expected <= 1 and self._queue.empty() and self._commit_lock.acquire(blocking=False):
+            try:
+                if self._finished:
+                    raise Unavailable("server is shutting down")
+                self._commit_group([op])
+            finally:
+                self._commit_lock.release()
+            return op.wait(0)
+        return self.submit(op).wait(timeout)
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
     def close(self, timeout: float | None = None) -> None:
-        """Apply what is queued, then stop the thread."""
+        """Apply what is queued, then stop the thread (and wait for a caller's own commit)."""
         self._closed = True
         self._queue.put(_STOP)
         self._thread.join(timeout)
+        if self._commit_lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._finished = True
+            self._commit_lock.release()
 
     # -- the thread -------------------------------------------------------------
 
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK_SECONDS
         while True:
-            group = self._next_group()
-            if group is None:
+            first = self._next_first()
+            if first is _STOP:
                 return
-            if group:
-                self._commit_group(group)
-            if time.monotonic() >= next_tick:
-                self._tick()
-                next_tick = time.monotonic() + TICK_SECONDS
+            with self._commit_lock:
+                if first is not None:
+                    # Gathered under the lock: what arrives while a caller commits its
+                    # own op joins this group rather than the next.
+                    self._commit_group(self._gather(first))
+                if time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + TICK_SECONDS
 
     def _tick(self) -> None:
         """Periodic upkeep: age retention, then giving free pages back to the disk."""
@@ -362,18 +392,18 @@ class GroupCommitWriter:
             self._commit_group([EnforceAge()])
         self._give_space_back()
 
-    def _next_group(self) -> list[WriteOp] | None:
-        """The op at the head plus what is queued behind it, within the caps.
-        [] after an idle second (after doing idle work); None once stopped."""
+    def _next_first(self) -> Any:
+        """The op that starts the next group; None after an idle tick; _STOP to stop."""
         if self._carry is not None:
             first, self._carry = self._carry, None
-        else:
-            try:
-                first = self._queue.get(timeout=TICK_SECONDS)
-            except queue.Empty:
-                return []
-        if first is _STOP:
+            return first
+        try:
+            return self._queue.get(timeout=TICK_SECONDS)
+        except queue.Empty:
             return None
+
+    def _gather(self, first: WriteOp) -> list[WriteOp]:
+        """`first` plus what is queued behind it, within the caps."""
         group = [first]
         messages, size = first.messages, first.bytes
         while messages < MAX_GROUP_MESSAGES and size < MAX_GROUP_BYTES:
@@ -393,8 +423,11 @@ class GroupCommitWriter:
         return group
 
     def _commit_group(self, group: list[WriteOp]) -> None:
+        """Apply and commit group (under the commit lock), then release its callers."""
         try:
             self._apply_in_one_transaction(group)
+            # The writers about: this group's, and those that queued up meanwhile.
+            self._expected = len(group) + self._queue.qsize()
         except SMQError as exc:
             self._forget_uncommitted()
             if len(group) > 1:
