@@ -494,6 +494,9 @@ class Bench:
                 self.errors.append(message)
                 print("  ERROR " + message.splitlines()[0], file=sys.stderr)
                 record(figure, None, error=str(exc))
+            # Which phase makes the peak: the server's memory after each one.
+            record(f"rss_after_{figure}", None, rss_mib=server.status("VmRSS"),
+                   hwm_mib=server.status("VmHWM"))
 
         label = f"{kind} {size}B{'' if kind == 'raw' else ' ' + mode} #{repeat + 1}"
         t_phase = time.monotonic()
@@ -674,6 +677,25 @@ def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> 
                 print(line, file=out)
 
 
+def print_memory_table(settings: Settings, samples: list[dict], out=sys.stdout) -> None:
+    """The server's peak memory (VmHWM, MiB, max over runs) as it stood after each phase."""
+    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "stream_consume",
+              "subscribe", "bulk_retrieve", "latency")
+    print("\nserver peak RSS (VmHWM, MiB, max over runs) after each phase", file=out)
+    print(f"{'server':6} {'size':>6} {'mode':6} " + " ".join(f"{p[:12]:>12}" for p in phases),
+          file=out)
+    for server in ("raw", "smq", "base"):
+        for size in settings.sizes:
+            for mode in (["-"] if server == "raw" else settings.modes):
+                cells = []
+                for phase in phases:
+                    values = [x["hwm_mib"] for x in samples if x["figure"] == f"rss_after_{phase}"
+                              and x["server"] == server and x["size"] == size and x["mode"] == mode]
+                    cells.append(f"{max(values):12.1f}" if values else f"{'-':>12}")
+                if any(c.strip() != "-" for c in cells):
+                    print(f"{server:6} {size:>5}B {mode:6} " + " ".join(cells), file=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -723,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
           f"targets for {TARGET_SIZE}B, {TARGET_MODE} durability")
     print_table(rows)
     print_cpu_table(settings, bench.samples)
+    print_memory_table(settings, bench.samples)
     report = {
         "command": [sys.executable, *sys.argv] if argv is None else ["bench.py", *argv],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
