@@ -6,10 +6,18 @@ them all in one transaction, commits once (one fsync in full durability), and on
 then releases every caller. While one commit is being fsynced, new ops pile up and
 form the next group: the more concurrent writers, the more each commit carries.
 
-A lone writer commits its own op (`execute`): with nothing queued, no commit
-running and nobody else about at the last commit, waking the writer thread and
-being woken by it again costs more than the commit itself (two thread switches,
-each a GIL hand-off). The commit lock keeps transactions one at a time either way.
+Two refinements, both about the hand-off between callers and the writer thread:
+
+- A lone writer commits its own op (`execute`): with nothing queued, no commit
+  running and the last group a single op, waking the writer thread and being woken
+  by it again costs more than the commit itself (two thread switches, each a GIL
+  hand-off). The commit lock keeps transactions one at a time either way.
+- A group waits briefly for the writers that are on their way: when N ops were about
+  at the last commit (its own and those that queued up during it: N callers that
+  each send their next write as soon as they are answered), the next group waits
+  for N ops, up to twice a commit's time (1 to 2 ms), instead of committing the
+  first arrival alone and the others one commit later. A lone writer never waits,
+  and a wrong guess costs one wait: the next group expects what actually came.
 
 If a group fails in storage (disk full, I/O error), nothing of it was committed;
 its ops are retried one per transaction so that one bad op cannot fail the others.
@@ -38,6 +46,11 @@ MAX_GROUP_BYTES = 32 * 1024**2
 TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
 ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
 MAKE_ROOM_ATTEMPTS = 12
+# How long a group waits for the writers it expects: twice the recent commit time
+# (fsync included), within these bounds. Measured with 2 and 4 unary producers.
+GATHER_MIN_SECONDS = 0.001
+GATHER_MAX_SECONDS = 0.002
+GATHER_COMMITS = 2.0
 
 
 class WriteOp:
@@ -278,7 +291,8 @@ class GroupCommitWriter:
         self._closed = False
         self._commit_lock = threading.Lock()  # held while a group is applied and committed
         self._finished = False  # set by close() under the commit lock: no more commits
-        self._expected = 1  # writers about at the last commit
+        self._expected = 1  # writers about at the last commit: the next group waits for them
+        self._commit_seconds = 0.0  # moving average of one commit's duration
         self.commits = 0  # transactions committed, and the ops/messages they carried
         self.committed_ops = 0
         self.committed_messages = 0
@@ -403,14 +417,26 @@ class GroupCommitWriter:
             return None
 
     def _gather(self, first: WriteOp) -> list[WriteOp]:
-        """`first` plus what is queued behind it, within the caps."""
+        """`first` plus what is queued behind it, within the caps; when fewer ops than
+        were about at the last commit are there, wait a little for the rest (module
+        docstring)."""
         group = [first]
         messages, size = first.messages, first.bytes
+        deadline = None
         while messages < MAX_GROUP_MESSAGES and size < MAX_GROUP_BYTES:
             try:
                 op = self._queue.get_nowait()
             except queue.Empty:
-                break
+                if len(group) >= self._expected:
+                    break
+                if deadline is None:
+                    wait = GATHER_COMMITS * self._commit_seconds
+                    deadline = time.monotonic() + min(max(wait, GATHER_MIN_SECONDS),
+                                                      GATHER_MAX_SECONDS)
+                try:
+                    op = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
             if op is _STOP:
                 self._queue.put(_STOP)  # finish this group, then stop
                 break
@@ -424,8 +450,10 @@ class GroupCommitWriter:
 
     def _commit_group(self, group: list[WriteOp]) -> None:
         """Apply and commit group (under the commit lock), then release its callers."""
+        started = time.monotonic()
         try:
             self._apply_in_one_transaction(group)
+            self._commit_seconds += 0.25 * (time.monotonic() - started - self._commit_seconds)
             # The writers about: this group's, and those that queued up meanwhile.
             self._expected = len(group) + self._queue.qsize()
         except SMQError as exc:
