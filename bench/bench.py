@@ -12,7 +12,7 @@ phases with clients in separate processes (so no client GIL caps the server):
 
   unary_1 / unary_4    Produce, one call at a time per client, 1 and 4 client processes
   stream_produce       one StreamProduce stream
-  produce_batch        ProduceBatch calls of --batch messages, one client
+  produce_batch(_4)    ProduceBatch calls of --batch messages, one client (and four)
   stream_consume       StreamConsume from offset 1 of a pre-filled topic (catch-up)
   subscribe            Subscribe (server's page size) over the same topic
   bulk_retrieve        BulkRetrieve pages of --bulk-limit over the same topic
@@ -117,6 +117,7 @@ def figures(batch: int, bulk_limit: int, rate: int) -> list[Figure]:
         Figure("msgs_per_commit_4", "messages per commit, 4 unary clients", "msg", smq_only=True),
         Figure("stream_produce", "StreamProduce", "msg/s"),
         Figure("produce_batch", f"ProduceBatch ({batch}/call)", "msg/s"),
+        Figure("produce_batch_4", f"ProduceBatch ({batch}/call), 4 clients", "msg/s"),
         Figure("stream_consume", "StreamConsume catch-up", "msg/s"),
         Figure("subscribe", "Subscribe catch-up", "msg/s"),
         Figure("bulk_retrieve", f"BulkRetrieve (limit {bulk_limit})", "msg/s"),
@@ -523,6 +524,9 @@ class Bench:
                 "stream_produce", [("stream_produce", {**common, "topic": "sp"})]))
             phase("produce_batch", lambda: write_phase(
                 "produce_batch", [("produce_batch", {**common, "topic": "pb", "batch": s.batch})]))
+            phase("produce_batch_4", lambda: write_phase(
+                "produce_batch_4",
+                [("produce_batch", {**common, "topic": "pb", "batch": s.batch})] * 4))
 
             # A topic of `catchup` messages, read from offset 1 by each kind of reader.
             request = smq_pb2.ProduceBatchRequest(topic="catch", messages=[payload_of(size)] * 100)
@@ -647,8 +651,8 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
 
 def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> None:
     """Where the time goes: server CPU per message, and messages per commit, by phase."""
-    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "stream_consume",
-              "subscribe", "bulk_retrieve")
+    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "produce_batch_4",
+              "stream_consume", "subscribe", "bulk_retrieve")
 
     def median_of(key, server, size, mode, phase):
         values = [x[key] for x in samples if x["figure"] == phase and x["server"] == server
@@ -679,10 +683,13 @@ def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> 
 
 def print_memory_table(settings: Settings, samples: list[dict], out=sys.stdout) -> None:
     """The server's peak memory (VmHWM, MiB, max over runs) as it stood after each phase."""
-    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "stream_consume",
-              "subscribe", "bulk_retrieve", "latency")
+    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "produce_batch_4",
+              "stream_consume", "subscribe", "bulk_retrieve", "latency")
     print("\nserver peak RSS (VmHWM, MiB, max over runs) after each phase", file=out)
-    print(f"{'server':6} {'size':>6} {'mode':6} " + " ".join(f"{p[:12]:>12}" for p in phases),
+    short = {"unary_1": "unary1", "unary_4": "unary4", "stream_produce": "streamprod",
+             "produce_batch": "batch1", "produce_batch_4": "batch4", "stream_consume": "streamcons",
+             "subscribe": "subscribe", "bulk_retrieve": "bulk", "latency": "latency"}
+    print(f"{'server':6} {'size':>6} {'mode':6} " + " ".join(f"{short[p]:>10}" for p in phases),
           file=out)
     for server in ("raw", "smq", "base"):
         for size in settings.sizes:
@@ -691,7 +698,7 @@ def print_memory_table(settings: Settings, samples: list[dict], out=sys.stdout) 
                 for phase in phases:
                     values = [x["hwm_mib"] for x in samples if x["figure"] == f"rss_after_{phase}"
                               and x["server"] == server and x["size"] == size and x["mode"] == mode]
-                    cells.append(f"{max(values):12.1f}" if values else f"{'-':>12}")
+                    cells.append(f"{max(values):10.1f}" if values else f"{'-':>10}")
                 if any(c.strip() != "-" for c in cells):
                     print(f"{server:6} {size:>5}B {mode:6} " + " ".join(cells), file=out)
 
@@ -710,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--catchup", type=int, help="messages in the catch-up topic (default "
                         "100000, at most 100 MiB of payload)")
     parser.add_argument("--latency-rate", type=int, default=200, help="msg/s of the latency phase")
-    parser.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 3)")
+    parser.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 5)")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-gRPC ceiling")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also measure the smq package of another checkout (e.g. `git "
@@ -728,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
         catchup_count=args.catchup or (2_000 if quick else 100_000),
         catchup_bytes=(20 if quick else 100) * MiB,
         latency_rate=args.latency_rate,
-        latency_seconds=args.latency_seconds or (0.3 if quick else 3.0),
+        latency_seconds=args.latency_seconds or (0.3 if quick else 5.0),
         settle=0.2 if quick else 1.0, raw=not args.no_raw,
         baseline=Path(args.baseline).resolve() if args.baseline else None)
     started = time.time()
