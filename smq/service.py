@@ -206,7 +206,7 @@ class QueueService:
     def produce(self, name: str, payload: bytes) -> int:
         """Append one message; returns its offset once committed."""
         self._check_message(name, payload)
-        return self._write(Append([(name, payload)]))[1]
+        return self._write(Append.to_topic(name, [payload]))[1]
 
     def produce_stream(self, messages: Iterable[tuple[str, bytes]]) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
@@ -220,9 +220,13 @@ class QueueService:
         in_flight: WriteOp | None = None
         chunk: list[tuple[str, bytes]] = []
         chunk_bytes = 0
+        checked = None  # the topic name of the previous message, already checked
         try:
             for name, payload in messages:
-                self._check_message(name, payload)
+                if name != checked:
+                    self._topic(name)  # a topic deleted later is caught by the writer
+                    checked = name
+                self._check_size(payload)
                 chunk.append((name, payload))
                 chunk_bytes += len(payload)
                 full = len(chunk) >= STREAM_CHUNK_MESSAGES or chunk_bytes >= STREAM_CHUNK_BYTES
@@ -243,11 +247,11 @@ class QueueService:
         """Append all payloads to one topic in one transaction, or none of them.
         Returns (first offset, last offset); (0, 0) for an empty batch."""
         self._topic(name)  # an empty batch still names a valid, existing topic
-        for payload in payloads:
-            self._check_message(name, payload)
         if not payloads:
             return (0, 0)
-        return self._write(Append([(name, p) for p in payloads], atomic=True))
+        if max(map(len, payloads)) > self.limits.max_message_size:  # one pass at C speed
+            self._check_size(max(payloads, key=len))
+        return self._write(Append.to_topic(name, payloads, atomic=True))
 
     def trim(self, name: str, until: int) -> int:
         """Delete every message with offset <= until; returns how many were deleted."""
@@ -258,13 +262,16 @@ class QueueService:
 
     def _check_message(self, name: str, payload: bytes) -> None:
         self._topic(name)
+        self._check_size(payload)
+
+    def _check_size(self, payload: bytes) -> None:
         if len(payload) > self.limits.max_message_size:
             raise MessageTooLarge(
                 f"message of {len(payload)} bytes is larger than the server's maximum "
                 f"of {self.limits.max_message_size} bytes")
 
     def _write(self, op: WriteOp):
-        return self.writer.submit(op).wait(WRITE_TIMEOUT)
+        return self.writer.execute(op, WRITE_TIMEOUT)
 
     # -- reading ------------------------------------------------------------------
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import logging
+import operator
 import os
 import queue
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import apsw
 
@@ -99,8 +101,12 @@ class TopicPolicy:
 
     def over(self, defaults: TopicPolicy) -> TopicPolicy:
         """This policy with its unset fields taken from defaults."""
+        # Not dataclasses.astuple: it deep-copies every field, and this runs at each commit.
         return TopicPolicy(*(mine if mine is not None else theirs for mine, theirs in
-                             zip(dataclasses.astuple(self), dataclasses.astuple(defaults))))
+                             zip(_policy_values(self), _policy_values(defaults))))
+
+
+_policy_values = operator.attrgetter(*(f.name for f in dataclasses.fields(TopicPolicy)))
 
 
 @dataclasses.dataclass
@@ -161,6 +167,7 @@ class Storage:
     def __init__(self, path: str, options: StorageOptions = StorageOptions()) -> None:
         self.path = path
         self.options = options
+        self._directory = os.path.dirname(os.path.abspath(path))  # for free_space()
         self._lock_fd = self._lock_database()
         try:
             self._writer = self._open_writer()
@@ -392,27 +399,28 @@ class Storage:
         topic.earliest = None
         topic.stored_bytes = 0
 
-    def append(self, topic: TopicState, payloads: Iterable[bytes]) -> int:
+    def append(self, topic: TopicState, payloads: Sequence[bytes], size: int | None = None) -> int:
         """Append payloads at topic.next_offset onwards and advance topic's counters in
-        memory (save_counters stores them). Returns the count."""
+        memory (save_counters stores them). `size`: their total length, if known.
+        Returns the count."""
         first = topic.next_offset
-        rows = [(topic.id, first + i, payload) for i, payload in enumerate(payloads)]
-        if not rows:
+        if not payloads:
             return 0
         self._writer.executemany(
-            "INSERT INTO messages (topic_id, msg_offset, payload) VALUES (?, ?, ?)", rows)
-        added = sum(len(row[2]) for row in rows)
+            "INSERT INTO messages (topic_id, msg_offset, payload) VALUES (?, ?, ?)",
+            zip(itertools.repeat(topic.id), itertools.count(first), payloads))
+        added = sum(map(len, payloads)) if size is None else size
         now = int(time.time())
         if now != topic.last_mark:
             self._writer.execute(
                 "INSERT OR REPLACE INTO time_marks (topic_id, first_offset, marked_at)"
                 " VALUES (?, ?, ?)", (topic.id, first, now))
             topic.last_mark = now
-        topic.next_offset = first + len(rows)
+        topic.next_offset = first + len(payloads)
         topic.stored_bytes += added
         if topic.earliest is None:
             topic.earliest = first
-        return len(rows)
+        return len(payloads)
 
     def save_counters(self, topics: Iterable[TopicState]) -> None:
         """Store the counters of topics changed in this transaction (once per commit,
@@ -514,7 +522,7 @@ class Storage:
         """Bytes new messages can still take: free on the filesystem (beyond the
         --min-free-space floor) plus free pages inside the file, within --max-db-size."""
         with storage_errors("free space"):
-            stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            stats = os.statvfs(self._directory)
             reusable = self._writer.pragma("freelist_count") * self.page_size
             room = stats.f_bavail * stats.f_frsize - self.options.min_free_space + reusable
             if self.options.max_db_size:

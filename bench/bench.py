@@ -1,0 +1,778 @@
+#!/usr/bin/env python3
+"""SMQ throughput benchmark, measured against a raw grpcio ceiling in the same run.
+
+    .venv/bin/python bench/bench.py [--quick] [--repeat N] [--json FILE]
+                                    [--sizes 100,10240] [--modes full,normal]
+
+For every payload size it starts bench/raw_server.py (the same service over grpcio with
+no storage: the ceiling), and for every durability mode a fresh SMQ server (`python -m
+smq` on a new database in a temporary directory), each `--repeat` times, interleaved
+so that the machine's noise hits both alike. Against each server it runs the same
+phases with clients in separate processes (so no client GIL caps the server):
+
+  unary_1 / unary_4    Produce, one call at a time per client, 1 and 4 client processes
+  stream_produce       one StreamProduce stream
+  produce_batch(_4)    ProduceBatch calls of --batch messages, one client (and four)
+  stream_consume       StreamConsume from offset 1 of a pre-filled topic (catch-up)
+  subscribe            Subscribe (server's page size) over the same topic
+  bulk_retrieve        BulkRetrieve pages of --bulk-limit over the same topic
+  latency              Produce at --latency-rate msg/s; a Subscribe and a StreamConsume
+                       subscriber compute arrival - send (time.monotonic_ns in the payload)
+
+and reads the server process's /proc/PID: start-up time (spawn -> Connect answers),
+idle VmRSS after start-up, VmHWM (peak) at the end, and CPU time per phase (reported as
+server CPU microseconds per message). SMQ's GetServerInfo counters, taken around each
+write phase, give messages per commit.
+
+It prints one table (figure, size, mode, SMQ median, raw median, ratio SMQ/raw, target,
+met?) and writes every sample to --json. Figures are medians over the repeats (the peak
+RSS is the maximum). The targets are those of the throughput issue, checked for 100-byte
+payloads in full durability only. This is a measurement, not a test: nothing here
+fails on a slow figure.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from smq._proto import smq_pb2, smq_pb2_grpc  # noqa: E402
+
+RAW_SERVER = Path(__file__).resolve().parent / "raw_server.py"
+LISTENING = re.compile(r"serving on \S+:(\d+)")
+CLIENT_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024**2),
+                  ("grpc.max_send_message_length", 16 * 1024**2)]
+# Environment names the server reads; none of the caller's may leak into a run.
+SERVER_ENV_NAMES = ("DB_PATH", "PORT", "SERVER_ENABLE_MTLS", "SERVER_CERT_FILE", "SERVER_KEY_FILE",
+                    "SERVER_CA_CERT_FILE", "ALLOW_REMOTE_WRITES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                    "WATCHDOG_PID")
+LATENCY_WARMUP = 10  # first messages of the latency phase, not counted
+MiB = 1024**2
+PR_SET_PDEATHSIG = 1
+try:  # looked up here, so that a freshly forked child only makes the call
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGTERM when the parent process dies, so that no server or client
+    outlives an interrupted benchmark."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# -- figures and targets ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool = True
+    smq_only: bool = False
+    aggregate: str = "median"  # or "max"
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    kind: str  # "min" | "max" (on the SMQ value) | "ratio_min" (on SMQ/raw)
+    bound: float
+
+    def holds(self, value: float | None, ratio: float | None) -> bool | None:
+        subject = ratio if self.kind == "ratio_min" else value
+        if subject is None:
+            return None
+        return subject <= self.bound if self.kind == "max" else subject >= self.bound
+
+    def text(self, unit: str) -> str:
+        if self.kind == "ratio_min":
+            return f">={self.bound:.0%} raw"
+        sign = "<=" if self.kind == "max" else ">="
+        return f"{sign}{fmt(self.bound, unit)}"
+
+
+def figures(batch: int, bulk_limit: int, rate: int) -> list[Figure]:
+    return [
+        Figure("unary_1", "Produce unary, 1 client", "msg/s"),
+        Figure("unary_4", "Produce unary, 4 clients", "msg/s"),
+        Figure("msgs_per_commit_4", "messages per commit, 4 unary clients", "msg", smq_only=True),
+        Figure("stream_produce", "StreamProduce", "msg/s"),
+        Figure("produce_batch", f"ProduceBatch ({batch}/call)", "msg/s"),
+        Figure("produce_batch_4", f"ProduceBatch ({batch}/call), 4 clients", "msg/s"),
+        Figure("stream_consume", "StreamConsume catch-up", "msg/s"),
+        Figure("subscribe", "Subscribe catch-up", "msg/s"),
+        Figure("bulk_retrieve", f"BulkRetrieve (limit {bulk_limit})", "msg/s"),
+        Figure("latency_subscribe_p50", f"latency p50 -> Subscribe @{rate}/s", "ms", False),
+        Figure("latency_subscribe_p99", f"latency p99 -> Subscribe @{rate}/s", "ms", False),
+        Figure("latency_stream_p50", f"latency p50 -> StreamConsume @{rate}/s", "ms", False),
+        Figure("latency_stream_p99", f"latency p99 -> StreamConsume @{rate}/s", "ms", False),
+        Figure("startup_s", "start-up (spawn -> Connect)", "s", False),
+        Figure("idle_rss_mib", "idle RSS", "MiB", False),
+        Figure("peak_rss_mib", "peak RSS (max over runs)", "MiB", False, aggregate="max"),
+    ]
+
+
+# The issue's targets: 100-byte payloads, default (full) durability.
+TARGET_SIZE, TARGET_MODE = 100, "full"
+TARGETS: dict[str, list[Check]] = {
+    "unary_4": [Check("ratio_min", 0.80)],
+    "msgs_per_commit_4": [Check("min", 2.0)],
+    "stream_produce": [Check("ratio_min", 0.85)],
+    "produce_batch": [Check("min", 100_000), Check("ratio_min", 0.50)],
+    "stream_consume": [Check("ratio_min", 0.85)],
+    "subscribe": [Check("min", 150_000)],
+    "bulk_retrieve": [Check("min", 150_000)],
+    "latency_subscribe_p50": [Check("max", 2.0)],
+    "latency_subscribe_p99": [Check("max", 10.0)],
+    "latency_stream_p50": [Check("max", 2.0)],
+    "latency_stream_p99": [Check("max", 10.0)],
+    "idle_rss_mib": [Check("max", 0.0)],  # bound set from the raw server: see evaluate()
+    "peak_rss_mib": [Check("max", 96.0)],
+}
+IDLE_RSS_SLACK = 1.15  # idle RSS within 15% of the bare grpcio + apsw process
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "msg/s":
+        return f"{value:,.0f}"
+    if unit in ("ms", "msg"):
+        return f"{value:.2f}"
+    if unit == "s":
+        return f"{value:.3f}"
+    return f"{value:.1f}"
+
+
+# -- clients (each in its own process) ------------------------------------------------
+
+def client_main(role: str, address: str, params: dict, barrier, results) -> None:
+    """Entry point of a client process: connect, wait for the others, run, report."""
+    die_with_parent()
+    try:
+        channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
+        stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
+        stub.Connect(smq_pb2.ConnectRequest(), timeout=30, wait_for_ready=True)
+        results.put(("ok", ROLES[role](stub, params, barrier)))
+        channel.close()
+    except BaseException as exc:  # report, and free the others from the barrier
+        results.put(("error", f"{role}: {exc!r}\n{traceback.format_exc()}"))
+        barrier.abort()
+
+
+def payload_of(size: int) -> bytes:
+    return (b"smq-bench-" * (size // 10 + 1))[:size]
+
+
+def role_unary(stub, p, barrier) -> dict:
+    request = smq_pb2.ProduceRequest(topic=p["topic"], message=payload_of(p["size"]))
+    produce = stub.Produce
+    barrier.wait()
+    t0 = time.monotonic()
+    end, n = t0 + p["duration"], 0
+    while time.monotonic() < end:
+        produce(request)
+        n += 1
+    return {"messages": n, "t0": t0, "t1": time.monotonic()}
+
+
+def role_stream_produce(stub, p, barrier) -> dict:
+    request = smq_pb2.ProduceRequest(topic=p["topic"], message=payload_of(p["size"]))
+    sent = [0]
+
+    def requests():
+        end = time.monotonic() + p["duration"]
+        while time.monotonic() < end:
+            for _ in range(100):
+                yield request
+            sent[0] += 100
+
+    barrier.wait()
+    t0 = time.monotonic()
+    last = stub.StreamProduce(requests(), timeout=p["duration"] + 120).offset
+    return {"messages": sent[0], "t0": t0, "t1": time.monotonic(), "last_offset": last}
+
+
+def role_produce_batch(stub, p, barrier) -> dict:
+    request = smq_pb2.ProduceBatchRequest(topic=p["topic"],
+                                          messages=[payload_of(p["size"])] * p["batch"])
+    produce = stub.ProduceBatch
+    barrier.wait()
+    t0 = time.monotonic()
+    end, n = t0 + p["duration"], 0
+    while time.monotonic() < end:
+        produce(request)
+        n += p["batch"]
+    return {"messages": n, "t0": t0, "t1": time.monotonic()}
+
+
+def role_stream_consume(stub, p, barrier) -> dict:
+    barrier.wait()
+    t0 = time.monotonic()
+    call = stub.StreamConsume(smq_pb2.ConsumeRequest(topic=p["topic"], offset=1),
+                              timeout=p["timeout"])
+    n = 0
+    for response in call:
+        if response.offset > 0:
+            n += 1
+            if response.offset >= p["count"]:
+                break
+    t1 = time.monotonic()
+    call.cancel()
+    return {"messages": n, "t0": t0, "t1": t1}
+
+
+def role_subscribe(stub, p, barrier) -> dict:
+    barrier.wait()
+    t0 = time.monotonic()
+    call = stub.Subscribe(smq_pb2.SubscribeRequest(topic=p["topic"], offset=1,
+                                                   max_messages=p["max_messages"]),
+                          timeout=p["timeout"])
+    n = pages = 0
+    for page in call:
+        n += len(page.messages)
+        pages += 1
+        if page.next_offset > p["count"]:
+            break
+    t1 = time.monotonic()
+    call.cancel()
+    return {"messages": n, "t0": t0, "t1": t1, "pages": pages}
+
+
+def role_bulk_retrieve(stub, p, barrier) -> dict:
+    retrieve = stub.BulkRetrieve
+    barrier.wait()
+    t0 = time.monotonic()
+    n = calls = 0
+    offset = 1
+    while offset <= p["count"]:
+        page = retrieve(smq_pb2.BulkRetrieveRequest(topic=p["topic"], start_offset=offset,
+                                                    limit=p["limit"]))
+        n += page.count
+        calls += 1
+        offset = page.next_offset
+    return {"messages": n, "t0": t0, "t1": time.monotonic(), "calls": calls}
+
+
+def role_latency_producer(stub, p, barrier) -> dict:
+    padding = payload_of(max(p["size"] - 8, 0))
+    produce = stub.Produce
+    barrier.wait()
+    t0 = time.monotonic()
+    for i in range(p["count"]):
+        delay = t0 + i / p["rate"] - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        produce(smq_pb2.ProduceRequest(
+            topic=p["topic"], message=time.monotonic_ns().to_bytes(8, "big") + padding))
+    return {"messages": p["count"], "t0": t0, "t1": time.monotonic()}
+
+
+def role_latency_subscriber(stub, p, barrier) -> dict:
+    """Subscribes before the producer starts; latencies in microseconds."""
+    if p["kind"] == "subscribe":
+        call = stub.Subscribe(smq_pb2.SubscribeRequest(topic=p["topic"], offset=1),
+                              timeout=p["timeout"])
+    else:
+        call = stub.StreamConsume(smq_pb2.ConsumeRequest(topic=p["topic"], offset=1),
+                                  timeout=p["timeout"])
+    barrier.wait()
+    latencies: list[float] = []
+    seen = 0
+    for response in call:
+        now = time.monotonic_ns()
+        batch = (response.messages if p["kind"] == "subscribe"
+                 else ([response] if response.offset > 0 else []))
+        for message in batch:
+            seen = max(seen, message.offset)
+            if message.offset > LATENCY_WARMUP:
+                latencies.append((now - int.from_bytes(message.message[:8], "big")) / 1000)
+        if seen >= p["count"]:
+            break
+    call.cancel()
+    return {"messages": len(latencies), "kind": p["kind"], "latencies_us": latencies}
+
+
+ROLES = {
+    "unary": role_unary, "stream_produce": role_stream_produce,
+    "produce_batch": role_produce_batch, "stream_consume": role_stream_consume,
+    "subscribe": role_subscribe, "bulk_retrieve": role_bulk_retrieve,
+    "latency_producer": role_latency_producer, "latency_subscriber": role_latency_subscriber,
+}
+
+
+# -- the server under test -------------------------------------------------------------
+
+class ServerProcess:
+    """A server child process: started, measured through /proc, stopped."""
+
+    def __init__(self, kind: str, command: list[str], workdir: Path,
+                 source: Path = ROOT) -> None:
+        self.kind = kind
+        self.command = command
+        self.source = source  # the checkout whose smq package runs
+        self.workdir = workdir
+        self.log_path = workdir / f"{kind}-{time.monotonic_ns()}.log"
+        self.proc: subprocess.Popen | None = None
+        self.channel: grpc.Channel | None = None
+        self.stub: smq_pb2_grpc.SuhaibMessageQueueStub | None = None
+        self.address = ""
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Spawn; return the seconds until Connect answers."""
+        env = {k: v for k, v in os.environ.items()
+               if k not in SERVER_ENV_NAMES and not k.startswith("SMQ_")}
+        env["PYTHONPATH"] = str(self.source) + os.pathsep + env.get("PYTHONPATH", "")
+        log = open(self.log_path, "w")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(self.command, cwd=self.workdir, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     preexec_fn=die_with_parent)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            match = LISTENING.search(self.log())
+            if match:
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.kind} server did not start:\n{self.log()}")
+            time.sleep(0.002)
+        self.address = f"127.0.0.1:{match.group(1)}"
+        self.channel = grpc.insecure_channel(self.address, options=CLIENT_OPTIONS)
+        self.stub = smq_pb2_grpc.SuhaibMessageQueueStub(self.channel)
+        self.stub.Connect(smq_pb2.ConnectRequest(), timeout=timeout, wait_for_ready=True)
+        return time.perf_counter() - t0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self, field: str) -> float:
+        """A VmRSS/VmHWM-style field of /proc/PID/status, in MiB."""
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def info(self) -> smq_pb2.GetServerInfoResponse:
+        return self.stub.GetServerInfo(smq_pb2.GetServerInfoRequest(), timeout=30)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# -- phases ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Settings:
+    repeat: int
+    sizes: list[int]
+    modes: list[str]
+    duration: float
+    batch: int
+    bulk_limit: int
+    catchup_count: int
+    catchup_bytes: int
+    latency_rate: int
+    latency_seconds: float
+    settle: float
+    raw: bool
+    baseline: Path | None = None  # another checkout's smq, measured alongside (A/B)
+
+    def catchup(self, size: int) -> int:
+        return max(100, min(self.catchup_count, self.catchup_bytes // size))
+
+
+class Bench:
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(["grpc", "smq._proto.smq_pb2_grpc"])
+        self.samples: list[dict] = []
+        self.errors: list[str] = []
+
+    def clients(self, server: ServerProcess, specs: list[tuple[str, dict]],
+                timeout: float) -> tuple[list[dict], dict]:
+        """Run client processes together; returns their reports and the server's deltas
+        (CPU seconds, GetServerInfo counters) from the moment they all were ready."""
+        barrier = self.ctx.Barrier(len(specs) + 1)
+        results = self.ctx.Queue()
+        procs = [self.ctx.Process(target=client_main, args=(role, server.address, params,
+                                                            barrier, results), daemon=True)
+                 for role, params in specs]
+        for proc in procs:
+            proc.start()
+        try:
+            barrier.wait(timeout=60)
+        except Exception:
+            pass  # a client failed before the start; its report says why
+        cpu0 = server.cpu_seconds()
+        info0 = server.info() if server.kind != "raw" else None
+        reports, errors = [], []
+        deadline = time.monotonic() + timeout
+        for _ in procs:
+            try:
+                status, body = results.get(timeout=max(deadline - time.monotonic(), 0.1))
+            except Exception:
+                errors.append("a client did not finish in time")
+                break
+            (reports if status == "ok" else errors).append(body)
+        delta: dict[str, float] = {"server_cpu_s": server.cpu_seconds() - cpu0}
+        if info0 is not None:
+            info1 = server.info()
+            delta["commits"] = info1.commits - info0.commits
+            delta["committed_messages"] = info1.committed_messages - info0.committed_messages
+            delta["committed_writes"] = info1.committed_writes - info0.committed_writes
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if errors:
+            raise RuntimeError("; ".join(errors))
+        return reports, delta
+
+    def throughput(self, server, name, specs, timeout) -> dict:
+        reports, delta = self.clients(server, specs, timeout)
+        messages = sum(r["messages"] for r in reports)
+        elapsed = max(r["t1"] for r in reports) - min(r["t0"] for r in reports)
+        result = {"value": messages / elapsed, "messages": messages, "elapsed_s": elapsed,
+                  "server_cpu_us_per_msg": delta["server_cpu_s"] / messages * 1e6 if messages else None,
+                  **delta}
+        if delta.get("commits"):
+            result["msgs_per_commit"] = delta["committed_messages"] / delta["commits"]
+        return result
+
+    def run_server(self, kind: str, size: int, mode: str, repeat: int) -> None:
+        s = self.s
+        if kind != "raw":
+            command = [sys.executable, "-m", "smq", "--dbpath", "bench.db", "--port", "0",
+                       "--bind", "127.0.0.1", "--durability", mode]
+        else:
+            command = [sys.executable, str(RAW_SERVER), "--port", "0", "--bind", "127.0.0.1"]
+        rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-{size}-{mode}-", dir=self.workdir))
+        server = ServerProcess(kind, command, rundir,
+                               self.s.baseline if kind == "base" else ROOT)
+        where = {"server": kind, "size": size, "mode": mode, "repeat": repeat}
+
+        def record(figure: str, value: float | None, **detail: Any) -> None:
+            self.samples.append({**where, "figure": figure, "value": value, **detail})
+
+        def phase(figure: str, run) -> None:
+            try:
+                run()
+            except Exception as exc:
+                message = f"{kind} size={size} mode={mode} repeat={repeat} {figure}: {exc}"
+                self.errors.append(message)
+                print("  ERROR " + message.splitlines()[0], file=sys.stderr)
+                record(figure, None, error=str(exc))
+            # Which phase makes the peak: the server's memory after each one.
+            record(f"rss_after_{figure}", None, rss_mib=server.status("VmRSS"),
+                   hwm_mib=server.status("VmHWM"))
+
+        label = f"{kind} {size}B{'' if kind == 'raw' else ' ' + mode} #{repeat + 1}"
+        t_phase = time.monotonic()
+        try:
+            record("startup_s", server.start())
+            time.sleep(s.settle)
+            record("idle_rss_mib", server.status("VmRSS"))
+            catchup = s.catchup(size)
+            for topic in ("u1", "u4", "sp", "pb", "catch", "lat"):
+                server.stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=topic), timeout=30)
+            common = {"size": size, "duration": s.duration}
+            timeout = s.duration + 120
+
+            def write_phase(figure, specs):
+                result = self.throughput(server, figure, specs, timeout)
+                record(figure, result.pop("value"), **result)
+                if figure == "unary_4" and "msgs_per_commit" in result:
+                    record("msgs_per_commit_4", result["msgs_per_commit"])
+
+            phase("unary_1", lambda: write_phase("unary_1", [("unary", {**common, "topic": "u1"})]))
+            phase("unary_4", lambda: write_phase(
+                "unary_4", [("unary", {**common, "topic": "u4"})] * 4))
+            phase("stream_produce", lambda: write_phase(
+                "stream_produce", [("stream_produce", {**common, "topic": "sp"})]))
+            phase("produce_batch", lambda: write_phase(
+                "produce_batch", [("produce_batch", {**common, "topic": "pb", "batch": s.batch})]))
+            phase("produce_batch_4", lambda: write_phase(
+                "produce_batch_4",
+                [("produce_batch", {**common, "topic": "pb", "batch": s.batch})] * 4))
+
+            # A topic of `catchup` messages, read from offset 1 by each kind of reader.
+            request = smq_pb2.ProduceBatchRequest(topic="catch", messages=[payload_of(size)] * 100)
+            for _ in range(catchup // 100):
+                server.stub.ProduceBatch(request, timeout=60)
+            read = {"topic": "catch", "count": catchup // 100 * 100, "timeout": timeout}
+            phase("stream_consume", lambda: write_phase(
+                "stream_consume", [("stream_consume", read)]))
+            phase("subscribe", lambda: write_phase(
+                "subscribe", [("subscribe", {**read, "max_messages": 0})]))
+            phase("bulk_retrieve", lambda: write_phase(
+                "bulk_retrieve", [("bulk_retrieve", {**read, "limit": s.bulk_limit})]))
+
+            def latency():
+                count = LATENCY_WARMUP + int(s.latency_rate * s.latency_seconds)
+                p = {"topic": "lat", "size": max(size, 8), "count": count,
+                     "rate": s.latency_rate, "timeout": s.latency_seconds + 120}
+                reports, delta = self.clients(server, [
+                    ("latency_subscriber", {**p, "kind": "subscribe"}),
+                    ("latency_subscriber", {**p, "kind": "stream"}),
+                    ("latency_producer", p)], timeout=p["timeout"])
+                for report in reports:
+                    if "latencies_us" not in report:
+                        continue
+                    kind_ = report["kind"]
+                    lat = sorted(report["latencies_us"])
+                    for q, name in ((0.50, "p50"), (0.99, "p99")):
+                        record(f"latency_{kind_}_{name}", percentile(lat, q) / 1000,
+                               samples=len(lat))
+                    record(f"latency_{kind_}_all_us", None, latencies_us=[round(x, 1) for x in lat])
+            phase("latency", latency)
+            record("peak_rss_mib", server.status("VmHWM"))
+        except Exception as exc:
+            message = f"{kind} size={size} mode={mode} repeat={repeat}: {exc}"
+            self.errors.append(message)
+            print("  ERROR " + message, file=sys.stderr)
+        finally:
+            server.stop()
+        print(f"  {label}: done in {time.monotonic() - t_phase:.1f}s", file=sys.stderr)
+
+    def run(self) -> None:
+        for repeat in range(self.s.repeat):
+            for size in self.s.sizes:
+                if self.s.raw:
+                    self.run_server("raw", size, "-", repeat)
+                for mode in self.s.modes:
+                    self.run_server("smq", size, mode, repeat)
+                    if self.s.baseline:
+                        self.run_server("base", size, mode, repeat)
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- the report -------------------------------------------------------------------------
+
+def aggregate(samples: list[dict], figure: Figure, server: str, size: int,
+              mode: str) -> float | None:
+    values = [x["value"] for x in samples
+              if x["figure"] == figure.key and x["server"] == server and x["size"] == size
+              and (server == "raw" or x["mode"] == mode) and x["value"] is not None]
+    if not values:
+        return None
+    return max(values) if figure.aggregate == "max" else statistics.median(values)
+
+
+def evaluate(settings: Settings, samples: list[dict], batch: int, bulk_limit: int,
+             rate: int) -> list[dict]:
+    rows = []
+    for size in settings.sizes:
+        for mode in settings.modes:
+            for figure in figures(batch, bulk_limit, rate):
+                smq = aggregate(samples, figure, "smq", size, mode)
+                raw = None if figure.smq_only else aggregate(samples, figure, "raw", size, mode)
+                ratio = smq / raw if smq is not None and raw else None
+                checks = TARGETS.get(figure.key, []) if (size, mode) == (TARGET_SIZE, TARGET_MODE) else []
+                if figure.key == "idle_rss_mib" and checks:
+                    checks = [Check("ratio_max", IDLE_RSS_SLACK)]
+                target_text, met = [], []
+                for check in checks:
+                    if check.kind == "ratio_max":
+                        target_text.append(f"<={check.bound - 1:.0%} over raw")
+                        met.append(None if ratio is None else ratio <= check.bound)
+                    else:
+                        target_text.append(check.text(figure.unit))
+                        met.append(check.holds(smq, ratio))
+                base = aggregate(samples, figure, "base", size, mode) if settings.baseline else None
+                rows.append({
+                    "figure": figure.key, "label": figure.label, "unit": figure.unit,
+                    "size": size, "mode": mode, "smq": smq, "raw": raw, "ratio": ratio,
+                    "base": base, "vs_base": smq / base if smq is not None and base else None,
+                    "target": " & ".join(target_text),
+                    "met": None if not met else (None if None in met else all(met))})
+    return rows
+
+
+def print_table(rows: list[dict], out=sys.stdout) -> None:
+    header = ("figure", "size", "mode", "SMQ median", "raw median", "ratio", "target", "met?")
+    with_base = any(r.get("base") is not None for r in rows)
+    if with_base:
+        header += ("baseline", "SMQ/base")
+    lines = [header]
+    for r in rows:
+        line = (
+            f"{r['label']} [{r['unit']}]", f"{r['size']}B", r["mode"], fmt(r["smq"], r["unit"]),
+            fmt(r["raw"], r["unit"]), "-" if r["ratio"] is None else f"{r['ratio']:.2f}",
+            r["target"] or "", "" if not r["target"] else {True: "yes", False: "NO", None: "?"}[r["met"]])
+        if with_base:
+            line += (fmt(r["base"], r["unit"]),
+                     "-" if r["vs_base"] is None else f"{r['vs_base']:.2f}")
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for i, line in enumerate(lines):
+        print("  ".join(cell.ljust(w) if j in (0, 2, 6, 7) else cell.rjust(w)
+                        for j, (cell, w) in enumerate(zip(line, widths))).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> None:
+    """Where the time goes: server CPU per message, and messages per commit, by phase."""
+    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "produce_batch_4",
+              "stream_consume", "subscribe", "bulk_retrieve")
+
+    def median_of(key, server, size, mode, phase):
+        values = [x[key] for x in samples if x["figure"] == phase and x["server"] == server
+                  and x["size"] == size and (server == "raw" or x["mode"] == mode)
+                  and x.get(key) is not None]
+        return statistics.median(values) if values else None
+
+    with_base = any(x["server"] == "base" for x in samples)
+    print("\nserver CPU per message (us, median) and messages per commit, by phase", file=out)
+    print(f"{'phase':16} {'size':>6} {'mode':6} {'SMQ us/msg':>10} {'raw us/msg':>10} "
+          f"{'SMQ-raw':>8} {'msg/commit':>10}"
+          + (f" {'base us/msg':>11} {'base m/c':>8}" if with_base else ""), file=out)
+    for size in settings.sizes:
+        for mode in settings.modes:
+            for name in phases:
+                smq = median_of("server_cpu_us_per_msg", "smq", size, mode, name)
+                raw = median_of("server_cpu_us_per_msg", "raw", size, mode, name)
+                mpc = median_of("msgs_per_commit", "smq", size, mode, name)
+                diff = f"{smq - raw:8.1f}" if smq is not None and raw is not None else f"{'-':>8}"
+                line = (f"{name:16} {size:>5}B {mode:6} {fmt(smq, 'us'):>10} {fmt(raw, 'us'):>10} "
+                        f"{diff} {fmt(mpc, 'msg'):>10}")
+                if with_base:
+                    base = median_of("server_cpu_us_per_msg", "base", size, mode, name)
+                    base_mpc = median_of("msgs_per_commit", "base", size, mode, name)
+                    line += f" {fmt(base, 'us'):>11} {fmt(base_mpc, 'msg'):>8}"
+                print(line, file=out)
+
+
+def print_memory_table(settings: Settings, samples: list[dict], out=sys.stdout) -> None:
+    """The server's peak memory (VmHWM, MiB, max over runs) as it stood after each phase."""
+    phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "produce_batch_4",
+              "stream_consume", "subscribe", "bulk_retrieve", "latency")
+    print("\nserver peak RSS (VmHWM, MiB, max over runs) after each phase", file=out)
+    short = {"unary_1": "unary1", "unary_4": "unary4", "stream_produce": "streamprod",
+             "produce_batch": "batch1", "produce_batch_4": "batch4", "stream_consume": "streamcons",
+             "subscribe": "subscribe", "bulk_retrieve": "bulk", "latency": "latency"}
+    print(f"{'server':6} {'size':>6} {'mode':6} " + " ".join(f"{short[p]:>10}" for p in phases),
+          file=out)
+    for server in ("raw", "smq", "base"):
+        for size in settings.sizes:
+            for mode in (["-"] if server == "raw" else settings.modes):
+                cells = []
+                for phase in phases:
+                    values = [x["hwm_mib"] for x in samples if x["figure"] == f"rss_after_{phase}"
+                              and x["server"] == server and x["size"] == size and x["mode"] == mode]
+                    cells.append(f"{max(values):10.1f}" if values else f"{'-':>10}")
+                if any(c.strip() != "-" for c in cells):
+                    print(f"{server:6} {size:>5}B {mode:6} " + " ".join(cells), file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a short smoke run (tiny phases, 1 repeat): proves the script works")
+    parser.add_argument("--repeat", type=int, help="runs of every figure (default 3; quick 1)")
+    parser.add_argument("--json", default="bench-results.json", help="where to write all samples")
+    parser.add_argument("--sizes", default="100,10240", help="payload sizes in bytes")
+    parser.add_argument("--modes", default="full,normal", help="SMQ durability modes")
+    parser.add_argument("--duration", type=float, help="seconds per write phase (default 2)")
+    parser.add_argument("--batch", type=int, default=100, help="messages per ProduceBatch call")
+    parser.add_argument("--bulk-limit", type=int, default=10_000, help="BulkRetrieve page limit")
+    parser.add_argument("--catchup", type=int, help="messages in the catch-up topic (default "
+                        "100000, at most 100 MiB of payload)")
+    parser.add_argument("--latency-rate", type=int, default=200, help="msg/s of the latency phase")
+    parser.add_argument("--latency-seconds", type=float, help="length of the latency phase (default 5)")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw-gRPC ceiling")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also measure the smq package of another checkout (e.g. `git "
+                             "archive main smq | tar -x -C DIR`), interleaved: an A/B comparison")
+    parser.add_argument("--workdir", help="keep server databases and logs here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
+    quick = args.quick
+    settings = Settings(
+        repeat=args.repeat or (1 if quick else 3),
+        sizes=[int(x) for x in args.sizes.split(",") if x],
+        modes=[x.strip() for x in args.modes.split(",") if x.strip()],
+        duration=args.duration or (0.3 if quick else 2.0),
+        batch=args.batch, bulk_limit=args.bulk_limit,
+        catchup_count=args.catchup or (2_000 if quick else 100_000),
+        catchup_bytes=(20 if quick else 100) * MiB,
+        latency_rate=args.latency_rate,
+        latency_seconds=args.latency_seconds or (0.3 if quick else 5.0),
+        settle=0.2 if quick else 1.0, raw=not args.no_raw,
+        baseline=Path(args.baseline).resolve() if args.baseline else None)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="smq-bench-") as tmp:
+        workdir = Path(args.workdir or tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        bench = Bench(settings, workdir)
+        print(f"SMQ benchmark: sizes {settings.sizes}, modes {settings.modes}, "
+              f"{settings.repeat} repeat(s), {settings.duration}s per write phase", file=sys.stderr)
+        bench.run()
+    rows = evaluate(settings, bench.samples, settings.batch, settings.bulk_limit,
+                    settings.latency_rate)
+    print(f"\nSMQ vs raw grpcio (no storage), medians of {settings.repeat} run(s); ratio = SMQ/raw; "
+          f"targets for {TARGET_SIZE}B, {TARGET_MODE} durability")
+    print_table(rows)
+    print_cpu_table(settings, bench.samples)
+    print_memory_table(settings, bench.samples)
+    report = {
+        "command": [sys.executable, *sys.argv] if argv is None else ["bench.py", *argv],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                    "platform": platform.platform(), "grpcio": grpc.__version__,
+                    "loadavg_at_end": os.getloadavg()},
+        "settings": dataclasses.asdict(settings), "rows": rows, "samples": bench.samples,
+        "errors": bench.errors,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        print(f"\nall samples: {args.json}")
+    if bench.errors:
+        print(f"\n{len(bench.errors)} error(s):", file=sys.stderr)
+        for error in bench.errors:
+            print("  " + error, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
