@@ -7,8 +7,17 @@ from smq.config import SETTINGS
 README = (ROOT / "README.md").read_text()
 
 
+def section(title: str) -> str:
+    """The README's text from a heading to the next heading of the same or higher level."""
+    level = title.split(" ")[0]
+    start = README.index(title + "\n")
+    end = re.search(rf"^#{{1,{len(level)}}} ", README[start + len(title):], re.MULTILINE)
+    return README[start:start + len(title) + (end.start() if end else len(README))]
+
+
 def test_every_setting_is_in_the_configuration_table():
-    rows = set(re.findall(r"^\| `(--[a-z-]+)` \| `([A-Z_]+)` \|", README, re.MULTILINE))
+    table = section("### Configuration")
+    rows = set(re.findall(r"^\| `(--[a-z-]+)` \| `([A-Z_]+)` \|", table, re.MULTILINE))
     assert rows == {(s.flag, s.env) for s in SETTINGS}
 
 
