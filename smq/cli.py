@@ -167,6 +167,9 @@ def client_warnings_on_stderr() -> Iterator[None]:
 
 
 def run_parsed(parsed: argparse.Namespace) -> int:
+    # Ctrl-C must end a command even when started from a script or a background job,
+    # whose shell hands its children SIGINT already ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with connect(parsed) as client:
             return parsed.run(client, parsed, Output(parsed.json))
