@@ -62,7 +62,13 @@ def test_session_transcript_replays(start_server, tmp_path: Path) -> None:
     script = "status=0\n" + "".join(f"echo '@@@ {i}'; (exit $status); {command} 2>&1; status=$?\n"
                                     for i, (command, _) in enumerate(steps))
     env = clean_env(SMQ_HOST="localhost", PORT=str(server.port))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the smq script
+    # `smq` is this interpreter's smq, whether or not a console script was installed
+    # (under Bazel there is none).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "smq").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m smq "$@"\n')
+    (bin_dir / "smq").chmod(0o755)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     outputs = re.split(r"^@@@ \d+\n", result.stdout.replace(str(server.port), "8097"), flags=re.M)[1:]

@@ -256,7 +256,9 @@ def test_clients_that_vanish_free_their_stream_slots(server, stub):
     """A client process holding 60 streams and a StreamProduce is killed (-9)."""
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="vanish"))
     client = subprocess.Popen([sys.executable, "-c", VANISHING_CLIENT, server.address], cwd=ROOT,
-                              env=clean_env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
+                              env=clean_env(PYTHONPATH=os.pathsep.join(
+                                  filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert client.stdout.readline().strip() == "ready"
     finally:
