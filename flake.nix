@@ -73,9 +73,11 @@
           sdnotify
           nats-py
         ];
-      # requirements/dev.txt's test tools (pysmq is not in nixpkgs; no test imports it).
+      # requirements/dev.txt's test tools (pysmq is not in nixpkgs: tests/test_pysmq.py
+      # skips without it, outside CI).
       testDeps =
         ps: with ps; [
+          cryptography
           grpcio-tools
           hypothesis
           pytest

@@ -25,6 +25,7 @@ let
     nats-py = "2.10.0";
     setuptools = "80.9.0";
     hypothesis = "6.140.0";
+    cryptography = "46.0.1";
     pytest = "8.4.2";
     pytest-timeout = "2.4.0";
   };
