@@ -118,6 +118,7 @@ let
           names shellEnv.stub.packages == sort (
             map (d: d.name) wanted
             ++ [
+              "cryptography"
               "grpcio-tools"
               "hypothesis"
               "pytest"
