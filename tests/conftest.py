@@ -76,7 +76,7 @@ class ServerProcess:
     def stub(self) -> smq_pb2_grpc.SuhaibMessageQueueStub:
         return smq_pb2_grpc.SuhaibMessageQueueStub(self.channel())
 
-    def terminate(self, timeout: float = 20.0) -> int:
+    def terminate(self, timeout: float = 60.0) -> int:  # generous: CI machines get loaded
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
