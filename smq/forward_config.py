@@ -18,7 +18,8 @@ from typing import Any
 
 import dotenv
 
-from .config import (LOG_LEVELS, parse_bool, parse_choice, parse_duration, parse_host, parse_port)
+from .config import (LOG_LEVELS, in_range, parse_bool, parse_choice, parse_duration, parse_host,
+                     parse_port)
 from .errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")   # SMQ topic and consumer names
@@ -81,15 +82,6 @@ def parse_rate(text: str) -> float:
     if not 0 <= value <= 1e6:
         raise ValueError("expected messages per second from 0 (no limit) to 1000000")
     return value
-
-
-def in_range(parse: Callable[[str], Any], low: float, high: float) -> Callable[[str], Any]:
-    def parse_bounded(text: str) -> Any:
-        value = parse(text)
-        if not low <= value <= high:
-            raise ValueError(f"expected a value from {low:g} to {high:g}")
-        return value
-    return parse_bounded
 
 
 @dataclasses.dataclass(frozen=True)
