@@ -91,6 +91,45 @@ class ServerProcess:
         self._log.close()
 
 
+def module_server(tmp_path_factory: pytest.TempPathFactory, name: str, *flags: str,
+                  socket: bool = False) -> ServerProcess:
+    """A server for a whole test module (its tests use distinct topics): short heartbeats,
+    optionally a Unix socket (`.socket`)."""
+    tmp = tmp_path_factory.mktemp(name)
+    extra = ["--unix-socket", str(tmp / "smq.sock")] if socket else []
+    proc = ServerProcess(["--dbpath", str(tmp / "smq.db"), "--port", "0", "--bind", "127.0.0.1",
+                          "--heartbeat-interval", "0.2", *extra, *flags], tmp).wait_serving()
+    proc.socket = str(tmp / "smq.sock") if socket else None
+    return proc
+
+
+def point_cli_at(server: ServerProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A clean environment for in-process `smq` commands, aimed at `server`; no ./.env of
+    the developer's."""
+    for name in list(os.environ):
+        if name in ENV_NAMES or name.startswith("SMQ_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SMQ_HOST", "127.0.0.1")
+    monkeypatch.setenv("PORT", str(server.port))
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator:
+    """An smq.client.Client on the module's `server` fixture (modules that define one)."""
+    from smq.client import Client
+    with Client("127.0.0.1", server.port) as client:
+        yield client
+
+
+@pytest.fixture
+def topic(client, request: pytest.FixtureRequest) -> str:
+    """A topic of the test's own name on `client`'s server."""
+    name = request.node.name.replace("[", "_").replace("]", "")[:200]
+    client.create_topic(name)
+    return name
+
+
 @pytest.fixture
 def start_server(tmp_path: Path) -> Iterator:
     """start_server(*flags, db=, env=, wait=True, command=) -> ServerProcess on a free port.

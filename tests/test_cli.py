@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,30 +13,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV_NAMES, ROOT, ServerProcess, clean_env
+from conftest import ROOT, ServerProcess, clean_env, module_server, point_cli_at
 from smq import cli
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("cli")
-    proc = ServerProcess(["--dbpath", str(tmp / "smq.db"), "--port", "0", "--bind", "127.0.0.1",
-                          "--heartbeat-interval", "0.2", "--unix-socket", str(tmp / "smq.sock")],
-                         tmp).wait_serving()
-    proc.socket = str(tmp / "smq.sock")
+    proc = module_server(tmp_path_factory, "cli", socket=True)
     yield proc
     proc.close()
 
 
 @pytest.fixture(autouse=True)
 def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: ServerProcess) -> None:
-    """A clean environment pointing at the module's server; no ./.env of the developer's."""
-    for name in list(os.environ):
-        if name in ENV_NAMES or name.startswith("SMQ_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SMQ_HOST", "127.0.0.1")
-    monkeypatch.setenv("PORT", str(server.port))
+    point_cli_at(server, monkeypatch, tmp_path)
 
 
 class Run:

@@ -4,7 +4,6 @@ exit codes, help."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ENV_NAMES, ROOT, ServerProcess, clean_env
+from conftest import ROOT, ServerProcess, clean_env, module_server, point_cli_at
 from smq.client import Client
 from test_cli import Run
 
@@ -30,21 +29,14 @@ keep-uncommitted  -         false
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("cli-admin")
-    proc = ServerProcess(["--dbpath", str(tmp / "smq.db"), "--port", "0", "--bind", "127.0.0.1",
-                          "--heartbeat-interval", "0.2"], tmp).wait_serving()
+    proc = module_server(tmp_path_factory, "cli-admin")
     yield proc
     proc.close()
 
 
 @pytest.fixture(autouse=True)
 def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: ServerProcess) -> None:
-    for name in list(os.environ):
-        if name in ENV_NAMES or name.startswith("SMQ_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("SMQ_HOST", "127.0.0.1")
-    monkeypatch.setenv("PORT", str(server.port))
+    point_cli_at(server, monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -12,33 +12,17 @@ from pathlib import Path
 import pytest
 
 import smq
-from conftest import ROOT, ServerProcess, clean_env
+from conftest import ROOT, ServerProcess, clean_env, module_server
 from smq.client import Client, Message, TopicInfo
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
-    """One server for the module (topics are unique per test): short heartbeats, a socket."""
-    tmp = tmp_path_factory.mktemp("client")
-    proc = ServerProcess(["--dbpath", str(tmp / "smq.db"), "--port", "0", "--bind", "127.0.0.1",
-                          "--heartbeat-interval", "0.2", "--unix-socket", str(tmp / "smq.sock")],
-                         tmp).wait_serving()
-    proc.socket = str(tmp / "smq.sock")
+    proc = module_server(tmp_path_factory, "client", socket=True)
     yield proc
     proc.close()
 
 
-@pytest.fixture
-def client(server: ServerProcess) -> Iterator[Client]:
-    with Client("127.0.0.1", server.port) as client:
-        yield client
-
-
-@pytest.fixture
-def topic(client: Client, request: pytest.FixtureRequest) -> str:
-    name = request.node.name.replace("[", "_").replace("]", "")[:200]
-    client.create_topic(name)
-    return name
 
 
 def test_connect_ping_and_repr(client: Client) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import smq
-from conftest import ServerProcess
+from conftest import ServerProcess, module_server
 from smq.client import Client, ConsumerInfo, ServerInfo, TopicPolicy
 
 WEEK = 7 * 86400
@@ -18,26 +18,12 @@ WEEK = 7 * 86400
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:
     """Server defaults that show in effective policies: a week's retention, drop-oldest."""
-    tmp = tmp_path_factory.mktemp("admin")
-    proc = ServerProcess(["--dbpath", str(tmp / "smq.db"), "--port", "0", "--bind", "127.0.0.1",
-                          "--heartbeat-interval", "0.2", "--retention-max-age", "7d",
-                          "--on-full", "drop-oldest", "--max-message-size", "2MiB"],
-                         tmp).wait_serving()
+    proc = module_server(tmp_path_factory, "admin", "--retention-max-age", "7d",
+                         "--on-full", "drop-oldest", "--max-message-size", "2MiB")
     yield proc
     proc.close()
 
 
-@pytest.fixture
-def client(server: ServerProcess) -> Iterator[Client]:
-    with Client("127.0.0.1", server.port) as client:
-        yield client
-
-
-@pytest.fixture
-def topic(client: Client, request: pytest.FixtureRequest) -> str:
-    name = request.node.name.replace("[", "_").replace("]", "")[:200]
-    client.create_topic(name)
-    return name
 
 
 # -- topic policies ----------------------------------------------------------------------------

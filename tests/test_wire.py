@@ -14,7 +14,6 @@ import queue
 import re
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
