@@ -117,6 +117,7 @@ class Setting:
 
     @property
     def default(self) -> Any:
+        """The default of a server or client setting (smq forward's have their own)."""
         return Config.__dataclass_fields__[self.field].default
 
 

@@ -13,13 +13,13 @@ import dataclasses
 import os
 import re
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import dotenv
 
-from .config import (LOG_LEVELS, in_range, parse_bool, parse_choice, parse_duration, parse_host,
-                     parse_port)
+from .config import (LOG_LEVELS, Setting, in_range, parse_bool, parse_choice, parse_duration,
+                     parse_host, parse_port)
 from .errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")   # SMQ topic and consumer names
@@ -84,86 +84,68 @@ def parse_rate(text: str) -> float:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    field: str
-    flag: str
-    env: str
-    parse: Callable[[str], Any]
-    help: str
-    group: str
-
-    @property
-    def is_bool(self) -> bool:
-        return self.parse is parse_bool
-
-
-def _s(field: str, flag: str, env: str, parse: Callable[[str], Any], text: str, group: str) -> Setting:
-    return Setting(field, flag, env, parse, text, group)
-
-
 SETTINGS: tuple[Setting, ...] = (
     # What and where.
-    _s("topics", "--topics", "SMQ_FORWARD_TOPICS", parse_topics,
+    Setting("topics", "--topics", "SMQ_FORWARD_TOPICS", parse_topics,
        "SMQ topics to forward, separated by commas (required)", "forwarding"),
-    _s("node", "--node", "SMQ_FORWARD_NODE", parse_node,
+    Setting("node", "--node", "SMQ_FORWARD_NODE", parse_node,
        "this device's name in subjects and message ids [default: the host name up to its "
        "first dot]", "forwarding"),
-    _s("subject_prefix", "--subject-prefix", "SMQ_FORWARD_SUBJECT_PREFIX", parse_prefix,
+    Setting("subject_prefix", "--subject-prefix", "SMQ_FORWARD_SUBJECT_PREFIX", parse_prefix,
        "subjects are PREFIX.NODE.TOPIC", "forwarding"),
-    _s("stream", "--stream", "SMQ_FORWARD_STREAM", parse_stream,
+    Setting("stream", "--stream", "SMQ_FORWARD_STREAM", parse_stream,
        "JetStream stream to publish to [default: SMQ_NODE]", "forwarding"),
-    _s("consumer", "--consumer", "SMQ_FORWARD_CONSUMER", parse_consumer,
+    Setting("consumer", "--consumer", "SMQ_FORWARD_CONSUMER", parse_consumer,
        "SMQ durable consumer whose offsets say what was forwarded [default: forward-NODE]",
        "forwarding"),
-    _s("start_from", "--start-from", "SMQ_FORWARD_START_FROM",
+    Setting("start_from", "--start-from", "SMQ_FORWARD_START_FROM",
        parse_choice(("earliest", "latest")),
        "where a topic that this consumer never committed starts: earliest, or only new "
        "messages", "forwarding"),
-    _s("window", "--window", "SMQ_FORWARD_WINDOW", in_range(int, 1, 10_000),
+    Setting("window", "--window", "SMQ_FORWARD_WINDOW", in_range(int, 1, 10_000),
        "messages published and not yet acknowledged, at most", "forwarding"),
-    _s("rate_limit", "--rate-limit", "SMQ_FORWARD_RATE_LIMIT", parse_rate,
+    Setting("rate_limit", "--rate-limit", "SMQ_FORWARD_RATE_LIMIT", parse_rate,
        "messages per second, at most; 0: no limit", "forwarding"),
-    _s("ack_timeout", "--ack-timeout", "SMQ_FORWARD_ACK_TIMEOUT",
+    Setting("ack_timeout", "--ack-timeout", "SMQ_FORWARD_ACK_TIMEOUT",
        in_range(parse_duration, 0.1, 600), "wait this long for JetStream's acknowledgement "
        "of a message, then reconnect and resend", "forwarding"),
-    _s("create_stream", "--create-stream", "SMQ_FORWARD_CREATE_STREAM", parse_bool,
+    Setting("create_stream", "--create-stream", "SMQ_FORWARD_CREATE_STREAM", parse_bool,
        "create the stream (subjects PREFIX.NODE.>) if it does not exist", "forwarding"),
-    _s("replicas", "--replicas", "SMQ_FORWARD_REPLICAS", in_range(int, 1, 5),
+    Setting("replicas", "--replicas", "SMQ_FORWARD_REPLICAS", in_range(int, 1, 5),
        "replicas of a stream that --create-stream creates", "forwarding"),
-    _s("duplicate_window", "--duplicate-window", "SMQ_FORWARD_DUPLICATE_WINDOW",
+    Setting("duplicate_window", "--duplicate-window", "SMQ_FORWARD_DUPLICATE_WINDOW",
        in_range(parse_duration, 1, 7 * 86400),
        "duplicate window of a stream that --create-stream creates", "forwarding"),
-    _s("log_interval", "--log-interval", "SMQ_FORWARD_LOG_INTERVAL",
+    Setting("log_interval", "--log-interval", "SMQ_FORWARD_LOG_INTERVAL",
        in_range(parse_duration, 0.1, 86400), "log the backlog this often", "forwarding"),
-    _s("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS),
+    Setting("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS),
        "debug, info, warning or error", "forwarding"),
-    _s("env_file", "--env-file", "SMQ_ENV_FILE", str,
+    Setting("env_file", "--env-file", "SMQ_ENV_FILE", str,
        "file of KEY=value settings read below the environment (missing default is fine)",
        "forwarding"),
     # The SMQ server (as for the other client commands).
-    _s("host", "--host", "SMQ_HOST", parse_host, "SMQ server to read from", "SMQ server"),
-    _s("port", "--port", "PORT", parse_port, "its port", "SMQ server"),
-    _s("unix_socket", "--unix-socket", "SMQ_UNIX_SOCKET", str,
+    Setting("host", "--host", "SMQ_HOST", parse_host, "SMQ server to read from", "SMQ server"),
+    Setting("port", "--port", "PORT", parse_port, "its port", "SMQ server"),
+    Setting("unix_socket", "--unix-socket", "SMQ_UNIX_SOCKET", str,
        "connect through the server's Unix socket instead of TCP", "SMQ server"),
-    _s("enable_mtls", "--enable-mtls", "ENABLE_MTLS", parse_bool,
+    Setting("enable_mtls", "--enable-mtls", "ENABLE_MTLS", parse_bool,
        "present a client certificate (mutual TLS)", "SMQ server"),
-    _s("client_cert", "--client-cert", "CLIENT_CERT", str, "client certificate (PEM)", "SMQ server"),
-    _s("client_key", "--client-key", "CLIENT_KEY", str, "client private key (PEM)", "SMQ server"),
-    _s("ca_cert", "--ca-cert", "CA_CERT", str, "CA that signed the SMQ server's certificate",
+    Setting("client_cert", "--client-cert", "CLIENT_CERT", str, "client certificate (PEM)", "SMQ server"),
+    Setting("client_key", "--client-key", "CLIENT_KEY", str, "client private key (PEM)", "SMQ server"),
+    Setting("ca_cert", "--ca-cert", "CA_CERT", str, "CA that signed the SMQ server's certificate",
        "SMQ server"),
     # NATS.
-    _s("nats_servers", "--nats-servers", "NATS_URL", parse_servers,
+    Setting("nats_servers", "--nats-servers", "NATS_URL", parse_servers,
        "NATS servers, separated by commas (nats://host:4222, tls://host:4222)", "NATS"),
-    _s("nats_creds", "--nats-creds", "NATS_CREDS", str,
+    Setting("nats_creds", "--nats-creds", "NATS_CREDS", str,
        "credentials file (JWT and NKey; needs the nkeys package)", "NATS"),
-    _s("nats_user", "--nats-user", "NATS_USER", str, "user name", "NATS"),
-    _s("nats_password", "--nats-password", "NATS_PASSWORD", str, "password", "NATS"),
-    _s("nats_token", "--nats-token", "NATS_TOKEN", str, "authentication token", "NATS"),
-    _s("nats_ca", "--nats-ca", "NATS_CA", str, "CA that signed the NATS servers' certificates "
+    Setting("nats_user", "--nats-user", "NATS_USER", str, "user name", "NATS"),
+    Setting("nats_password", "--nats-password", "NATS_PASSWORD", str, "password", "NATS"),
+    Setting("nats_token", "--nats-token", "NATS_TOKEN", str, "authentication token", "NATS"),
+    Setting("nats_ca", "--nats-ca", "NATS_CA", str, "CA that signed the NATS servers' certificates "
        "(turns on TLS)", "NATS"),
-    _s("nats_cert", "--nats-cert", "NATS_CERT", str, "client certificate for NATS (PEM)", "NATS"),
-    _s("nats_key", "--nats-key", "NATS_KEY", str, "its private key (PEM)", "NATS"),
+    Setting("nats_cert", "--nats-cert", "NATS_CERT", str, "client certificate for NATS (PEM)", "NATS"),
+    Setting("nats_key", "--nats-key", "NATS_KEY", str, "its private key (PEM)", "NATS"),
 )
 SETTINGS_BY_FIELD = {s.field: s for s in SETTINGS}
 

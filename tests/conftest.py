@@ -30,6 +30,19 @@ ENV_NAMES = ("DB_PATH", "PORT", "SERVER_ENABLE_MTLS", "SERVER_CERT_FILE", "SERVE
              "CLIENT_KEY", "CA_CERT", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
+def mdwe_supported() -> bool:
+    """Whether this kernel enforces PR_SET_MDWE, the rule behind systemd's
+    MemoryDenyWriteExecute (Linux 6.3+; checked in a child process)."""
+    probe = ("import ctypes, mmap\n"
+             "assert ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0\n"
+             "try:\n"
+             "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+             "except OSError:\n"
+             "    raise SystemExit(0)\n"
+             "raise SystemExit(1)\n")
+    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ENV_NAMES and not (k.startswith("SMQ_") and k != "SMQ_TEST_SERVER")}

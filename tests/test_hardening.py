@@ -8,12 +8,11 @@ trampolines) would fail here before it fails on a device.
 """
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
 
-from conftest import SERVER_COMMAND
+from conftest import SERVER_COMMAND, mdwe_supported
 from smq._proto import smq_pb2
 
 # prctl(PR_SET_MDWE=65, PR_MDWE_REFUSE_EXEC_GAIN=1); the rule survives execve.
@@ -23,18 +22,6 @@ if ctypes.CDLL(None, use_errno=True).prctl(65, 1, 0, 0, 0) != 0:
     sys.exit("PR_SET_MDWE failed: " + os.strerror(ctypes.get_errno()))
 os.execvp(sys.argv[1], sys.argv[1:])
 """
-
-
-def mdwe_supported() -> bool:
-    """Whether this kernel enforces PR_SET_MDWE (checked in a child process)."""
-    probe = ("import ctypes, mmap\n"
-             "assert ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0\n"
-             "try:\n"
-             "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
-             "except OSError:\n"
-             "    raise SystemExit(0)\n"
-             "raise SystemExit(1)\n")
-    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
 @pytest.mark.skipif(not mdwe_supported(), reason="kernel without PR_SET_MDWE (Linux < 6.3)")

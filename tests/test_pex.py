@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, clean_env
+from conftest import ROOT, clean_env, mdwe_supported
 from smq import __version__
 from smq.storage import SCHEMA_VERSION
 
@@ -138,18 +138,6 @@ def test_pex_refuses_a_database_from_a_newer_smq(x86_pex: Path, tmp_path: Path):
     with sqlite3.connect(db) as conn:  # refused, not touched
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
         assert conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0] == 0
-
-
-def mdwe_supported() -> bool:
-    """Whether this kernel enforces PR_SET_MDWE (checked in a child process)."""
-    probe = ("import ctypes, mmap\n"
-             "assert ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0\n"
-             "try:\n"
-             "    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
-             "except OSError:\n"
-             "    raise SystemExit(0)\n"
-             "raise SystemExit(1)\n")
-    return subprocess.run([sys.executable, "-c", probe]).returncode == 0
 
 
 @pytest.mark.skipif(not mdwe_supported(), reason="kernel without PR_SET_MDWE (Linux < 6.3)")
