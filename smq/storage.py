@@ -25,13 +25,14 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import apsw
 
+from . import batches
 from .errors import StartupError, StorageFailure, StorageFull, SMQError
 
 log = logging.getLogger(__name__)
 
 # Format of the database file, kept in PRAGMA user_version. Raise it with a
 # migration in MIGRATIONS whenever the schema changes; an older SMQ refuses a newer file.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """CREATE TABLE topics (
@@ -72,6 +73,20 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
                PRIMARY KEY (name, topic_id)
            ) WITHOUT ROWID""",
         "CREATE INDEX consumers_by_topic ON consumers (topic_id, committed_offset)",
+    ),
+    # Consecutive messages share a row (batches.py): a batch is one row, not one per message.
+    2: (
+        """CREATE TABLE batches (
+               topic_id     INTEGER NOT NULL,
+               first_offset INTEGER NOT NULL,
+               last_offset  INTEGER NOT NULL,
+               payloads     BLOB NOT NULL,  -- the payloads, one after the other
+               sizes        BLOB,           -- their lengths (uint32 LE); NULL for one message
+               PRIMARY KEY (topic_id, first_offset)
+           )""",
+        """INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)
+           SELECT topic_id, msg_offset, msg_offset, payload, NULL FROM messages""",
+        "DROP TABLE messages",
     ),
 }
 
@@ -300,7 +315,7 @@ class Storage:
         """Every topic with its counters and policy, as committed."""
         sql = """SELECT id, name, next_offset, stored_bytes, created_at,
                         max_messages, max_bytes, max_age, on_full, keep_uncommitted,
-                        (SELECT min(msg_offset) FROM messages WHERE topic_id = topics.id),
+                        (SELECT min(first_offset) FROM batches WHERE topic_id = topics.id),
                         (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id),
                         (SELECT min(committed_offset) FROM consumers WHERE topic_id = topics.id)
                  FROM topics WHERE NOT deleted"""
@@ -323,9 +338,10 @@ class Storage:
         """The payload at offset, or None if it is not stored."""
         with self._reader("read message") as conn:
             row = conn.execute(
-                "SELECT payload FROM messages WHERE topic_id = ? AND msg_offset = ?",
+                "SELECT first_offset, last_offset, payloads, sizes FROM batches"
+                " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
                 (topic_id, offset)).fetchone()
-        return None if row is None else row[0]
+        return None if row is None else batches.message(*row, offset)
 
     def read_page(self, topic_id: int, from_offset: int, max_count: int,
                   max_bytes: int) -> list[tuple[int, bytes]]:
@@ -334,15 +350,24 @@ class Storage:
         page: list[tuple[int, bytes]] = []
         size = 0
         with self._reader("read messages") as conn:
+            # From the row holding from_offset (if stored) onwards.
             cursor = conn.execute(
-                "SELECT msg_offset, payload FROM messages"
-                " WHERE topic_id = ? AND msg_offset >= ? ORDER BY msg_offset LIMIT ?",
-                (topic_id, from_offset, max_count))
-            for offset, payload in cursor:
-                size += len(payload)
-                if page and size > max_bytes:
-                    break
-                page.append((offset, payload))
+                "SELECT first_offset, last_offset, payloads, sizes FROM batches"
+                " WHERE topic_id = ?1 AND first_offset >= coalesce((SELECT first_offset"
+                "   FROM batches WHERE topic_id = ?1 AND first_offset <= ?2"
+                "   ORDER BY first_offset DESC LIMIT 1), ?2)"
+                " ORDER BY first_offset", (topic_id, from_offset))
+            for row in cursor:
+                for message in batches.unpack(*row, from_offset):
+                    size += len(message[1])
+                    if page and size > max_bytes:
+                        break
+                    page.append(message)
+                    if len(page) >= max_count:
+                        break
+                else:
+                    continue
+                break
             cursor.close()
         return page
 
@@ -389,7 +414,7 @@ class Storage:
 
     def delete_topic(self, topic: TopicState) -> None:
         """Delete the topic's messages and hide it; its next_offset is kept."""
-        self._writer.execute("DELETE FROM messages WHERE topic_id = ?", (topic.id,))
+        self._writer.execute("DELETE FROM batches WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
         topic.min_committed = None
@@ -406,10 +431,8 @@ class Storage:
         first = topic.next_offset
         if not payloads:
             return 0
-        self._writer.executemany(
-            "INSERT INTO messages (topic_id, msg_offset, payload) VALUES (?, ?, ?)",
-            zip(itertools.repeat(topic.id), itertools.count(first), payloads))
         added = sum(map(len, payloads)) if size is None else size
+        self._insert_rows(topic, batches.pack(first, payloads, added))
         now = int(time.time())
         if now != topic.last_mark:
             self._writer.execute(
@@ -421,6 +444,14 @@ class Storage:
         if topic.earliest is None:
             topic.earliest = first
         return len(payloads)
+
+    def _insert_rows(self, topic: TopicState, rows: list[batches.Row]) -> None:
+        sql = ("INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)"
+               " VALUES (?, ?, ?, ?, ?)")
+        if len(rows) == 1:
+            self._writer.execute(sql, (topic.id, *rows[0]))
+        else:
+            self._writer.executemany(sql, [(topic.id, *row) for row in rows])
 
     def save_counters(self, topics: Iterable[TopicState]) -> None:
         """Store the counters of topics changed in this transaction (once per commit,
@@ -435,11 +466,20 @@ class Storage:
         if topic.earliest is None or until < topic.earliest:
             return 0
         until = min(until, topic.next_offset - 1)  # also keeps until + 1 within int64
+        whole = "topic_id = ? AND first_offset <= ? AND last_offset <= ?"
         freed, count = self._writer.execute(
-            "SELECT coalesce(sum(length(payload)), 0), count(*) FROM messages"
-            " WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until)).fetchall()[0]
-        self._writer.execute(
-            "DELETE FROM messages WHERE topic_id = ? AND msg_offset <= ?", (topic.id, until))
+            "SELECT coalesce(sum(length(payloads)), 0), coalesce(sum(last_offset - first_offset + 1), 0)"
+            f" FROM batches WHERE {whole}", (topic.id, until, until)).fetchall()[0]
+        self._writer.execute(f"DELETE FROM batches WHERE {whole}", (topic.id, until, until))
+        split = self._writer.execute(
+            "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
+            " RETURNING first_offset, last_offset, payloads, sizes", (topic.id, until)).fetchall()
+        if split:  # the row holding until and later messages: store those again
+            kept = [payload for _, payload in batches.unpack(*split[0], until + 1)]
+            kept_bytes = sum(map(len, kept))
+            freed += len(split[0][2]) - kept_bytes
+            count += until - split[0][0] + 1
+            self._insert_rows(topic, batches.pack(until + 1, kept, kept_bytes))
         self._trim_time_marks(topic, until)
         topic.stored_bytes -= freed
         topic.earliest = None if until >= topic.next_offset - 1 else until + 1
@@ -469,12 +509,16 @@ class Storage:
         Reads only the rows it would trim."""
         freed = 0
         offset = 0
-        for offset, size in self._writer.execute(
-                "SELECT msg_offset, length(payload) FROM messages WHERE topic_id = ?"
-                " ORDER BY msg_offset", (topic.id,)):
-            freed += size
-            if freed >= excess:
-                break
+        for first, last, size, sizes in self._writer.execute(
+                "SELECT first_offset, last_offset, length(payloads), sizes FROM batches"
+                " WHERE topic_id = ? ORDER BY first_offset", (topic.id,)):
+            if freed + size < excess:
+                freed, offset = freed + size, last
+                continue
+            for offset, length in zip(itertools.count(first), batches.lengths(first, last, sizes, size)):
+                freed += length
+                if freed >= excess:
+                    return offset
         return offset
 
     def set_policy(self, topic: TopicState, policy: TopicPolicy) -> None:
@@ -537,6 +581,16 @@ class Storage:
             # Each step of this pragma frees one page; fetching runs it to the end.
             self._writer.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
             return self._writer.pragma("freelist_count")
+
+
+def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
+    """Every stored (topic name, offset, payload), by topic and offset: for looking into
+    a database file (tests, forensics) without a server."""
+    rows = conn.execute("SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
+                        " FROM batches b JOIN topics t ON t.id = b.topic_id"
+                        " ORDER BY b.topic_id, b.first_offset").fetchall()
+    return [(name, offset, payload) for name, *row in rows
+            for offset, payload in batches.unpack(*row)]
 
 
 def _one_line(problems: list[str], limit: int = 200) -> str:

@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_a
 
 from conftest import ServerProcess
 from smq._proto import smq_pb2, smq_pb2_grpc
+from smq.storage import stored_messages
 
 MAX_MESSAGE = 16 * 1024
 HEARTBEAT = 0.3
@@ -730,8 +731,7 @@ def test_zz_server_survived_with_data_intact(server, stub, canary):
     assert integrity(server.db) == "ok"
     conn = apsw.Connection(str(server.db))
     try:
-        rows = conn.execute("SELECT m.msg_offset, m.payload FROM messages m JOIN topics t"
-                            " ON t.id = m.topic_id WHERE t.name = ? ORDER BY 1", (CANARY,)).fetchall()
+        rows = [(offset, payload) for name, offset, payload in stored_messages(conn) if name == CANARY]
     finally:
         conn.close()
     assert rows == list(enumerate(canary, 1))

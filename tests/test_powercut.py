@@ -35,6 +35,7 @@ import apsw
 import grpc
 
 from smq._proto import smq_pb2, smq_pb2_grpc
+from smq.storage import stored_messages
 
 CYCLES = int(os.environ.get("SMQ_POWERCUT_CYCLES", "20"))
 SEED = int(os.environ.get("SMQ_POWERCUT_SEED", str(random.randrange(1 << 30))))
@@ -231,8 +232,7 @@ def read_copy(db: Path, scratch: Path) -> tuple[str, list[tuple[str, int, bytes]
     conn = apsw.Connection(str(scratch / "copy.db"))
     try:
         integrity = conn.execute("PRAGMA integrity_check").get
-        rows = conn.execute("SELECT t.name, m.msg_offset, m.payload FROM messages m"
-                            " JOIN topics t ON t.id = m.topic_id").fetchall()
+        rows = stored_messages(conn)
         next_offsets = dict(conn.execute("SELECT name, next_offset FROM topics").fetchall())
     finally:
         conn.close()

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SERVER_COMMAND, clean_env
 from smq._proto import smq_pb2
+from smq.storage import stored_messages
 
 KIB = 1024
 
@@ -267,7 +268,7 @@ def test_real_full_filesystem(start_server, tmp_path):
         assert server.terminate() == 0
         assert integrity(db) == "ok"
         conn = apsw.Connection(str(db))
-        stored = [row[0] for row in conn.execute("SELECT msg_offset FROM messages ORDER BY msg_offset")]
+        stored = [offset for _, offset, _ in stored_messages(conn)]
         conn.close()
         assert stored == acked + [offset]
 

@@ -583,7 +583,7 @@ def test_storage_failure_is_internal_and_the_writer_survives(start_server, tmp_p
         with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
             db.execute(statement)
 
-    sql("DROP TABLE messages")
+    sql("DROP TABLE batches")
     calls = {"Produce": lambda: produce(stub, "t", b"x"), "Consume": lambda: consume(stub, "t", 1),
              "BulkRetrieve": lambda: bulk(stub, "t", 0, 10),
              "StreamProduce": lambda: stream_produce(stub, [pb.ProduceRequest(topic="t", message=b"y")]),
@@ -592,10 +592,10 @@ def test_storage_failure_is_internal_and_the_writer_survives(start_server, tmp_p
         error = error_of(call)  # promptly (TIMEOUT), not after the server's own write timeout
         assert error.code() == grpc.StatusCode.INTERNAL, (name, error.code(), error.details())
         assert "Traceback" not in error.details() and 'File "' not in error.details()
-    assert "no such table: messages" in server.log()  # the details are in the server log
+    assert "no such table: batches" in server.log()  # the details are in the server log
     assert stub.Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
 
-    sql(MIGRATIONS[1][1])  # the storage comes back (empty): writes work again, offsets go on
+    sql(MIGRATIONS[2][0])  # the storage comes back (empty): writes work again, offsets go on
     assert produce(stub, "t", b"back") == 3
     assert stored(stub, "t") == [(3, b"back")]
     assert server.terminate() == 0
