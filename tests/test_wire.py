@@ -196,7 +196,7 @@ def test_invalid_names_leave_the_database_intact(shared_server, stub, topic):
     with contextlib.closing(sqlite3.connect(f"file:{dbpath}?mode=ro", uri=True)) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
         names = {row[0] for row in db.execute("SELECT name FROM topics")}
-    assert {"topics", "messages"} <= tables
+    assert {"topics", "batches", "time_marks", "consumers"} <= tables
     assert not names & set(INVALID_NAMES.values())
 
 
