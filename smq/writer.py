@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 MAX_GROUP_MESSAGES = 20_000
 MAX_GROUP_BYTES = 32 * 1024**2
 TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
+# A measured disk budget above ROOM_TRUSTED_ABOVE is trusted for ROOM_SECONDS (see
+# reserve_space): far more than the files (WAL included) can grow in that time.
+ROOM_SECONDS = 0.1
+ROOM_TRUSTED_ABOVE = 256 * 1024**2
 ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
 MAKE_ROOM_ATTEMPTS = 12
 # How long a group waits for the writers it expects: twice the recent commit time
@@ -279,7 +283,8 @@ class GroupCommitWriter:
                  defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False)) -> None:
         self.storage = storage
         self.defaults = defaults
-        self._room: int | None = None  # free space known in this group, see reserve_space
+        self._room: int | None = None  # the disk budget left, see reserve_space
+        self._room_measured = 0.0
         self.topics: dict[str, TopicState] = storage.reload_topics()
         self.touched: set[str] = set()
         self.deleted: list[TopicState] = []
@@ -321,9 +326,15 @@ class GroupCommitWriter:
 
     def reserve_space(self, size: int) -> None:
         """Raise StorageFull unless `size` more bytes fit the disk budget (the filesystem's
-        free space above --min-free-space, and --max-db-size). Measured once a group."""
-        if self._room is None:
+        free space above --min-free-space, and --max-db-size), measured at the start of
+        every group once it is near and counted down within the group. While it is far
+        (ROOM_TRUSTED_ABOVE), a measure is reused for ROOM_SECONDS across groups: a statfs
+        and two pragmas per commit were a measurable part of a small one."""
+        now = time.monotonic()
+        if self._room is None or (self._room >= ROOM_TRUSTED_ABOVE
+                                  and now - self._room_measured >= ROOM_SECONDS):
             self._room = self.storage.free_space()
+            self._room_measured = now
         if size > self._room:
             raise StorageFull("disk budget reached: free space or --max-db-size exhausted; "
                               "trim or delete messages, or raise the limits")
@@ -477,7 +488,8 @@ class GroupCommitWriter:
             op._finish()
 
     def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
-        self._room = None
+        if self._room is not None and self._room < ROOM_TRUSTED_ABOVE:
+            self._room = None
         if self._topics_stale:
             self.topics = self.storage.reload_topics()
             self._topics_stale = False

@@ -273,6 +273,26 @@ def test_real_full_filesystem(start_server, tmp_path):
         assert stored == acked + [offset]
 
 
+def test_space_taken_by_another_file_is_noticed_while_the_budget_is_far(start_server, tmp_path):
+    """Far from the floor the writer reuses its measure of free space for a moment
+    (writer.ROOM_SECONDS); space another process takes meanwhile must still be seen."""
+    with tmpfs(tmp_path / "big", "400m") as mount:  # tmpfs pages cost memory only when written
+        server = start_server("--min-free-space", "100MiB", db=mount / "q.db")
+        stub = server.stub()
+        stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="t"))
+        assert stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"far")).offset == 1
+        with open(mount / "ballast", "wb") as ballast:  # leaves < 100 MiB free
+            for _ in range(310):
+                ballast.write(b"\0" * 1024 * KIB)
+        time.sleep(0.3)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"near"))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        (mount / "ballast").unlink()
+        assert stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"again")).offset == 2
+        assert server.terminate() == 0
+
+
 def test_free_space_floor_refuses_before_the_disk_is_full(start_server, tmp_path):
     with tmpfs(tmp_path / "small", "4m") as mount:
         server = start_server("--min-free-space", "2MiB", db=mount / "q.db")
