@@ -138,6 +138,12 @@ class TopicState:
     last_mark: int = 0  # unix second of the newest time mark
     min_committed: int | None = None  # lowest offset committed by a named consumer
 
+    def snapshot(self) -> TopicState:
+        """A copy, for readers, of what the writer goes on changing (quicker than copy.copy)."""
+        copied = object.__new__(TopicState)
+        copied.__dict__.update(self.__dict__)
+        return copied
+
     @property
     def latest(self) -> int | None:
         """Highest stored offset, or None when the topic is empty."""

@@ -28,7 +28,6 @@ rest of the server learns what readers may now see.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import queue
 import threading
@@ -67,24 +66,28 @@ class WriteOp:
     def __init__(self) -> None:
         self.result: Any = None
         self.error: SMQError | None = None
-        self._done = threading.Event()
+        # Held until the op is committed. A bare lock rather than an Event: an Event is
+        # a Condition written in Python, and there is one per produced message.
+        self._pending = threading.Lock()
+        self._pending.acquire()
 
     def apply(self, writer: GroupCommitWriter) -> None:
         raise NotImplementedError
 
     def done(self) -> bool:
-        return self._done.is_set()
+        return not self._pending.locked()
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until committed; return the result or raise the op's error."""
-        if not self._done.wait(timeout):
+        if not self._pending.acquire(timeout=-1 if timeout is None else timeout):
             raise Unavailable("the storage writer did not answer in time")
+        self._pending.release()  # finished for good: done() and later waits see it
         if self.error is not None:
             raise self.error
         return self.result
 
     def _finish(self) -> None:
-        self._done.set()
+        self._pending.release()
 
 
 class CreateTopic(WriteOp):
@@ -358,7 +361,7 @@ class GroupCommitWriter:
 
     def committed_topics(self) -> list[TopicState]:
         """Copies of the topic counters as of start-up, for the service's first view."""
-        return [copy.copy(t) for t in self.topics.values()]
+        return [t.snapshot() for t in self.topics.values()]
 
     def submit(self, op: WriteOp) -> WriteOp:
         """Queue op for the writer thread; `op.wait()` for its result."""
@@ -550,8 +553,8 @@ class GroupCommitWriter:
 
     def _publish(self) -> None:
         if self.touched or self.deleted:
-            changed = [copy.copy(self.topics[n]) for n in self.touched if n in self.topics]
-            changed += [copy.copy(t) for t in self.deleted if t.name not in self.topics]
+            changed = [self.topics[n].snapshot() for n in self.touched if n in self.topics]
+            changed += [t.snapshot() for t in self.deleted if t.name not in self.topics]
             self.touched.clear()
             self.deleted.clear()
             self._on_commit(changed)
