@@ -14,13 +14,14 @@ import contextlib
 import dataclasses
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
 from .writer import (Append, Barrier, CommitOffset, CreateTopic, DeleteConsumer, DeleteTopic,
-                     GroupCommitWriter, SetPolicy, Trim, WriteOp)
+                     STREAM_SECONDS, GroupCommitWriter, SetPolicy, StreamAppend, Trim, WriteOp)
 
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
@@ -28,8 +29,6 @@ MAX_PAGE_MESSAGES = 10_000
 # Replies stay below gRPC's default 4 MiB receive limit, so default clients can read
 # any page (a single message larger than this still travels alone).
 PAGE_BYTES = 3 * 1024**2
-STREAM_CHUNK_MESSAGES = 1_000  # StreamProduce hands the writer at most this many at once
-STREAM_CHUNK_BYTES = 4 * 1024**2
 WRITE_TIMEOUT = 60.0
 
 
@@ -211,15 +210,15 @@ class QueueService:
     def produce_stream(self, messages: Iterable[tuple[str, bytes]]) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
 
-        Messages are handed to the writer in chunks while the stream is still being
-        read: a chunk goes as soon as the previous one is committed (or when it is
-        full), so a fast stream fills big transactions and a slow one is not delayed.
+        Messages go to the writer while the stream is still being read: into the op
+        queued for it (StreamAppend) until the writer takes that one, then into the
+        next, queued once the previous one is committed. When a message had to wait for
+        that commit, the stream is busy and its next op waits STREAM_SECONDS to fill up:
+        a fast stream makes big transactions, a slow one's messages go as they come.
         On the first bad message the ones before it are committed, then the error raised.
         """
         last = 0
-        in_flight: WriteOp | None = None
-        chunk: list[tuple[str, bytes]] = []
-        chunk_bytes = 0
+        op: StreamAppend | None = None
         checked = None  # the topic name of the previous message, already checked
         try:
             for name, payload in messages:
@@ -227,20 +226,19 @@ class QueueService:
                     self._topic(name)  # a topic deleted later is caught by the writer
                     checked = name
                 self._check_size(payload)
-                chunk.append((name, payload))
-                chunk_bytes += len(payload)
-                full = len(chunk) >= STREAM_CHUNK_MESSAGES or chunk_bytes >= STREAM_CHUNK_BYTES
-                if in_flight is None or in_flight.done() or full:
-                    if in_flight is not None:
-                        last = in_flight.wait(WRITE_TIMEOUT)[1] or last
-                    in_flight = self.writer.submit(Append(chunk))
-                    chunk, chunk_bytes = [], 0
+                if op is not None and op.add(name, payload):
+                    continue
+                not_before = 0.0
+                if op is not None:
+                    if not op.done():  # a busy stream: let the next op fill a while
+                        not_before = time.monotonic() + STREAM_SECONDS
+                    last = op.wait(WRITE_TIMEOUT)[1] or last
+                op = StreamAppend(name, payload, not_before)
+                self.writer.submit(op)
         finally:
             # Whatever ends the stream, what was accepted before it is committed.
-            if in_flight is not None:
-                last = in_flight.wait(WRITE_TIMEOUT)[1] or last
-            if chunk:
-                last = self._write(Append(chunk))[1] or last
+            if op is not None:
+                last = op.wait(WRITE_TIMEOUT)[1] or last
         return last
 
     def produce_batch(self, name: str, payloads: list[bytes]) -> tuple[int, int]:

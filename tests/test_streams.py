@@ -134,6 +134,39 @@ def test_live_messages_are_pushed_not_polled(start_server, readers):
     assert time.monotonic() - started < 5.0
 
 
+def test_a_slow_stream_produce_is_committed_message_by_message(stub, readers):
+    """StreamProduce batches a fast stream's messages into larger commits; a slow one's
+    messages must still each be committed (and pushed to readers) while the stream is
+    open, not held until the next message or the end of the stream."""
+    make_topic(stub, "slow")
+    reader = readers(stub, "slow", 0)
+    seen = []
+
+    def requests():
+        for i in range(1, 6):
+            yield pb.ProduceRequest(topic="slow", message=b"s%d" % i)
+            seen.extend(reader.messages(1))  # the next message is sent only once this arrived
+
+    assert stub.StreamProduce(requests(), timeout=TIMEOUT).offset == 5
+    assert seen == [(i, b"s%d" % i) for i in range(1, 6)]
+
+
+def test_a_burst_on_stream_produce_is_committed_while_the_stream_pauses(stub, readers):
+    """The tail of a fast burst is committed without waiting for the next message."""
+    make_topic(stub, "burst")
+    reader = readers(stub, "burst", 0)
+    arrived = []
+
+    def requests():
+        for burst in range(3):
+            for i in range(300):
+                yield pb.ProduceRequest(topic="burst", message=b"b%d-%d" % (burst, i))
+            arrived.extend(reader.messages(300, timeout=10))  # the stream stays open meanwhile
+
+    assert stub.StreamProduce(requests(), timeout=TIMEOUT).offset == 900
+    assert arrived == [(n + 1, b"b%d-%d" % divmod(n, 300)) for n in range(900)]
+
+
 def test_history_larger_than_one_read_arrives_whole_and_in_order(stub, readers):
     payloads = [bytes([i]) * (512 * 1024) for i in range(1, 9)]  # 4 MiB: more than one page
     make_topic(stub, "t")
