@@ -288,14 +288,27 @@ class Storage:
                 os.replace(self.path + suffix, target + suffix)
         return target
 
-    @staticmethod
-    def _migrate(conn: apsw.Connection, version: int) -> None:
+    def _migrate(self, conn: apsw.Connection, version: int) -> None:
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            with conn:
-                for statement in MIGRATIONS[target]:
-                    conn.execute(statement)
-                conn.pragma("user_version", target)
+            try:
+                with conn:
+                    for statement in MIGRATIONS[target]:
+                        conn.execute(statement)
+                    conn.pragma("user_version", target)
+            except apsw.FullError:
+                raise StartupError(
+                    f"database {self.path!r}: no room to migrate it to format {target} (it is "
+                    "copied once: needs free space of about twice its size); the file is "
+                    "unchanged: free some space and start again") from None
             log.info("database format migrated to %d", target)
+        if version and version < SCHEMA_VERSION:
+            # Migrations copy tables: give the old ones' pages back to the disk now (or,
+            # if even that finds no room, little by little later, as after trims).
+            try:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+                conn.pragma("wal_checkpoint", "TRUNCATE")
+            except apsw.FullError:
+                log.warning("no room to give the old format's pages back yet")
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close every connection."""

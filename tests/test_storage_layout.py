@@ -5,6 +5,7 @@ migrated on start with nothing lost."""
 from __future__ import annotations
 
 import random
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -161,3 +162,25 @@ def test_a_first_format_database_is_migrated_with_nothing_lost(start_server, tmp
             + [("beta", o, p) for o, p in enumerate(old["beta"], 3)])
     finally:
         conn.close()
+
+
+def test_a_migration_short_of_space_refuses_to_start_and_keeps_the_old_file(tmp_path: Path):
+    """The copy needs room; on a full disk the migration rolls back, the server says so
+    in one line (exit 2), and the file is still format 1, whole and readable."""
+    from test_reliability import assert_one_line_refusal, start_and_fail, tmpfs
+    written = tmp_path / "v1.db"
+    old = {"t": [bytes([n % 256]) * 1000 for n in range(2500)]}  # ~2.6 MiB of messages
+    write_first_format(written, old)
+    with tmpfs(tmp_path / "small", "4m") as mount:  # fits the file, not its copy
+        db = mount / "v1.db"
+        shutil.copyfile(written, db)
+        assert_one_line_refusal(start_and_fail(tmp_path, "--dbpath", str(db)),
+                                "no room to migrate it to format 2", "unchanged")
+        conn = apsw.Connection(str(db))
+        try:
+            assert conn.pragma("user_version") == 1
+            assert conn.execute("PRAGMA integrity_check").get == "ok"
+            assert conn.execute("SELECT payload FROM messages ORDER BY msg_offset").fetchall() == [
+                (p,) for p in old["t"]]
+        finally:
+            conn.close()
