@@ -46,6 +46,7 @@ TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
 # A measured disk budget above ROOM_TRUSTED_ABOVE is trusted for ROOM_SECONDS (see
 # reserve_space): far more than the files (WAL included) can grow in that time.
 ROOM_SECONDS = 0.1
+SPACE_WARNING_SECONDS = 60
 ROOM_TRUSTED_ABOVE = 256 * 1024**2
 ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
 MAKE_ROOM_ATTEMPTS = 12
@@ -330,6 +331,7 @@ class GroupCommitWriter:
         self.deleted: list[TopicState] = []
         self._topics_stale = False  # True while `topics` may be ahead of the database
         self.space_to_give_back = True  # a previous run may have left free pages
+        self._space_warned = float("-inf")
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._carry: WriteOp | None = None
@@ -605,4 +607,9 @@ class GroupCommitWriter:
         try:
             self.space_to_give_back = self.storage.give_back_space() > 0
         except SMQError as exc:
-            log.warning("could not give free space back: %s", exc)
+            # Retried every tick; on a full disk that would log every second.
+            now = time.monotonic()
+            if now - self._space_warned >= SPACE_WARNING_SECONDS:
+                self._space_warned = now
+                log.warning("could not give free space back (retrying every %gs, logged at most "
+                            "every %ds): %s", TICK_SECONDS, SPACE_WARNING_SECONDS, exc)
