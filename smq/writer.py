@@ -46,8 +46,8 @@ TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
 # A measured disk budget above ROOM_TRUSTED_ABOVE is trusted for ROOM_SECONDS (see
 # reserve_space): far more than the files (WAL included) can grow in that time.
 ROOM_SECONDS = 0.1
-SPACE_WARNING_SECONDS = 60
 ROOM_TRUSTED_ABOVE = 256 * 1024**2
+SPACE_WARNING_SECONDS = 60  # a failing give-back of free pages is logged at most this often
 ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
 MAKE_ROOM_ATTEMPTS = 12
 STREAM_MESSAGES = 1_000  # a StreamAppend takes at most this many messages...
