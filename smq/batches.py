@@ -72,8 +72,4 @@ def message(first: int, last: int, payloads: bytes, sizes: bytes | None, offset:
     """The payload at offset, or None if the row does not hold it."""
     if not first <= offset <= last:
         return None
-    if sizes is None:
-        return payloads
-    ends = list(itertools.accumulate(lengths(first, last, sizes, len(payloads))))
-    index = offset - first
-    return payloads[ends[index - 1] if index else 0:ends[index]]
+    return next(unpack(first, last, payloads, sizes, offset))[1]

@@ -48,7 +48,7 @@ from typing import Any, Final
 import grpc
 
 from ._proto import smq_pb2, smq_pb2_grpc
-from .client_transport import ERROR_FOR_STATUS, RESUMABLE, Op, error_for, open_channel
+from .client_transport import ERROR_FOR_STATUS, RESUMABLE, Op, error_for, open_channel, tcp_address
 from .client_types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_HOST,
                            DEFAULT_MAX_MESSAGE_SIZE_MB, DEFAULT_PAGE_SIZE, DEFAULT_PORT,
                            DEFAULT_RETRIES, DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT,
@@ -115,8 +115,7 @@ class Client:
         elif unix_socket:
             self.target = f"unix:{unix_socket}"
         else:
-            self.target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") \
-                else f"{host}:{port}"
+            self.target = tcp_address(host, port)
         if channel is None:
             channel = open_channel(self.target, tls_config, server_hostname=server_hostname,
                                    max_send_mb=max_send_message_size_mb,

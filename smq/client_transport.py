@@ -63,6 +63,13 @@ class Op:
     wrap_all: bool = False  # pysmq's consume_earliest/latest wrap even connection errors
 
 
+def tcp_address(host: str, port: int) -> str:
+    """host:port for gRPC, with an IPv6 literal in brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # IPv6 literal
+    return f"{host}:{port}"
+
+
 def error_for(exc: grpc.RpcError, op: Op, *, target: str, tls: bool,
               timeout: float | None) -> SMQError:
     """The SMQError for a failed call to `target`: the status class, combined with the

@@ -14,7 +14,7 @@ import dataclasses
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import dotenv
@@ -238,21 +238,32 @@ def load(flags: Mapping[str, Any] | None = None,
 
     `flags` maps field names to the raw text the user typed; None means not given.
     """
+    return Config(**read_settings(SETTINGS, flags, environ)).validate()
+
+
+def read_settings(settings: Iterable[Setting], flags: Mapping[str, Any] | None,
+                  environ: Mapping[str, str] | None,
+                  number_reason: str = "expected a whole number") -> dict[str, Any]:
+    """The parsed value of each setting given by a flag, the environment or the .env
+    file (in that order), by field name; settings given nowhere are left out.
+    Raises ConfigError, saying `number_reason` for text that is not a number."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     environ = dict(os.environ if environ is None else environ)
     env_file = flags.get("env_file") or environ.get("SMQ_ENV_FILE")
     file_values = _read_env_file(env_file or ".env", required=bool(env_file))
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
+    for setting in settings:
         raw, source = _pick(setting, flags, environ, file_values)
         if raw is None:
             continue
         try:
             values[setting.field] = setting.parse(str(raw))
         except ValueError as exc:
-            reason = str(exc) if not str(exc).startswith("invalid literal") else "expected a whole number"
+            reason = str(exc)
+            if reason.startswith(("invalid literal", "could not convert")):
+                reason = number_reason
             raise ConfigError(f"{setting.flag} ({setting.env}, from {source})", str(raw), reason) from None
-    return Config(**values).validate()
+    return values
 
 
 def _pick(setting: Setting, flags: Mapping[str, Any], environ: Mapping[str, str],

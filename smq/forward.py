@@ -26,7 +26,7 @@ from .forward_config import SETTINGS, ForwardConfig, load
 if TYPE_CHECKING:  # nats-py is only loaded once the settings are known to be good
     from .jetstream import NatsOptions
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_USAGE = 0, 2
 PROG = "smq forward"
 
 DESCRIPTION = """\

@@ -16,10 +16,8 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-import dotenv
-
-from .config import (LOG_LEVELS, Setting, in_range, parse_bool, parse_choice, parse_duration,
-                     parse_host, parse_port)
+from . import config
+from .config import Setting, in_range, parse_bool, parse_choice, parse_duration, read_settings
 from .errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")   # SMQ topic and consumer names
@@ -84,6 +82,11 @@ def parse_rate(text: str) -> float:
     return value
 
 
+def _shared(field: str, help: str, group: str) -> Setting:
+    """A setting of smq's own table (same flag, variable and parser), described for forward."""
+    return dataclasses.replace(config.SETTINGS_BY_FIELD[field], help=help, group=group)
+
+
 SETTINGS: tuple[Setting, ...] = (
     # What and where.
     Setting("topics", "--topics", "SMQ_FORWARD_TOPICS", parse_topics,
@@ -118,22 +121,17 @@ SETTINGS: tuple[Setting, ...] = (
        "duplicate window of a stream that --create-stream creates", "forwarding"),
     Setting("log_interval", "--log-interval", "SMQ_FORWARD_LOG_INTERVAL",
        in_range(parse_duration, 0.1, 86400), "log the backlog this often", "forwarding"),
-    Setting("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS),
-       "debug, info, warning or error", "forwarding"),
-    Setting("env_file", "--env-file", "SMQ_ENV_FILE", str,
-       "file of KEY=value settings read below the environment (missing default is fine)",
-       "forwarding"),
+    _shared("log_level", "debug, info, warning or error", "forwarding"),
+    _shared("env_file", "file of KEY=value settings read below the environment (missing default "
+            "is fine)", "forwarding"),
     # The SMQ server (as for the other client commands).
-    Setting("host", "--host", "SMQ_HOST", parse_host, "SMQ server to read from", "SMQ server"),
-    Setting("port", "--port", "PORT", parse_port, "its port", "SMQ server"),
-    Setting("unix_socket", "--unix-socket", "SMQ_UNIX_SOCKET", str,
-       "connect through the server's Unix socket instead of TCP", "SMQ server"),
-    Setting("enable_mtls", "--enable-mtls", "ENABLE_MTLS", parse_bool,
-       "present a client certificate (mutual TLS)", "SMQ server"),
-    Setting("client_cert", "--client-cert", "CLIENT_CERT", str, "client certificate (PEM)", "SMQ server"),
-    Setting("client_key", "--client-key", "CLIENT_KEY", str, "client private key (PEM)", "SMQ server"),
-    Setting("ca_cert", "--ca-cert", "CA_CERT", str, "CA that signed the SMQ server's certificate",
-       "SMQ server"),
+    _shared("host", "SMQ server to read from", "SMQ server"),
+    _shared("port", "its port", "SMQ server"),
+    _shared("unix_socket", "connect through the server's Unix socket instead of TCP", "SMQ server"),
+    _shared("enable_mtls", "present a client certificate (mutual TLS)", "SMQ server"),
+    _shared("client_cert", "client certificate (PEM)", "SMQ server"),
+    _shared("client_key", "client private key (PEM)", "SMQ server"),
+    _shared("ca_cert", "CA that signed the SMQ server's certificate", "SMQ server"),
     # NATS.
     Setting("nats_servers", "--nats-servers", "NATS_URL", parse_servers,
        "NATS servers, separated by commas (nats://host:4222, tls://host:4222)", "NATS"),
@@ -228,28 +226,7 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
          hostname: str | None = None) -> ForwardConfig:
     """Build a ForwardConfig from flags given (strings or None), an environment and its
     .env file. Raises ConfigError."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    environ = dict(os.environ if environ is None else environ)
-    env_file = flags.get("env_file") or environ.get("SMQ_ENV_FILE")
-    file_values = _read_env_file(env_file or ".env", required=bool(env_file))
-    values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        if setting.field in flags:
-            raw, source = flags[setting.field], "command line"
-        elif setting.env in environ:
-            raw, source = environ[setting.env], "environment"
-        elif file_values.get(setting.env) is not None:
-            raw, source = file_values[setting.env], ".env file"
-        else:
-            continue
-        try:
-            values[setting.field] = setting.parse(str(raw))
-        except ValueError as exc:
-            reason = str(exc)
-            if reason.startswith(("invalid literal", "could not convert")):
-                reason = "expected a number"
-            raise ConfigError(f"{setting.flag} ({setting.env}, from {source})", str(raw),
-                              reason) from None
+    values = read_settings(SETTINGS, flags, environ, number_reason="expected a number")
     if "node" not in values:
         node = default_node(hostname)
         try:
@@ -259,15 +236,3 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
     values.setdefault("stream", f"SMQ_{values['node']}")
     values.setdefault("consumer", f"forward-{values['node']}")
     return ForwardConfig(**values).validate()
-
-
-def _read_env_file(path: str, required: bool) -> dict[str, str | None]:
-    if not os.path.exists(path):
-        if required:
-            raise ConfigError(label("env_file"), path, "no such file")
-        return {}
-    try:
-        with open(path, encoding="utf-8") as stream:
-            return dict(dotenv.dotenv_values(stream=stream))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(label("env_file"), path, f"cannot be read: {exc}") from None

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 
 from ._proto import smq_pb2, smq_pb2_grpc
+from .client_transport import tcp_address
 
 CALL_TIMEOUT = 10.0  # seconds for each unary call
 # A Subscribe stream that brings nothing, not even a heartbeat (the server sends one
@@ -54,8 +55,7 @@ class SmqTarget:
     def address(self) -> str:
         if self.unix_socket:
             return f"unix:{self.unix_socket}"
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return tcp_address(self.host, self.port)
 
     @property
     def tls(self) -> bool:

@@ -66,8 +66,9 @@ class Plan:
         """The namespace this node publishes in (and a created stream takes)."""
         return f"{self.subject_prefix}.{self.node}.>"
 
-    def msg_id(self, topic: str, offset: int) -> str:
-        return f"{self.node}/{topic}/{offset}"
+    def id_prefix(self, topic: str) -> str:
+        """What the Nats-Msg-Id of each of topic's messages starts with (then its offset)."""
+        return f"{self.node}/{topic}/"
 
 
 @dataclasses.dataclass
@@ -147,7 +148,7 @@ class Forwarder:
         self.plan = plan
         self.source = source
         self.upstream = upstream
-        self.topics = [TopicState(t, plan.subject(t), plan.msg_id(t, 0)[:-1]) for t in plan.topics]
+        self.topics = [TopicState(t, plan.subject(t), plan.id_prefix(t)) for t in plan.topics]
         self._on_ready = on_ready
         self._on_status = on_status
         self._ready = False
@@ -155,8 +156,6 @@ class Forwarder:
         self._commit_now = asyncio.Event()
         self._stop = asyncio.Event()
         self.forwarded = 0
-        self.duplicates = 0
-        self.sessions = 0
         self.problem = "starting"   # why it is not forwarding ("" while it is)
         self._warned: set[str] = set()
 
@@ -193,7 +192,6 @@ class Forwarder:
 
     async def _session(self) -> None:
         plan, upstream = self.plan, self.upstream
-        self.sessions += 1
         if self.problem == "starting":
             self.problem = f"connecting to SMQ at {self.source.target.address}"
         await self.source.ping()
@@ -383,7 +381,6 @@ class Forwarder:
             topic.acked = offset
             topic.forwarded += 1
             self.forwarded += 1
-            self.duplicates += ack.duplicate
             if offset - (topic.committed or 0) >= self.plan.window:
                 self._commit_now.set()
 

@@ -10,7 +10,7 @@ ones). A chain starts with an anchor on the stream's last sequence
 that a message that is sent again within the stream's duplicate window is stored once.
 
 What the stream holds of this forwarder is therefore, per subject, a gap-free run of
-offsets; `last_offset(subject)` reads where it ends (the id of the subject's last
+offsets; `last_msg_id(subject)` reads where it ends (the id of the subject's last
 message), which is where forwarding resumes.
 
     JetStreamError                 .message
@@ -111,11 +111,8 @@ class PubAck:
 
 @dataclasses.dataclass(frozen=True)
 class StreamState:
-    name: str
     subjects: tuple[str, ...]
     last_seq: int
-    replicas: int
-    duplicate_window: float  # seconds
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -244,8 +241,7 @@ class JetStream:
                                     "(create it, or pass --create-stream)") from exc
             raise JetStreamError(f"cannot read stream {self.stream!r}: {describe(exc)}") from exc
         config = info.config
-        return StreamState(self.stream, tuple(config.subjects or ()), info.state.last_seq,
-                           config.num_replicas or 1, float(config.duplicate_window or 0))
+        return StreamState(tuple(config.subjects or ()), info.state.last_seq)
 
     async def create_stream(self, subjects: Sequence[str], replicas: int,
                             duplicate_window: float) -> bool:

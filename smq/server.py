@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
+from .client_transport import tcp_address
 from .config import Config
 from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
 from .service import PAGE_BYTES, Follower, Limits, QueueService
@@ -351,12 +352,6 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(files["server_key"], files["server_cert"])],
         root_certificates=files["server_ca_cert"], require_client_auth=True)
-
-
-def tcp_address(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # IPv6 literal
-    return f"{host}:{port}"
 
 
 def create_server(config: Config, credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:

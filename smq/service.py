@@ -321,7 +321,9 @@ class QueueService:
     def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
         """Wait until `offset` is committed in the topic. False on timeout or cancel."""
         with self._lock:
-            condition = self._changed.setdefault(name, threading.Condition(self._lock))
+            condition = self._changed.get(name)
+            if condition is None:
+                condition = self._changed[name] = threading.Condition(self._lock)
             return condition.wait_for(
                 lambda: self._closing or follower.cancelled
                 or self._topic_locked(name).next_offset > offset, timeout)

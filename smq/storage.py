@@ -376,17 +376,14 @@ class Storage:
                 "   FROM batches WHERE topic_id = ?1 AND first_offset <= ?2"
                 "   ORDER BY first_offset DESC LIMIT 1), ?2)"
                 " ORDER BY first_offset", (topic_id, from_offset))
-            for row in cursor:
-                for message in batches.unpack(*row, from_offset):
-                    size += len(message[1])
-                    if page and size > max_bytes:
-                        break
-                    page.append(message)
-                    if len(page) >= max_count:
-                        break
-                else:
-                    continue
-                break
+            for message in itertools.chain.from_iterable(
+                    batches.unpack(*row, from_offset) for row in cursor):
+                size += len(message[1])
+                if page and size > max_bytes:
+                    break
+                page.append(message)
+                if len(page) >= max_count:
+                    break
             cursor.close()
         return page
 

@@ -66,6 +66,7 @@ class WriteOp:
 
     messages = 0
     bytes = 0
+    not_before = 0.0  # monotonic time before which the writer does not start its group
 
     def __init__(self) -> None:
         self.result: Any = None
@@ -145,10 +146,6 @@ class Append(WriteOp):
         self.messages = sum(len(payloads) for _, payloads in runs)
         self.bytes = sum(self.run_bytes)
 
-    @property
-    def items(self) -> list[tuple[str, bytes]]:
-        return [(name, payload) for name, payloads in self.runs for payload in payloads]
-
     def apply(self, writer: GroupCommitWriter) -> None:
         if self.atomic:
             missing = next((t for t, _ in self.runs if t not in writer.topics), None)
@@ -191,8 +188,10 @@ class StreamAppend(Append):
                 return False
             if self.runs[-1][0] == name:
                 self.runs[-1][1].append(payload)
+                self.run_bytes[-1] += len(payload)
             else:
                 self.runs.append((name, [payload]))
+                self.run_bytes.append(len(payload))
             self.messages += 1
             self.bytes += len(payload)
             return True
@@ -200,7 +199,6 @@ class StreamAppend(Append):
     def apply(self, writer: GroupCommitWriter) -> None:
         with self._lock:
             self._sealed = True
-        self.run_bytes = [sum(map(len, payloads)) for _, payloads in self.runs]
         super().apply(writer)
 
 
@@ -217,10 +215,7 @@ class Trim(WriteOp):
         if topic is None:
             self.error = TopicNotFound(self.name)
             return
-        self.result = writer.storage.trim(topic, self.until)
-        if self.result:
-            writer.touched.add(self.name)
-            writer.space_to_give_back = True
+        self.result = writer.trim(topic, self.until)
 
 
 class DeleteTopic(WriteOp):
@@ -362,8 +357,6 @@ class GroupCommitWriter:
         spares what a named consumer has not committed yet."""
         if self.policy_of(topic).keep_uncommitted and topic.min_committed is not None:
             until = min(until, topic.min_committed)
-        if topic.earliest is None or until < topic.earliest:
-            return 0
         return self.trim(topic, until)
 
     def reserve_space(self, size: int) -> None:
@@ -444,7 +437,7 @@ class GroupCommitWriter:
             first = self._next_first()
             if first is _STOP:
                 return
-            wait = getattr(first, "not_before", 0.0) - time.monotonic()
+            wait = 0.0 if first is None else first.not_before - time.monotonic()
             if wait > 0:  # a busy stream's next chunk: let it fill (StreamAppend)
                 time.sleep(min(wait, STREAM_SECONDS))
             with self._commit_lock:

@@ -6,6 +6,7 @@ Every test gets a clean environment: no SMQ variable of the developer's leaks in
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import apsw
 import grpc
 import pytest
 
@@ -178,3 +180,39 @@ def make_topic(stub: smq_pb2_grpc.SuhaibMessageQueueStub, name: str, count: int 
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=name))
     return [stub.Produce(smq_pb2.ProduceRequest(topic=name, message=f"m{i}".encode())).offset
             for i in range(1, count + 1)]
+
+
+# -- files and start-up failures ------------------------------------------------------
+
+def start_and_fail(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SERVER_COMMAND, "--port", "0", "--bind", "127.0.0.1", *flags],
+                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
+
+
+def assert_one_line_refusal(result: subprocess.CompletedProcess, *words: str) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False):
+    """A real small filesystem (needs root; the test is skipped otherwise)."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                                            str(path)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def integrity(db: Path) -> str:
+    conn = apsw.Connection(str(db))
+    try:
+        return conn.execute("PRAGMA integrity_check").get
+    finally:
+        conn.close()

@@ -2,7 +2,6 @@
 budget (SQLite's page limit and a genuinely full small filesystem)."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -13,24 +12,14 @@ import apsw
 import grpc
 import pytest
 
-from conftest import SERVER_COMMAND, clean_env
+from conftest import assert_one_line_refusal, clean_env, integrity, start_and_fail, tmpfs
+from smq import writer
 from smq._proto import smq_pb2
 from smq.storage import stored_messages
 
 KIB = 1024
 
 
-def start_and_fail(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SERVER_COMMAND, "--port", "0", "--bind", "127.0.0.1", *flags],
-                          cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=30)
-
-
-def assert_one_line_refusal(result: subprocess.CompletedProcess, *words: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def make_database(path: Path, messages: int = 2000) -> None:
@@ -99,17 +88,6 @@ def test_missing_directory_is_refused(tmp_path):
     assert_one_line_refusal(result, "does not exist")
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, read_only: bool = False):
-    """A real small filesystem (needs root; the test is skipped otherwise)."""
-    path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                                            str(path)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_read_only_directory_is_refused(tmp_path):
@@ -210,12 +188,6 @@ def fill_until_refused(stub, topic: str, size: int, limit: int = 5000) -> list[i
     raise AssertionError("the budget was never reached")
 
 
-def integrity(db: Path) -> str:
-    conn = apsw.Connection(str(db))
-    try:
-        return conn.execute("PRAGMA integrity_check").get
-    finally:
-        conn.close()
 
 
 def test_page_limit_rejects_then_writes_resume_after_a_trim(start_server, tmp_path):
@@ -281,10 +253,12 @@ def test_space_taken_by_another_file_is_noticed_while_the_budget_is_far(start_se
         stub = server.stub()
         stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="t"))
         assert stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"far")).offset == 1
+        # The writer's budget is far, so its measure is being reused (the path under test).
+        assert shutil.disk_usage(mount).free - 100 * 1024 * KIB > writer.ROOM_TRUSTED_ABOVE
         with open(mount / "ballast", "wb") as ballast:  # leaves < 100 MiB free
             for _ in range(310):
                 ballast.write(b"\0" * 1024 * KIB)
-        time.sleep(0.3)
+        time.sleep(3 * writer.ROOM_SECONDS)
         with pytest.raises(grpc.RpcError) as err:
             stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"near"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -12,6 +12,7 @@ from pathlib import Path
 import apsw
 import pytest
 
+from conftest import assert_one_line_refusal, integrity, start_and_fail, tmpfs
 from smq import batches
 from smq._proto import smq_pb2
 from smq.storage import MIGRATIONS, SCHEMA_VERSION, Storage, StorageOptions, stored_messages
@@ -167,7 +168,6 @@ def test_a_first_format_database_is_migrated_with_nothing_lost(start_server, tmp
 def test_a_migration_short_of_space_refuses_to_start_and_keeps_the_old_file(tmp_path: Path):
     """The copy needs room; on a full disk the migration rolls back, the server says so
     in one line (exit 2), and the file is still format 1, whole and readable."""
-    from test_reliability import assert_one_line_refusal, start_and_fail, tmpfs
     written = tmp_path / "v1.db"
     old = {"t": [bytes([n % 256]) * 1000 for n in range(2500)]}  # ~2.6 MiB of messages
     write_first_format(written, old)

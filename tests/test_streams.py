@@ -134,6 +134,23 @@ def test_live_messages_are_pushed_not_polled(start_server, readers):
     assert time.monotonic() - started < 5.0
 
 
+def stream_produce_asserting(stub, requests) -> pb.ProduceResponse:
+    """StreamProduce from a generator that asserts between messages: its failure comes
+    out as itself, not as gRPC's "Exception iterating requests!"."""
+    failures: list[AssertionError] = []
+
+    def guarded():
+        try:
+            yield from requests
+        except AssertionError as exc:
+            failures.append(exc)
+
+    reply = stub.StreamProduce(guarded(), timeout=TIMEOUT)
+    if failures:
+        raise failures[0]
+    return reply
+
+
 def test_a_slow_stream_produce_is_committed_message_by_message(stub, readers):
     """StreamProduce batches a fast stream's messages into larger commits; a slow one's
     messages must still each be committed (and pushed to readers) while the stream is
@@ -147,7 +164,7 @@ def test_a_slow_stream_produce_is_committed_message_by_message(stub, readers):
             yield pb.ProduceRequest(topic="slow", message=b"s%d" % i)
             seen.extend(reader.messages(1))  # the next message is sent only once this arrived
 
-    assert stub.StreamProduce(requests(), timeout=TIMEOUT).offset == 5
+    assert stream_produce_asserting(stub, requests()).offset == 5
     assert seen == [(i, b"s%d" % i) for i in range(1, 6)]
 
 
@@ -163,7 +180,7 @@ def test_a_burst_on_stream_produce_is_committed_while_the_stream_pauses(stub, re
                 yield pb.ProduceRequest(topic="burst", message=b"b%d-%d" % (burst, i))
             arrived.extend(reader.messages(300, timeout=10))  # the stream stays open meanwhile
 
-    assert stub.StreamProduce(requests(), timeout=TIMEOUT).offset == 900
+    assert stream_produce_asserting(stub, requests()).offset == 900
     assert arrived == [(n + 1, b"b%d-%d" % divmod(n, 300)) for n in range(900)]
 
 
