@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import datetime
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -327,17 +330,36 @@ def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
     if args.limit is not None:
         messages = itertools.islice(messages, args.limit)
     printed = None
+    # A consumer commits what it printed: Ctrl-C must not fall between a line and its count.
+    counted = ctrl_c_deferred if args.consumer is not None else contextlib.nullcontext
     try:
         for payload, offset in messages:
-            out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
-                     lambda: f"{offset}\t{escape(payload)}",
-                     flush=args.follow or args.consumer is not None)
-            printed = offset
+            with counted():
+                out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
+                         lambda: f"{offset}\t{escape(payload)}",
+                         flush=args.follow or args.consumer is not None)
+                printed = offset
     except KeyboardInterrupt:
         commit_printed(client, args, printed)
         raise
     commit_printed(client, args, printed)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """Ctrl-C during the block is raised as KeyboardInterrupt when the block ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach only the main thread
+        return
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 def commit_printed(client: Client, args: argparse.Namespace, printed: int | None) -> None:

@@ -3,7 +3,9 @@
 exit codes, help."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -228,6 +230,31 @@ def test_follow_as_a_consumer_commits_what_it_printed(server: ServerProcess, smq
     assert (follower.returncode, out, err) == (0, b"", b"")
     assert client.committed_offset("live", topic) == 7  # Ctrl-C: what was printed, too
 
+
+
+class CtrlCAfterLine(io.StringIO):
+    """Standard output where Ctrl-C arrives just as the line starting with `prefix` is out."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if text.startswith(self.prefix):
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, here
+        return written
+
+
+@pytest.mark.parametrize("follow", [[], ["--follow"]])
+def test_ctrl_c_right_after_a_line_still_commits_it(smq: Run, topic: str, client: Client,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   follow: list[str]) -> None:
+    stdout = CtrlCAfterLine("4\t")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    code = smq("consume", topic, "--consumer", "cut", *follow)[0]
+    assert (code, stdout.getvalue()) == (0 if follow else 130, "1\tm1\n2\tm2\n3\tm3\n4\tm4\n")
+    assert client.committed_offset("cut", topic) == 4
 
 # -- smq info ---------------------------------------------------------------------------------
 
