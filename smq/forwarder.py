@@ -369,7 +369,7 @@ class Forwarder:
             topic, offset, future, deadline, size = item
             try:
                 async with asyncio.timeout_at(deadline):
-                    ack = await future
+                    await future
             except TimeoutError:
                 self.upstream.forget(future)
                 raise PublishFailed(f"no acknowledgement from JetStream for "

@@ -175,7 +175,7 @@ def test_unix_socket_target_and_precedence(smq: Run, server: ServerProcess,
     monkeypatch.setenv("SMQ_UNIX_SOCKET", server.socket)
     assert smq("ping")[1].startswith("unix:")  # a socket from the environment is used...
     assert smq("ping", "--port", str(server.port))[1].startswith("127.0.0.1:")  # ...unless --port
-    Path(".env").write_text(f"SMQ_UNIX_SOCKET=/nowhere\n")
+    Path(".env").write_text("SMQ_UNIX_SOCKET=/nowhere\n")
     assert smq("ping")[1].startswith("unix:" + server.socket)  # environment beats .env
 
 

@@ -12,7 +12,7 @@ import apsw
 import grpc
 import pytest
 
-from conftest import assert_one_line_refusal, clean_env, integrity, start_and_fail, tmpfs
+from conftest import assert_one_line_refusal, integrity, start_and_fail, tmpfs
 from smq import writer
 from smq._proto import smq_pb2
 from smq.storage import stored_messages

@@ -12,7 +12,7 @@ from pathlib import Path
 import apsw
 import pytest
 
-from conftest import assert_one_line_refusal, integrity, start_and_fail, tmpfs
+from conftest import assert_one_line_refusal, start_and_fail, tmpfs
 from smq import batches
 from smq._proto import smq_pb2
 from smq.storage import MIGRATIONS, SCHEMA_VERSION, Storage, StorageOptions, stored_messages
