@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
@@ -58,6 +57,7 @@ from .client_types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_HOST
 from .errors import (NotFound, SMQAuthenticationError, SMQConnectionError, SMQConsumeError,
                      SMQError, SMQException, SMQOffsetError, SMQProduceError, SMQTimeoutError,
                      SMQTopicCreationError)
+from .retry import backoff
 
 __all__ = [
     "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
@@ -71,11 +71,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds; doubled per attempt, with jitter
 RECONNECT_BACKOFF_MAX: Final = 5.0  # iterators that reconnect forever wait at most this
-
-
-def _backoff(attempt: int, cap: float = BACKOFF_MAX) -> float:
-    """Seconds to wait before retry number `attempt` (0-based): doubling, with jitter."""
-    return min(cap, BACKOFF_FIRST * 2**attempt) * random.uniform(0.5, 1.0)
 
 
 class Client:
@@ -519,7 +514,7 @@ class Client:
                         max_failures is not None and failures >= max_failures):
                     raise self._error(exc, op, None) from exc
                 reason = exc.details() or "unavailable"
-            delay = _backoff(failures, RECONNECT_BACKOFF_MAX)
+            delay = backoff(failures, BACKOFF_FIRST, RECONNECT_BACKOFF_MAX)
             failures += 1
             log.warning("%s: %s; reconnecting in %.1f s to go on at offset %d",
                         op.action, reason, delay, cursor)
@@ -578,7 +573,7 @@ class Client:
             except grpc.RpcError as exc:
                 if idempotent and exc.code() == grpc.StatusCode.UNAVAILABLE \
                         and attempt < self.retries and not self.closed:
-                    delay = _backoff(attempt)
+                    delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX)
                     if deadline is None or time.monotonic() + delay < deadline:
                         attempt += 1
                         log.debug("%s: unavailable, retry %d in %.2f s", op.action, attempt, delay)

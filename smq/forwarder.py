@@ -25,10 +25,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import random
 from collections.abc import Callable, Sequence
 
 from .forward_source import SmqSource, SourceError
+from .retry import backoff
 from .jetstream import (JetStream, JetStreamError, PublishFailed, StreamMissing, pattern_within,
                         subject_matches)
 
@@ -177,7 +177,7 @@ class Forwarder:
                     self.problem = str(exc)
                     if self.forwarded > forwarded_before:
                         failures = 0
-                    delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** failures) * random.uniform(0.5, 1)
+                    delay = backoff(failures, BACKOFF_FIRST, BACKOFF_MAX)
                     failures += 1
                     level = logging.DEBUG if str(exc) == last_error else logging.WARNING
                     log.log(level, "%s; starting again in %.1f s", exc, delay)
@@ -292,7 +292,7 @@ class Forwarder:
             except SourceError as exc:
                 if exc.code.name == "NOT_FOUND":
                     raise  # the topic was deleted: the next session waits for it
-                delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** failures) * random.uniform(0.5, 1)
+                delay = backoff(failures, BACKOFF_FIRST, BACKOFF_MAX)
                 failures += 1
                 if topic.state == "forwarding":
                     log.warning("%s; reading again from offset %d", exc, cursor)
@@ -316,7 +316,7 @@ class Forwarder:
                 break
             except SourceError as exc:
                 topic.state = f"SMQ unavailable: {exc}"
-                await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** failures))
+                await asyncio.sleep(backoff(failures, BACKOFF_FIRST, BACKOFF_MAX))
                 failures += 1
         topic.earliest, topic.latest = offsets.earliest, offsets.latest
         last_id = await self.upstream.last_msg_id(topic.subject)

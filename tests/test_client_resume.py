@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from smq.client import Client, Message
+from smq.retry import backoff
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -69,3 +70,11 @@ def test_iter_messages_starts_when_the_server_comes_up(start_server, tmp_path: P
         threading.Timer(0.5, lambda: start_server(db=tmp_path / "smq.db", port=str(port))).start()
         assert next(stream) == (b"before", 1)
         stream.close()
+
+
+def test_backoff_doubles_to_its_cap_and_stays_there_however_long_it_retries() -> None:
+    # Iterators and the forwarder retry forever: after 1,024 failures 2**n used to
+    # overflow a float and end them with a traceback.
+    for attempt, full in [(0, 0.1), (1, 0.2), (3, 0.8), (5, 2.0), (1023, 2.0), (1024, 2.0), (10**9, 2.0)]:
+        assert full * 0.5 <= backoff(attempt, 0.1, 2.0) <= full
+
