@@ -7,6 +7,7 @@ Every test gets a clean environment: no SMQ variable of the developer's leaks in
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import apsw
 import grpc
 import pytest
 
+from smq import cli
 from smq._proto import smq_pb2, smq_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,6 +129,29 @@ def point_cli_at(server: ServerProcess, monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SMQ_HOST", "127.0.0.1")
     monkeypatch.setenv("PORT", str(server.port))
+
+
+class Run:
+    """smq(*args, stdin=b"...") runs cli.main in this process: (exit code, stdout, stderr).
+    Point it at a server with point_cli_at first."""
+
+    def __init__(self, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.capsys = capsys
+        self.monkeypatch = monkeypatch
+
+    def __call__(self, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
+        self.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse: usage errors and --help
+            code = exc.code
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+
+@pytest.fixture
+def smq(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Run:
+    return Run(capsys, monkeypatch)
 
 
 @pytest.fixture

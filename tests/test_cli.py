@@ -3,7 +3,6 @@ codes, stdin, Unix socket, Ctrl-C; and serving still works as before."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import signal
 import subprocess
@@ -13,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ServerProcess, clean_env, module_server, point_cli_at
-from smq import cli
+from conftest import ROOT, Run, ServerProcess, clean_env, module_server, point_cli_at
 
 
 @pytest.fixture(scope="module")
@@ -27,28 +25,6 @@ def server(tmp_path_factory) -> Iterator[ServerProcess]:
 @pytest.fixture(autouse=True)
 def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: ServerProcess) -> None:
     point_cli_at(server, monkeypatch, tmp_path)
-
-
-class Run:
-    """smq(*args, stdin=b"...") runs cli.main in this process: (exit code, stdout, stderr)."""
-
-    def __init__(self, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.capsys = capsys
-        self.monkeypatch = monkeypatch
-
-    def __call__(self, *args: str, stdin: bytes = b"") -> tuple[int, str, str]:
-        self.monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        try:
-            code = cli.main(list(args))
-        except SystemExit as exc:  # argparse: usage errors and --help
-            code = exc.code
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-
-@pytest.fixture
-def smq(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Run:
-    return Run(capsys, monkeypatch)
 
 
 @pytest.fixture

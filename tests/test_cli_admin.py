@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ServerProcess, clean_env, module_server, point_cli_at
+from conftest import ROOT, Run, ServerProcess, clean_env, module_server, point_cli_at
 from smq.client import Client
-from test_cli import Run
 
 POLICY_DEFAULTS = """\
 SETTING           OVERRIDE  EFFECTIVE
@@ -42,23 +41,12 @@ def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: ServerP
 
 
 @pytest.fixture
-def smq(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> Run:
-    return Run(capsys, monkeypatch)
-
-
-@pytest.fixture
 def topic(smq: Run, request: pytest.FixtureRequest) -> str:
     """A topic with messages m1..m5 at offsets 1..5."""
     name = request.node.name.replace("[", "_").replace("]", "")
     assert smq("topic", "create", name)[0] == 0
     assert smq("produce", name, stdin=b"m1\nm2\nm3\nm4\nm5\n")[0] == 0
     return name
-
-
-@pytest.fixture
-def client(server: ServerProcess) -> Iterator[Client]:
-    with Client("127.0.0.1", server.port) as client:
-        yield client
 
 
 # -- smq topic policy ----------------------------------------------------------------------------
