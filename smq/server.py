@@ -177,12 +177,19 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @streaming_rpc
     def StreamConsume(self, request, context):
-        with self.service.stream_slot():
+        with self._consumer_slot(context, request.topic):
             for page in self._follow(context, request.topic, request.offset):
                 if not page:
                     yield HEARTBEAT
                 for offset, payload in page:
                     yield smq_pb2.ConsumeResponse(message=payload, offset=offset)
+
+    def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
+        """A stream place owned by this connection and topic (see QueueService.stream_slot).
+        Unix-socket callers all share one peer name, so none of them is ever evicted."""
+        peer = context.peer()
+        owner = None if peer.startswith("unix:") else (peer, topic)
+        return self.service.stream_slot(owner, context.cancel)
 
     def _follow(self, context: grpc.ServicerContext, topic: str, offset: int,
                 page_messages: int = 0) -> Follower:
@@ -209,7 +216,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @streaming_rpc
     def Subscribe(self, request, context):
-        with self.service.stream_slot():
+        with self._consumer_slot(context, request.topic):
             follower = self._follow(context, request.topic, request.offset, request.max_messages)
             for page in follower:
                 yield smq_pb2.SubscribeResponse(

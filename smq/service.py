@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
 from .writer import (Append, Barrier, CommitOffset, CreateTopic, DeleteConsumer, DeleteTopic,
                      STREAM_SECONDS, GroupCommitWriter, SetPolicy, StreamAppend, Trim, WriteOp)
+
+log = logging.getLogger(__name__)
 
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
@@ -67,7 +70,8 @@ class QueueService:
         self._topics: dict[str, TopicState] = {}
         self._changed: dict[str, threading.Condition] = {}
         self._closing = False
-        self._open_streams = 0
+        # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
+        self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], None]]] = {}
         self.writer = GroupCommitWriter(storage, on_commit=self._committed,
                                         defaults=limits.topic_defaults)
         self._committed(self.writer.committed_topics())
@@ -295,20 +299,43 @@ class QueueService:
     # -- streams --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def stream_slot(self) -> Iterator[None]:
-        """Hold one of the --max-streams places for the duration of a stream."""
+    def stream_slot(self, owner: tuple[str, str] | None = None,
+                    end: Callable[[], None] = lambda: None) -> Iterator[None]:
+        """Hold one of the --max-streams places for the duration of a stream.
+
+        `owner`: the (connection, topic) of a consuming stream. When every place is taken,
+        the oldest stream of the same owner is ended (`end`) to make room: the original Go
+        client leaves a StreamConsume open when its callback stops it, and a program doing
+        that in a loop would otherwise lock every client out. Anything else is refused."""
         with self._lock:
             if self._closing:
                 raise Unavailable("server is shutting down")
-            if self._open_streams >= self.limits.max_streams:
-                raise Overloaded(f"too many open streams (limit {self.limits.max_streams}); "
-                                 "retry later or raise --max-streams")
-            self._open_streams += 1
+            end_oldest = None
+            if len(self._streams) >= self.limits.max_streams:
+                end_oldest = self._take_oldest_stream_of(owner)
+                if end_oldest is None:
+                    raise Overloaded(f"too many open streams (limit {self.limits.max_streams}); "
+                                     "retry later or raise --max-streams")
+            slot = object()
+            self._streams[slot] = (owner, end)
+        if end_oldest is not None:
+            log.info("ended the oldest stream of %s on %r to make room for a new one of "
+                     "the same connection (--max-streams %d)", owner[0], owner[1],
+                     self.limits.max_streams)
+            end_oldest()
+            end_oldest = None  # a reference kept here would keep the ended call alive in gRPC
         try:
             yield
         finally:
             with self._lock:
-                self._open_streams -= 1
+                self._streams.pop(slot, None)
+
+    def _take_oldest_stream_of(self, owner: tuple[str, str] | None) -> Callable[[], None] | None:
+        """Forget the oldest open stream of `owner` and return how to end it; None if none."""
+        if owner is None:
+            return None
+        oldest = next((slot for slot, (held_by, _) in self._streams.items() if held_by == owner), None)
+        return None if oldest is None else self._streams.pop(oldest)[1]
 
     def follow(self, name: str, from_offset: int, heartbeat: float,
                page_messages: int = MAX_PAGE_MESSAGES) -> Follower:

@@ -154,29 +154,43 @@ def first_reply(call) -> smq_pb2.ConsumeResponse:
     return next(iter(call))
 
 
-def test_max_streams_refuses_the_third_stream(start_server):
+def own_connection(server) -> smq_pb2_grpc.SuhaibMessageQueueStub:
+    """A stub on a connection of its own (channels alike would share one)."""
+    return smq_pb2_grpc.SuhaibMessageQueueStub(server.channel(**{"grpc.use_local_subchannel_pool": 1}))
+
+
+def test_max_streams_refuses_streams_of_other_connections_and_topics(start_server):
     server = start_server("--max-streams", "2", "--heartbeat-interval", "0.2")
-    stub = server.stub()
-    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="s"), timeout=RPC_TIMEOUT)
+    stub = own_connection(server)
+    for topic in ("s", "t"):
+        stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=topic), timeout=RPC_TIMEOUT)
     open_calls = [stub.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT)
                   for _ in range(2)]
     for call in open_calls:
         assert first_reply(call).offset == -1  # a heartbeat: the stream holds its slot
 
-    third = stub.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT)
-    with pytest.raises(grpc.RpcError) as info:
-        first_reply(third)
-    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    other = own_connection(server)
+    refused = {"another connection's stream on the same topic":
+               other.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT),
+               "another connection's Subscribe":
+               other.Subscribe(smq_pb2.SubscribeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT),
+               "the same connection's stream on another topic":
+               stub.StreamConsume(smq_pb2.ConsumeRequest(topic="t", offset=0), timeout=RPC_TIMEOUT)}
+    for what, call in refused.items():
+        with pytest.raises(grpc.RpcError) as info:
+            first_reply(call)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, what
     with pytest.raises(grpc.RpcError) as info:
         stub.StreamProduce(stream_of("s", "p", 1), timeout=RPC_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # Unary calls are not streams: they still work.
     assert stub.Produce(smq_pb2.ProduceRequest(topic="s", message=b"u"), timeout=RPC_TIMEOUT).offset == 1
+    assert all(call.is_active() for call in open_calls)  # nobody else's stream was ended
 
     open_calls[0].cancel()  # frees a slot once the server notices the cancellation
     deadline = time.monotonic() + 20
     while True:
-        retry = stub.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT)
+        retry = other.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT)
         try:
             assert first_reply(retry).offset == 1
             break
@@ -187,6 +201,31 @@ def test_max_streams_refuses_the_third_stream(start_server):
         finally:
             retry.cancel()
     open_calls[1].cancel()
+
+
+def test_at_max_streams_a_connection_streaming_a_topic_again_replaces_its_oldest_stream(start_server):
+    """The original Go client leaves a StreamConsume open when its callback stops it; a
+    program doing that in a loop must go on working, on one connection, for ever."""
+    # --workers 1: gRPC admits max-streams + 1 calls per connection, so an ended stream
+    # that gRPC still counts (kept alive by a reference) shows at once.
+    server = start_server("--max-streams", "2", "--workers", "1", "--heartbeat-interval", "0.2")
+    stub = own_connection(server)
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="s"), timeout=RPC_TIMEOUT)
+    stub.Produce(smq_pb2.ProduceRequest(topic="s", message=b"m1"), timeout=RPC_TIMEOUT)
+    opened = []
+    for n in range(30):
+        call = (stub.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=1), timeout=RPC_TIMEOUT)
+                if n % 2 else stub.Subscribe(smq_pb2.SubscribeRequest(topic="s", offset=1), timeout=RPC_TIMEOUT))
+        assert first_reply(call) is not None, f"stream {n + 1}"
+        opened.append(call)
+        if len(opened) > 2:  # the oldest one was ended for it
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in opened[-3]:
+                    pass
+            assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert [call.is_active() for call in opened[-2:]] == [True, True]
+    for call in opened[-2:]:
+        call.cancel()
 
 
 def test_bounded_worker_pool_answers_or_refuses_never_hangs(start_server):
