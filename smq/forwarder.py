@@ -28,9 +28,9 @@ import logging
 from collections.abc import Callable, Sequence
 
 from .forward_source import SmqSource, SourceError
-from .retry import backoff
 from .jetstream import (JetStream, JetStreamError, PublishFailed, StreamMissing, pattern_within,
                         subject_matches)
+from .retry import backoff
 
 log = logging.getLogger("smq.forward")
 
