@@ -90,8 +90,11 @@ class ServerProcess:
     def channel(self, **options) -> grpc.Channel:
         return grpc.insecure_channel(self.address, options=list(options.items()))
 
-    def stub(self) -> smq_pb2_grpc.SuhaibMessageQueueStub:
-        return smq_pb2_grpc.SuhaibMessageQueueStub(self.channel())
+    def stub(self, own_connection: bool = False) -> smq_pb2_grpc.SuhaibMessageQueueStub:
+        """A stub on a new channel; channels alike share one TCP connection unless
+        `own_connection` (the server's stream rules go by connection)."""
+        options = {"grpc.use_local_subchannel_pool": 1} if own_connection else {}
+        return smq_pb2_grpc.SuhaibMessageQueueStub(self.channel(**options))
 
     def terminate(self, timeout: float = 60.0) -> int:  # generous: CI machines get loaded
         if self.proc.poll() is None:

@@ -12,7 +12,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import ServerProcess
-from smq._proto import smq_pb2, smq_pb2_grpc
+from smq._proto import smq_pb2
 
 RPC_TIMEOUT = 60
 PRODUCERS, PER_PRODUCER, CONSUMERS = 4, 200, 3
@@ -154,14 +154,9 @@ def first_reply(call) -> smq_pb2.ConsumeResponse:
     return next(iter(call))
 
 
-def own_connection(server) -> smq_pb2_grpc.SuhaibMessageQueueStub:
-    """A stub on a connection of its own (channels alike would share one)."""
-    return smq_pb2_grpc.SuhaibMessageQueueStub(server.channel(**{"grpc.use_local_subchannel_pool": 1}))
-
-
 def test_max_streams_refuses_streams_of_other_connections_and_topics(start_server):
     server = start_server("--max-streams", "2", "--heartbeat-interval", "0.2")
-    stub = own_connection(server)
+    stub = server.stub(own_connection=True)
     for topic in ("s", "t"):
         stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=topic), timeout=RPC_TIMEOUT)
     open_calls = [stub.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT)
@@ -169,7 +164,7 @@ def test_max_streams_refuses_streams_of_other_connections_and_topics(start_serve
     for call in open_calls:
         assert first_reply(call).offset == -1  # a heartbeat: the stream holds its slot
 
-    other = own_connection(server)
+    other = server.stub(own_connection=True)
     refused = {"another connection's stream on the same topic":
                other.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT),
                "another connection's Subscribe":
@@ -209,7 +204,7 @@ def test_at_max_streams_a_connection_streaming_a_topic_again_replaces_its_oldest
     # --workers 1: gRPC admits max-streams + 1 calls per connection, so an ended stream
     # that gRPC still counts (kept alive by a reference) shows at once.
     server = start_server("--max-streams", "2", "--workers", "1", "--heartbeat-interval", "0.2")
-    stub = own_connection(server)
+    stub = server.stub(own_connection=True)
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="s"), timeout=RPC_TIMEOUT)
     stub.Produce(smq_pb2.ProduceRequest(topic="s", message=b"m1"), timeout=RPC_TIMEOUT)
     opened = []
@@ -235,8 +230,7 @@ def test_bounded_worker_pool_answers_or_refuses_never_hangs(start_server):
     start = threading.Barrier(callers)
     # Separate connections, as from many clients: one connection gets only a few calls
     # admitted at once and the rest wait in the client, which is not what is tested here.
-    stubs = [smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(
-        server.address, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(50)]
+    stubs = [server.stub(own_connection=True) for _ in range(50)]
     codes: list[grpc.StatusCode] = []
     lock = threading.Lock()
 

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from conftest import ROOT, ServerProcess, clean_env
-from smq._proto import smq_pb2, smq_pb2_grpc
+from smq._proto import smq_pb2
 
 MAX_STREAMS = 250
 DEADLINE = 30.0  # generous: the machine is shared
@@ -117,15 +117,9 @@ def peak_rss(server, request):
         REPORT[f"peak during {request.node.name}"] = server.sampler.peak / 1024
 
 
-def separate_stub(server) -> smq_pb2_grpc.SuhaibMessageQueueStub:
-    """A stub on its own TCP connection (channels otherwise share one)."""
-    return smq_pb2_grpc.SuhaibMessageQueueStub(
-        server.channel(**{"grpc.use_local_subchannel_pool": 1}))
-
-
 def serves_normally(server, topic: str, count: int = 50) -> None:
     """A fresh client creates, produces, consumes and reads back, all within deadlines."""
-    stub = separate_stub(server)
+    stub = server.stub(own_connection=True)
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=topic), timeout=DEADLINE)
     sent = [os.urandom(64) for _ in range(count)]
     offsets = [stub.Produce(smq_pb2.ProduceRequest(topic=topic, message=m), timeout=DEADLINE).offset
@@ -223,11 +217,18 @@ time.sleep(3600)
 
 def open_streams_until_refused(server, topic: str, limit: int = MAX_STREAMS + 20):
     """Open StreamConsume calls (each reads its first message) until one is refused:
-    (the open calls, the refusal's status code or None)."""
-    stub = separate_stub(server)
+    (the open calls, the refusal's status code or None). Each on a topic of its own
+    (`topic`-N, made with one message): at the cap, a connection's new stream on a topic
+    it already streams would replace its oldest one there instead of being refused."""
+    stub = server.stub(own_connection=True)
     opened = []
-    for _ in range(limit):
-        stream = stub.StreamConsume(smq_pb2.ConsumeRequest(topic=topic, offset=1), timeout=120)
+    for n in range(limit):
+        own_topic = f"{topic}-{n}"
+        stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=own_topic), timeout=DEADLINE)
+        if stub.DescribeTopic(smq_pb2.DescribeTopicRequest(topic=own_topic),
+                              timeout=DEADLINE).topic.next_offset == 1:
+            stub.Produce(smq_pb2.ProduceRequest(topic=own_topic, message=b"first"), timeout=DEADLINE)
+        stream = stub.StreamConsume(smq_pb2.ConsumeRequest(topic=own_topic, offset=1), timeout=120)
         try:
             next(stream)
         except grpc.RpcError as exc:
@@ -280,7 +281,7 @@ def test_clients_that_vanish_free_their_stream_slots(server, stub):
 def test_200_idle_streams_others_unaffected_and_the_cap_answers_resource_exhausted(server, stub):
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="idle"))
     stub.Produce(smq_pb2.ProduceRequest(topic="idle", message=b"hello"))
-    idle_stubs = [separate_stub(server) for _ in range(10)]  # 10 connections of 20 streams
+    idle_stubs = [server.stub(own_connection=True) for _ in range(10)]  # 10 connections of 20 streams
     idle = [idle_stubs[i % 10].StreamConsume(smq_pb2.ConsumeRequest(topic="idle", offset=1))
             for i in range(200)]
     try:
@@ -302,22 +303,22 @@ def test_200_idle_streams_others_unaffected_and_the_cap_answers_resource_exhaust
             return threading.Thread(target=run)
 
         def unary():
-            producer = separate_stub(server)
+            producer = server.stub(own_connection=True)
             for _ in range(300):
                 producer.Produce(smq_pb2.ProduceRequest(topic="busy", message=b"u"), timeout=DEADLINE)
 
         def batches():
-            producer = separate_stub(server)
+            producer = server.stub(own_connection=True)
             for _ in range(30):
                 producer.ProduceBatch(smq_pb2.ProduceBatchRequest(topic="busy", messages=[b"b"] * 10),
                                       timeout=DEADLINE)
 
         def streamed():
-            separate_stub(server).StreamProduce(
+            server.stub(own_connection=True).StreamProduce(
                 iter([smq_pb2.ProduceRequest(topic="busy", message=b"s")] * 300), timeout=DEADLINE)
 
         def consumer():
-            stream = separate_stub(server).StreamConsume(
+            stream = server.stub(own_connection=True).StreamConsume(
                 smq_pb2.ConsumeRequest(topic="busy", offset=1), timeout=120)
             for reply in stream:
                 if reply.offset != -1:
@@ -367,7 +368,7 @@ def test_consumer_that_never_reads_keeps_server_memory_bounded(server, stub):
     (the issue asks for 50: twice that makes the bound plainer). gRPC flow control
     stops the server's sender; memory must not grow with the data."""
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="flood"))
-    stalled = separate_stub(server).StreamConsume(smq_pb2.ConsumeRequest(topic="flood", offset=1),
+    stalled = server.stub(own_connection=True).StreamConsume(smq_pb2.ConsumeRequest(topic="flood", offset=1),
                                                   timeout=300)
     time.sleep(1)
     baseline = server.sampler.reset()
@@ -377,7 +378,7 @@ def test_consumer_that_never_reads_keeps_server_memory_bounded(server, stub):
     reader_got = []
 
     def reader():  # another consumer of the same topic reads everything meanwhile
-        stream = separate_stub(server).StreamConsume(smq_pb2.ConsumeRequest(topic="flood", offset=1),
+        stream = server.stub(own_connection=True).StreamConsume(smq_pb2.ConsumeRequest(topic="flood", offset=1),
                                                      timeout=300)
         for reply in stream:
             if reply.offset != -1:
@@ -388,7 +389,7 @@ def test_consumer_that_never_reads_keeps_server_memory_bounded(server, stub):
 
     thread = threading.Thread(target=reader)
     thread.start()
-    other = separate_stub(server)
+    other = server.stub(own_connection=True)
     other.CreateTopic(smq_pb2.CreateTopicRequest(topic="bystander"))
     growth = []
     for half in range(2):
@@ -432,13 +433,13 @@ def test_headers_only_stream_flood_does_not_starve_others(server):
                           b"".join(headers(1 + 2 * i, "Produce") for i in range(total)))
     try:
         time.sleep(2)
-        separate_stub(server).Connect(smq_pb2.ConnectRequest(), timeout=10)
+        server.stub(own_connection=True).Connect(smq_pb2.ConnectRequest(), timeout=10)
     finally:
         sock.close()
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the next tests need the server back
             try:
-                separate_stub(server).Connect(smq_pb2.ConnectRequest(), timeout=5)
+                server.stub(own_connection=True).Connect(smq_pb2.ConnectRequest(), timeout=5)
                 break
             except grpc.RpcError:
                 time.sleep(0.5)

@@ -326,19 +326,22 @@ def open_stream_when_a_slot_is_free(stub, topic: str, readers, within: float = W
 
 
 def test_too_many_streams_then_cancel_frees_a_slot(start_server, readers):
-    stub = start_server("--max-streams", "2", "--heartbeat-interval", "0.2").stub()
+    server = start_server("--max-streams", "2", "--heartbeat-interval", "0.2")
+    # At --max-streams a connection's new stream on a topic it already streams replaces
+    # its oldest one there: the slots themselves are checked from another connection.
+    stub, other = server.stub(own_connection=True), server.stub(own_connection=True)
     make_topic(stub, "t", 1)
     first, second = readers(stub, "t", 0), readers(stub, "t", 0)
     assert first.next() == second.next() == pb.ConsumeResponse(message=b"m1", offset=1)
 
-    third = readers(stub, "t", 0)
+    third = readers(other, "t", 0)
     assert third.error().code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     with pytest.raises(grpc.RpcError) as info:  # StreamProduce needs a stream slot too
         stub.StreamProduce(iter([pb.ProduceRequest(topic="t", message=b"x")]), timeout=TIMEOUT)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     first.cancel()
-    fourth = open_stream_when_a_slot_is_free(stub, "t", readers)
+    fourth = open_stream_when_a_slot_is_free(other, "t", readers)
     assert produce(stub, "t", b"m2") == 2
     for reader in (second, fourth):
         assert reader.next_message() == pb.ConsumeResponse(message=b"m2", offset=2)
@@ -347,14 +350,16 @@ def test_too_many_streams_then_cancel_frees_a_slot(start_server, readers):
 def test_streams_cancelled_at_once_do_not_keep_their_slots(start_server, readers):
     """Open-and-cancel storms (a client reconnecting in a loop) must not leave slots held
     until the next heartbeat (60 s here) by streams cancelled before they were set up."""
-    stub = start_server("--max-streams", "2", "--heartbeat-interval", "60").stub()
+    server = start_server("--max-streams", "2", "--heartbeat-interval", "60")
+    stub = server.stub(own_connection=True)
     make_topic(stub, "t", 1)
     for i in range(300):
         call = stub.StreamConsume(pb.ConsumeRequest(topic="t", offset=2))
         if i % 3:
             time.sleep(0.0003 * (i % 7))  # vary where in the server's setup the cancel lands
         call.cancel()
-    both = [open_stream_when_a_slot_is_free(stub, "t", readers) for _ in range(2)]
+    other = server.stub(own_connection=True)  # see the test above
+    both = [open_stream_when_a_slot_is_free(other, "t", readers) for _ in range(2)]
     assert [reader.call.is_active() for reader in both] == [True, True]
 
 

@@ -610,8 +610,7 @@ def test_too_many_concurrent_calls_is_resource_exhausted(start_server, tmp_path)
     make_topic(stub, "t")
     # The server admits only a few calls per connection (the rest wait in the client), so
     # the calls come over 20 separate connections, as from 20 clients.
-    stubs = [smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(
-        server.address, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(20)]
+    stubs = [server.stub(own_connection=True) for _ in range(20)]
     finished: queue.Queue = queue.Queue()
     with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as lock:
         lock.execute("BEGIN IMMEDIATE")  # the server's writer now waits (busy timeout 10 s)
