@@ -495,7 +495,7 @@ def main() -> int:
     parser.add_argument("--restart-every", type=float, default=90.0,
                         help="mean seconds between restarts (SIGTERM and kill -9 alternately); 0: never")
     parser.add_argument("--rate", type=float, default=1.0,
-                        help="load multiplier (1: about 2,000 messages/s offered)")
+                        help="load multiplier (1: about 1,600 messages/s acknowledged on 2 cores)")
     parser.add_argument("--seed", type=int, default=random.randrange(1 << 30))
     parser.add_argument("--workdir", help="where the database, server logs and JSON go (default: a new temp dir)")
     parser.add_argument("--json", help="JSON report path (default: <workdir>/soak.json)")
@@ -565,7 +565,7 @@ def main() -> int:
         "restarts_kill9": sum(r["kind"] == "kill -9" for r in soak.restarts),
         "expected_errors_during_restarts": dict(soak.expected_errors),
         "unexpected_errors": len(soak.unexpected), "violations": len(soak.violations),
-        "server_rss_mib": {"min": min(rss, default=0), "median": statistics.median(rss) if rss else 0,
+        "server_rss_mib": {"min": min(rss, default=0), "median": round(statistics.median(rss), 1) if rss else 0,
                            "max": max(rss, default=0)},
         "server_peak_hwm_mib": max([r["hwm_mib"] for r in soak.intervals]
                                    + [r["hwm_before_mib"] for r in soak.restarts], default=0),
