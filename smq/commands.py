@@ -348,12 +348,19 @@ def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 @contextlib.contextmanager
 def ctrl_c_deferred() -> Iterator[None]:
-    """Ctrl-C during the block is raised as KeyboardInterrupt when the block ends."""
+    """Ctrl-C during the block is raised as KeyboardInterrupt when the block ends; a
+    second one at once (the block is stuck, say writing to a pipe nobody reads)."""
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach only the main thread
         return
     pressed = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+
+    def press(signum: int, frame: object) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, press)
     try:
         yield
     finally:

@@ -186,7 +186,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
         """A stream place owned by this connection and topic (see QueueService.stream_slot).
-        Unix-socket callers all share one peer name, so none of them is ever evicted."""
+        Unix-socket callers all share one peer name, so none of them is ever evicted.
+        A stream for a missing topic fails here, before it could end another one."""
+        self.service.describe(topic)
         peer = context.peer()
         owner = None if peer.startswith("unix:") else (peer, topic)
         return self.service.stream_slot(owner, context.cancel)

@@ -72,6 +72,7 @@ class QueueService:
         self._closing = False
         # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
         self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], None]]] = {}
+        self._replaced, self._replaced_logged_at = 0, -60.0  # streams ended for a newer one
         self.writer = GroupCommitWriter(storage, on_commit=self._committed,
                                         defaults=limits.topic_defaults)
         self._committed(self.writer.committed_topics())
@@ -306,7 +307,7 @@ class QueueService:
         `owner`: the (connection, topic) of a consuming stream. When every place is taken,
         the oldest stream of the same owner is ended (`end`) to make room: the original Go
         client leaves a StreamConsume open when its callback stops it, and a program doing
-        that in a loop would otherwise lock every client out. Anything else is refused."""
+        that in a loop would otherwise lock itself out. Anything else is refused."""
         with self._lock:
             if self._closing:
                 raise Unavailable("server is shutting down")
@@ -318,17 +319,25 @@ class QueueService:
                                      "retry later or raise --max-streams")
             slot = object()
             self._streams[slot] = (owner, end)
-        if end_oldest is not None:
-            log.info("ended the oldest stream of %s on %r to make room for a new one of "
-                     "the same connection (--max-streams %d)", owner[0], owner[1],
-                     self.limits.max_streams)
-            end_oldest()
-            end_oldest = None  # a reference kept here would keep the ended call alive in gRPC
         try:
+            if end_oldest is not None:
+                self._report_replacement(owner)
+                end_oldest()
+                end_oldest = None  # a reference kept here would keep the ended call alive in gRPC
             yield
         finally:
             with self._lock:
                 self._streams.pop(slot, None)
+
+    def _report_replacement(self, owner: tuple[str, str]) -> None:
+        """Log replaced streams at most once a minute: a looping client replaces one a turn."""
+        self._replaced += 1
+        now = time.monotonic()
+        if now - self._replaced_logged_at >= 60:
+            log.info("ended the oldest stream of %s on %r to make room for a new one of the same "
+                     "connection (--max-streams %d; %d such since the last such line)",
+                     owner[0], owner[1], self.limits.max_streams, self._replaced)
+            self._replaced, self._replaced_logged_at = 0, now
 
     def _take_oldest_stream_of(self, owner: tuple[str, str] | None) -> Callable[[], None] | None:
         """Forget the oldest open stream of `owner` and return how to end it; None if none."""

@@ -221,16 +221,19 @@ def test_follow_as_a_consumer_commits_what_it_printed(server: ServerProcess, smq
 
 
 class CtrlCAfterLine(io.StringIO):
-    """Standard output where Ctrl-C arrives just as the line starting with `prefix` is out."""
+    """Standard output where Ctrl-C is pressed `presses` times just as the line starting
+    with `prefix` is out."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, presses: int = 1) -> None:
         super().__init__()
         self.prefix = prefix
+        self.presses = presses
 
     def write(self, text: str) -> int:
         written = super().write(text)
         if text.startswith(self.prefix):
-            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, here
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, here
         return written
 
 
@@ -243,6 +246,16 @@ def test_ctrl_c_right_after_a_line_still_commits_it(smq: Run, topic: str, client
     code = smq("consume", topic, "--consumer", "cut", *follow)[0]
     assert (code, stdout.getvalue()) == (0 if follow else 130, "1\tm1\n2\tm2\n3\tm3\n4\tm4\n")
     assert client.committed_offset("cut", topic) == 4
+
+
+def test_a_second_ctrl_c_stops_at_once_and_commits_only_counted_lines(smq: Run, topic: str, client: Client,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # As when the write blocks (a pipe nobody reads): the second press must not wait for it.
+    stdout = CtrlCAfterLine("4\t", presses=2)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert smq("consume", topic, "--consumer", "twice")[0] == 130
+    assert stdout.getvalue().endswith("4\tm4\n")
+    assert client.committed_offset("twice", topic) == 3  # line 4 comes again: at least once
 
 # -- smq info ---------------------------------------------------------------------------------
 
