@@ -90,3 +90,52 @@ in_root() {
     exec chroot "$root" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 "$@"
   ' in_root "$root" "$@"
 }
+
+# -- a Debian 12 amd64 VM under qemu (packaging/verify-systemd, packaging/verify-powercut) --
+
+# Install debootstrap, qemu-system-x86 and e2fsprogs (mkfs.ext4 -d, debugfs) if missing.
+ensure_vm_tools() {
+  local missing=()
+  command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+  command -v debugfs >/dev/null || missing+=(e2fsprogs)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]} with apt-get"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# ensure_vm_root -> prints the path of the VM's root: systemd as init, python3 for the
+# PEX, Debian's kernel and initramfs. Built once with debootstrap, kept in $ROOTFS_CACHE.
+ensure_vm_root() {
+  local root="$ROOTFS_CACHE/bookworm-amd64-vm"
+  if [ ! -f "$root/.smq-rootfs-complete" ]; then
+    log "building the VM root with debootstrap (a few minutes; cached in $root)"
+    mkdir -p "$ROOTFS_CACHE"
+    rm -rf "$root.tmp"
+    debootstrap --arch=amd64 --variant=minbase \
+      --include=systemd,systemd-sysv,dbus,udev,kmod,procps,python3,linux-image-amd64,initramfs-tools \
+      bookworm "$root.tmp" "$DEBIAN_MIRROR" >"$ROOTFS_CACHE/bookworm-amd64-vm.debootstrap.log" 2>&1 \
+      || die "debootstrap failed; see $ROOTFS_CACHE/bookworm-amd64-vm.debootstrap.log"
+    echo smq-vm >"$root.tmp/etc/hostname"
+    echo "/dev/vda / ext4 defaults 0 1" >"$root.tmp/etc/fstab"
+    date -u +%FT%TZ >"$root.tmp/.smq-rootfs-complete"
+    rm -rf "$root"
+    mv "$root.tmp" "$root"
+  fi
+  echo "$root"
+}
+
+# vm_disk ROOT OVERLAY IMAGE: a 3 GiB ext4 image of ROOT with OVERLAY's files added on
+# top (copied into a scratch tree beside IMAGE: the cached root is never changed).
+vm_disk() {
+  local root=$1 overlay=$2 image=$3 scratch
+  scratch=$(mktemp -d "$(dirname "$image")/root.XXXXXX")
+  cp -a "$root/." "$scratch/" && cp -a "$overlay/." "$scratch/" \
+    && truncate -s 3G "$image" && mkfs.ext4 -q -F -d "$scratch" "$image"
+  local status=$?
+  rm -rf "$scratch"
+  return $status
+}
+
