@@ -1,8 +1,9 @@
 """Power cuts for real, driven from the host (packaging/verify-powercut builds the VM).
 
 Each cycle boots the VM (SMQ's unit starts at boot), checks that every message acknowledged
-so far is stored at its offset, produces from the host (two unary producers and one
-ProduceBatch producer, through qemu's port forward), and kills qemu at a random moment.
+so far is stored at its offset, produces from the host (two unary producers, a
+ProduceBatch and a StreamProduce producer, through qemu's port forward), and kills qemu
+at a random moment.
 The disk is opened with cache=none: qemu writes what the guest writes straight to the
 image, so killing it loses exactly what a power cut loses, the guest kernel's page
 cache, while a kill -9 of the server (tests/test_powercut.py) keeps it. After the last
@@ -31,6 +32,7 @@ from smq._proto import smq_pb2, smq_pb2_grpc
 
 TOPIC = "powercut"
 CALL_TIMEOUT = 30.0
+STREAM_MESSAGES = 20  # per StreamProduce call
 BOOT_TIMEOUT = 600.0  # software emulation: a boot and the PEX's first start take a while
 STATE = "/var/lib/private/smq"  # StateDirectory= of a DynamicUser= unit
 
@@ -73,8 +75,10 @@ class VM:
         self.channel.close()
 
 
-def produce(stub, cycle: int, acked: list[tuple[int, bytes]], lock: threading.Lock) -> list[threading.Thread]:
-    """Producers that record each acknowledged message until their calls fail."""
+def produce(stub, cycle: int, acked: list[tuple[int, bytes]], stream_acks: list[tuple[int, list[bytes]]],
+            lock: threading.Lock) -> list[threading.Thread]:
+    """Producers that record each acknowledged message until their calls fail: with its
+    offset (unary, batch), or as a StreamProduce's payloads and its last offset."""
     def unary(worker: int) -> None:
         for i in range(10**9):
             payload = f"c{cycle}-u{worker}-{i}".encode()
@@ -97,11 +101,28 @@ def produce(stub, cycle: int, acked: list[tuple[int, bytes]], lock: threading.Lo
             with lock:
                 acked.extend(zip(range(reply.first_offset, reply.last_offset + 1), payloads))
 
+    def streamed() -> None:
+        # A StreamProduce answers once, after the half-close: its messages are then
+        # acknowledged, at the offsets up to the one it returns.
+        for i in range(10**9):
+            payloads = [f"c{cycle}-s{i}-{k}".encode() for k in range(STREAM_MESSAGES)]
+            try:
+                last = stub.StreamProduce(iter([smq_pb2.ProduceRequest(topic=TOPIC, message=p)
+                                                for p in payloads]), timeout=CALL_TIMEOUT).offset
+            except grpc.RpcError:
+                return
+            with lock:  # this stream's messages, in order, end at `last` (others interleave)
+                stream_acks.append((last, payloads))
+
     threads = [threading.Thread(target=unary, args=(n,)) for n in range(2)]
-    threads.append(threading.Thread(target=batch))
+    threads += [threading.Thread(target=batch), threading.Thread(target=streamed)]
     for thread in threads:
         thread.start()
     return threads
+
+
+def acknowledged(acked: list[tuple[int, bytes]], stream_acks: list[tuple[int, list[bytes]]]) -> int:
+    return len(acked) + sum(len(payloads) for _, payloads in stream_acks)
 
 
 def stored_messages(stub) -> dict[int, bytes]:
@@ -115,11 +136,21 @@ def stored_messages(stub) -> dict[int, bytes]:
         start = page.next_offset
 
 
-def check(stub, acked: list[tuple[int, bytes]]) -> dict[int, bytes]:
+def check(stub, acked: list[tuple[int, bytes]], stream_acks: list[tuple[int, list[bytes]]]) -> dict[int, bytes]:
     stored = stored_messages(stub)
     lost = [(offset, payload) for offset, payload in acked if stored.get(offset) != payload]
+    offset_of = {payload: offset for offset, payload in stored.items()}
+    misplaced = []
+    for last, payloads in stream_acks:  # all there, in order, the last one at `last`
+        offsets = [offset_of.get(payload) for payload in payloads]
+        lost += [(None, payload) for offset, payload in zip(offsets, payloads) if offset is None]
+        if None not in offsets and (offsets != sorted(offsets) or offsets[-1] != last):
+            misplaced.append((last, offsets))
     if lost:
         raise SystemExit(f"LOST {len(lost)} acknowledged messages, e.g. {lost[:3]}")
+    if misplaced:
+        raise SystemExit(f"StreamProduce messages out of order or not ending at the acknowledged "
+                         f"offset: {misplaced[:2]}")
     if sorted(stored) != list(range(1, len(stored) + 1)):
         raise SystemExit("the stored offsets have holes")
     return stored
@@ -150,6 +181,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     console = str(Path(args.image).with_name("console.log"))
     acked: list[tuple[int, bytes]] = []
+    stream_acks: list[tuple[int, list[bytes]]] = []
     lock = threading.Lock()
     cycles = []
     for cycle in range(args.cycles + 1):
@@ -157,30 +189,33 @@ def main() -> int:
         boot = vm.wait_serving()
         if cycle == 0:
             vm.stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=TOPIC), timeout=CALL_TIMEOUT)
-        stored = check(vm.stub, acked)
-        print(f"[powercut-vm] boot {cycle + 1}: serving after {boot:.1f} s; all {len(acked)} "
+        stored = check(vm.stub, acked, stream_acks)
+        total = acknowledged(acked, stream_acks)
+        print(f"[powercut-vm] boot {cycle + 1}: serving after {boot:.1f} s; all {total} "
               f"acknowledged messages there ({len(stored)} stored)", flush=True)
         if cycle == args.cycles:
             vm.cut()
             break
-        before = len(acked)
-        threads = produce(vm.stub, cycle, acked, lock)
+        before = total
+        threads = produce(vm.stub, cycle, acked, stream_acks, lock)
         run_for = rng.uniform(3.0, 8.0)
         time.sleep(run_for)
         vm.cut()
         for thread in threads:
             thread.join(CALL_TIMEOUT + 5)
+        now_acked = acknowledged(acked, stream_acks)
         cycles.append({"boot_s": round(boot, 1), "produced_for_s": round(run_for, 1),
-                       "acked": len(acked) - before})
+                       "acked": now_acked - before})
         print(f"[powercut-vm] cut {cycle + 1} after {run_for:.1f} s of producing: "
-              f"{len(acked) - before} messages acknowledged in this cycle", flush=True)
+              f"{now_acked - before} messages acknowledged in this cycle", flush=True)
     result = integrity(args.image)
-    report = {"seed": args.seed, "cycles": cycles, "acknowledged": len(acked), "stored": len(stored),
-              "lost": 0, "integrity_check": result}
+    report = {"seed": args.seed, "cycles": cycles, "acknowledged": total, "stored": len(stored),
+              "stream_produce_calls_acknowledged": len(stream_acks), "lost": 0, "integrity_check": result}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"[powercut-vm] {args.cycles} power cuts, {len(acked)} acknowledged messages, all "
-          f"stored ({len(stored)} with those in flight at a cut); integrity_check: {result}")
+    print(f"[powercut-vm] {args.cycles} power cuts, {total} acknowledged messages ({len(stream_acks)} "
+          f"StreamProduce calls of {STREAM_MESSAGES} among them), all stored ({len(stored)} with "
+          f"those in flight at a cut); integrity_check: {result}")
     return 0 if result == "ok" else 1
 
 
