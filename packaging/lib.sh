@@ -7,6 +7,9 @@ DEBIAN_MIRROR=${SMQ_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# The version in smq/__init__.py (the PEX files' names carry it).
+smq_version() { sed -n 's/^__version__ = "\(.*\)"/\1/p' smq/__init__.py; }
+
 need_root() {
   [ "$(id -u)" = 0 ] || die "$1 needs root (debootstrap, chroot, binfmt_misc)"
 }
@@ -92,6 +95,13 @@ in_root() {
 }
 
 # -- a Debian 12 amd64 VM under qemu (packaging/verify-systemd, packaging/verify-powercut) --
+
+# vm_pex [FILE] -> FILE, or this checkout's x86_64 PEX (built if missing): what the VM runs.
+vm_pex() {
+  local pex=${1:-dist/smq-$(smq_version)-linux-x86_64.pex}
+  [ -f "$pex" ] || { log "building the PEX"; packaging/build-pex --arch x86_64 >&2; }
+  echo "$pex"
+}
 
 # Install debootstrap, qemu-system-x86 and e2fsprogs (mkfs.ext4 -d, debugfs) if missing.
 ensure_vm_tools() {

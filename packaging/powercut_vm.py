@@ -196,18 +196,17 @@ def main() -> int:
         if cycle == args.cycles:
             vm.cut()
             break
-        before = total
         threads = produce(vm.stub, cycle, acked, stream_acks, lock)
         run_for = rng.uniform(3.0, 8.0)
         time.sleep(run_for)
         vm.cut()
         for thread in threads:
             thread.join(CALL_TIMEOUT + 5)
-        now_acked = acknowledged(acked, stream_acks)
+        this_cycle = acknowledged(acked, stream_acks) - total
         cycles.append({"boot_s": round(boot, 1), "produced_for_s": round(run_for, 1),
-                       "acked": now_acked - before})
+                       "acked": this_cycle})
         print(f"[powercut-vm] cut {cycle + 1} after {run_for:.1f} s of producing: "
-              f"{now_acked - before} messages acknowledged in this cycle", flush=True)
+              f"{this_cycle} messages acknowledged in this cycle", flush=True)
     result = integrity(args.image)
     report = {"seed": args.seed, "cycles": cycles, "acknowledged": total, "stored": len(stored),
               "stream_produce_calls_acknowledged": len(stream_acks), "lost": 0, "integrity_check": result}

@@ -317,11 +317,11 @@ class QueueService:
                 if end_oldest is None:
                     raise Overloaded(f"too many open streams (limit {self.limits.max_streams}); "
                                      "retry later or raise --max-streams")
+                self._report_replacement(owner)
             slot = object()
             self._streams[slot] = (owner, end)
         try:
             if end_oldest is not None:
-                self._report_replacement(owner)
                 end_oldest()
                 end_oldest = None  # a reference kept here would keep the ended call alive in gRPC
             yield
@@ -330,7 +330,8 @@ class QueueService:
                 self._streams.pop(slot, None)
 
     def _report_replacement(self, owner: tuple[str, str]) -> None:
-        """Log replaced streams at most once a minute: a looping client replaces one a turn."""
+        """Log replaced streams at most once a minute: a looping client replaces one a turn.
+        Called with the lock held (it counts them)."""
         self._replaced += 1
         now = time.monotonic()
         if now - self._replaced_logged_at >= 60:

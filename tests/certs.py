@@ -35,6 +35,11 @@ class CertSet:
     def read(self, field: str) -> bytes:
         return getattr(self, field).read_bytes()
 
+    def server_flags(self) -> list[str]:
+        """The server's mTLS flags with these files."""
+        return ["--server-enable-mtls", "--server-cert", str(self.server_cert),
+                "--server-key", str(self.server_key), "--server-ca-cert", str(self.ca_cert)]
+
 
 def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())

@@ -219,7 +219,7 @@ def test_at_max_streams_a_connection_streaming_a_topic_again_replaces_its_oldest
                     pass
             assert info.value.code() == grpc.StatusCode.CANCELLED
     assert [call.is_active() for call in opened[-2:]] == [True, True]
-    # A stream on a missing topic is NOT_FOUND, even at the cap, and ends no other stream.
+    # A stream on a missing topic is NOT_FOUND, even at the cap (not RESOURCE_EXHAUSTED).
     for missing in (stub.StreamConsume(smq_pb2.ConsumeRequest(topic="gone", offset=1), timeout=RPC_TIMEOUT),
                     stub.Subscribe(smq_pb2.SubscribeRequest(topic="gone", offset=1), timeout=RPC_TIMEOUT)):
         with pytest.raises(grpc.RpcError) as info:

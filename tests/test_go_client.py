@@ -20,8 +20,6 @@ from certs import CertSet, make_certs
 from conftest import ROOT, ServerProcess, module_server
 from smq.client import Client
 
-GO_PACKAGES = ("golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev "
-               "protoc-gen-go protoc-gen-go-grpc protobuf-compiler")
 DEBIAN_GOPATH = Path("/usr/share/gocode")  # where Debian's golang-*-dev packages put sources
 ORIGINAL_IMPORT_PATH = "github.com/Suhaibinator/SuhaibMessageQueue/proto"  # proto's go_package
 GO_TIMEOUT = 120
@@ -43,7 +41,7 @@ def go_check(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built interop program."""
     missing = missing_go_tools()
     if missing:
-        message = f"missing {', '.join(missing)} (apt-get install -y {GO_PACKAGES})"
+        message = f"missing {', '.join(missing)} (install the Go packages .ci/run lists)"
         if os.environ.get("SMQ_REQUIRE_GO") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -79,9 +77,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
 
 @pytest.fixture(scope="module")
 def mtls_server(tmp_path_factory: pytest.TempPathFactory, certs: CertSet) -> Iterator[ServerProcess]:
-    proc = module_server(tmp_path_factory, "go-mtls", "--server-enable-mtls",
-                         "--server-cert", str(certs.server_cert), "--server-key", str(certs.server_key),
-                         "--server-ca-cert", str(certs.ca_cert))
+    proc = module_server(tmp_path_factory, "go-mtls", *certs.server_flags())
     yield proc
     proc.close()
 

@@ -23,17 +23,12 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
     return make_certs(tmp_path_factory.mktemp("certs"))
 
 
-def mtls_flags(certs: CertSet) -> list[str]:
-    return ["--server-enable-mtls", "--server-cert", str(certs.server_cert),
-            "--server-key", str(certs.server_key), "--server-ca-cert", str(certs.ca_cert)]
-
-
 @pytest.fixture(scope="module")
 def mtls_server(certs: CertSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One mTLS server (configured by flags) shared by the tests that only call it."""
     workdir = tmp_path_factory.mktemp("mtls-server")
     server = ServerProcess(["--dbpath", str(workdir / "smq.db"), "--port", "0",
-                            "--bind", "127.0.0.1", *mtls_flags(certs)], workdir)
+                            "--bind", "127.0.0.1", *certs.server_flags()], workdir)
     try:
         yield server.wait_serving()
     finally:
