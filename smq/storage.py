@@ -13,6 +13,7 @@ apsw errors are translated into the SMQ error tree here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import fcntl
 import itertools
@@ -99,6 +100,18 @@ DURABILITY_PRAGMAS = {
 }
 BUSY_TIMEOUT_MS = 10_000
 WAL_SIZE_LIMIT = 64 * 1024**2  # truncate the WAL back to this after checkpoints
+# The disk budget is --max-db-size, or else the filesystem's size. Writes stop this
+# far before it, so that trims and deletes, which need room in the WAL, still work at
+# a full budget: a sixteenth of the budget, within these bounds.
+DELETE_RESERVE_MIN = 64 * 1024
+DELETE_RESERVE_MAX = 8 * 1024**2
+# The WAL counts in the budget: it is checkpointed and truncated to its share, an
+# eighth of the budget within these bounds, and that much is set aside for it.
+WAL_SHARE_MIN = 64 * 1024
+DEFAULT_AUTOCHECKPOINT_PAGES = 1000  # SQLite's; small budgets checkpoint more often
+# The policy columns of a topic row, cleared when the topic is deleted.
+FORGET_POLICY = ("max_messages = NULL, max_bytes = NULL, max_age = NULL, on_full = NULL,"
+                 " keep_uncommitted = NULL")
 
 
 ON_FULL_POLICIES = ("reject", "drop-oldest")
@@ -189,11 +202,17 @@ class Storage:
         self.path = path
         self.options = options
         self._directory = os.path.dirname(os.path.abspath(path))  # for free_space()
+        existed = os.path.exists(path)  # before _lock_database creates it
         self._lock_fd = self._lock_database()
+        budget = options.max_db_size or _filesystem_size(self._directory)
+        self._reserve = min(max(budget // 16, DELETE_RESERVE_MIN), DELETE_RESERVE_MAX)
+        self._wal_share = min(max(budget // 8, WAL_SHARE_MIN), WAL_SIZE_LIMIT)
         try:
-            self._writer = self._open_writer()
+            self._writer = self._open_writer(existed)
         except DamagedDatabase as exc:
             if options.on_corrupt != "move-aside":
+                if not existed:
+                    os.unlink(path)  # the empty file _lock_database made: leave things as they were
                 self._unlock_database()
                 raise
             moved = self._move_aside()
@@ -201,7 +220,7 @@ class Storage:
                       "database (--on-corrupt=move-aside)", exc, moved)
             self._unlock_database()
             self._lock_fd = self._lock_database()
-            self._writer = self._open_writer()
+            self._writer = self._open_writer(existed=False)
         except BaseException:
             self._unlock_database()
             raise
@@ -215,14 +234,16 @@ class Storage:
     def _connect(self, flags: int, query_only: bool = False) -> apsw.Connection:
         conn = apsw.Connection(self.path, flags=flags)
         conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        _keep_wal_files(conn)
         if query_only:
             conn.pragma("query_only", True)
         return conn
 
-    def _open_writer(self) -> apsw.Connection:
+    def _open_writer(self, existed: bool) -> apsw.Connection:
         """Open (creating if needed), check and migrate the database; refuse files that
-        are not ours, newer than us, or damaged."""
+        are not ours, newer than us, damaged or truncated."""
         where = f"database {self.path!r}"
+        self._refuse_truncated(existed)
         conn = None
         try:
             conn = self._connect(apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
@@ -239,15 +260,19 @@ class Storage:
             if conn.pragma("journal_mode", "WAL") != "wal":
                 raise StartupError(f"{where}: cannot switch to WAL mode (is the directory writable?)")
             conn.pragma("synchronous", DURABILITY_PRAGMAS[self.options.durability])
-            conn.pragma("journal_size_limit", WAL_SIZE_LIMIT)
+            conn.pragma("journal_size_limit", self._wal_share)
+            conn.pragma("wal_autocheckpoint", min(self._wal_share // 2 // conn.pragma("page_size"),
+                                                  DEFAULT_AUTOCHECKPOINT_PAGES))
             if self.options.startup_check == "quick":
                 problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
                 if problems != ["ok"]:
                     raise DamagedDatabase(f"{where} is damaged: {_one_line(problems)}")
             self._migrate(conn, version)
             if self.options.max_db_size:
-                pages = max(self.options.max_db_size // conn.pragma("page_size"), 16)
-                conn.pragma("max_page_count", pages)
+                # SQLite's own hard limit: the budget less the WAL's share. SMQ's writes
+                # stop a reserve earlier (free_space), which trims and deletes may use.
+                pages = (self.options.max_db_size - self._wal_share) // conn.pragma("page_size")
+                conn.pragma("max_page_count", max(pages, 16))
             return conn
         except BaseException as exc:
             if conn is not None:
@@ -255,6 +280,27 @@ class Storage:
             if isinstance(exc, StartupError) or not isinstance(exc, apsw.Error):
                 raise
             raise _startup_error(where, self.path, exc) from None
+
+    def _refuse_truncated(self, existed: bool) -> None:
+        """Refuse a database file that lost its content: SQLite would start an empty
+        database in it (offsets from 1 again) and drop what the WAL holds. SMQ keeps
+        the -wal and -shm files beside its database even after a clean stop, so a
+        zero-length file with either beside it once held a database; a zero-length
+        file alone (`touch`) is a new one."""
+        wal, shm = self.path + "-wal", self.path + "-shm"
+        wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
+        where = f"database {self.path!r}"
+        advice = ("restore it from a backup, or start with --on-corrupt move-aside to move "
+                  "these files aside and start with an empty database")
+        if not existed:
+            if wal_bytes:
+                raise DamagedDatabase(f"{where} is missing but its WAL {wal!r} holds {wal_bytes} "
+                                      f"bytes of it: {advice}")
+            return
+        if os.path.getsize(self.path) == 0 and (os.path.exists(wal) or os.path.exists(shm)):
+            evidence = (f"its WAL holds {wal_bytes} bytes" if wal_bytes
+                        else "the -wal/-shm files beside it show that it held one")
+            raise DamagedDatabase(f"{where} is 0 bytes long but {evidence}: it was truncated; {advice}")
 
     def _lock_database(self) -> int:
         """One SMQ per database file: an exclusive flock on the file, held until close().
@@ -420,36 +466,39 @@ class Storage:
             return self.load_topics(self._writer)
 
     def insert_topic(self, name: str) -> TopicState:
-        """Create a topic, or bring back a deleted one with its offsets going on."""
+        """Create a topic, or bring back a deleted one with its offsets going on (and
+        nothing else of it: files of older SMQs may still hold its policy)."""
         now = int(time.time())
         topic_id, next_offset = self._writer.execute(
             "INSERT INTO topics (name, created_at) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at"
-            " RETURNING id, next_offset", (name, now)).fetchall()[0]
+            " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
+            f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset", (name, now)).fetchall()[0]
         return TopicState(topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now)
 
     def delete_topic(self, topic: TopicState) -> None:
-        """Delete the topic's messages and hide it; its next_offset is kept."""
+        """Delete the topic's messages, consumers and policy, and hide it; only its
+        next_offset is kept (offsets are never reused)."""
         self._writer.execute("DELETE FROM batches WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
         topic.min_committed = None
-        self._writer.execute("UPDATE topics SET deleted = 1, stored_bytes = 0 WHERE id = ?",
-                             (topic.id,))
+        self._writer.execute(f"UPDATE topics SET deleted = 1, stored_bytes = 0, {FORGET_POLICY}"
+                             " WHERE id = ?", (topic.id,))
         topic.deleted = True
         topic.earliest = None
         topic.stored_bytes = 0
 
-    def append(self, topic: TopicState, payloads: Sequence[bytes], size: int | None = None) -> int:
+    def append(self, topic: TopicState, payloads: Sequence[bytes], size: int | None = None,
+               now: int | None = None) -> int:
         """Append payloads at topic.next_offset onwards and advance topic's counters in
-        memory (save_counters stores them). `size`: their total length, if known.
-        Returns the count."""
+        memory (save_counters stores them). `size`: their total length, if known; `now`:
+        the unix second they are written at (default: the wall clock). Returns the count."""
         first = topic.next_offset
         if not payloads:
             return 0
         added = sum(map(len, payloads)) if size is None else size
         self._insert_rows(topic, batches.pack(first, payloads, added))
-        now = int(time.time())
+        now = max(int(time.time()) if now is None else now, topic.last_mark)  # never back
         if now != topic.last_mark:
             self._writer.execute(
                 "INSERT OR REPLACE INTO time_marks (topic_id, first_offset, marked_at)"
@@ -512,6 +561,13 @@ class Storage:
             self._writer.execute(
                 "INSERT OR IGNORE INTO time_marks (topic_id, first_offset, marked_at)"
                 " VALUES (?, ?, ?)", (topic.id, until + 1, row[0]))
+
+    def shift_time_marks(self, seconds: int, topics: Iterable[TopicState]) -> None:
+        """Move every stored message time by `seconds` (the wall clock stepped; clock.py)."""
+        self._writer.execute("UPDATE time_marks SET marked_at = marked_at + ?", (seconds,))
+        for topic in topics:
+            if topic.last_mark:
+                topic.last_mark += seconds
 
     def offset_older_than(self, topic: TopicState, cutoff: int) -> int:
         """The last offset written before unix second `cutoff` (0 if none)."""
@@ -579,16 +635,23 @@ class Storage:
                                 " ORDER BY name, topic_id").fetchall()
 
     def free_space(self) -> int:
-        """Bytes new messages can still take: free on the filesystem (beyond the
-        --min-free-space floor) plus free pages inside the file, within --max-db-size."""
+        """Bytes new messages can still take, less the reserve for trims and deletes.
+
+        On the filesystem: its free space above the --min-free-space floor, less what
+        the WAL may still grow by (up to its share) and what the database file grows by
+        when the WAL is checkpointed into it. Within --max-db-size: the budget less the
+        database (as the WAL will make it) and the WAL (its share, or more if it grew
+        beyond). Free pages inside the file count as room in both."""
         with storage_errors("free space"):
             stats = os.statvfs(self._directory)
+            database = self._writer.pragma("page_count") * self.page_size
             reusable = self._writer.pragma("freelist_count") * self.page_size
-            room = stats.f_bavail * stats.f_frsize - self.options.min_free_space + reusable
+            wal = _file_size(self.path + "-wal")
+            room = (stats.f_bavail * stats.f_frsize - self.options.min_free_space
+                    - max(self._wal_share - wal, 0) - max(database - _file_size(self.path), 0))
             if self.options.max_db_size:
-                used = self._writer.pragma("page_count") * self.page_size
-                room = min(room, self.options.max_db_size - used + reusable)
-            return room
+                room = min(room, self.options.max_db_size - database - max(wal, self._wal_share))
+            return room + reusable - self._reserve
 
     def give_back_space(self, max_pages: int = 2048) -> int:
         """Return up to max_pages free pages to the filesystem (outside a transaction).
@@ -597,6 +660,28 @@ class Storage:
             # Each step of this pragma frees one page; fetching runs it to the end.
             self._writer.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
             return self._writer.pragma("freelist_count")
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _filesystem_size(directory: str) -> int:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return 0  # the directory is missing: opening the database says so
+    return stats.f_blocks * stats.f_frsize
+
+
+def _keep_wal_files(conn: apsw.Connection) -> None:
+    """Keep the -wal and -shm files when the last connection closes (SQLite empties the
+    WAL instead of deleting it): they show that the database exists (_refuse_truncated)."""
+    persist = ctypes.c_int(1)
+    conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(persist))
 
 
 def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:

@@ -22,6 +22,10 @@ Two refinements, both about the hand-off between callers and the writer thread:
 If a group fails in storage (disk full, I/O error), nothing of it was committed;
 its ops are retried one per transaction so that one bad op cannot fail the others.
 
+At the disk budget, an Append to a drop-oldest topic trims that topic's oldest
+messages in its own transaction, just enough for it to fit: the write and what it
+dropped commit together, or neither does (a refused write has dropped nothing).
+
 The writer owns the working topic counters (next offset, earliest, bytes). After each
 commit it hands copies of the topics it changed to `on_commit`, which is how the
 rest of the server learns what readers may now see.
@@ -35,7 +39,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import SMQError, StorageFailure, StorageFull, TopicNotFound, Unavailable
+from . import clock
+from .errors import InvalidArgument, SMQError, StorageFailure, StorageFull, TopicNotFound, Unavailable
 from .storage import Storage, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
@@ -48,8 +53,8 @@ TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
 ROOM_SECONDS = 0.1
 ROOM_TRUSTED_ABOVE = 256 * 1024**2
 SPACE_WARNING_SECONDS = 60  # a failing give-back of free pages is logged at most this often
+DROPPED_LOG_SECONDS = 60  # what drop-oldest dropped is logged at most this often
 ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
-MAKE_ROOM_ATTEMPTS = 12
 STREAM_MESSAGES = 1_000  # a StreamAppend takes at most this many messages...
 STREAM_BYTES = 4 * 1024**2  # ...and bytes,
 STREAM_SECONDS = 0.002  # and a stream commits at most this often while it is busy
@@ -148,9 +153,8 @@ class Append(WriteOp):
 
     def apply(self, writer: GroupCommitWriter) -> None:
         if self.atomic:
-            missing = next((t for t, _ in self.runs if t not in writer.topics), None)
-            if missing is not None:
-                self.error = TopicNotFound(missing)
+            self.error = self._refusal(writer)
+            if self.error is not None:
                 return
         first = last = 0
         for (name, payloads), size in zip(self.runs, self.run_bytes):
@@ -158,13 +162,44 @@ class Append(WriteOp):
             if topic is None:
                 self.error = TopicNotFound(name)
                 break
-            writer.reserve_space(size + ROW_OVERHEAD * len(payloads))
-            offset = topic.next_offset
-            writer.storage.append(topic, payloads, size)
-            writer.touched.add(name)
-            first = first or offset
-            last = topic.next_offset - 1
+            kept = _larger_than_max_bytes(writer.policy_of(topic), payloads)
+            if kept is not None:  # StreamProduce's rule: what came before it stays
+                self.error = _too_large_for(topic, payloads[kept], writer.policy_of(topic))
+                payloads = payloads[:kept]
+                size = sum(map(len, payloads))
+            if payloads:
+                offset = writer.append(topic, payloads, size)
+                first = first or offset
+                last = topic.next_offset - 1
+            if self.error is not None:
+                break
         self.result = (first, last)
+
+    def _refusal(self, writer: GroupCommitWriter) -> SMQError | None:
+        """Why an atomic append cannot be stored whole, or None: a missing topic, or a
+        message that the topic's retention would delete in the commit that stores it."""
+        for name, payloads in self.runs:
+            topic = writer.topics.get(name)
+            if topic is None:
+                return TopicNotFound(name)
+            policy = writer.policy_of(topic)
+            too_large = _larger_than_max_bytes(policy, payloads)
+            if too_large is not None:
+                return _too_large_for(topic, payloads[too_large], policy)
+        return None
+
+
+def _larger_than_max_bytes(policy: TopicPolicy, payloads: list[bytes]) -> int | None:
+    """The index of the first payload larger than the policy's max_bytes, or None."""
+    if not policy.max_bytes or max(map(len, payloads)) <= policy.max_bytes:
+        return None
+    return next(i for i, p in enumerate(payloads) if len(p) > policy.max_bytes)
+
+
+def _too_large_for(topic: TopicState, payload: bytes, policy: TopicPolicy) -> InvalidArgument:
+    return InvalidArgument(
+        f"message of {len(payload)} bytes is larger than topic {topic.name!r}'s max_bytes of "
+        f"{policy.max_bytes}: retention would delete it as soon as it is stored")
 
 
 class StreamAppend(Append):
@@ -289,7 +324,7 @@ class EnforceAge(WriteOp):
     """Trim what is older than each topic's max_age (the writer's own periodic op)."""
 
     def apply(self, writer: GroupCommitWriter) -> None:
-        now = int(time.time())
+        now = writer.clock.now()
         for topic in writer.topics.values():
             max_age = writer.policy_of(topic).max_age
             if max_age and topic.earliest is not None:
@@ -307,6 +342,10 @@ class Barrier(WriteOp):
 _STOP = object()
 
 
+def _utc(unix: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
+
+
 class GroupCommitWriter:
     """The single writer thread. Submit ops with `submit`; `close` drains and stops.
 
@@ -316,12 +355,19 @@ class GroupCommitWriter:
 
     def __init__(self, storage: Storage,
                  on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
-                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False)) -> None:
+                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False),
+                 wall_clock: clock.WallClock | None = None) -> None:
         self.storage = storage
         self.defaults = defaults
+        self.clock = wall_clock or clock.WallClock()
+        self._unshifted = 0  # seconds the wall clock stepped that stored times have not followed yet
         self._room: int | None = None  # the disk budget left, see reserve_space
         self._room_measured = 0.0
+        self._first_written: dict[str, int] = {}  # per topic, the first offset of this transaction
+        self._dropped: dict[str, int] = {}  # messages drop-oldest trimmed, per topic, not yet logged
+        self._dropped_logged = float("-inf")
         self.topics: dict[str, TopicState] = storage.reload_topics()
+        self._correct_stored_times()
         self.touched: set[str] = set()
         self.deleted: list[TopicState] = []
         self._topics_stale = False  # True while `topics` may be ahead of the database
@@ -359,21 +405,52 @@ class GroupCommitWriter:
             until = min(until, topic.min_committed)
         return self.trim(topic, until)
 
-    def reserve_space(self, size: int) -> None:
+    def append(self, topic: TopicState, payloads: list[bytes], size: int) -> int:
+        """Append payloads (`size` bytes) to the topic within the disk budget (StorageFull
+        if they do not fit). Returns the offset of the first."""
+        self.reserve_space(size + ROW_OVERHEAD * len(payloads), topic)
+        first = topic.next_offset
+        self._first_written.setdefault(topic.name, first)
+        self.storage.append(topic, payloads, size, self.clock.now())
+        self.touched.add(topic.name)
+        return first
+
+    def reserve_space(self, size: int, topic: TopicState) -> None:
         """Raise StorageFull unless `size` more bytes fit the disk budget (the filesystem's
         free space above --min-free-space, and --max-db-size), measured at the start of
         every group once it is near and counted down within the group. While it is far
         (ROOM_TRUSTED_ABOVE), a measure is reused for ROOM_SECONDS across groups: a statfs
-        and two pragmas per commit were a measurable part of a small one."""
+        and two pragmas per commit were a measurable part of a small one. At the budget,
+        a drop-oldest topic makes room by trimming its own oldest messages."""
         now = time.monotonic()
         if self._room is None or (self._room >= ROOM_TRUSTED_ABOVE
                                   and now - self._room_measured >= ROOM_SECONDS):
-            self._room = self.storage.free_space()
-            self._room_measured = now
+            self._measure_room()
+        if size > self._room and self.policy_of(topic).on_full == "drop-oldest":
+            self._drop_oldest(topic, size)
         if size > self._room:
             raise StorageFull("disk budget reached: free space or --max-db-size exhausted; "
                               "trim or delete messages, or raise the limits")
         self._room -= size
+
+    def _measure_room(self) -> None:
+        self._room = self.storage.free_space()
+        self._room_measured = time.monotonic()
+
+    def _drop_oldest(self, topic: TopicState, size: int) -> None:
+        """Trim the topic's oldest messages in this transaction until `size` bytes fit,
+        measuring again after each trim (freed pages are reusable at once). Only
+        messages committed before this transaction: none is dropped in the commit that
+        acknowledges it. If that is not enough, the caller refuses the write, and the
+        rollback undoes these trims."""
+        committed_until = self._first_written.get(topic.name, topic.next_offset) - 1
+        while size > self._room and topic.earliest is not None and topic.earliest <= committed_until:
+            until = min(self.storage.offset_freeing(topic, size - self._room), committed_until)
+            dropped = self.retention_trim(topic, until)
+            if not dropped:
+                return  # keep_uncommitted spares the rest
+            self._dropped[topic.name] = self._dropped.get(topic.name, 0) + dropped
+            self._measure_room()
 
     def _enforce_retention(self) -> None:
         """Trim the topics this group grew beyond their max_messages / max_bytes."""
@@ -450,10 +527,34 @@ class GroupCommitWriter:
                     next_tick = time.monotonic() + TICK_SECONDS
 
     def _tick(self) -> None:
-        """Periodic upkeep: age retention, then giving free pages back to the disk."""
-        if any(self.policy_of(t).max_age for t in self.topics.values()):
+        """Periodic upkeep: stored times follow a step of the wall clock, age retention,
+        then giving free pages back to the disk."""
+        self._unshifted += self.clock.step()
+        if self._unshifted or any(self.policy_of(t).max_age for t in self.topics.values()):
             self._commit_group([EnforceAge()])
         self._give_space_back()
+
+    def _correct_stored_times(self) -> None:
+        """At start: stored times ahead of the clock, or written before it was set, move
+        so that the newest is now (clock.start_correction)."""
+        newest = max((t.last_mark for t in self.topics.values() if t.last_mark), default=None)
+        shift = clock.start_correction(self.clock.now(), newest)
+        if shift:
+            with self.storage.write_transaction():
+                self.storage.shift_time_marks(shift, self.topics.values())
+            log.warning("the wall clock (%s) is %s the newest stored message time: it was set back "
+                        "or is not set yet (no real-time clock before NTP); stored message times "
+                        "moved %s so that age retention does not count the time SMQ was stopped",
+                        _utc(self.clock.now()), "behind" if shift < 0 else "far ahead of",
+                        clock.describe_shift(shift))
+
+    def _follow_clock_steps(self) -> int:
+        """In the current transaction: move stored times by the wall clock's steps since
+        the last commit. Returns the seconds moved (to report once committed)."""
+        self._unshifted += self.clock.step()
+        if self._unshifted:
+            self.storage.shift_time_marks(self._unshifted, self.topics.values())
+        return self._unshifted
 
     def _next_first(self) -> Any:
         """The op that starts the next group; None after an idle tick; _STOP to stop."""
@@ -512,10 +613,9 @@ class GroupCommitWriter:
                 for op in group:
                     self._commit_group([op])
                 return
-            if not (isinstance(exc, StorageFull) and self._drop_oldest_for(group[0])):
-                group[0].result, group[0].error = None, exc
-                log.log(logging.WARNING if isinstance(exc, StorageFull) else logging.ERROR,
-                        "write failed: %s", exc)
+            group[0].result, group[0].error = None, exc
+            log.log(logging.WARNING if isinstance(exc, StorageFull) else logging.ERROR,
+                    "write failed: %s", exc)
         except Exception as exc:  # a bug: fail the callers rather than hang them
             log.exception("unexpected error in the writer")
             self._forget_uncommitted()
@@ -531,45 +631,40 @@ class GroupCommitWriter:
         if self._topics_stale:
             self.topics = self.storage.reload_topics()
             self._topics_stale = False
-        with self.storage.write_transaction():
-            for op in group:
-                op.error = None
-                op.apply(self)
-            self._enforce_retention()
-            self.storage.save_counters(self.topics[n] for n in self.touched if n in self.topics)
+        self._first_written.clear()
+        dropped_before = dict(self._dropped)
+        try:
+            with self.storage.write_transaction():
+                shifted = self._follow_clock_steps()
+                for op in group:
+                    op.error = None
+                    op.apply(self)
+                self._enforce_retention()
+                self.storage.save_counters(self.topics[n] for n in self.touched if n in self.topics)
+        except BaseException:
+            self._dropped = dropped_before  # rolled back: nothing was dropped
+            raise
+        self._report_dropped()
+        if shifted:
+            self._unshifted -= shifted
+            log.warning("the wall clock stepped %s: stored message times moved with it, so age "
+                        "retention counts each message's age from when it was written",
+                        clock.describe_shift(shifted))
         self.commits += 1
         self.committed_ops += len(group)
         self.committed_messages += sum(op.messages for op in group)
 
-    def _drop_oldest_for(self, op: WriteOp) -> bool:
-        """For an Append to topics whose policy is drop-oldest: trim their oldest messages
-        until it commits. True if it committed; False to let it fail (RESOURCE_EXHAUSTED)."""
-        if not isinstance(op, Append):
-            return False
-        topics = [self.topics.get(name) for name in {name for name, _ in op.runs}]
-        if not topics or any(t is None or self.policy_of(t).on_full != "drop-oldest" for t in topics):
-            return False
-        excess = 2 * (op.bytes + ROW_OVERHEAD * op.messages)
-        for _ in range(MAKE_ROOM_ATTEMPTS):
-            try:
-                with self.storage.write_transaction():
-                    dropped = 0
-                    for topic in topics:
-                        if topic.earliest is not None:
-                            dropped += self.retention_trim(
-                                topic, self.storage.offset_freeing(topic, excess))
-                    self.storage.save_counters(topics)
-                if not dropped:
-                    return False
-                log.warning("disk budget reached: dropped %d oldest messages of %s (drop-oldest)",
-                            dropped, ", ".join(t.name for t in topics))
-                self._apply_in_one_transaction([op])
-                return True
-            except SMQError:
-                self._forget_uncommitted()
-                topics = [self.topics[t.name] for t in topics if t.name in self.topics]
-                excess *= 2
-        return False
+    def _report_dropped(self) -> None:
+        """Log what drop-oldest dropped, at most once a minute (at a full budget, it
+        drops at every write)."""
+        now = time.monotonic()
+        if self._dropped and now - self._dropped_logged >= DROPPED_LOG_SECONDS:
+            log.warning("disk budget reached: dropped the oldest messages of drop-oldest topics "
+                        "to make room (%s; logged at most every %ds)",
+                        ", ".join(f"{n} of {t!r}" for t, n in sorted(self._dropped.items())),
+                        DROPPED_LOG_SECONDS)
+            self._dropped.clear()
+            self._dropped_logged = now
 
     def _forget_uncommitted(self) -> None:
         """After a rollback: the database is the truth again. Every topic is published

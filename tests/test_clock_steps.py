@@ -1,0 +1,197 @@
+"""Age retention and a wall clock that steps (issue 13, point 3): in-process, on a real
+database file, with the writer's clock driven by the test (no sleeps)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from smq import clock
+from smq.storage import Storage, TopicPolicy
+from smq.writer import Append, CreateTopic, EnforceAge, GroupCommitWriter
+
+DAY = 86400
+NOW = clock.RELEASED + 30 * DAY  # a plausible wall clock
+
+
+class Clocks:
+    """A wall clock and a boot clock the test moves: `wait` moves both, `step` the wall only."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall_time = float(wall)
+        self.boot_time = 1000.0
+
+    def wait(self, seconds: float) -> None:
+        self.wall_time += seconds
+        self.boot_time += seconds
+
+    def step(self, seconds: float) -> None:
+        self.wall_time += seconds
+
+    def wall_clock(self) -> clock.WallClock:
+        return clock.WallClock(lambda: self.wall_time, lambda: self.boot_time)
+
+
+def open_writer(path, clocks: Clocks, max_age: int = 7 * DAY) -> GroupCommitWriter:
+    return GroupCommitWriter(Storage(str(path)), defaults=TopicPolicy(0, 0, max_age, "reject", False),
+                             wall_clock=clocks.wall_clock())
+
+
+def close(writer: GroupCommitWriter) -> None:
+    writer.close()
+    writer.storage.close()
+
+
+def stored(writer: GroupCommitWriter) -> tuple[int | None, int]:
+    """(earliest offset, messages) of topic t after age retention ran."""
+    writer.execute(EnforceAge())
+    topic = writer.topics["t"]
+    return topic.earliest, topic.message_count
+
+
+def produce(writer: GroupCommitWriter, count: int) -> None:
+    writer.execute(Append.to_topic("t", [b"m"] * count))
+
+
+@pytest.fixture
+def clocks() -> Clocks:
+    return Clocks(NOW - 100 * DAY)  # the board's clock is 100 days slow (no RTC, no NTP yet)
+
+
+def test_a_forward_step_deletes_nothing_and_ages_go_on(tmp_path, clocks, caplog):
+    writer = open_writer(tmp_path / "q.db", clocks)
+    writer.execute(CreateTopic("t"))
+    produce(writer, 50)
+    clocks.wait(3 * DAY)
+    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+        clocks.step(100 * DAY)  # NTP sets the right time
+        assert stored(writer) == (1, 50)
+        assert stored(writer) == (1, 50)
+    steps = [r.message for r in caplog.records if "stepped" in r.message]
+    assert len(steps) == 1 and "forward by 100d 0h 0m" in steps[0], steps
+    clocks.wait(4 * DAY - 10)
+    assert stored(writer) == (1, 50)  # 7 days old less 10 s
+    clocks.wait(11)
+    assert stored(writer) == (None, 0)
+    close(writer)
+
+
+def test_a_backward_step_does_not_keep_messages_forever(tmp_path):
+    clocks = Clocks(NOW)
+    writer = open_writer(tmp_path / "q.db", clocks)
+    writer.execute(CreateTopic("t"))
+    produce(writer, 10)
+    clocks.step(-30 * DAY)
+    clocks.wait(DAY)
+    produce(writer, 10)
+    assert stored(writer) == (1, 20)
+    clocks.wait(6 * DAY + 1)  # the first ten are 7 days old (and a second)
+    assert stored(writer) == (11, 10)
+    clocks.wait(DAY)
+    assert stored(writer) == (None, 0)
+    close(writer)
+
+
+def test_a_step_while_idle_is_followed_by_the_writers_tick(tmp_path, clocks):
+    """No write comes after the step: the periodic upkeep moves the stored times."""
+    writer = open_writer(tmp_path / "q.db", clocks)
+    writer.execute(CreateTopic("t"))
+    produce(writer, 5)
+    clocks.step(100 * DAY)
+    writer._tick()  # what the writer thread does every second
+    clocks.wait(7 * DAY - 10)
+    assert stored(writer) == (1, 5)
+    close(writer)
+
+
+def test_at_start_a_clock_behind_the_stored_times_does_not_count_the_downtime(tmp_path, caplog):
+    clocks = Clocks(NOW)
+    writer = open_writer(tmp_path / "q.db", clocks)
+    writer.execute(CreateTopic("t"))
+    produce(writer, 5)
+    clocks.wait(2 * DAY)
+    produce(writer, 5)
+    close(writer)
+    # Power cut; the board boots with the time it saved a day before (fake-hwclock).
+    clocks.step(-3 * DAY)
+    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+        writer = open_writer(tmp_path / "q.db", clocks)
+    assert any("behind the newest stored message time" in r.message for r in caplog.records)
+    assert stored(writer) == (1, 10)
+    clocks.step(10 * DAY)  # NTP, later
+    clocks.wait(5 * DAY - 10)  # the first five have been stored for 7 days less 10 s
+    assert stored(writer) == (1, 10)
+    clocks.wait(11)
+    assert stored(writer) == (6, 5)
+    close(writer)
+
+
+def test_at_start_times_written_before_the_clock_was_set_count_from_now(tmp_path, clocks, caplog):
+    early = Clocks(clock.RELEASED - 400 * DAY)  # 1970-like: before this version existed
+    writer = open_writer(tmp_path / "q.db", early)
+    writer.execute(CreateTopic("t"))
+    produce(writer, 5)
+    close(writer)
+    right = Clocks(NOW)  # restarted after NTP set the clock
+    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+        writer = open_writer(tmp_path / "q.db", right)
+    assert any("stored message times moved forward" in r.message for r in caplog.records)
+    right.wait(7 * DAY - 10)
+    assert stored(writer) == (1, 5)
+    right.wait(11)
+    assert stored(writer) == (None, 0)
+    close(writer)
+
+
+def test_a_plain_restart_counts_the_time_stopped(tmp_path):
+    clocks = Clocks(NOW)
+    writer = open_writer(tmp_path / "q.db", clocks)
+    writer.execute(CreateTopic("t"))
+    produce(writer, 5)
+    close(writer)
+    clocks.wait(8 * DAY)
+    writer = open_writer(tmp_path / "q.db", clocks)
+    assert stored(writer) == (None, 0)
+    close(writer)
+
+
+def test_slewing_is_not_a_step():
+    clocks = Clocks(NOW)
+    wall = clocks.wall_clock()
+    for _ in range(10_000):  # NTP slews at most 500 ppm: 0.5 ms a second
+        clocks.wait(1)
+        clocks.step(0.0005)
+        assert wall.step() == 0
+
+
+# -- the issue's reproduction, on a real server whose wall clock the test steps ------------
+
+SHIFTED_CLOCK_SERVER = """
+import sys, time
+from smq import cli, clock
+def wall():
+    with open(sys.argv[1]) as f:
+        return time.time() + float(f.read())
+clock.WallClock.__init__.__defaults__ = (wall, clock._boot_clock)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_a_real_server_keeps_messages_through_a_clock_step(start_server, tmp_path):
+    import sys
+    import time
+
+    from smq._proto import smq_pb2
+    offset = tmp_path / "clock-offset"
+    offset.write_text(str(-100 * DAY))
+    server = start_server("--retention-max-age", "7d", command=[
+        sys.executable, "-c", SHIFTED_CLOCK_SERVER, str(offset)])
+    stub = server.stub()
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="t"))
+    for _ in range(50):
+        stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"m"))
+    offset.write_text("0")  # NTP steps the clock 100 days forward
+    time.sleep(3.5)  # the writer checks every second
+    info = stub.DescribeTopic(smq_pb2.DescribeTopicRequest(topic="t")).topic
+    assert (info.earliest_offset, info.message_count) == (1, 50)
+    assert "stepped forward by 100d" in server.log()
