@@ -287,6 +287,10 @@ class QueueService:
             raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
         payload = self.storage.read_one(topic.id, offset)
         if payload is None:
+            topic = self._topic(name)  # as of now: a trim may have come since the read began
+            if topic.earliest is None:
+                raise OffsetNotFound(f"offset {offset} was deleted; the topic is empty "
+                                     f"(the next message gets offset {topic.next_offset})")
             raise OffsetNotFound(f"offset {offset} was deleted; the earliest is {topic.earliest}")
         return payload
 

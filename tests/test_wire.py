@@ -333,6 +333,14 @@ def test_consume_deleted_offset_is_not_found(stub, topic):
     assert error_of(lambda: consume(stub, topic, 6)).code() == grpc.StatusCode.OUT_OF_RANGE
 
 
+def test_consume_on_a_topic_trimmed_empty_says_it_is_empty(stub, topic):
+    make_topic(stub, topic, 3)
+    delete_until(stub, topic, 3)
+    error = error_of(lambda: consume(stub, topic, 2))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == "offset 2 was deleted; the topic is empty (the next message gets offset 4)"
+
+
 # -- GetEarliestOffset / GetLatestOffset --------------------------------------------
 
 def test_earliest_and_latest_follow_produce_and_delete(stub, topic):
