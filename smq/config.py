@@ -221,10 +221,20 @@ class Config:
     def validate(self) -> "Config":
         """Checks that span settings; raises ConfigError."""
         if self.server_enable_mtls:
-            for name in ("server_cert", "server_key", "server_ca_cert"):
+            for name in SERVER_TLS_FILES:
                 if not getattr(self, name):
                     raise ConfigError(_label(name), "", "required when server mTLS is enabled")
         return self
+
+    def ignored_tls_settings(self) -> list[str]:
+        """The server's certificate settings that were given but go unused, because
+        mTLS is off (the original SMQ accepted them so, serving plaintext)."""
+        if self.server_enable_mtls:
+            return []
+        return [_label(name) for name in SERVER_TLS_FILES if getattr(self, name)]
+
+
+SERVER_TLS_FILES = ("server_cert", "server_key", "server_ca_cert")
 
 
 def _label(field: str) -> str:

@@ -490,6 +490,10 @@ class Server:
         log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
                  "mTLS" if self.config.server_enable_mtls else "plaintext",
                  self.config.dbpath, self.config.durability)
+        ignored = self.config.ignored_tls_settings()
+        if ignored:
+            log.warning("%s given but --server-enable-mtls (SERVER_ENABLE_MTLS) is off: serving "
+                        "plaintext, the certificate files are not used", ", ".join(ignored))
         return self
 
     def addresses(self) -> str:
