@@ -11,6 +11,7 @@ bad one: `load()` raises ConfigError naming the setting and the value.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
 import re
@@ -83,6 +84,25 @@ def parse_host(text: str) -> str:
     return host
 
 
+def group_id(text: str) -> int:
+    """A group name or number -> its number; ValueError for a name the system does not know."""
+    text = text.strip()
+    if text.isdigit():
+        gid = int(text)
+        if gid >= 2**32 - 1:  # (gid_t)-1 means "leave the group alone" to chown()
+            raise ValueError("expected a group number below 4294967295")
+        return gid
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError("no such group on this system (give a group name or number)") from None
+
+
+def parse_group(text: str) -> str:
+    group_id(text)
+    return text.strip()
+
+
 def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         word = text.strip().lower()
@@ -128,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
             "address to listen on (127.0.0.1 for this device only)"),
     Setting("unix_socket", "--unix-socket", "SMQ_UNIX_SOCKET", str,
             "also listen on this Unix socket path; its callers may always write"),
+    Setting("unix_socket_group", "--unix-socket-group", "SMQ_UNIX_SOCKET_GROUP", parse_group,
+            "group (name or number) that may use the Unix socket too (mode 0660); "
+            "without it only the server's user may (0600)"),
     Setting("server_enable_mtls", "--server-enable-mtls", "SERVER_ENABLE_MTLS", parse_bool,
             "require and verify client certificates (mutual TLS)"),
     Setting("server_cert", "--server-cert", "SERVER_CERT_FILE", str, "server certificate (PEM)"),
@@ -191,6 +214,7 @@ class Config:
     port: int = 8097
     bind: str = "0.0.0.0"
     unix_socket: str = ""
+    unix_socket_group: str = ""
     server_enable_mtls: bool = False
     server_cert: str = ""
     server_key: str = ""
@@ -220,6 +244,9 @@ class Config:
 
     def validate(self) -> "Config":
         """Checks that span settings; raises ConfigError."""
+        if self.unix_socket_group and not self.unix_socket:
+            raise ConfigError(_label("unix_socket_group"), self.unix_socket_group,
+                              f"given without {_label('unix_socket')}")
         if self.server_enable_mtls:
             for name in SERVER_TLS_FILES:
                 if not getattr(self, name):

@@ -33,7 +33,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .client_transport import tcp_address
-from .config import Config
+from .config import Config, group_id
 from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
 from .service import PAGE_BYTES, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
@@ -394,16 +394,33 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
     if port == 0:
         raise StartupError(f"cannot listen on {address} (is another server using it?)")
     if config.unix_socket:
-        _remove_stale_socket(config.unix_socket)
-        try:
-            bound = server.add_insecure_port(f"unix:{config.unix_socket}")
-        except RuntimeError as exc:
-            bound, reason = 0, str(exc)
-        else:
-            reason = "bind failed"
-        if not bound:
-            raise StartupError(f"cannot listen on Unix socket {config.unix_socket!r}: {reason}")
+        _bind_unix_socket(server, config.unix_socket, config.unix_socket_group)
     return server, port
+
+
+def _bind_unix_socket(server: grpc.Server, path: str, group: str) -> None:
+    """Listen on the Unix socket, mode 0600 (0660 for `group`) whatever the umask: its
+    callers may always write. It is created under a umask that leaves only the owner
+    (gRPC binds it here, not at start), so it is never wider, not even for a moment."""
+    _remove_stale_socket(path)
+    umask = os.umask(0o177)  # process-wide: no other thread creates files this early
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    except RuntimeError as exc:
+        bound, reason = 0, str(exc)
+    else:
+        reason = "bind failed"
+    finally:
+        os.umask(umask)
+    if not bound:
+        raise StartupError(f"cannot listen on Unix socket {path!r}: {reason}")
+    try:
+        if group:
+            os.chown(path, -1, group_id(group))
+        os.chmod(path, 0o660 if group else 0o600)
+    except OSError as exc:
+        to_group = f" to group {group!r} (the server's user must belong to it)" if group else ""
+        raise StartupError(f"cannot give the Unix socket {path!r}{to_group}: {exc.strerror}") from None
 
 
 def add_services(server: grpc.Server, config: Config, service: QueueService,
