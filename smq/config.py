@@ -170,6 +170,10 @@ SETTINGS: tuple[Setting, ...] = (
             "threads for unary calls (streams get their own, up to --max-streams)"),
     Setting("heartbeat_interval", "--heartbeat-interval", "SMQ_HEARTBEAT_INTERVAL",
             in_range(parse_duration, 0.01, 3600), "idle streams get a heartbeat this often"),
+    Setting("health_check_interval", "--health-check-interval", "SMQ_HEALTH_CHECK_INTERVAL",
+            in_range(parse_duration, 0.1, 3600),
+            "how often the liveness check runs (a write transaction and a read of the file, "
+            "within half of it); gRPC health and the systemd watchdog follow it"),
     Setting("shutdown_grace", "--shutdown-grace", "SMQ_SHUTDOWN_GRACE",
             in_range(parse_duration, 0, 600), "time in-flight calls get to finish on shutdown"),
     Setting("startup_check", "--startup-check", "SMQ_STARTUP_CHECK", parse_choice(("quick", "off")),
@@ -225,6 +229,7 @@ class Config:
     max_streams: int = 64
     workers: int = 8
     heartbeat_interval: float = 10.0
+    health_check_interval: float = 10.0
     shutdown_grace: float = 5.0
     startup_check: str = "quick"
     on_corrupt: str = "refuse"

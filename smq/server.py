@@ -35,6 +35,7 @@ from ._proto import smq_pb2, smq_pb2_grpc
 from .client_transport import tcp_address
 from .config import Config, group_id
 from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
+from .liveness import LivenessMonitor
 from .service import PAGE_BYTES, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
@@ -477,6 +478,7 @@ class Server:
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
+        self._serving: bool | None = None
         service: QueueService | None = None
         try:
             storage = Storage(config.dbpath, StorageOptions(
@@ -490,6 +492,8 @@ class Server:
                     config.retention_max_messages, config.retention_max_bytes,
                     math.ceil(config.retention_max_age), config.on_full, keep_uncommitted=False)))
             self.service = service
+            self.liveness = LivenessMonitor(service.liveness_problem, config.health_check_interval)
+            self.liveness.add_listener(self._set_health)
             add_services(self._grpc, config, service, self.health)
         except BaseException:
             if service is not None:
@@ -502,8 +506,8 @@ class Server:
 
     def start(self) -> "Server":
         self._grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(True)
+        self.liveness.start()
         log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
                  "mTLS" if self.config.server_enable_mtls else "plaintext",
                  self.config.dbpath, self.config.durability)
@@ -512,6 +516,16 @@ class Server:
             log.warning("%s given but --server-enable-mtls (SERVER_ENABLE_MTLS) is off: serving "
                         "plaintext, the certificate files are not used", ", ".join(ignored))
         return self
+
+    def _set_health(self, serving: bool) -> None:
+        """What the health service answers for SMQ (and for ""): it follows the liveness
+        check. Draining overrides it (HealthServicer ignores this from then on)."""
+        if serving != self._serving:  # each set() is sent to every Watch: only changes
+            self._serving = serving
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
 
     def addresses(self) -> str:
         where = tcp_address(self.config.bind, self.port)
@@ -533,6 +547,7 @@ class Server:
             return
         self._stopped.set()
         grace = self.config.shutdown_grace if grace is None else grace
+        self.liveness.stop()
         self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         self._grpc.stop(grace).wait()

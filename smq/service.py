@@ -92,17 +92,18 @@ class QueueService:
         self.writer.close()
         self.storage.close()
 
-    def is_healthy(self, timeout: float) -> bool:
-        """Liveness: the writer thread runs, completes an (empty) write transaction and a
-        read of the file answers, all within `timeout` seconds."""
+    def liveness_problem(self, timeout: float) -> str | None:
+        """Liveness: None when the writer thread runs, completes an (empty) write
+        transaction within `timeout` seconds and the file reads (Storage.check_readable);
+        else what failed."""
         if not self.writer.is_alive():
-            return False
+            return "the writer thread has stopped"
         try:
             self.writer.submit(Barrier()).wait(timeout)
             self.storage.check_readable()
-        except SMQError:
-            return False
-        return True
+        except SMQError as exc:
+            return str(exc)
+        return None
 
     # -- topics and offsets -------------------------------------------------------
 

@@ -98,6 +98,7 @@ DURABILITY_PRAGMAS = {
     "normal": "NORMAL",
 }
 BUSY_TIMEOUT_MS = 10_000
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
 WAL_SIZE_LIMIT = 64 * 1024**2  # truncate the WAL back to this after checkpoints
 
 
@@ -388,7 +389,22 @@ class Storage:
         return page
 
     def check_readable(self) -> None:
-        """A trivial read of the file through the pool, for liveness checks."""
+        """For liveness checks: the file at `path` is still the one opened (not moved,
+        deleted or mounted over: what is written now would be lost at the next start),
+        its header reads from the filesystem itself (SQLite answers from its cache, so a
+        filesystem that shut itself down after I/O errors fails only here), and a query
+        answers through the pool. Raises StorageFailure saying which failed."""
+        where = f"database {self.path!r}"
+        try:
+            opened, there = os.fstat(self._lock_fd), os.stat(self.path)
+            header = os.pread(self._lock_fd, len(SQLITE_HEADER), 0)
+        except OSError as exc:
+            raise StorageFailure(f"{where}: {exc.strerror}") from None
+        if (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
+            raise StorageFailure(f"{where} is not the file this server opened any more "
+                                 "(moved, deleted or mounted over)")
+        if header != SQLITE_HEADER:
+            raise StorageFailure(f"{where} no longer starts with an SQLite header")
         with self._reader("liveness check") as conn:
             conn.execute("SELECT count(*) FROM topics").fetchall()
 
