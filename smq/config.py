@@ -196,6 +196,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retention_max_age", "--retention-max-age", "SMQ_RETENTION_MAX_AGE",
             in_range(parse_duration, 0, 100 * 365 * 86400),
             "drop messages older than this (e.g. 7d); 0: forever; per-topic override"),
+    Setting("max_consumers_per_topic", "--max-consumers-per-topic", "SMQ_MAX_CONSUMERS_PER_TOPIC",
+            in_range(int, 1, 1_000_000),
+            "named consumers a topic may have; a commit that would add one more gets "
+            "RESOURCE_EXHAUSTED (delete unused ones with: smq consumer delete)"),
     Setting("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS),
             "debug, info, warning or error"),
     Setting("env_file", "--env-file", "SMQ_ENV_FILE", str,
@@ -239,6 +243,7 @@ class Config:
     retention_max_messages: int = 0
     retention_max_bytes: int = 0
     retention_max_age: float = 0.0
+    max_consumers_per_topic: int = 1000
     log_level: str = "info"
     env_file: str = ".env"
     host: str = "localhost"

@@ -17,7 +17,8 @@
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── MessageTooLarge                      above the server's maximum
     │   ├── StorageFull                          disk full or quota reached
-    │   └── Overloaded                           too many concurrent calls or streams
+    │   ├── Overloaded                           too many concurrent calls or streams
+    │   └── TooManyConsumers                     a topic has --max-consumers-per-topic
     ├── InternalError              INTERNAL           server-side failure (details in its log)
     │   └── StorageFailure                       unexpected storage error
     ├── Cancelled                  CANCELLED          the call was cancelled
@@ -202,6 +203,10 @@ class StorageFull(ResourceExhausted):
 
 class Overloaded(ResourceExhausted):
     """Too many concurrent calls or streams: retry later."""
+
+
+class TooManyConsumers(ResourceExhausted):
+    """The topic has as many named consumers as the server allows: delete one first."""
 
 
 class InternalError(SMQError):

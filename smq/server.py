@@ -488,6 +488,7 @@ class Server:
             service = QueueService(storage, Limits(
                 max_message_size=config.max_message_size, max_streams=config.max_streams,
                 allow_remote_writes=config.allow_remote_writes,
+                max_consumers_per_topic=config.max_consumers_per_topic,
                 topic_defaults=TopicPolicy(
                     config.retention_max_messages, config.retention_max_bytes,
                     math.ceil(config.retention_max_age), config.on_full, keep_uncommitted=False)))

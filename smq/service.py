@@ -40,6 +40,7 @@ class Limits:
     max_message_size: int = 1024**2
     max_streams: int = 64
     allow_remote_writes: bool = True
+    max_consumers_per_topic: int = 1000
     # Retention and disk-full behaviour of topics that do not override it.
     topic_defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False)
 
@@ -144,7 +145,7 @@ class QueueService:
             raise InvalidArgument(f"offset {offset} is negative: commit 0 to start from the beginning")
         if offset >= topic.next_offset:
             raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
-        self._write(CommitOffset(consumer, name, offset))
+        self._write(CommitOffset(consumer, name, offset, self.limits.max_consumers_per_topic))
 
     def committed_offset(self, consumer: str, name: str) -> int:
         check_name(consumer, "consumer name")
