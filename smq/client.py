@@ -162,12 +162,16 @@ class Client:
 
     # -- topics ---------------------------------------------------------------------
 
-    def create_topic(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Create a topic; creating an existing one succeeds and changes nothing.
+    def create_topic(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> bool | None:
+        """Create a topic; creating an existing one succeeds and changes nothing. Returns
+        True if this call created it, False if it existed, None from a server too old to
+        say (pysmq returned None).
 
         Raises SMQTopicCreationError: InvalidArgument (bad name), PermissionDenied."""
-        self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
-                   Op(f"create topic {topic!r}", SMQTopicCreationError, topic), idempotent=True)
+        response = self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
+                              Op(f"create topic {topic!r}", SMQTopicCreationError, topic),
+                              idempotent=True)
+        return response.created if response.HasField("created") else None
 
     def list_topics(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[TopicInfo]:
         """Every topic, by name."""

@@ -147,8 +147,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @rpc
     def CreateTopic(self, request, context):
         self.service.check_may_write(is_local(context))
-        self.service.create_topic(request.topic)
-        return smq_pb2.CreateTopicResponse()
+        return smq_pb2.CreateTopicResponse(created=self.service.create_topic(request.topic))
 
     @rpc
     def GetEarliestOffset(self, request, context):

@@ -215,7 +215,7 @@ def test_valid_topic_names_are_accepted(stub, name):
 def test_create_topic_is_idempotent(stub, topic):
     make_topic(stub, topic, 3)
     assert stub.CreateTopic(pb.CreateTopicRequest(topic=topic), timeout=TIMEOUT) == \
-        pb.CreateTopicResponse()
+        pb.CreateTopicResponse(created=False)  # (`created`: this SMQ's addition)
     assert stored(stub, topic) == [(1, b"m1"), (2, b"m2"), (3, b"m3")]
     assert produce(stub, topic, b"m4") == 4
 
@@ -225,7 +225,7 @@ def test_concurrent_create_topic_calls_all_succeed(stub, topic):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(
             lambda _: stub.CreateTopic(pb.CreateTopicRequest(topic=name), timeout=TIMEOUT), range(8)))
-    assert replies == [pb.CreateTopicResponse()] * 8
+    assert sorted(reply.created for reply in replies) == [False] * 7 + [True]  # exactly one made it
     assert produce(stub, name, b"one") == 1
     assert stored(stub, name) == [(1, b"one")]
 
