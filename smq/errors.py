@@ -18,7 +18,8 @@
     │   ├── MessageTooLarge                      above the server's maximum
     │   ├── StorageFull                          disk full or quota reached
     │   ├── Overloaded                           too many concurrent calls or streams
-    │   └── TooManyConsumers                     a topic has --max-consumers-per-topic
+    │   ├── TooManyConsumers                     a topic has --max-consumers-per-topic
+    │   └── ListTooLarge                         a whole list asked for does not fit one answer
     ├── InternalError              INTERNAL           server-side failure (details in its log)
     │   └── StorageFailure                       unexpected storage error
     ├── Cancelled                  CANCELLED          the call was cancelled
@@ -207,6 +208,11 @@ class Overloaded(ResourceExhausted):
 
 class TooManyConsumers(ResourceExhausted):
     """The topic has as many named consumers as the server allows: delete one first."""
+
+
+class ListTooLarge(ResourceExhausted):
+    """The whole list was asked for (no page_size, no page_token) and does not fit one
+    answer of the server: ask for pages."""
 
 
 class InternalError(SMQError):

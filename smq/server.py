@@ -36,7 +36,8 @@ from .client_transport import tcp_address
 from .config import Config, group_id
 from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
 from .liveness import LivenessMonitor
-from .service import PAGE_BYTES, Follower, Limits, QueueService
+from .list_pages import Listing, PageRequest, page_of
+from .service import PAGE_BYTES, ConsumerState, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
@@ -134,10 +135,12 @@ def is_local(context: grpc.ServicerContext) -> bool:
 class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
-    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str) -> None:
+    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str,
+                 send_limit: int) -> None:
         self.service = service
         self.heartbeat_interval = heartbeat_interval
         self.durability = durability
+        self.send_limit = send_limit  # list pages fit it (see list_pages)
         self.started = time.monotonic()
 
     @rpc
@@ -227,7 +230,8 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def ListTopics(self, request, context):
-        return smq_pb2.ListTopicsResponse(topics=[topic_info(t) for t in self.service.topics()])
+        page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
+        return smq_pb2.ListTopicsResponse(topics=page.messages, next_page_token=page.next_token)
 
     @rpc
     def DescribeTopic(self, request, context):
@@ -260,10 +264,10 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def ListConsumers(self, request, context):
-        return smq_pb2.ListConsumersResponse(consumers=[
-            smq_pb2.ConsumerInfo(consumer=c.consumer, topic=c.topic, committed_offset=c.committed_offset,
-                                 lag=c.lag, updated_at=c.updated_at)
-            for c in self.service.consumers(request.topic, request.consumer)])
+        page = page_of(CONSUMERS, self.service.consumers(request.topic, request.consumer),
+                       page_request(request), self.send_limit)
+        return smq_pb2.ListConsumersResponse(consumers=page.messages,
+                                             next_page_token=page.next_token)
 
     @rpc
     def DeleteConsumer(self, request, context):
@@ -296,6 +300,21 @@ def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
         name=topic.name, earliest_offset=topic.earliest or 0, latest_offset=topic.latest or 0,
         message_count=topic.message_count, stored_bytes=topic.stored_bytes,
         next_offset=topic.next_offset, created_at=topic.created_at)
+
+
+def consumer_info(consumer: ConsumerState) -> smq_pb2.ConsumerInfo:
+    return smq_pb2.ConsumerInfo(
+        consumer=consumer.consumer, topic=consumer.topic,
+        committed_offset=consumer.committed_offset, lag=consumer.lag,
+        updated_at=consumer.updated_at)
+
+
+TOPICS = Listing("topics", 1, lambda t: (t.name,), topic_info)
+CONSUMERS = Listing("consumer offsets", 2, lambda c: (c.consumer, c.topic), consumer_info)
+
+
+def page_request(request: smq_pb2.ListTopicsRequest | smq_pb2.ListConsumersRequest) -> PageRequest:
+    return PageRequest(request.page_size, request.page_token)
 
 
 POLICY_FIELDS = (("max_messages", "max_messages"), ("max_bytes", "max_bytes"),
@@ -363,6 +382,11 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
         root_certificates=files["server_ca_cert"], require_client_auth=True)
 
 
+def send_limit(config: Config) -> int:
+    """The largest answer the server may send (gRPC's max_send_message_length), in bytes."""
+    return max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES
+
+
 def create_server(config: Config, credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
     """A grpc.Server bound to TCP with `credentials` (None: plaintext) and to the Unix
     socket, with no services yet and not started. Returns it and the TCP port (useful
@@ -375,8 +399,7 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length",
              max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES),
-            ("grpc.max_send_message_length",
-             max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES),
+            ("grpc.max_send_message_length", send_limit(config)),
             # One connection may not hold every thread: a client that opens calls and
             # never sends their requests would otherwise lock everyone else out.
             ("grpc.max_concurrent_streams", config.max_streams + max(config.workers // 2, 1)),
@@ -426,8 +449,8 @@ def _bind_unix_socket(server: grpc.Server, path: str, group: str) -> None:
 def add_services(server: grpc.Server, config: Config, service: QueueService,
                  health_servicer: health.HealthServicer) -> None:
     """SMQ, health and reflection on one server."""
-    server.add_generic_rpc_handlers(
-        (lenient_handler(Servicer(service, config.heartbeat_interval, config.durability)),))
+    server.add_generic_rpc_handlers((lenient_handler(Servicer(
+        service, config.heartbeat_interval, config.durability, send_limit(config))),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
