@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -97,15 +98,18 @@ def serve(config: Config) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    server = Server(config).start()
+    interval = notifier.check_interval(config.health_check_interval)
+    server = Server(dataclasses.replace(config, health_check_interval=interval))
+    supervisor = Supervisor(notifier, server.status_line)
+    server.liveness.add_listener(supervisor)
+    server.start()
     notifier.ready(server.status_line())
-    supervisor = Supervisor(notifier, server.service.is_healthy, server.status_line).start()
     try:
         while not stop.wait(timeout=3600):
             pass
     finally:
-        notifier.stopping()
         supervisor.stop()
+        notifier.stopping()
         logging.getLogger("smq").info("shutting down (grace %.1fs)", config.shutdown_grace)
         server.stop()
     return EXIT_OK

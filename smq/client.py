@@ -49,7 +49,8 @@ import grpc
 from ._proto import smq_pb2, smq_pb2_grpc
 from .client_transport import ERROR_FOR_STATUS, RESUMABLE, Op, error_for, open_channel, tcp_address
 from .client_types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, DEFAULT_HOST,
-                           DEFAULT_MAX_MESSAGE_SIZE_MB, DEFAULT_PAGE_SIZE, DEFAULT_PORT,
+                           DEFAULT_LIST_PAGE_SIZE, DEFAULT_MAX_MESSAGE_SIZE_MB,
+                           DEFAULT_PAGE_SIZE, DEFAULT_PORT,
                            DEFAULT_RETRIES, DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT,
                            USE_CLIENT_DEFAULT, ClientConfig, ClientTLSConfig, ConsumerInfo,
                            Message, Payload, ServerInfo, Timeout, TopicInfo, TopicPolicy,
@@ -162,18 +163,23 @@ class Client:
 
     # -- topics ---------------------------------------------------------------------
 
-    def create_topic(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Create a topic; creating an existing one succeeds and changes nothing.
+    def create_topic(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> bool | None:
+        """Create a topic; creating an existing one succeeds and changes nothing. Returns
+        True if this call created it, False if it existed, None from a server too old to
+        say (pysmq returned None).
 
         Raises SMQTopicCreationError: InvalidArgument (bad name), PermissionDenied."""
-        self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
-                   Op(f"create topic {topic!r}", SMQTopicCreationError, topic), idempotent=True)
+        response = self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
+                              Op(f"create topic {topic!r}", SMQTopicCreationError, topic),
+                              idempotent=True)
+        return response.created if response.HasField("created") else None
 
     def list_topics(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[TopicInfo]:
-        """Every topic, by name."""
-        response = self._call("ListTopics", smq_pb2.ListTopicsRequest(), timeout,
-                              Op("list topics", None), idempotent=True)
-        return [TopicInfo.from_proto(t) for t in response.topics]
+        """Every topic, by name: asked for in pages of DEFAULT_LIST_PAGE_SIZE, so any
+        number of topics can be listed (a server from before paging answers all at once).
+        `timeout` applies per page."""
+        pages = self._pages("ListTopics", smq_pb2.ListTopicsRequest(), timeout, Op("list topics", None))
+        return [TopicInfo.from_proto(t) for page in pages for t in page.topics]
 
     def describe_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicInfo:
         """Offsets, size and counters of one topic. Raises NotFound."""
@@ -463,11 +469,11 @@ class Client:
     def list_consumers(self, topic: str | None = None, *, consumer: str | None = None,
                        timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ConsumerInfo]:
         """Every committed offset of a named consumer, by consumer: all of them, or only
-        those on `topic` and/or of `consumer` (no match: an empty list)."""
+        those on `topic` and/or of `consumer` (no match: an empty list). In pages, as
+        `list_topics`."""
         request = smq_pb2.ListConsumersRequest(topic=topic or "", consumer=consumer or "")
-        response = self._call("ListConsumers", request, timeout, Op("list consumers", None, topic),
-                              idempotent=True)
-        return [ConsumerInfo.from_proto(c) for c in response.consumers]
+        pages = self._pages("ListConsumers", request, timeout, Op("list consumers", None, topic))
+        return [ConsumerInfo.from_proto(c) for page in pages for c in page.consumers]
 
     def delete_consumer(self, consumer: str, topic: str | None = None, *,
                         timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
@@ -555,6 +561,18 @@ class Client:
         if self._channel is None:
             raise RuntimeError("this Client is closed; create a new one")
         return self._stub
+
+    def _pages(self, method: str, request: Any, timeout: Timeout, op: Op) -> Iterator[Any]:
+        """The answers of a paged list call, first page to last: each page's token asks
+        for the next one. A server from before paging ignores the page fields and answers
+        the whole list, with no token: one page."""
+        request.page_size = DEFAULT_LIST_PAGE_SIZE
+        while True:
+            response = self._call(method, request, timeout, op, idempotent=True)
+            yield response
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
 
     def _timeout_of(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, _UseClientDefault) else timeout

@@ -25,6 +25,7 @@ DEFAULT_TIMEOUT: Final = 10.0      # seconds, for every unary call
 DEFAULT_RETRIES: Final = 6         # extra attempts of idempotent calls on UNAVAILABLE
 DEFAULT_MAX_MESSAGE_SIZE_MB: Final = 1024  # pysmq's default, both directions
 DEFAULT_PAGE_SIZE: Final = 1000    # messages per BulkRetrieve / Subscribe page
+DEFAULT_LIST_PAGE_SIZE: Final = 10_000  # per ListTopics / ListConsumers page (the server may send fewer)
 DEFAULT_BATCH_SIZE: Final = 1000   # messages per ProduceBatch request
 DEFAULT_BATCH_BYTES: Final = 3 * 1024**2  # payload bytes per ProduceBatch request
 SMQ_SPECIAL_OFFSET_HEARTBEAT: Final = -1  # offset of StreamConsume heartbeats (pysmq's name)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .client_types import TopicPolicy  # no grpc there
-from .errors import SMQError
+from .errors import InvalidArgument, NotFound, SMQError, Unimplemented
 
 if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from .client import Client
@@ -143,11 +143,31 @@ def cmd_ping(client: Client, args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_topic_create(client: Client, args: argparse.Namespace, out: Output) -> int:
-    existed = args.name in {t.name for t in client.list_topics()}
-    client.create_topic(args.name)  # idempotent: both paths end with the topic existing
-    out.emit({"topic": args.name, "created": not existed},
-             f"topic {args.name!r} already exists" if existed else f"created topic {args.name!r}")
+    # A server from before CreateTopic said whether it created the topic answers only
+    # this question, and only before the create: so it is asked first (one topic, never
+    # a list of them).
+    existed = topic_exists(client, args.name)
+    created = client.create_topic(args.name)  # idempotent: either way the topic exists now
+    if created is None and existed is not None:
+        created = not existed
+    if created is None:
+        text = f"topic {args.name!r} exists (this server does not say whether it was created now)"
+    else:
+        text = f"created topic {args.name!r}" if created else f"topic {args.name!r} already exists"
+    out.emit({"topic": args.name, "created": created}, text)
     return EXIT_OK
+
+
+def topic_exists(client: Client, name: str) -> bool | None:
+    """Whether the topic exists; None from a server without DescribeTopic (the original
+    SMQ). A bad name is left for the create to refuse."""
+    try:
+        client.describe_topic(name)
+    except (NotFound, InvalidArgument):
+        return False
+    except Unimplemented:
+        return None
+    return True
 
 
 def cmd_topic_list(client: Client, args: argparse.Namespace, out: Output) -> int:

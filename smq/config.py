@@ -11,6 +11,7 @@ bad one: `load()` raises ConfigError naming the setting and the value.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import ipaddress
 import os
 import re
@@ -83,6 +84,25 @@ def parse_host(text: str) -> str:
     return host
 
 
+def group_id(text: str) -> int:
+    """A group name or number -> its number; ValueError for a name the system does not know."""
+    text = text.strip()
+    if text.isdigit():
+        gid = int(text)
+        if gid >= 2**32 - 1:  # (gid_t)-1 means "leave the group alone" to chown()
+            raise ValueError("expected a group number below 4294967295")
+        return gid
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ValueError("no such group on this system (give a group name or number)") from None
+
+
+def parse_group(text: str) -> str:
+    group_id(text)
+    return text.strip()
+
+
 def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         word = text.strip().lower()
@@ -128,6 +148,9 @@ SETTINGS: tuple[Setting, ...] = (
             "address to listen on (127.0.0.1 for this device only)"),
     Setting("unix_socket", "--unix-socket", "SMQ_UNIX_SOCKET", str,
             "also listen on this Unix socket path; its callers may always write"),
+    Setting("unix_socket_group", "--unix-socket-group", "SMQ_UNIX_SOCKET_GROUP", parse_group,
+            "group (name or number) that may use the Unix socket too (mode 0660); "
+            "without it only the server's user may (0600)"),
     Setting("server_enable_mtls", "--server-enable-mtls", "SERVER_ENABLE_MTLS", parse_bool,
             "require and verify client certificates (mutual TLS)"),
     Setting("server_cert", "--server-cert", "SERVER_CERT_FILE", str, "server certificate (PEM)"),
@@ -147,6 +170,10 @@ SETTINGS: tuple[Setting, ...] = (
             "threads for unary calls (streams get their own, up to --max-streams)"),
     Setting("heartbeat_interval", "--heartbeat-interval", "SMQ_HEARTBEAT_INTERVAL",
             in_range(parse_duration, 0.01, 3600), "idle streams get a heartbeat this often"),
+    Setting("health_check_interval", "--health-check-interval", "SMQ_HEALTH_CHECK_INTERVAL",
+            in_range(parse_duration, 0.1, 3600),
+            "how often the liveness check runs (a write transaction and a read of the file, "
+            "within half of it); gRPC health and the systemd watchdog follow it"),
     Setting("shutdown_grace", "--shutdown-grace", "SMQ_SHUTDOWN_GRACE",
             in_range(parse_duration, 0, 600), "time in-flight calls get to finish on shutdown"),
     Setting("startup_check", "--startup-check", "SMQ_STARTUP_CHECK", parse_choice(("quick", "off")),
@@ -169,6 +196,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("retention_max_age", "--retention-max-age", "SMQ_RETENTION_MAX_AGE",
             in_range(parse_duration, 0, 100 * 365 * 86400),
             "drop messages older than this (e.g. 7d); 0: forever; per-topic override"),
+    Setting("max_consumers_per_topic", "--max-consumers-per-topic", "SMQ_MAX_CONSUMERS_PER_TOPIC",
+            in_range(int, 1, 1_000_000),
+            "named consumers a topic may have; a commit that would add one more gets "
+            "RESOURCE_EXHAUSTED (delete unused ones with: smq consumer delete)"),
     Setting("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS),
             "debug, info, warning or error"),
     Setting("env_file", "--env-file", "SMQ_ENV_FILE", str,
@@ -191,6 +222,7 @@ class Config:
     port: int = 8097
     bind: str = "0.0.0.0"
     unix_socket: str = ""
+    unix_socket_group: str = ""
     server_enable_mtls: bool = False
     server_cert: str = ""
     server_key: str = ""
@@ -201,6 +233,7 @@ class Config:
     max_streams: int = 64
     workers: int = 8
     heartbeat_interval: float = 10.0
+    health_check_interval: float = 10.0
     shutdown_grace: float = 5.0
     startup_check: str = "quick"
     on_corrupt: str = "refuse"
@@ -210,6 +243,7 @@ class Config:
     retention_max_messages: int = 0
     retention_max_bytes: int = 0
     retention_max_age: float = 0.0
+    max_consumers_per_topic: int = 1000
     log_level: str = "info"
     env_file: str = ".env"
     host: str = "localhost"
@@ -220,11 +254,24 @@ class Config:
 
     def validate(self) -> "Config":
         """Checks that span settings; raises ConfigError."""
+        if self.unix_socket_group and not self.unix_socket:
+            raise ConfigError(_label("unix_socket_group"), self.unix_socket_group,
+                              f"given without {_label('unix_socket')}")
         if self.server_enable_mtls:
-            for name in ("server_cert", "server_key", "server_ca_cert"):
+            for name in SERVER_TLS_FILES:
                 if not getattr(self, name):
                     raise ConfigError(_label(name), "", "required when server mTLS is enabled")
         return self
+
+    def ignored_tls_settings(self) -> list[str]:
+        """The server's certificate settings that were given but go unused, because
+        mTLS is off (the original SMQ accepted them so, serving plaintext)."""
+        if self.server_enable_mtls:
+            return []
+        return [_label(name) for name in SERVER_TLS_FILES if getattr(self, name)]
+
+
+SERVER_TLS_FILES = ("server_cert", "server_key", "server_ca_cert")
 
 
 def _label(field: str) -> str:

@@ -17,7 +17,9 @@
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── MessageTooLarge                      above the server's maximum
     │   ├── StorageFull                          disk full or quota reached
-    │   └── Overloaded                           too many concurrent calls or streams
+    │   ├── Overloaded                           too many concurrent calls or streams
+    │   ├── TooManyConsumers                     a topic has --max-consumers-per-topic
+    │   └── ListTooLarge                         a whole list asked for does not fit one answer
     ├── InternalError              INTERNAL           server-side failure (details in its log)
     │   └── StorageFailure                       unexpected storage error
     ├── Cancelled                  CANCELLED          the call was cancelled
@@ -202,6 +204,15 @@ class StorageFull(ResourceExhausted):
 
 class Overloaded(ResourceExhausted):
     """Too many concurrent calls or streams: retry later."""
+
+
+class TooManyConsumers(ResourceExhausted):
+    """The topic has as many named consumers as the server allows: delete one first."""
+
+
+class ListTooLarge(ResourceExhausted):
+    """The whole list was asked for (no page_size, no page_token) and does not fit one
+    answer of the server: ask for pages."""
 
 
 class InternalError(SMQError):

@@ -33,9 +33,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from . import __version__
 from ._proto import smq_pb2, smq_pb2_grpc
 from .client_transport import tcp_address
-from .config import Config
+from .config import Config, group_id
 from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
-from .service import PAGE_BYTES, Follower, Limits, QueueService
+from .liveness import LivenessMonitor
+from .list_pages import Listing, PageRequest, page_of
+from .service import PAGE_BYTES, ConsumerState, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
@@ -133,10 +135,12 @@ def is_local(context: grpc.ServicerContext) -> bool:
 class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
-    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str) -> None:
+    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str,
+                 send_limit: int) -> None:
         self.service = service
         self.heartbeat_interval = heartbeat_interval
         self.durability = durability
+        self.send_limit = send_limit  # list pages fit it (see list_pages)
         self.started = time.monotonic()
 
     @rpc
@@ -146,8 +150,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @rpc
     def CreateTopic(self, request, context):
         self.service.check_may_write(is_local(context))
-        self.service.create_topic(request.topic)
-        return smq_pb2.CreateTopicResponse()
+        return smq_pb2.CreateTopicResponse(created=self.service.create_topic(request.topic))
 
     @rpc
     def GetEarliestOffset(self, request, context):
@@ -227,7 +230,8 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def ListTopics(self, request, context):
-        return smq_pb2.ListTopicsResponse(topics=[topic_info(t) for t in self.service.topics()])
+        page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
+        return smq_pb2.ListTopicsResponse(topics=page.messages, next_page_token=page.next_token)
 
     @rpc
     def DescribeTopic(self, request, context):
@@ -260,10 +264,10 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def ListConsumers(self, request, context):
-        return smq_pb2.ListConsumersResponse(consumers=[
-            smq_pb2.ConsumerInfo(consumer=c.consumer, topic=c.topic, committed_offset=c.committed_offset,
-                                 lag=c.lag, updated_at=c.updated_at)
-            for c in self.service.consumers(request.topic, request.consumer)])
+        page = page_of(CONSUMERS, self.service.consumers(request.topic, request.consumer),
+                       page_request(request), self.send_limit)
+        return smq_pb2.ListConsumersResponse(consumers=page.messages,
+                                             next_page_token=page.next_token)
 
     @rpc
     def DeleteConsumer(self, request, context):
@@ -296,6 +300,21 @@ def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
         name=topic.name, earliest_offset=topic.earliest or 0, latest_offset=topic.latest or 0,
         message_count=topic.message_count, stored_bytes=topic.stored_bytes,
         next_offset=topic.next_offset, created_at=topic.created_at)
+
+
+def consumer_info(consumer: ConsumerState) -> smq_pb2.ConsumerInfo:
+    return smq_pb2.ConsumerInfo(
+        consumer=consumer.consumer, topic=consumer.topic,
+        committed_offset=consumer.committed_offset, lag=consumer.lag,
+        updated_at=consumer.updated_at)
+
+
+TOPICS = Listing("topics", 1, lambda t: (t.name,), topic_info)
+CONSUMERS = Listing("consumer offsets", 2, lambda c: (c.consumer, c.topic), consumer_info)
+
+
+def page_request(request: smq_pb2.ListTopicsRequest | smq_pb2.ListConsumersRequest) -> PageRequest:
+    return PageRequest(request.page_size, request.page_token)
 
 
 POLICY_FIELDS = (("max_messages", "max_messages"), ("max_bytes", "max_bytes"),
@@ -363,6 +382,11 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
         root_certificates=files["server_ca_cert"], require_client_auth=True)
 
 
+def send_limit(config: Config) -> int:
+    """The largest answer the server may send (gRPC's max_send_message_length), in bytes."""
+    return max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES
+
+
 def create_server(config: Config, credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
     """A grpc.Server bound to TCP with `credentials` (None: plaintext) and to the Unix
     socket, with no services yet and not started. Returns it and the TCP port (useful
@@ -375,8 +399,7 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             ("grpc.max_receive_message_length",
              max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES),
-            ("grpc.max_send_message_length",
-             max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES),
+            ("grpc.max_send_message_length", send_limit(config)),
             # One connection may not hold every thread: a client that opens calls and
             # never sends their requests would otherwise lock everyone else out.
             ("grpc.max_concurrent_streams", config.max_streams + max(config.workers // 2, 1)),
@@ -394,23 +417,40 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
     if port == 0:
         raise StartupError(f"cannot listen on {address} (is another server using it?)")
     if config.unix_socket:
-        _remove_stale_socket(config.unix_socket)
-        try:
-            bound = server.add_insecure_port(f"unix:{config.unix_socket}")
-        except RuntimeError as exc:
-            bound, reason = 0, str(exc)
-        else:
-            reason = "bind failed"
-        if not bound:
-            raise StartupError(f"cannot listen on Unix socket {config.unix_socket!r}: {reason}")
+        _bind_unix_socket(server, config.unix_socket, config.unix_socket_group)
     return server, port
+
+
+def _bind_unix_socket(server: grpc.Server, path: str, group: str) -> None:
+    """Listen on the Unix socket, mode 0600 (0660 for `group`) whatever the umask: its
+    callers may always write. It is created under a umask that leaves only the owner
+    (gRPC binds it here, not at start), so it is never wider, not even for a moment."""
+    _remove_stale_socket(path)
+    umask = os.umask(0o177)  # process-wide: no other thread creates files this early
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    except RuntimeError as exc:
+        bound, reason = 0, str(exc)
+    else:
+        reason = "bind failed"
+    finally:
+        os.umask(umask)
+    if not bound:
+        raise StartupError(f"cannot listen on Unix socket {path!r}: {reason}")
+    try:
+        if group:
+            os.chown(path, -1, group_id(group))
+        os.chmod(path, 0o660 if group else 0o600)
+    except OSError as exc:
+        to_group = f" to group {group!r} (the server's user must belong to it)" if group else ""
+        raise StartupError(f"cannot give the Unix socket {path!r}{to_group}: {exc.strerror}") from None
 
 
 def add_services(server: grpc.Server, config: Config, service: QueueService,
                  health_servicer: health.HealthServicer) -> None:
     """SMQ, health and reflection on one server."""
-    server.add_generic_rpc_handlers(
-        (lenient_handler(Servicer(service, config.heartbeat_interval, config.durability)),))
+    server.add_generic_rpc_handlers((lenient_handler(Servicer(
+        service, config.heartbeat_interval, config.durability, send_limit(config))),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -460,6 +500,7 @@ class Server:
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
+        self._serving: bool | None = None
         service: QueueService | None = None
         try:
             storage = Storage(config.dbpath, StorageOptions(
@@ -469,10 +510,13 @@ class Server:
             service = QueueService(storage, Limits(
                 max_message_size=config.max_message_size, max_streams=config.max_streams,
                 allow_remote_writes=config.allow_remote_writes,
+                max_consumers_per_topic=config.max_consumers_per_topic,
                 topic_defaults=TopicPolicy(
                     config.retention_max_messages, config.retention_max_bytes,
                     math.ceil(config.retention_max_age), config.on_full, keep_uncommitted=False)))
             self.service = service
+            self.liveness = LivenessMonitor(service.liveness_problem, config.health_check_interval)
+            self.liveness.add_listener(self._set_health)
             add_services(self._grpc, config, service, self.health)
         except BaseException:
             if service is not None:
@@ -485,12 +529,26 @@ class Server:
 
     def start(self) -> "Server":
         self._grpc.start()
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(True)
+        self.liveness.start()
         log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
                  "mTLS" if self.config.server_enable_mtls else "plaintext",
                  self.config.dbpath, self.config.durability)
+        ignored = self.config.ignored_tls_settings()
+        if ignored:
+            log.warning("%s given but --server-enable-mtls (SERVER_ENABLE_MTLS) is off: serving "
+                        "plaintext, the certificate files are not used", ", ".join(ignored))
         return self
+
+    def _set_health(self, serving: bool) -> None:
+        """What the health service answers for SMQ (and for ""): it follows the liveness
+        check. Draining overrides it (HealthServicer ignores this from then on)."""
+        if serving != self._serving:  # each set() is sent to every Watch: only changes
+            self._serving = serving
+            status = (health_pb2.HealthCheckResponse.SERVING if serving
+                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, status)
 
     def addresses(self) -> str:
         where = tcp_address(self.config.bind, self.port)
@@ -512,6 +570,7 @@ class Server:
             return
         self._stopped.set()
         grace = self.config.shutdown_grace if grace is None else grace
+        self.liveness.stop()
         self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         self._grpc.stop(grace).wait()

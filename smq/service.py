@@ -40,6 +40,7 @@ class Limits:
     max_message_size: int = 1024**2
     max_streams: int = 64
     allow_remote_writes: bool = True
+    max_consumers_per_topic: int = 1000
     # Retention and disk-full behaviour of topics that do not override it.
     topic_defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False)
 
@@ -92,17 +93,18 @@ class QueueService:
         self.writer.close()
         self.storage.close()
 
-    def is_healthy(self, timeout: float) -> bool:
-        """Liveness: the writer thread runs, completes an (empty) write transaction and a
-        read of the file answers, all within `timeout` seconds."""
+    def liveness_problem(self, timeout: float) -> str | None:
+        """Liveness: None when the writer thread runs, completes an (empty) write
+        transaction within `timeout` seconds and the file reads (Storage.check_readable);
+        else what failed."""
         if not self.writer.is_alive():
-            return False
+            return "the writer thread has stopped"
         try:
             self.writer.submit(Barrier()).wait(timeout)
             self.storage.check_readable()
-        except SMQError:
-            return False
-        return True
+        except SMQError as exc:
+            return str(exc)
+        return None
 
     # -- topics and offsets -------------------------------------------------------
 
@@ -143,7 +145,7 @@ class QueueService:
             raise InvalidArgument(f"offset {offset} is negative: commit 0 to start from the beginning")
         if offset >= topic.next_offset:
             raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
-        self._write(CommitOffset(consumer, name, offset))
+        self._write(CommitOffset(consumer, name, offset, self.limits.max_consumers_per_topic))
 
     def committed_offset(self, consumer: str, name: str) -> int:
         check_name(consumer, "consumer name")
@@ -287,6 +289,10 @@ class QueueService:
             raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
         payload = self.storage.read_one(topic.id, offset)
         if payload is None:
+            topic = self._topic(name)  # as of now: a trim may have come since the read began
+            if topic.earliest is None:
+                raise OffsetNotFound(f"offset {offset} was deleted; the topic is empty "
+                                     f"(the next message gets offset {topic.next_offset})")
             raise OffsetNotFound(f"offset {offset} was deleted; the earliest is {topic.earliest}")
         return payload
 

@@ -99,6 +99,7 @@ DURABILITY_PRAGMAS = {
     "normal": "NORMAL",
 }
 BUSY_TIMEOUT_MS = 10_000
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
 WAL_SIZE_LIMIT = 64 * 1024**2  # truncate the WAL back to this after checkpoints
 # The disk budget is --max-db-size, or else the filesystem's size. Writes stop this
 # far before it, so that trims and deletes, which need room in the WAL, still work at
@@ -150,6 +151,7 @@ class TopicState:
     policy: TopicPolicy = dataclasses.field(default_factory=lambda: TopicPolicy())
     last_mark: int = 0  # unix second of the newest time mark
     min_committed: int | None = None  # lowest offset committed by a named consumer
+    consumer_count: int | None = None  # named consumers; None: not counted yet (writer's own)
 
     def snapshot(self) -> TopicState:
         """A copy, for readers, of what the writer goes on changing (quicker than copy.copy)."""
@@ -434,7 +436,22 @@ class Storage:
         return page
 
     def check_readable(self) -> None:
-        """A trivial read of the file through the pool, for liveness checks."""
+        """For liveness checks: the file at `path` is still the one opened (not moved,
+        deleted or mounted over: what is written now would be lost at the next start),
+        its header reads from the filesystem itself (SQLite answers from its cache, so a
+        filesystem that shut itself down after I/O errors fails only here), and a query
+        answers through the pool. Raises StorageFailure saying which failed."""
+        where = f"database {self.path!r}"
+        try:
+            opened, there = os.fstat(self._lock_fd), os.stat(self.path)
+            header = os.pread(self._lock_fd, len(SQLITE_HEADER), 0)
+        except OSError as exc:
+            raise StorageFailure(f"{where}: {exc.strerror}") from None
+        if (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
+            raise StorageFailure(f"{where} is not the file this server opened any more "
+                                 "(moved, deleted or mounted over)")
+        if header != SQLITE_HEADER:
+            raise StorageFailure(f"{where} no longer starts with an SQLite header")
         with self._reader("liveness check") as conn:
             conn.execute("SELECT count(*) FROM topics").fetchall()
 
@@ -601,21 +618,43 @@ class Storage:
 
     # -- durable consumers ------------------------------------------------------------
 
-    def commit_offset(self, consumer: str, topic: TopicState, offset: int) -> None:
-        """Store the consumer's committed offset on the topic (writer thread)."""
+    def update_committed(self, consumer: str, topic: TopicState, offset: int) -> bool:
+        """Store the committed offset of a consumer the topic has (writer thread).
+        False if it has no such consumer (insert_consumer adds one)."""
+        updated = self._writer.execute(
+            "UPDATE consumers SET committed_offset = ?, updated_at = ? WHERE name = ? AND topic_id = ?"
+            " RETURNING 1", (offset, int(time.time()), consumer, topic.id)).fetchall()
+        if updated:
+            self._refresh_min_committed(topic)
+        return bool(updated)
+
+    def insert_consumer(self, consumer: str, topic: TopicState, offset: int) -> None:
+        """Add a named consumer to the topic with its committed offset (writer thread)."""
         self._writer.execute(
-            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (name, topic_id) DO UPDATE SET committed_offset = excluded.committed_offset,"
-            " updated_at = excluded.updated_at", (consumer, topic.id, offset, int(time.time())))
+            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)",
+            (consumer, topic.id, offset, int(time.time())))
+        if topic.consumer_count is not None:
+            topic.consumer_count += 1
         self._refresh_min_committed(topic)
+
+    def consumer_count(self, topic: TopicState) -> int:
+        """How many named consumers the topic has (writer thread): counted once, then kept
+        by insert_consumer and delete_consumer (a reload after a rollback counts again)."""
+        if topic.consumer_count is None:
+            topic.consumer_count = self._writer.execute(
+                "SELECT count(*) FROM consumers WHERE topic_id = ?", (topic.id,)).get
+        return topic.consumer_count
 
     def delete_consumer(self, consumer: str, topics: Iterable[TopicState]) -> int:
         """Forget the consumer's offsets on these topics (writer thread). Returns how many."""
         deleted = 0
         for topic in topics:
-            deleted += len(self._writer.execute(
+            found = len(self._writer.execute(
                 "DELETE FROM consumers WHERE name = ? AND topic_id = ? RETURNING 1",
                 (consumer, topic.id)).fetchall())
+            if found and topic.consumer_count is not None:
+                topic.consumer_count -= found
+            deleted += found
             self._refresh_min_committed(topic)
         return deleted
 

@@ -2,22 +2,17 @@
 
 - `ready()` once the database is open and every port accepts connections;
 - `status()` lines for `systemctl status` (address, topics, messages stored);
-- a watchdog thread that sends WATCHDOG=1 every half WATCHDOG_USEC, but only while
-  a real liveness check passes, so that systemd restarts a wedged server;
+- WATCHDOG=1 after each liveness check that passes (smq.liveness runs one at least
+  every half WATCHDOG_USEC), so that systemd restarts a wedged server;
 - `stopping()` when shutdown starts.
 """
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
 
 import sdnotify
-
-log = logging.getLogger(__name__)
-
-STATUS_EVERY = 10.0  # seconds between STATUS= updates when no watchdog is asked for
 
 
 class Notifier:
@@ -45,6 +40,11 @@ class Notifier:
     def stopping(self) -> None:
         self._send("STOPPING=1\nSTATUS=stopping")
 
+    def check_interval(self, wanted: float) -> float:
+        """How often the liveness check runs: `wanted`, but at least twice per watchdog
+        period, since each ping needs a check that passed."""
+        return min(wanted, self.watchdog_seconds / 2) if self.watchdog_seconds else wanted
+
 
 def _watchdog_seconds(environ: Mapping[str, str]) -> float | None:
     """WATCHDOG_USEC as seconds, if it is meant for this process (WATCHDOG_PID)."""
@@ -59,41 +59,24 @@ def _watchdog_seconds(environ: Mapping[str, str]) -> float | None:
 
 
 class Supervisor:
-    """Background thread: pings the watchdog while `is_healthy(timeout)` holds and
-    refreshes the status line. `stop()` ends it."""
+    """Tells systemd what each liveness check found (a LivenessMonitor listener): a
+    WATCHDOG=1 ping when it passed, if a watchdog is asked for, and the status line.
+    `stop()` before STOPPING=1: nothing is sent after it."""
 
-    def __init__(self, notifier: Notifier, is_healthy: Callable[[float], bool],
-                 describe: Callable[[], str]) -> None:
+    def __init__(self, notifier: Notifier, describe: Callable[[], str]) -> None:
         self._notifier = notifier
-        self._is_healthy = is_healthy
         self._describe = describe
-        self._stop = threading.Event()
-        watchdog = notifier.watchdog_seconds
-        self._interval = watchdog / 2 if watchdog else STATUS_EVERY
-        # The check must answer well before the next ping is due.
-        self._check_timeout = watchdog / 4 if watchdog else STATUS_EVERY / 2
-        self._thread = threading.Thread(target=self._run, name="smq-supervisor", daemon=True)
+        self._lock = threading.Lock()
+        self._stopped = False
 
-    def start(self) -> "Supervisor":
-        if self._notifier.enabled:
-            self._thread.start()
-        return self
+    def __call__(self, passed: bool) -> None:
+        with self._lock:
+            if self._stopped or not self._notifier.enabled:
+                return
+            if passed and self._notifier.watchdog_seconds:
+                self._notifier.watchdog()
+            self._notifier.status(self._describe() if passed else "liveness check failing")
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(self._check_timeout + 1)
-
-    def _run(self) -> None:
-        healthy_before = True
-        while not self._stop.wait(self._interval):
-            healthy = self._is_healthy(self._check_timeout)
-            if self._stop.is_set():
-                return
-            if healthy and self._notifier.watchdog_seconds:
-                self._notifier.watchdog()
-            if healthy != healthy_before:
-                log.log(logging.INFO if healthy else logging.ERROR, "liveness check %s",
-                        "passes again" if healthy else "failed: withholding the watchdog ping")
-                healthy_before = healthy
-            self._notifier.status(self._describe() if healthy else "liveness check failing")
+        with self._lock:
+            self._stopped = True

@@ -40,7 +40,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import clock
-from .errors import InvalidArgument, SMQError, StorageFailure, StorageFull, TopicNotFound, Unavailable
+from .errors import (InvalidArgument, SMQError, StorageFailure, StorageFull, TooManyConsumers,
+                     TopicNotFound, Unavailable)
 from .storage import Storage, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
@@ -290,18 +291,29 @@ class SetPolicy(WriteOp):
 
 
 class CommitOffset(WriteOp):
-    """Store a named consumer's committed offset on a topic."""
+    """Store a named consumer's committed offset on a topic. A consumer new to the topic
+    is refused (TooManyConsumers) once the topic has `max_consumers`: counted here, in
+    the one writer thread, so concurrent commits cannot pass the limit together."""
 
-    def __init__(self, consumer: str, name: str, offset: int) -> None:
+    def __init__(self, consumer: str, name: str, offset: int, max_consumers: int) -> None:
         super().__init__()
         self.consumer, self.name, self.offset = consumer, name, offset
+        self.max_consumers = max_consumers
 
     def apply(self, writer: GroupCommitWriter) -> None:
         topic = writer.topics.get(self.name)
         if topic is None:
             self.error = TopicNotFound(self.name)
             return
-        writer.storage.commit_offset(self.consumer, topic, self.offset)
+        storage = writer.storage
+        if not storage.update_committed(self.consumer, topic, self.offset):
+            if storage.consumer_count(topic) >= self.max_consumers:
+                self.error = TooManyConsumers(
+                    f"topic {self.name!r} has {self.max_consumers} named consumers, the most "
+                    f"this server allows (--max-consumers-per-topic): delete one it no longer "
+                    f"needs (smq consumer delete NAME --topic {self.name}), or raise the limit")
+                return
+            storage.insert_consumer(self.consumer, topic, self.offset)
         writer.touched.add(self.name)
         self.result = True
 

@@ -7,10 +7,12 @@ Every test gets a clean environment: no SMQ variable of the developer's leaks in
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -236,6 +238,39 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@contextlib.contextmanager
+def ext4(path: Path, size_mb: int = 64):
+    """A real ext4 filesystem on a loop device (needs root; the test is skipped otherwise)."""
+    image = path.with_suffix(".img")
+    path.mkdir()
+    with open(image, "wb") as stream:
+        stream.truncate(size_mb * 1024**2)
+    if os.geteuid() != 0 or subprocess.run(["mkfs.ext4", "-q", "-F", str(image)],
+                                           capture_output=True).returncode != 0 \
+            or subprocess.run(["mount", "-o", "loop", str(image), str(path)],
+                              capture_output=True).returncode != 0:
+        image.unlink()
+        pytest.skip("cannot mount an ext4 loop device here (needs root and mkfs.ext4)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        image.unlink()
+
+
+EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+def shut_down_ext4(path: Path) -> None:
+    """What ext4 does to itself after a fatal I/O error: every later access fails with EIO."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, EXT4_IOC_SHUTDOWN, struct.pack("I", EXT4_GOING_FLAGS_NOLOGFLUSH))
+    finally:
+        os.close(fd)
 
 
 def integrity(db: Path) -> str:

@@ -1,15 +1,25 @@
 """Who may write, and the services beside SMQ on the same port (WIRE.md):
 --allow-remote-writes=false / ALLOW_REMOTE_WRITES=false refuses writes over TCP with
 PERMISSION_DENIED and changes nothing, while callers on --unix-socket may still write;
-grpc.health.v1 answers SERVING (NOT_SERVING while draining); reflection lists the
-service and describes it well enough to call it without the .proto file.
+the Unix socket is for its owner (and a configured group) whatever the umask;
+grpc.health.v1 answers SERVING, NOT_SERVING while the liveness check fails and while
+draining; reflection lists the service and describes it well enough to call it without
+the .proto file.
 """
 from __future__ import annotations
 
+import grp
+import os
 import queue
+import shutil
 import signal
+import stat
+import subprocess
+import tempfile
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,8 +27,10 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import ServerProcess, clean_env, make_topic
+from conftest import SERVER_COMMAND, ServerProcess, clean_env, ext4, make_topic, shut_down_ext4
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
+from smq.service import QueueService
+from smq.storage import Storage
 
 TIMEOUT = 20.0
 SERVICE = "smq.SuhaibMessageQueue"
@@ -163,6 +175,79 @@ def test_health_turns_not_serving_while_draining(start_server):
     assert server.proc.wait(TIMEOUT) == 0
 
 
+HEALTH_CHECK_INTERVAL = 1.0  # seconds; each check may take half of it
+
+
+def health_of(server: ServerProcess) -> tuple[int, int]:
+    """The health status of "" and of the SMQ service."""
+    health = health_pb2_grpc.HealthStub(server.channel())
+    return tuple(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT).status
+                 for service in ("", SERVICE))
+
+
+def seconds_until_health(server: ServerProcess, status: int, limit: float) -> float:
+    """How long until both names answer `status` (failing well after `limit`)."""
+    started = time.monotonic()
+    while health_of(server) != (status, status):
+        assert time.monotonic() - started < limit + 10, f"health never became {status}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_health_follows_the_liveness_check_when_the_database_is_moved_away(start_server, tmp_path):
+    """Moved (or deleted, or a disk remounted over it): what is written now is lost at the next
+    start, so the server is not healthy until the file it opened is back at its path."""
+    data = tmp_path / "data"
+    data.mkdir()
+    server = start_server("--health-check-interval", str(HEALTH_CHECK_INTERVAL),
+                          db=data / "smq.db")
+    make_topic(server.stub(), "t", 3)
+    period = HEALTH_CHECK_INTERVAL * 1.5  # a check comes within the interval, and takes half
+    assert health_of(server) == (health_pb2.HealthCheckResponse.SERVING,) * 2
+    data.rename(tmp_path / "elsewhere")
+    data.mkdir()  # an empty directory where the database was
+    waited = seconds_until_health(server, health_pb2.HealthCheckResponse.NOT_SERVING, period)
+    assert waited <= period + 1.0, waited
+    data.rmdir()
+    (tmp_path / "elsewhere").rename(data)
+    waited = seconds_until_health(server, health_pb2.HealthCheckResponse.SERVING, period)
+    assert waited <= period + 1.0, waited
+    log = server.log()
+    assert "liveness check failed" in log and "liveness check passes again" in log, log
+    assert server.terminate() == 0
+
+
+def test_health_is_not_serving_after_the_filesystem_shuts_down(start_server, tmp_path):
+    """The adversarial run's case: ext4 shut itself down; every call answered INTERNAL
+    while health said SERVING."""
+    with ext4(tmp_path / "disk") as disk:
+        server = start_server("--health-check-interval", str(HEALTH_CHECK_INTERVAL),
+                              db=disk / "smq.db")
+        make_topic(server.stub(), "t", 3)
+        assert health_of(server) == (health_pb2.HealthCheckResponse.SERVING,) * 2
+        shut_down_ext4(disk)
+        waited = seconds_until_health(server, health_pb2.HealthCheckResponse.NOT_SERVING,
+                                      HEALTH_CHECK_INTERVAL * 1.5)
+        assert waited <= HEALTH_CHECK_INTERVAL * 1.5 + 1.0, waited
+        server.kill()
+
+
+def test_liveness_check_reads_the_file_not_only_sqlites_cache(tmp_path):
+    """Right after the shutdown nothing else has touched the disk: SQLite would answer the
+    check's transaction and query from memory. The check itself must see the failure."""
+    with ext4(tmp_path / "disk") as disk:
+        service = QueueService(Storage(str(disk / "smq.db")))
+        try:
+            service.create_topic("t")
+            service.produce("t", b"x")
+            time.sleep(1.5)  # the writer's first upkeep tick has run: it stays idle now
+            assert service.liveness_problem(1.0) is None
+            shut_down_ext4(disk)
+            assert "Input/output error" in service.liveness_problem(1.0)
+        finally:
+            service.close()
+
+
 # -- reflection ----------------------------------------------------------------------
 
 def reflect(server: ServerProcess, request: reflection_pb2.ServerReflectionRequest):
@@ -186,3 +271,65 @@ def test_reflection_describes_the_service_for_generic_clients(smq_server):
     assert WIRE_RPCS <= {method.name for method in service.method}  # plus our additions
     produce = next(m for m in smq_file.message_type if m.name == "ProduceRequest")
     assert [(f.name, f.number) for f in produce.field] == [("topic", 1), ("message", 2)]
+
+
+# -- the Unix socket's permissions -------------------------------------------------------
+
+UMASK_000 = ["sh", "-c", 'umask 000 && exec "$@"', "sh", *SERVER_COMMAND]
+# A plain Python for a child running as another user (the venv may not be theirs to run).
+CONNECT = "import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])"
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory any user may pass through (pytest's own are the owner's only)."""
+    path = Path(tempfile.mkdtemp(prefix="smq-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def connects_as(user: str, path: Path, extra_groups: list[str] | None = None) -> bool:
+    """Whether `user` (with `extra_groups`) may connect to the socket at path (needs root)."""
+    result = subprocess.run(["/usr/bin/python3", "-c", CONNECT, str(path)], user=user,
+                            group=user if user != "nobody" else None,
+                            extra_groups=extra_groups or [], capture_output=True, text=True,
+                            timeout=30)
+    if result.returncode and "PermissionError" not in result.stderr:
+        raise AssertionError(result.stderr)
+    return result.returncode == 0
+
+
+def other_user() -> str:
+    if os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("checking another user's access needs root and /usr/bin/python3")
+    return "nobody"
+
+
+def test_unix_socket_is_the_owners_only_whatever_the_umask(start_server, socket_dir):
+    path = socket_dir / "s.sock"
+    server = start_server("--unix-socket", str(path), command=UMASK_000)
+    assert mode_of(path) == 0o600  # not 0777, which umask 000 would give
+    assert unix_stub(path).Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
+    assert not connects_as(other_user(), path)
+    assert server.terminate() == 0
+
+
+def test_unix_socket_group_may_use_it_too(start_server, socket_dir):
+    group = grp.getgrgid(1).gr_name  # "daemon" on Debian: a group nobody is not in
+    path = socket_dir / "s.sock"
+    start_server("--unix-socket", str(path), "--unix-socket-group", group, command=UMASK_000)
+    assert mode_of(path) == 0o660 and path.stat().st_gid == 1
+    user = other_user()
+    assert not connects_as(user, path)
+    assert connects_as(user, path, extra_groups=[group])
+
+
+def test_unix_socket_group_by_number(start_server, socket_dir):
+    path = socket_dir / "s.sock"
+    start_server("--unix-socket", str(path), env=clean_env(SMQ_UNIX_SOCKET_GROUP="1"))
+    assert mode_of(path) == 0o660 and path.stat().st_gid == 1

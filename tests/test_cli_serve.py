@@ -96,6 +96,10 @@ INVALID_RUNS = {
                                   "SERVER_CA_CERT_FILE": "ca.crt"}, None, ("SERVER_KEY_FILE",)),
     "missing env file flag": (["--env-file", "nope.env"], {}, None, ("--env-file", "'nope.env'")),
     "missing env file env": ([], {"SMQ_ENV_FILE": "gone.env"}, None, ("SMQ_ENV_FILE", "'gone.env'")),
+    "unknown socket group": (["--unix-socket", "s.sock", "--unix-socket-group", "no-such-group-x"],
+                             {}, None, ("--unix-socket-group", "'no-such-group-x'", "no such group")),
+    "socket group env without socket": ([], {"SMQ_UNIX_SOCKET_GROUP": "0"}, None,
+                                        ("SMQ_UNIX_SOCKET_GROUP", "--unix-socket")),
 }
 
 

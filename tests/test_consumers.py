@@ -1,4 +1,7 @@
-"""Durable named consumers: committed offsets stored in the database."""
+"""Durable named consumers: committed offsets stored in the database, at most
+--max-consumers-per-topic of them per topic."""
+import concurrent.futures
+
 import grpc
 import pytest
 
@@ -117,3 +120,61 @@ def test_sub_second_default_max_age_is_not_forever(start_server):
     make_topic(stub, "t")
     policy = stub.GetTopicPolicy(smq_pb2.GetTopicPolicyRequest(topic="t"))
     assert policy.effective.max_age_seconds == 1
+
+
+# -- named consumers per topic are bounded (CommitOffset is open to read-only callers) --
+
+def test_a_read_only_client_cannot_add_consumers_without_limit(start_server, tmp_path):
+    socket = tmp_path / "s.sock"
+    flags = ("--allow-remote-writes=false", "--unix-socket", str(socket),
+             "--max-consumers-per-topic", "3")
+    server = start_server(*flags)
+    local = stub_for(f"unix:{socket}")
+    make_topic(local, "t", 1)
+    make_topic(local, "other", 1)
+    remote = server.stub()
+
+    def commit(consumer: str, topic: str = "t") -> None:
+        remote.CommitOffset(smq_pb2.CommitOffsetRequest(consumer=consumer, topic=topic, offset=1),
+                            timeout=20)
+
+    for consumer in ("c1", "c2", "c3"):
+        commit(consumer)
+    with pytest.raises(grpc.RpcError) as info:
+        commit("c4")
+    error = info.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.details() == (
+        "topic 't' has 3 named consumers, the most this server allows "
+        "(--max-consumers-per-topic): delete one it no longer needs "
+        "(smq consumer delete NAME --topic t), or raise the limit")
+    commit("c1")  # committing again for an existing consumer always works
+    commit("c4", "other")  # the bound is per topic
+    local.DeleteConsumer(smq_pb2.DeleteConsumerRequest(consumer="c2", topic="t"), timeout=20)
+    commit("c4")  # a freed place can be taken
+
+    assert server.terminate() == 0
+    remote = start_server(*flags, db=tmp_path / "smq.db").stub()  # counted from the file
+    assert status_of(commit, "c5") == grpc.StatusCode.RESOURCE_EXHAUSTED
+    commit("c3")
+
+
+def test_the_bound_holds_under_concurrent_commits(start_server):
+    server = start_server("--max-consumers-per-topic", "10")
+    stub = server.stub()
+    make_topic(stub, "t", 1)
+
+    def commit(consumer: str) -> grpc.StatusCode:
+        try:
+            stub.CommitOffset(smq_pb2.CommitOffsetRequest(consumer=consumer, topic="t", offset=1),
+                              timeout=20)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        codes = list(pool.map(commit, [f"c{i}" for i in range(64)]))
+    assert codes.count(grpc.StatusCode.OK) == 10
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 54
+    listed = stub.ListConsumers(smq_pb2.ListConsumersRequest(topic="t"), timeout=20).consumers
+    assert len(listed) == 10

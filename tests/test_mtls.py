@@ -174,3 +174,25 @@ def test_bad_certificate_from_environment_refuses_to_start(certs: CertSet, tmp_p
     assert len(result.stdout.strip().splitlines()) == 1, result.stdout
     assert str(garbage) in result.stdout
     assert not (tmp_path / "smq.db").exists()
+
+
+# -- certificate files without --server-enable-mtls ----------------------------------------------
+
+def warnings_in(log: str) -> list[str]:
+    return [line for line in log.splitlines() if line.startswith("WARNING")]
+
+
+def test_certificate_files_without_mtls_are_named_in_one_warning(certs: CertSet, start_server):
+    server = start_server("--server-cert", str(certs.server_cert),
+                          env=clean_env(SERVER_KEY_FILE=str(certs.server_key)))
+    server.stub().Connect(smq_pb2.ConnectRequest(), timeout=RPC_TIMEOUT)  # plaintext, as asked
+    (warning,) = warnings_in(server.log())
+    assert "--server-cert (SERVER_CERT_FILE)" in warning
+    assert "--server-key (SERVER_KEY_FILE)" in warning
+    assert "--server-ca-cert" not in warning  # not given: not named
+    assert "--server-enable-mtls" in warning and "plaintext" in warning
+
+
+def test_no_warning_without_certificate_files(start_server):
+    server = start_server()
+    assert warnings_in(server.log()) == []

@@ -42,7 +42,7 @@ WIRE_FIELDS = {
     "BulkRetrieveResponse": {"messages": (1, "repeated RetrievedMessage"), "count": (2, "int32"),
                              "next_offset": (3, "int64")},
 }
-TYPE_NAMES = {9: "string", 12: "bytes", 3: "int64", 5: "int32"}
+TYPE_NAMES = {9: "string", 12: "bytes", 3: "int64", 5: "int32", 8: "bool"}
 
 
 def test_service_matches_wire_contract():

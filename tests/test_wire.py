@@ -215,7 +215,7 @@ def test_valid_topic_names_are_accepted(stub, name):
 def test_create_topic_is_idempotent(stub, topic):
     make_topic(stub, topic, 3)
     assert stub.CreateTopic(pb.CreateTopicRequest(topic=topic), timeout=TIMEOUT) == \
-        pb.CreateTopicResponse()
+        pb.CreateTopicResponse(created=False)  # (`created`: this SMQ's addition)
     assert stored(stub, topic) == [(1, b"m1"), (2, b"m2"), (3, b"m3")]
     assert produce(stub, topic, b"m4") == 4
 
@@ -225,7 +225,7 @@ def test_concurrent_create_topic_calls_all_succeed(stub, topic):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         replies = list(pool.map(
             lambda _: stub.CreateTopic(pb.CreateTopicRequest(topic=name), timeout=TIMEOUT), range(8)))
-    assert replies == [pb.CreateTopicResponse()] * 8
+    assert sorted(reply.created for reply in replies) == [False] * 7 + [True]  # exactly one made it
     assert produce(stub, name, b"one") == 1
     assert stored(stub, name) == [(1, b"one")]
 
@@ -331,6 +331,14 @@ def test_consume_deleted_offset_is_not_found(stub, topic):
     delete_until(stub, topic, 5)  # trimmed empty: stored ones gone, above latest still out of range
     assert error_of(lambda: consume(stub, topic, 5)).code() == grpc.StatusCode.NOT_FOUND
     assert error_of(lambda: consume(stub, topic, 6)).code() == grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_consume_on_a_topic_trimmed_empty_says_it_is_empty(stub, topic):
+    make_topic(stub, topic, 3)
+    delete_until(stub, topic, 3)
+    error = error_of(lambda: consume(stub, topic, 2))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert error.details() == "offset 2 was deleted; the topic is empty (the next message gets offset 4)"
 
 
 # -- GetEarliestOffset / GetLatestOffset --------------------------------------------

@@ -261,7 +261,8 @@ class SuhaibMessageQueueServicer:
     def CommitOffset(self, request, context):
         """Durable named consumers: a committed offset per (consumer, topic), kept in the
         database. Committing is allowed to remote callers even with remote writes disabled
-        (read-only consumers keep their place); DeleteConsumer is not.
+        (read-only consumers keep their place); DeleteConsumer is not. A commit that would
+        add a consumer beyond the server's --max-consumers-per-topic is RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
