@@ -1,73 +1,129 @@
-"""The wall clock as age retention sees it: steps noticed, so that none deletes a message.
+"""Message time: the wall clock plus an offset that absorbs its steps, so that age
+retention never deletes a message because the clock moved.
 
 Boards without a real-time clock (every Raspberry Pi) start with a wrong time and let
-NTP step it later, by days or years. Retention measures a message's age from the time
-stored with it (time_marks), so a step would make messages look older (or younger)
-than they are. SMQ keeps stored times on the wall clock's scale and moves them with
-every step it sees:
+NTP step it later, by days or years. Age retention measures a message's age from the
+time stored with it (time_marks), in *message time*: the wall clock plus `offset`.
+Stored times are never rewritten; the offset moves instead, and is kept in the
+database (ClockState), so message time goes on where it was:
 
 - while running, the wall clock is compared with the boot clock (CLOCK_BOOTTIME, which
-  counts suspend and never steps): a difference that changes by STEP_SECONDS or more
-  is a step, and every stored time moves by it, so each message keeps its age;
-- at start, a wall clock behind the newest stored time, or stored times before this
-  version was released while the wall clock is past it (written before the clock was
-  set), cannot be trusted as the time that passed: stored times move so that the
-  newest is now. The time SMQ was stopped does not count, which keeps messages longer,
-  never shorter, and not forever.
+  counts suspend and never steps) at every commit and every second: when the
+  difference changes by STEP_SECONDS or more the wall clock stepped, and the offset
+  takes the step back, so message time does not jump;
+- at start in the same boot as the last run (same kernel boot id), a step made while
+  SMQ was stopped is seen the same way;
+- at start otherwise, a message time behind the newest stored one, or stored times
+  from before this version was released while the clock is past it (written before
+  the clock was set), cannot be trusted as the time that passed: message time resumes
+  from the newest stored time. The time SMQ was stopped then does not count, which
+  keeps messages longer, never shorter, and not forever.
 
-The writer owns a WallClock; tests pass their own time sources.
+Backward steps are taken back too: message time never goes back, so ages keep
+growing and messages still expire.
+
+The writer owns a MessageClock and calls it under its commit lock; tests pass their
+own time sources.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable
 
-STEP_SECONDS = 2.0  # smaller differences are reading jitter or NTP's slewing
+STEP_SECONDS = 2  # smaller changes are reading jitter or NTP's slewing (0.5 ms a second)
 # No SMQ of this version ran before this day: an earlier time means an unset clock.
 RELEASED = int(datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc).timestamp())
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 
 def _boot_clock() -> float:
     return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-class WallClock:
-    """Unix time for stored message times, and the steps of the wall clock since the last
-    look. Called under the writer's commit lock only."""
+def _boot_id() -> str:
+    try:
+        with open(BOOT_ID_FILE, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""  # not Linux: steps made while SMQ was stopped go unseen
+
+
+@dataclasses.dataclass(frozen=True)
+class ClockState:
+    """What the database keeps of message time: `offset` (message time minus wall time,
+    seconds), and the kernel boot and the wall-minus-boot difference it was set in."""
+    offset: int = 0
+    boot_id: str = ""
+    wall_minus_boot: float = 0.0
+
+
+class MessageClock:
+    """Message time for the writer: `tick()` once per transaction, then `now` (whole
+    seconds) for every time that transaction stores or compares."""
 
     def __init__(self, wall: Callable[[], float] = time.time,
-                 boot: Callable[[], float] = _boot_clock) -> None:
+                 boot: Callable[[], float] = _boot_clock,
+                 boot_id: Callable[[], str] = _boot_id) -> None:
         self._wall = wall
         self._boot = boot
-        self._offset = wall() - boot()
+        self._boot_id = boot_id()
+        self.offset = 0
+        self._wall_minus_boot = wall() - boot()
+        self.now = int(wall())
 
-    def now(self) -> int:
-        return int(self._wall())
+    def start(self, stored: ClockState, newest: int | None) -> list[str]:
+        """Set message time from what the database kept and its newest stored time.
+        Returns what was detected, for the log (module docstring)."""
+        wall, boot = self._wall(), self._boot()
+        self._wall_minus_boot = wall - boot
+        self.offset = stored.offset
+        notes = []
+        if stored.boot_id and stored.boot_id == self._boot_id:
+            step = round(self._wall_minus_boot - stored.wall_minus_boot)
+            if abs(step) >= STEP_SECONDS:
+                self.offset -= step
+                notes.append(f"the wall clock stepped {describe_shift(step)} while SMQ was stopped: "
+                             "message time goes on without the step")
+        now = int(wall) + self.offset
+        if newest is not None and newest > now + STEP_SECONDS:
+            self.offset += newest - now
+            notes.append(f"the wall clock ({_utc(int(wall))}) is behind the newest stored message "
+                         f"time ({_utc(newest)}): it was set back, or is not set yet (no real-time "
+                         "clock before NTP); message time resumes from the newest stored time, so "
+                         "the time SMQ was stopped does not count")
+        elif self.offset == 0 and newest is not None and newest < RELEASED <= now:
+            self.offset -= now - newest
+            notes.append(f"the newest stored message time ({_utc(newest)}) is from before this "
+                         "release: it was written before the clock was set; message time resumes "
+                         "from it, so the time since does not count")
+        self.now = int(wall) + self.offset
+        return notes
 
-    def step(self) -> int:
-        """Whole seconds the wall clock jumped since the last call (or since start), or 0.
-        Called at least every second, so NTP's slewing (at most 0.5 ms a second) never
-        adds up to a step."""
-        offset = self._wall() - self._boot()
-        jump, self._offset = offset - self._offset, offset
-        return round(jump) if abs(jump) >= STEP_SECONDS else 0
+    def tick(self) -> int:
+        """Read the clocks once: fix `now` for this transaction. Returns the whole seconds
+        the wall clock stepped since the last tick (taken back into the offset), or 0."""
+        wall, boot = self._wall(), self._boot()
+        step = round(wall - boot - self._wall_minus_boot)
+        self._wall_minus_boot = wall - boot
+        step = step if abs(step) >= STEP_SECONDS else 0
+        self.offset -= step
+        self.now = int(wall) + self.offset
+        return step
 
-
-def start_correction(now: int, newest: int | None) -> int:
-    """Seconds to move stored times by at start so that none is ahead of the clock or
-    was written before the clock was set (module docstring); 0 if they can stay."""
-    if newest is None:
-        return 0
-    if newest > now + STEP_SECONDS or newest < RELEASED <= now:
-        return now - newest
-    return 0
+    def state(self) -> ClockState:
+        return ClockState(self.offset, self._boot_id, self._wall_minus_boot)
 
 
 def describe_shift(seconds: int) -> str:
-    """'forward by 100d 0h 0m', for the one log line a step gets."""
+    """'forward by 100d 0h 0m (8640000 s)', for the one log line a step gets."""
     way = "forward" if seconds > 0 else "back"
-    minutes, _ = divmod(abs(seconds), 60)
+    minutes = abs(seconds) // 60
     hours, minutes = divmod(minutes, 60)
     days, hours = divmod(hours, 24)
     return f"{way} by {days}d {hours}h {minutes}m ({abs(seconds)} s)"
+
+
+def _utc(unix: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))

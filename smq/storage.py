@@ -22,18 +22,19 @@ import operator
 import os
 import queue
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import apsw
 
 from . import batches
+from .clock import ClockState
 from .errors import StartupError, StorageFailure, StorageFull, SMQError
 
 log = logging.getLogger(__name__)
 
 # Format of the database file, kept in PRAGMA user_version. Raise it with a
 # migration in MIGRATIONS whenever the schema changes; an older SMQ refuses a newer file.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
         """CREATE TABLE topics (
@@ -89,6 +90,10 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
            SELECT topic_id, msg_offset, msg_offset, payload, NULL FROM messages""",
         "DROP TABLE messages",
     ),
+    # Small facts about the database as a whole, such as message time's offset (clock.py).
+    3: (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    ),
 }
 
 DURABILITY_PRAGMAS = {
@@ -100,6 +105,7 @@ DURABILITY_PRAGMAS = {
 }
 BUSY_TIMEOUT_MS = 10_000
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+MIN_DATABASE_BYTES = 512  # SQLite's smallest page: a database is at least one page
 WAL_SIZE_LIMIT = 64 * 1024**2  # truncate the WAL back to this after checkpoints
 # The disk budget is --max-db-size, or else the filesystem's size. Writes stop this
 # far before it, so that trims and deletes, which need room in the WAL, still work at
@@ -208,14 +214,15 @@ class Storage:
         self._lock_fd = self._lock_database()
         budget = options.max_db_size or _filesystem_size(self._directory)
         self._reserve = min(max(budget // 16, DELETE_RESERVE_MIN), DELETE_RESERVE_MAX)
+        self.trim_step = self._reserve // 4  # payload bytes a large trim deletes per transaction
         self._wal_share = min(max(budget // 8, WAL_SHARE_MIN), WAL_SIZE_LIMIT)
+        found = {suffix: os.path.exists(path + suffix) for suffix in ("", "-wal", "-shm")}
+        found[""] = existed
         try:
             self._writer = self._open_writer(existed)
         except DamagedDatabase as exc:
             if options.on_corrupt != "move-aside":
-                if not existed:
-                    os.unlink(path)  # the empty file _lock_database made: leave things as they were
-                self._unlock_database()
+                self._leave_as_found(found)
                 raise
             moved = self._move_aside()
             log.error("DATABASE DAMAGED: %s; moved it to %s and starting with an EMPTY "
@@ -224,7 +231,7 @@ class Storage:
             self._lock_fd = self._lock_database()
             self._writer = self._open_writer(existed=False)
         except BaseException:
-            self._unlock_database()
+            self._leave_as_found(found)
             raise
         self.page_size = self._writer.pragma("page_size")
         self._readers: queue.LifoQueue[apsw.Connection] = queue.LifoQueue()
@@ -285,10 +292,10 @@ class Storage:
 
     def _refuse_truncated(self, existed: bool) -> None:
         """Refuse a database file that lost its content: SQLite would start an empty
-        database in it (offsets from 1 again) and drop what the WAL holds. SMQ keeps
-        the -wal and -shm files beside its database even after a clean stop, so a
-        zero-length file with either beside it once held a database; a zero-length
-        file alone (`touch`) is a new one."""
+        database in a file shorter than a page (offsets from 1 again) and drop what the
+        WAL holds. SMQ keeps the -wal and -shm files beside its database even after a
+        clean stop, so such a file with either beside it once held a database; a
+        zero-length file alone (`touch`) is a new one, a few bytes alone are not SMQ's."""
         wal, shm = self.path + "-wal", self.path + "-shm"
         wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
         where = f"database {self.path!r}"
@@ -299,10 +306,28 @@ class Storage:
                 raise DamagedDatabase(f"{where} is missing but its WAL {wal!r} holds {wal_bytes} "
                                       f"bytes of it: {advice}")
             return
-        if os.path.getsize(self.path) == 0 and (os.path.exists(wal) or os.path.exists(shm)):
+        size = os.path.getsize(self.path)
+        if size >= MIN_DATABASE_BYTES:
+            return  # SQLite and quick_check judge the rest
+        if size and not (os.path.exists(wal) or os.path.exists(shm)):
+            raise DamagedDatabase(f"{where} is {size} bytes long, too short for an SQLite "
+                                  f"database: {advice}")
+        if os.path.exists(wal) or os.path.exists(shm):
             evidence = (f"its WAL holds {wal_bytes} bytes" if wal_bytes
                         else "the -wal/-shm files beside it show that it held one")
-            raise DamagedDatabase(f"{where} is 0 bytes long but {evidence}: it was truncated; {advice}")
+            raise DamagedDatabase(f"{where} is {size} bytes long but {evidence}: it was "
+                                  f"truncated; {advice}")
+
+    def _leave_as_found(self, found: dict[str, bool]) -> None:
+        """After a refusal: remove the files that opening made (the empty database file
+        of _lock_database, SQLite's -wal and -shm), then unlock. A refused database is
+        left as it was, and the -wal/-shm made here cannot later pass for evidence that
+        it held data (_refuse_truncated)."""
+        for suffix, existed in found.items():
+            if not existed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+        self._unlock_database()
 
     def _lock_database(self) -> int:
         """One SMQ per database file: an exclusive flock on the file, held until close().
@@ -477,6 +502,14 @@ class Storage:
                     self._writer.execute("ROLLBACK")
                 raise
 
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[Callable[[], None]]:
+        """A savepoint inside the write transaction: the block may call what it yields to
+        undo everything since. (If the block raises, the transaction's rollback ends it.)"""
+        self._writer.execute("SAVEPOINT part")
+        yield lambda: self._writer.execute("ROLLBACK TO part")
+        self._writer.execute("RELEASE part")
+
     def reload_topics(self) -> dict[str, TopicState]:
         """Topic counters as committed, read on the writer connection (after a rollback)."""
         with storage_errors("load topics"):
@@ -579,12 +612,17 @@ class Storage:
                 "INSERT OR IGNORE INTO time_marks (topic_id, first_offset, marked_at)"
                 " VALUES (?, ?, ?)", (topic.id, until + 1, row[0]))
 
-    def shift_time_marks(self, seconds: int, topics: Iterable[TopicState]) -> None:
-        """Move every stored message time by `seconds` (the wall clock stepped; clock.py)."""
-        self._writer.execute("UPDATE time_marks SET marked_at = marked_at + ?", (seconds,))
-        for topic in topics:
-            if topic.last_mark:
-                topic.last_mark += seconds
+    def clock_state(self) -> ClockState:
+        """Message time's offset as last saved (writer thread)."""
+        values = dict(self._writer.execute(
+            "SELECT key, value FROM meta WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"))
+        return ClockState(int(values.get("clock_offset", 0)), str(values.get("boot_id", "")),
+                          float(values.get("wall_minus_boot", 0.0)))
+
+    def save_clock_state(self, state: ClockState) -> None:
+        self._writer.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (
+            ("clock_offset", state.offset), ("boot_id", state.boot_id),
+            ("wall_minus_boot", state.wall_minus_boot)))
 
     def offset_older_than(self, topic: TopicState, cutoff: int) -> int:
         """The last offset written before unix second `cutoff` (0 if none)."""
@@ -691,6 +729,15 @@ class Storage:
             if self.options.max_db_size:
                 room = min(room, self.options.max_db_size - database - max(wal, self._wal_share))
             return room + reusable - self._reserve
+
+    def limit_wal(self) -> None:
+        """After a commit: a WAL grown past its share (readers kept checkpoints from
+        starting it over) is checkpointed in RESTART mode, which waits for those readers
+        to move on, so that the next write starts it over and journal_size_limit cuts it
+        back to its share."""
+        if _file_size(self.path + "-wal") > self._wal_share:
+            with storage_errors("checkpoint"):
+                self._writer.pragma("wal_checkpoint", "RESTART")
 
     def give_back_space(self, max_pages: int = 2048) -> int:
         """Return up to max_pages free pages to the filesystem (outside a transaction).

@@ -39,7 +39,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import clock
+from .clock import MessageClock, describe_shift
+from .log_throttle import Throttled
 from .errors import (InvalidArgument, SMQError, StorageFailure, StorageFull, TooManyConsumers,
                      TopicNotFound, Unavailable)
 from .storage import Storage, TopicPolicy, TopicState
@@ -56,6 +57,7 @@ ROOM_TRUSTED_ABOVE = 256 * 1024**2
 SPACE_WARNING_SECONDS = 60  # a failing give-back of free pages is logged at most this often
 DROPPED_LOG_SECONDS = 60  # what drop-oldest dropped is logged at most this often
 ROW_OVERHEAD = 64  # bytes a stored message costs beyond its payload (keys, page slack)
+MARK_OVERHEAD = 48  # and a time mark, the first message of a topic in a second
 STREAM_MESSAGES = 1_000  # a StreamAppend takes at most this many messages...
 STREAM_BYTES = 4 * 1024**2  # ...and bytes,
 STREAM_SECONDS = 0.002  # and a stream commits at most this often while it is busy
@@ -68,11 +70,14 @@ GATHER_COMMITS = 2.0
 
 class WriteOp:
     """One unit of work for the writer. `apply` runs inside the group's transaction
-    and sets `result` or `error`; the caller's `wait()` returns once it is committed."""
+    and sets `result` or `error`; the caller's `wait()` returns once it is committed.
+    An op that sets `unfinished` is applied again in a transaction of its own after
+    the commit, until it no longer does (deletions go in steps: see Trim)."""
 
     messages = 0
     bytes = 0
     not_before = 0.0  # monotonic time before which the writer does not start its group
+    unfinished = False
 
     def __init__(self) -> None:
         self.result: Any = None
@@ -169,12 +174,34 @@ class Append(WriteOp):
                 payloads = payloads[:kept]
                 size = sum(map(len, payloads))
             if payloads:
-                offset = writer.append(topic, payloads, size)
+                offset, full = self._append_run(writer, topic, payloads, size)
                 first = first or offset
                 last = topic.next_offset - 1
+                self.error = full or self.error
             if self.error is not None:
                 break
         self.result = (first, last)
+
+    def _append_run(self, writer: GroupCommitWriter, topic: TopicState, payloads: list[bytes],
+                    size: int) -> tuple[int, StorageFull | None]:
+        """Append a run of payloads; (offset of the first appended or 0, the refusal if
+        the disk budget took only part). An atomic append raises instead, and fails
+        whole; otherwise what fits before the budget is reached stays (StreamProduce's
+        rule), one message at a time on that rare path."""
+        try:
+            return writer.append(topic, payloads, size), None
+        except StorageFull as full:
+            if self.atomic:
+                raise
+            refusal = full
+        first = 0
+        for payload in payloads:
+            try:
+                offset = writer.append(topic, [payload], len(payload))
+            except StorageFull as full:
+                return first, full
+            first = first or offset
+        return first, refusal
 
     def _refusal(self, writer: GroupCommitWriter) -> SMQError | None:
         """Why an atomic append cannot be stored whole, or None: a missing topic, or a
@@ -239,19 +266,29 @@ class StreamAppend(Append):
 
 
 class Trim(WriteOp):
-    """Delete messages with offset <= until. Result: how many were deleted."""
+    """Delete messages with offset <= until. Result: how many were deleted.
+
+    A large trim goes in steps of about Storage.trim_step bytes, one transaction each:
+    every page a deletion touches goes to the WAL, and at a full disk only the reserve
+    is left for it (storage.free_space). Each step is a whole trim of a prefix."""
 
     def __init__(self, name: str, until: int) -> None:
         super().__init__()
         self.name = name
         self.until = until
+        self._from: int | None = None  # the earliest offset before the first step
 
     def apply(self, writer: GroupCommitWriter) -> None:
         topic = writer.topics.get(self.name)
         if topic is None:
             self.error = TopicNotFound(self.name)
             return
-        self.result = writer.trim(topic, self.until)
+        if self._from is None:
+            self._from = topic.earliest or topic.next_offset
+        deleted = writer.trim(topic, writer.trim_step_end(topic, self.until))
+        self.unfinished = bool(deleted) and topic.earliest is not None and topic.earliest <= self.until
+        # Trims remove a prefix: what they took is the distance the earliest moved.
+        self.result = (topic.earliest or topic.next_offset) - self._from
 
 
 class DeleteTopic(WriteOp):
@@ -262,10 +299,15 @@ class DeleteTopic(WriteOp):
         self.name = name
 
     def apply(self, writer: GroupCommitWriter) -> None:
-        topic = writer.topics.pop(self.name, None)
+        topic = writer.topics.get(self.name)
         if topic is None:
             self.error = TopicNotFound(self.name)
             return
+        if (topic.latest is not None and topic.stored_bytes > writer.storage.trim_step
+                and writer.trim(topic, writer.trim_step_end(topic, topic.latest))):
+            self.unfinished = True  # its messages go first, in steps as for a large Trim
+            return
+        del writer.topics[self.name]
         writer.storage.delete_topic(topic)
         writer.deleted.append(topic)
         writer.space_to_give_back = True
@@ -336,12 +378,15 @@ class EnforceAge(WriteOp):
     """Trim what is older than each topic's max_age (the writer's own periodic op)."""
 
     def apply(self, writer: GroupCommitWriter) -> None:
-        now = writer.clock.now()
+        now = writer.clock.now
+        self.unfinished = False
         for topic in writer.topics.values():
             max_age = writer.policy_of(topic).max_age
             if max_age and topic.earliest is not None:
                 until = writer.storage.offset_older_than(topic, now - max_age)
-                writer.retention_trim(topic, until)
+                deleted = writer.retention_trim(topic, writer.trim_step_end(topic, until))
+                self.unfinished |= (bool(deleted) and topic.earliest is not None
+                                    and topic.earliest <= until)
 
 
 class Barrier(WriteOp):
@@ -354,9 +399,6 @@ class Barrier(WriteOp):
 _STOP = object()
 
 
-def _utc(unix: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(unix))
-
 
 class GroupCommitWriter:
     """The single writer thread. Submit ops with `submit`; `close` drains and stops.
@@ -368,18 +410,19 @@ class GroupCommitWriter:
     def __init__(self, storage: Storage,
                  on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
                  defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False),
-                 wall_clock: clock.WallClock | None = None) -> None:
+                 clock: MessageClock | None = None) -> None:
         self.storage = storage
         self.defaults = defaults
-        self.clock = wall_clock or clock.WallClock()
-        self._unshifted = 0  # seconds the wall clock stepped that stored times have not followed yet
+        self.clock = clock or MessageClock()
         self._room: int | None = None  # the disk budget left, see reserve_space
         self._room_measured = 0.0
         self._first_written: dict[str, int] = {}  # per topic, the first offset of this transaction
         self._dropped: dict[str, int] = {}  # messages drop-oldest trimmed, per topic, not yet logged
         self._dropped_logged = float("-inf")
+        self._full_logged = Throttled(log)
+        self._upkeep_logged = Throttled(log)
         self.topics: dict[str, TopicState] = storage.reload_topics()
-        self._correct_stored_times()
+        self._start_clock()
         self.touched: set[str] = set()
         self.deleted: list[TopicState] = []
         self._topics_stale = False  # True while `topics` may be ahead of the database
@@ -410,6 +453,12 @@ class GroupCommitWriter:
             self.space_to_give_back = True
         return count
 
+    def trim_step_end(self, topic: TopicState, until: int) -> int:
+        """Where one step of a trim up to `until` ends (see Trim)."""
+        if topic.earliest is None or until < topic.earliest:
+            return until
+        return min(until, self.storage.offset_freeing(topic, self.storage.trim_step))
+
     def retention_trim(self, topic: TopicState, until: int) -> int:
         """Trim for retention or the disk budget: like trim, but with keep_uncommitted it
         spares what a named consumer has not committed yet."""
@@ -420,10 +469,11 @@ class GroupCommitWriter:
     def append(self, topic: TopicState, payloads: list[bytes], size: int) -> int:
         """Append payloads (`size` bytes) to the topic within the disk budget (StorageFull
         if they do not fit). Returns the offset of the first."""
-        self.reserve_space(size + ROW_OVERHEAD * len(payloads), topic)
+        new_mark = MARK_OVERHEAD if self.clock.now != topic.last_mark else 0
+        self.reserve_space(size + ROW_OVERHEAD * len(payloads) + new_mark, topic)
         first = topic.next_offset
         self._first_written.setdefault(topic.name, first)
-        self.storage.append(topic, payloads, size, self.clock.now())
+        self.storage.append(topic, payloads, size, self.clock.now)
         self.touched.add(topic.name)
         return first
 
@@ -453,16 +503,23 @@ class GroupCommitWriter:
         """Trim the topic's oldest messages in this transaction until `size` bytes fit,
         measuring again after each trim (freed pages are reusable at once). Only
         messages committed before this transaction: none is dropped in the commit that
-        acknowledges it. If that is not enough, the caller refuses the write, and the
-        rollback undoes these trims."""
+        acknowledges it. If that is not enough, every trim is undone (a savepoint), and
+        the caller refuses the write having dropped nothing."""
         committed_until = self._first_written.get(topic.name, topic.next_offset) - 1
-        while size > self._room and topic.earliest is not None and topic.earliest <= committed_until:
-            until = min(self.storage.offset_freeing(topic, size - self._room), committed_until)
-            dropped = self.retention_trim(topic, until)
-            if not dropped:
-                return  # keep_uncommitted spares the rest
-            self._dropped[topic.name] = self._dropped.get(topic.name, 0) + dropped
-            self._measure_room()
+        before, dropped_before = topic.snapshot(), dict(self._dropped)
+        with self.storage.savepoint() as undo:
+            while size > self._room and topic.earliest is not None and topic.earliest <= committed_until:
+                until = min(self.storage.offset_freeing(topic, size - self._room), committed_until)
+                dropped = self.retention_trim(topic, until)
+                if not dropped:
+                    break  # keep_uncommitted spares the rest
+                self._dropped[topic.name] = self._dropped.get(topic.name, 0) + dropped
+                self._measure_room()
+            if size > self._room:
+                undo()
+                topic.__dict__.update(before.__dict__)
+                self._dropped = dropped_before
+                self._measure_room()
 
     def _enforce_retention(self) -> None:
         """Trim the topics this group grew beyond their max_messages / max_bytes."""
@@ -539,34 +596,30 @@ class GroupCommitWriter:
                     next_tick = time.monotonic() + TICK_SECONDS
 
     def _tick(self) -> None:
-        """Periodic upkeep: stored times follow a step of the wall clock, age retention,
-        then giving free pages back to the disk."""
-        self._unshifted += self.clock.step()
-        if self._unshifted or any(self.policy_of(t).max_age for t in self.topics.values()):
+        """Periodic upkeep: age retention (and saving message time's offset after a step
+        of the wall clock), then giving free pages back to the disk."""
+        self._read_clock()
+        if self._clock_unsaved or any(self.policy_of(t).max_age for t in self.topics.values()):
             self._commit_group([EnforceAge()])
         self._give_space_back()
 
-    def _correct_stored_times(self) -> None:
-        """At start: stored times ahead of the clock, or written before it was set, move
-        so that the newest is now (clock.start_correction)."""
+    def _start_clock(self) -> None:
+        """Message time goes on from what the database kept (clock.py); saved by the first
+        transaction, so that starting never writes (a full disk must not stop it)."""
         newest = max((t.last_mark for t in self.topics.values() if t.last_mark), default=None)
-        shift = clock.start_correction(self.clock.now(), newest)
-        if shift:
-            with self.storage.write_transaction():
-                self.storage.shift_time_marks(shift, self.topics.values())
-            log.warning("the wall clock (%s) is %s the newest stored message time: it was set back "
-                        "or is not set yet (no real-time clock before NTP); stored message times "
-                        "moved %s so that age retention does not count the time SMQ was stopped",
-                        _utc(self.clock.now()), "behind" if shift < 0 else "far ahead of",
-                        clock.describe_shift(shift))
+        for note in self.clock.start(self.storage.clock_state(), newest):
+            log.warning("%s", note)
+        self._clock_unsaved = True
 
-    def _follow_clock_steps(self) -> int:
-        """In the current transaction: move stored times by the wall clock's steps since
-        the last commit. Returns the seconds moved (to report once committed)."""
-        self._unshifted += self.clock.step()
-        if self._unshifted:
-            self.storage.shift_time_marks(self._unshifted, self.topics.values())
-        return self._unshifted
+    def _read_clock(self) -> None:
+        """Fix message time for the next transaction; a step of the wall clock is logged
+        once and its offset saved by the next transaction."""
+        step = self.clock.tick()
+        if step:
+            log.warning("the wall clock stepped %s: message time goes on without the step, so age "
+                        "retention counts each message's age from when it was written",
+                        describe_shift(step))
+            self._clock_unsaved = True
 
     def _next_first(self) -> Any:
         """The op that starts the next group; None after an idle tick; _STOP to stop."""
@@ -611,23 +664,34 @@ class GroupCommitWriter:
         return group
 
     def _commit_group(self, group: list[WriteOp]) -> None:
-        """Apply and commit group (under the commit lock), then release its callers."""
+        """Apply and commit group (under the commit lock), then release its callers; ops
+        left unfinished go on in transactions of their own."""
+        while group:
+            group = self._commit_once(group)
+
+    def _commit_once(self, group: list[WriteOp]) -> list[WriteOp]:
+        """Apply and commit group; release the callers of its finished ops and return
+        the unfinished ones."""
         started = time.monotonic()
+        unfinished: list[WriteOp] = []
         try:
             self._apply_in_one_transaction(group)
             self._commit_seconds += 0.25 * (time.monotonic() - started - self._commit_seconds)
             # The writers about: this group's, and those that queued up meanwhile.
             self._expected = len(group) + self._queue.qsize()
+            unfinished = [op for op in group if op.unfinished and op.error is None]
         except SMQError as exc:
             self._forget_uncommitted()
             if len(group) > 1:
                 log.warning("group of %d writes failed (%s); retrying one by one", len(group), exc)
                 for op in group:
                     self._commit_group([op])
-                return
+                return []
             group[0].result, group[0].error = None, exc
-            log.log(logging.WARNING if isinstance(exc, StorageFull) else logging.ERROR,
-                    "write failed: %s", exc)
+            if isinstance(exc, StorageFull):  # a client writing into a full disk: once a minute
+                self._full_logged.log(logging.WARNING, "write refused: %s", exc)
+            else:
+                log.error("write failed: %s", exc)
         except Exception as exc:  # a bug: fail the callers rather than hang them
             log.exception("unexpected error in the writer")
             self._forget_uncommitted()
@@ -635,7 +699,11 @@ class GroupCommitWriter:
                 op.result, op.error = None, StorageFailure(f"unexpected writer error: {exc}")
         self._publish()
         for op in group:
-            op._finish()
+            if op in unfinished:
+                op.unfinished = False
+            else:
+                op._finish()
+        return unfinished
 
     def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
         if self._room is not None and self._room < ROOM_TRUSTED_ABOVE:
@@ -647,7 +715,10 @@ class GroupCommitWriter:
         dropped_before = dict(self._dropped)
         try:
             with self.storage.write_transaction():
-                shifted = self._follow_clock_steps()
+                self._read_clock()
+                clock_saved = self._clock_unsaved
+                if clock_saved:
+                    self.storage.save_clock_state(self.clock.state())
                 for op in group:
                     op.error = None
                     op.apply(self)
@@ -657,14 +728,19 @@ class GroupCommitWriter:
             self._dropped = dropped_before  # rolled back: nothing was dropped
             raise
         self._report_dropped()
-        if shifted:
-            self._unshifted -= shifted
-            log.warning("the wall clock stepped %s: stored message times moved with it, so age "
-                        "retention counts each message's age from when it was written",
-                        clock.describe_shift(shifted))
+        self._limit_wal()
+        if clock_saved:
+            self._clock_unsaved = False
         self.commits += 1
         self.committed_ops += len(group)
         self.committed_messages += sum(op.messages for op in group)
+
+    def _limit_wal(self) -> None:
+        """After a commit (which stands, whatever happens here): keep the WAL to its share."""
+        try:
+            self.storage.limit_wal()
+        except SMQError as exc:
+            self._upkeep_logged.log(logging.WARNING, "could not checkpoint the WAL: %s", exc)
 
     def _report_dropped(self) -> None:
         """Log what drop-oldest dropped, at most once a minute (at a full budget, it
