@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from . import encoding
 from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
@@ -30,7 +31,8 @@ TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
 MAX_PAGE_MESSAGES = 10_000
 # Replies stay below gRPC's default 4 MiB receive limit, so default clients can read
-# any page (a single message larger than this still travels alone).
+# any page (a single message larger than this still travels alone). Counted as encoded
+# on the wire (smq/encoding.py), framing included.
 PAGE_BYTES = 3 * 1024**2
 WRITE_TIMEOUT = 60.0
 
@@ -291,11 +293,19 @@ class QueueService:
         return payload
 
     def read(self, name: str, start_offset: int, limit: int) -> Page:
-        """BulkRetrieve: messages with offset >= start_offset, bounded in count and bytes."""
+        """BulkRetrieve: messages with offset >= start_offset, bounded in count and in
+        encoded bytes."""
         topic = self._topic(name)
         count = DEFAULT_PAGE_MESSAGES if limit <= 0 else min(limit, MAX_PAGE_MESSAGES)
-        messages = self.storage.read_page(topic.id, max(start_offset, 1), count, PAGE_BYTES)
+        messages = self._read_page(topic, max(start_offset, 1), count, PAGE_BYTES)
         return Page(messages, messages[-1][0] + 1 if messages else start_offset)
+
+    def _read_page(self, topic: TopicState, start: int, count: int,
+                   max_bytes: int) -> list[tuple[int, bytes]]:
+        """Up to `count` messages from `start` whose encoded size fits `max_bytes`, at
+        least one. The storage counts payloads only, never more than their encoding, so
+        the page it returns holds the one wanted."""
+        return encoding.fit(self.storage.read_page(topic.id, start, count, max_bytes), max_bytes)
 
     # -- streams --------------------------------------------------------------------
 
@@ -423,7 +433,7 @@ class Follower:
             if service.closing:
                 raise Unavailable("server is shutting down")
             topic = service._topic(self._name)
-            page = service.storage.read_page(topic.id, self.cursor, self._page_messages, PAGE_BYTES)
+            page = service._read_page(topic, self.cursor, self._page_messages, PAGE_BYTES)
             if page:
                 self.cursor = page[-1][0] + 1
                 yield page
