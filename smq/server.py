@@ -26,22 +26,22 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import __version__
+from . import __version__, encoding
 from ._proto import smq_pb2, smq_pb2_grpc
 from .client_transport import tcp_address
 from .config import Config
-from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
-from .service import PAGE_BYTES, Follower, Limits, QueueService
+from .errors import ResourceExhausted, SMQError, StartupError
+from .handlers import Encoded, decoded, lenient_handler
+from .service import PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, Follower, Limits, QueueService
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
-HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
+HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1).SerializeToString()
 ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
 MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
 MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty ones is a weapon)
@@ -64,20 +64,6 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
 
-class UndecodableRequest:
-    """Stands in for a request that is not valid protobuf (e.g. a topic that is not
-    UTF-8), so that it is answered INVALID_ARGUMENT instead of gRPC's INTERNAL."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def decoded(request: Any) -> Any:
-    if isinstance(request, UndecodableRequest):
-        raise InvalidArgument(f"malformed request: {request.error}")
-    return request
-
-
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
     @functools.wraps(method)
@@ -98,31 +84,6 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
         except Exception as exc:
             _abort(context, exc)
     return handler
-
-
-def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue") -> grpc.GenericRpcHandler:
-    """The service's method handlers, as the generated add_*_to_server builds them, but
-    with deserializers that turn a malformed request into an UndecodableRequest."""
-    service = smq_pb2.DESCRIPTOR.services_by_name[service_name]
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
-    handlers = {}
-    for method in service.methods:
-        parse = getattr(smq_pb2, method.input_type.name).FromString
-
-        def deserialize(data: bytes, parse: Callable[[bytes], Any] = parse) -> Any:
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return UndecodableRequest(exc)
-
-        make = kinds[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name), request_deserializer=deserialize,
-            response_serializer=getattr(smq_pb2, method.output_type.name).SerializeToString)
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def is_local(context: grpc.ServicerContext) -> bool:
@@ -178,11 +139,20 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @streaming_rpc
     def StreamConsume(self, request, context):
         with self._consumer_slot(context, request.topic):
-            for page in self._follow(context, request.topic, request.offset):
-                if not page:
-                    yield HEARTBEAT
-                for offset, payload in page:
-                    yield smq_pb2.ConsumeResponse(message=payload, offset=offset)
+            follower = self._follow(context, request.topic, request.offset,
+                                    STREAM_PAGE_MESSAGES, STREAM_PAGE_BYTES)
+            while not follower.cancelled:
+                yield from self._consume_replies(follower)
+
+    @staticmethod
+    def _consume_replies(follower: Follower) -> Iterator[Any]:
+        """A heartbeat, or the next page's messages one by one: the page stays alive in
+        this generator only."""
+        page = follower.next_page()
+        if page == []:
+            yield HEARTBEAT
+        for offset, payload in page or ():
+            yield Encoded(encoding.consume_response(offset, payload))
 
     def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
         """A stream place owned by this connection and topic (see QueueService.stream_slot).
@@ -194,9 +164,10 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return self.service.stream_slot(owner, context.cancel)
 
     def _follow(self, context: grpc.ServicerContext, topic: str, offset: int,
-                page_messages: int = 0) -> Follower:
+                page_messages: int = 0, page_bytes: int = PAGE_BYTES) -> Follower:
         """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends."""
-        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages)
+        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages,
+                                       page_bytes)
         if not context.add_callback(follower.cancel):
             follower.cancel()  # the call already ended: nothing would wake it later
         return follower
@@ -220,10 +191,20 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def Subscribe(self, request, context):
         with self._consumer_slot(context, request.topic):
             follower = self._follow(context, request.topic, request.offset, request.max_messages)
-            for page in follower:
-                yield smq_pb2.SubscribeResponse(
-                    messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page],
-                    next_offset=follower.cursor)
+            while True:
+                reply = self._subscribe_reply(follower)
+                if reply is None:
+                    return
+                yield reply
+
+    @staticmethod
+    def _subscribe_reply(follower: Follower) -> Encoded | None:
+        """The next page as an encoded SubscribeResponse; None once the stream is
+        cancelled. The page itself dies here."""
+        page = follower.next_page()
+        if page is None:
+            return None
+        return Encoded(encoding.subscribe_response(page, follower.cursor))
 
     @rpc
     def ListTopics(self, request, context):
@@ -286,9 +267,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @rpc
     def BulkRetrieve(self, request, context):
         page = self.service.read(request.topic, request.start_offset, request.limit)
-        return smq_pb2.BulkRetrieveResponse(
-            messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page.messages],
-            count=len(page.messages), next_offset=page.next_offset)
+        return encoding.bulk_retrieve_response(page.messages, page.next_offset)
 
 
 def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:

@@ -34,6 +34,9 @@ MAX_PAGE_MESSAGES = 10_000
 # any page (a single message larger than this still travels alone). Counted as encoded
 # on the wire (smq/encoding.py), framing included.
 PAGE_BYTES = 3 * 1024**2
+# StreamConsume sends a page message by message and holds the rest meanwhile: smaller.
+STREAM_PAGE_BYTES = 256 * 1024
+STREAM_PAGE_MESSAGES = 1_000
 WRITE_TIMEOUT = 60.0
 
 
@@ -358,12 +361,13 @@ class QueueService:
         return None if oldest is None else self._streams.pop(oldest)[1]
 
     def follow(self, name: str, from_offset: int, heartbeat: float,
-               page_messages: int = MAX_PAGE_MESSAGES) -> Follower:
-        """An iterator of pages from max(from_offset, earliest), then of each new commit;
-        an empty page after `heartbeat` seconds idle. Ends when cancelled."""
+               page_messages: int = MAX_PAGE_MESSAGES, page_bytes: int = PAGE_BYTES) -> Follower:
+        """A stream's reader of pages from max(from_offset, earliest), then of each new
+        commit, each of at most `page_messages` messages (<= 0: the maximum) and
+        `page_bytes` encoded bytes; see Follower.next_page."""
         self._topic(name)
         size = MAX_PAGE_MESSAGES if page_messages <= 0 else min(page_messages, MAX_PAGE_MESSAGES)
-        return Follower(self, name, max(from_offset, 1), heartbeat, size)
+        return Follower(self, name, max(from_offset, 1), heartbeat, (page_bytes, size))
 
     def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
         """Wait until `offset` is committed in the topic. False on timeout or cancel."""
@@ -412,39 +416,47 @@ class QueueService:
 
 
 class Follower:
-    """Iterates a topic's pages for a stream; `cancel()` (any thread) ends it."""
+    """Reads a topic's pages for a stream; `cancel()` (any thread) ends it."""
 
     def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float,
-                 page_messages: int) -> None:
+                 page_size: tuple[int, int]) -> None:
         self._service = service
         self._name = name
         self.cursor = cursor
         self._heartbeat = heartbeat
-        self._page_messages = page_messages
+        self._page_size = page_size  # (encoded bytes, messages)
         self.cancelled = False
 
     def cancel(self) -> None:
         self.cancelled = True
         self._service._wake(self._name)
 
-    def __iter__(self) -> Iterator[list[tuple[int, bytes]]]:
+    def next_page(self) -> list[tuple[int, bytes]] | None:
+        """The next page from the cursor on; [] after `heartbeat` seconds idle (the caller
+        sends a heartbeat); None once cancelled. Not a generator: a stream that is not
+        read must not keep a page it already sent alive in a suspended frame."""
         service = self._service
         while not self.cancelled:
             if service.closing:
                 raise Unavailable("server is shutting down")
             topic = service._topic(self._name)
-            page = service._read_page(topic, self.cursor, self._page_messages, PAGE_BYTES)
-            if page:
-                self.cursor = page[-1][0] + 1
-                yield page
-                continue
+            if topic.next_offset > self.cursor:
+                page = self._read(topic)
+                if page:
+                    self.cursor = page[-1][0] + 1
+                    return page
             # Nothing is stored from the cursor on, so every offset below the topic's next
             # one was deleted: wait for that one (waiting for an offset that already went
             # by would return at once, forever, and never send a heartbeat).
             self.cursor = max(self.cursor, topic.next_offset)
             if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
                 if not (self.cancelled or service.closing):
-                    yield []  # idle: the caller sends a heartbeat
+                    return []
+        return None
+
+    def _read(self, topic: TopicState) -> list[tuple[int, bytes]]:
+        max_bytes, max_messages = self._page_size
+        return self._service._read_page(topic, self.cursor, max_messages, max_bytes)
 
 
 def _lag(topic: TopicState, committed: int) -> int:

@@ -1,7 +1,7 @@
 """Pages on the wire (smq/encoding.py) against protobuf's own encoding, property-based:
-the size of every message's entry, and that a page cut by `fit` never exceeds the
-server's send limit by its encoded size, for any payload size from 0 to the largest
---max-message-size and offsets up to 2**63 - 1."""
+every byte of the hand-encoded replies, the size of every message's entry, and that a
+page cut by `fit` never exceeds the server's send limit by its encoded size, for any
+payload size from 0 to the largest --max-message-size and offsets up to 2**63 - 1."""
 from __future__ import annotations
 
 from hypothesis import example, given, settings, strategies as st
@@ -51,6 +51,23 @@ def test_entry_size_is_what_protobuf_encodes(offset: int, size: int):
     assert encoding.entry_size(offset, size) == entry.ByteSize()
     consume = smq_pb2.ConsumeResponse(message=payload, offset=offset)
     assert encoding.fields_size(offset, size) == consume.ByteSize()
+
+
+@PROPERTY
+@given(offsets, st.lists(st.integers(0, 3_000), max_size=40),
+       st.one_of(offsets, st.integers(-2**63, 0)))
+def test_replies_are_encoded_byte_for_byte_as_protobuf_does(first: int, lengths: list[int],
+                                                            next_offset: int):
+    page = page_of(min(first, INT64_MAX - len(lengths)), lengths)
+    assert encoding.bulk_retrieve_response(page, next_offset) == \
+        bulk_reply(page, next_offset).SerializeToString()
+    subscribe = smq_pb2.SubscribeResponse(
+        messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page],
+        next_offset=next_offset)
+    assert encoding.subscribe_response(page, next_offset) == subscribe.SerializeToString()
+    for offset, payload in page[:3] + [(next_offset, b"")]:
+        assert encoding.consume_response(offset, payload) == \
+            smq_pb2.ConsumeResponse(message=payload, offset=offset).SerializeToString()
 
 
 def check_fit(page, max_bytes: int) -> list:
