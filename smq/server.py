@@ -13,7 +13,6 @@ SMQ errors become gRPC statuses in one place (`STATUS_OF`/`_abort`).
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import functools
 import logging
 import math
@@ -29,7 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import __version__, encoding
+from . import __version__, encoding, malloc
 from ._proto import smq_pb2, smq_pb2_grpc
 from .client_transport import tcp_address
 from .config import Config
@@ -408,34 +407,12 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
-M_ARENA_MAX = -8  # glibc's mallopt() parameter
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas (default: 8 per core, one per thread that allocates).
-
-    Each gRPC worker thread otherwise gets an arena of its own, and each keeps the
-    memory its largest reply needed: a 3 MiB BulkRetrieve or Subscribe page raised the
-    server's peak RSS by ~13 MiB at 100-byte and ~28 MiB at 10 KiB payloads in the
-    benchmark. The process's threads mostly allocate under the GIL anyway. A
-    MALLOC_ARENA_MAX set in the environment wins; elsewhere than glibc, nothing
-    happens. Returns True if the cap was set."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(M_ARENA_MAX, arenas) == 1
-
-
 class Server:
     """An SMQ server: database, writer, gRPC ports. `start()`, then `stop()` (or `with`)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        limit_malloc_arenas()  # before the threads (gRPC's, the writer) first allocate
+        malloc.tune()  # before the threads (gRPC's, the writer) first allocate
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
