@@ -17,7 +17,7 @@
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── MessageTooLarge                      above the server's maximum
     │   ├── StorageFull                          disk full or quota reached
-    │   └── Overloaded                           too many concurrent calls or streams
+    │   └── Overloaded                           too many calls or streams, or memory taken
     ├── InternalError              INTERNAL           server-side failure (details in its log)
     │   └── StorageFailure                       unexpected storage error
     ├── Cancelled                  CANCELLED          the call was cancelled
@@ -201,7 +201,8 @@ class StorageFull(ResourceExhausted):
 
 
 class Overloaded(ResourceExhausted):
-    """Too many concurrent calls or streams: retry later."""
+    """Too many concurrent calls or streams, or the server's memory budget is taken:
+    retry later."""
 
 
 class InternalError(SMQError):

@@ -64,3 +64,38 @@ def trim() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Trimmer:
+    """When to give freed memory back: each time the memory budget has drained after
+    a burst, and besides at most every `every` seconds while the RSS is more than
+    `slack` above its lowest after a trim (memory the budget does not see, such as
+    requests gRPC is still receiving, may have been freed meanwhile). Called from the
+    budget's watcher thread once a second."""
+
+    def __init__(self, slack: int = 16 * 1024**2, every: float = 10.0) -> None:
+        self.slack = slack
+        self.every = every
+        self._floor = resident_bytes()
+        self._last = 0.0
+        self.trims = 0
+
+    def tick(self, drained: bool, now: float) -> bool:
+        """Trim if it is time to; True if it did."""
+        grown = resident_bytes() - self._floor > self.slack and now - self._last >= self.every
+        if not (drained or grown):
+            return False
+        trim()
+        self._floor = min(self._floor, resident_bytes()) if self.trims else resident_bytes()
+        self._last = now
+        self.trims += 1
+        return True

@@ -30,11 +30,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import __version__, encoding, malloc
 from ._proto import smq_pb2, smq_pb2_grpc
+from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost, minimum_limit
 from .client_transport import tcp_address
 from .config import Config
-from .errors import ResourceExhausted, SMQError, StartupError
-from .handlers import Encoded, decoded, lenient_handler
-from .service import PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, Follower, Limits, QueueService
+from .errors import ConfigError, ResourceExhausted, SMQError, StartupError
+from .handlers import Encoded, charge, decoded, lenient_handler, release
+from .service import (PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, Follower, Limits,
+                      QueueService, page_messages)
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,8 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, decoded(request), context)
         except Exception as exc:
             _abort(context, exc)
+        finally:
+            release(request)  # the handler is done with it
     return handler
 
 
@@ -79,7 +83,9 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
     @functools.wraps(method)
     def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from method(self, decoded(request), context)
+            message = decoded(request)
+            release(request)  # a small request: not held for the whole stream
+            yield from method(self, message, context)
         except Exception as exc:
             _abort(context, exc)
     return handler
@@ -93,8 +99,10 @@ def is_local(context: grpc.ServicerContext) -> bool:
 class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
-    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str) -> None:
+    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str,
+                 budget: MemoryBudget) -> None:
         self.service = service
+        self.budget = budget
         self.heartbeat_interval = heartbeat_interval
         self.durability = durability
         self.started = time.monotonic()
@@ -125,9 +133,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @rpc
     def StreamProduce(self, request_iterator, context):
         self.service.check_may_write(is_local(context))
-        with self.service.stream_slot():
-            last = self.service.produce_stream(
-                (r.topic, r.message) for r in map(decoded, request_iterator))
+        with self.service.stream_slot(), Writes() as writes:
+            last = self.service.produce_stream(_messages(request_iterator, writes),
+                                               committed=writes.committed)
         return smq_pb2.ProduceResponse(offset=last)
 
     @rpc
@@ -137,21 +145,27 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @streaming_rpc
     def StreamConsume(self, request, context):
-        with self._consumer_slot(context, request.topic):
-            follower = self._follow(context, request.topic, request.offset,
+        with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
+            follower = self._follow(context, request.topic, request.offset, memory,
                                     STREAM_PAGE_MESSAGES, STREAM_PAGE_BYTES)
             while not follower.cancelled:
-                yield from self._consume_replies(follower)
+                yield from self._consume_replies(follower, memory)
 
     @staticmethod
-    def _consume_replies(follower: Follower) -> Iterator[Any]:
+    def _consume_replies(follower: Follower, memory: CallMemory) -> Iterator[Any]:
         """A heartbeat, or the next page's messages one by one: the page stays alive in
-        this generator only."""
+        this generator only, charged until its last message is taken."""
         page = follower.next_page()
         if page == []:
             yield HEARTBEAT
-        for offset, payload in page or ():
+        if not page:
+            return
+        held = held_page_cost(page)
+        for offset, payload in page:
+            memory.hold(held)
             yield Encoded(encoding.consume_response(offset, payload))
+            memory.taken(held)
+        memory.taken()
 
     def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
         """A stream place owned by this connection and topic (see QueueService.stream_slot).
@@ -162,11 +176,21 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         owner = None if peer.startswith("unix:") else (peer, topic)
         return self.service.stream_slot(owner, context.cancel)
 
-    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int,
+    def _reply_memory(self, context: grpc.ServicerContext) -> CallMemory:
+        """The call's share of the memory budget, released when the call ends (whatever
+        ends it), or when the `with` block of a stream's handler does."""
+        peer = context.peer()
+        memory = self.budget.open_call(None if peer.startswith("unix:") else peer, context.cancel)
+        if not context.add_callback(memory.close):
+            memory.close()  # the call already ended
+        return memory
+
+    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int, memory: CallMemory,
                 page_messages: int = 0, page_bytes: int = PAGE_BYTES) -> Follower:
-        """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends."""
+        """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends,
+        reading pages as large as the memory budget lets this call build."""
         follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages,
-                                       page_bytes)
+                                       page_bytes, memory)
         if not context.add_callback(follower.cancel):
             follower.cancel()  # the call already ended: nothing would wake it later
         return follower
@@ -188,22 +212,26 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @streaming_rpc
     def Subscribe(self, request, context):
-        with self._consumer_slot(context, request.topic):
-            follower = self._follow(context, request.topic, request.offset, request.max_messages)
+        with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
+            follower = self._follow(context, request.topic, request.offset, memory,
+                                    request.max_messages)
             while True:
-                reply = self._subscribe_reply(follower)
+                reply = self._subscribe_reply(follower, memory)
                 if reply is None:
                     return
                 yield reply
+                memory.taken()
 
     @staticmethod
-    def _subscribe_reply(follower: Follower) -> Encoded | None:
-        """The next page as an encoded SubscribeResponse; None once the stream is
-        cancelled. The page itself dies here."""
+    def _subscribe_reply(follower: Follower, memory: CallMemory) -> Encoded | None:
+        """The next page as an encoded SubscribeResponse, charged until the client takes
+        it; None once the stream is cancelled. The page itself dies here."""
         page = follower.next_page()
         if page is None:
             return None
-        return Encoded(encoding.subscribe_response(page, follower.cursor))
+        reply = encoding.subscribe_response(page, follower.cursor)
+        memory.hold(REPLY_COPIES * len(reply))
+        return Encoded(reply)
 
     @rpc
     def ListTopics(self, request, context):
@@ -265,8 +293,29 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def BulkRetrieve(self, request, context):
-        page = self.service.read(request.topic, request.start_offset, request.limit)
+        memory = self._reply_memory(context)
+        max_bytes, count = memory.take_page(PAGE_BYTES, page_messages(request.limit))
+        reply = self._bulk_retrieve_reply(request, count, max_bytes)
+        memory.hold(REPLY_COPIES * len(reply))  # until the call ends: the client took it
+        return reply
+
+    def _bulk_retrieve_reply(self, request: Any, count: int, max_bytes: int) -> bytes:
+        """The page, encoded as a BulkRetrieveResponse; the page itself dies here."""
+        page = self.service.read(request.topic, request.start_offset, count, max_bytes)
         return encoding.bulk_retrieve_response(page.messages, page.next_offset)
+
+
+def _messages(requests: Iterator[Any], writes: Writes) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of each StreamProduce request; each one's budget charge goes to
+    `writes`, to be released once it is committed."""
+    for request in requests:
+        message = decoded(request)
+        taken = charge(request)
+        if taken is not None:
+            writes.add(taken)
+        item = (message.topic, message.message)
+        del request, message  # the parsed request, a second copy of the payload, goes now
+        yield item
 
 
 def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
@@ -385,10 +434,10 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
 
 
 def add_services(server: grpc.Server, config: Config, service: QueueService,
-                 health_servicer: health.HealthServicer) -> None:
-    """SMQ, health and reflection on one server."""
-    server.add_generic_rpc_handlers(
-        (lenient_handler(Servicer(service, config.heartbeat_interval, config.durability)),))
+                 health_servicer: health.HealthServicer, budget: MemoryBudget) -> None:
+    """SMQ, health and reflection on one server; SMQ's calls charge `budget`."""
+    servicer = Servicer(service, config.heartbeat_interval, config.durability, budget)
+    server.add_generic_rpc_handlers((lenient_handler(servicer, budget=budget),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -407,12 +456,24 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
+def check_memory_budget(config: Config) -> None:
+    """The budget must hold the largest request the server accepts; ConfigError if not."""
+    largest = max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES
+    if config.memory_budget < minimum_limit(largest):
+        raise ConfigError("--memory-budget (SMQ_MEMORY_BUDGET)", str(config.memory_budget),
+                          f"too small for requests of {largest} bytes (--max-message-size "
+                          f"{config.max_message_size}): at least {minimum_limit(largest)}")
+
+
 class Server:
     """An SMQ server: database, writer, gRPC ports. `start()`, then `stop()` (or `with`)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        check_memory_budget(config)
         malloc.tune()  # before the threads (gRPC's, the writer) first allocate
+        self.budget = MemoryBudget(config.memory_budget, stall_seconds=config.stall_timeout,
+                                   on_tick=malloc.Trimmer().tick)
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
@@ -429,7 +490,7 @@ class Server:
                     config.retention_max_messages, config.retention_max_bytes,
                     math.ceil(config.retention_max_age), config.on_full, keep_uncommitted=False)))
             self.service = service
-            add_services(self._grpc, config, service, self.health)
+            add_services(self._grpc, config, service, self.health, self.budget)
         except BaseException:
             if service is not None:
                 service.close()  # stops the writer thread too, then closes the database
@@ -441,6 +502,7 @@ class Server:
 
     def start(self) -> "Server":
         self._grpc.start()
+        self.budget.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
@@ -471,6 +533,7 @@ class Server:
         self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         self._grpc.stop(grace).wait()
+        self.budget.stop()
         self.service.close()
         if self.config.unix_socket:
             _remove_stale_socket(self.config.unix_socket)

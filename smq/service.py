@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
 from . import encoding
 from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
@@ -217,8 +218,10 @@ class QueueService:
         self._check_message(name, payload)
         return self._write(Append.to_topic(name, [payload]))[1]
 
-    def produce_stream(self, messages: Iterable[tuple[str, bytes]]) -> int:
+    def produce_stream(self, messages: Iterable[tuple[str, bytes]],
+                       committed: Callable[[int], None] = lambda count: None) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
+        `committed(n)` is called each time the next n messages are committed.
 
         Messages go to the writer while the stream is still being read: into the op
         queued for it (StreamAppend) until the writer takes that one, then into the
@@ -242,14 +245,23 @@ class QueueService:
                 if op is not None:
                     if not op.done():  # a busy stream: let the next op fill a while
                         not_before = time.monotonic() + STREAM_SECONDS
-                    last = op.wait(WRITE_TIMEOUT)[1] or last
+                    last = self._wait_stream_op(op, committed) or last
                 op = StreamAppend(name, payload, not_before)
                 self.writer.submit(op)
         finally:
             # Whatever ends the stream, what was accepted before it is committed.
             if op is not None:
-                last = op.wait(WRITE_TIMEOUT)[1] or last
+                last = self._wait_stream_op(op, committed) or last
         return last
+
+    @staticmethod
+    def _wait_stream_op(op: StreamAppend, committed: Callable[[int], None]) -> int:
+        """Wait for a stream's op; its last offset (0 if none)."""
+        try:
+            return op.wait(WRITE_TIMEOUT)[1]
+        finally:
+            if op.done():
+                committed(op.messages)
 
     def produce_batch(self, name: str, payloads: list[bytes]) -> tuple[int, int]:
         """Append all payloads to one topic in one transaction, or none of them.
@@ -295,12 +307,11 @@ class QueueService:
             raise OffsetNotFound(f"offset {offset} was deleted; the earliest is {topic.earliest}")
         return payload
 
-    def read(self, name: str, start_offset: int, limit: int) -> Page:
-        """BulkRetrieve: messages with offset >= start_offset, bounded in count and in
-        encoded bytes."""
+    def read(self, name: str, start_offset: int, limit: int, max_bytes: int = PAGE_BYTES) -> Page:
+        """BulkRetrieve: messages with offset >= start_offset, at most page_messages(limit)
+        of them and `max_bytes` encoded (but at least one)."""
         topic = self._topic(name)
-        count = DEFAULT_PAGE_MESSAGES if limit <= 0 else min(limit, MAX_PAGE_MESSAGES)
-        messages = self._read_page(topic, max(start_offset, 1), count, PAGE_BYTES)
+        messages = self._read_page(topic, max(start_offset, 1), page_messages(limit), max_bytes)
         return Page(messages, messages[-1][0] + 1 if messages else start_offset)
 
     def _read_page(self, topic: TopicState, start: int, count: int,
@@ -361,13 +372,15 @@ class QueueService:
         return None if oldest is None else self._streams.pop(oldest)[1]
 
     def follow(self, name: str, from_offset: int, heartbeat: float,
-               page_messages: int = MAX_PAGE_MESSAGES, page_bytes: int = PAGE_BYTES) -> Follower:
+               page_messages: int = MAX_PAGE_MESSAGES, page_bytes: int = PAGE_BYTES,
+               limits: PageLimits | None = None) -> Follower:
         """A stream's reader of pages from max(from_offset, earliest), then of each new
         commit, each of at most `page_messages` messages (<= 0: the maximum) and
-        `page_bytes` encoded bytes; see Follower.next_page."""
+        `page_bytes` encoded bytes, as `limits` allows; see Follower.next_page."""
         self._topic(name)
         size = MAX_PAGE_MESSAGES if page_messages <= 0 else min(page_messages, MAX_PAGE_MESSAGES)
-        return Follower(self, name, max(from_offset, 1), heartbeat, (page_bytes, size))
+        return Follower(self, name, max(from_offset, 1), heartbeat, (page_bytes, size),
+                        limits or Unlimited())
 
     def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
         """Wait until `offset` is committed in the topic. False on timeout or cancel."""
@@ -415,16 +428,37 @@ class QueueService:
         return self._closing
 
 
+class PageLimits(Protocol):
+    """How large a stream's next page may be (the memory budget, in the server)."""
+
+    def take_page(self, max_bytes: int, max_messages: int) -> tuple[int, int]:
+        """Called before each read: the (bytes, messages) the page may have, at most those asked."""
+
+    def give_back(self) -> None:
+        """The read found nothing: what `take` set aside is not needed."""
+
+
+class Unlimited:
+    """PageLimits that always allow the page asked for."""
+
+    def take_page(self, max_bytes: int, max_messages: int) -> tuple[int, int]:
+        return max_bytes, max_messages
+
+    def give_back(self) -> None:
+        pass
+
+
 class Follower:
     """Reads a topic's pages for a stream; `cancel()` (any thread) ends it."""
 
     def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float,
-                 page_size: tuple[int, int]) -> None:
+                 page_size: tuple[int, int], limits: PageLimits) -> None:
         self._service = service
         self._name = name
         self.cursor = cursor
         self._heartbeat = heartbeat
         self._page_size = page_size  # (encoded bytes, messages)
+        self._limits = limits
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -455,8 +489,11 @@ class Follower:
         return None
 
     def _read(self, topic: TopicState) -> list[tuple[int, bytes]]:
-        max_bytes, max_messages = self._page_size
-        return self._service._read_page(topic, self.cursor, max_messages, max_bytes)
+        max_bytes, max_messages = self._limits.take_page(*self._page_size)
+        page = self._service._read_page(topic, self.cursor, max_messages, max_bytes)
+        if not page:
+            self._limits.give_back()
+        return page
 
 
 def _lag(topic: TopicState, committed: int) -> int:
@@ -464,6 +501,11 @@ def _lag(topic: TopicState, committed: int) -> int:
     if topic.earliest is None:
         return 0
     return max(topic.next_offset - max(committed + 1, topic.earliest), 0)
+
+
+def page_messages(limit: int) -> int:
+    """How many messages a BulkRetrieve page of `limit` may have."""
+    return DEFAULT_PAGE_MESSAGES if limit <= 0 else min(limit, MAX_PAGE_MESSAGES)
 
 
 def check_name(name: str, what: str = "topic name") -> None:
