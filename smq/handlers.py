@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from ._proto import smq_pb2
 from .budget import REQUEST_COPIES, Charge, MemoryBudget
 from .errors import InvalidArgument, Overloaded
+from .pool import RECEIVES_REQUEST, request_arrived
 
 
 class UndecodableRequest:
@@ -127,6 +128,17 @@ def serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
     return pass_bytes_through
 
 
+def receiving(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """A handler of a method with one request, which gRPC receives in the pool's thread
+    before it runs the handler: marked for the pool, which bounds such receives, and
+    telling it when the request is in."""
+    def handle(request: Any, context: Any) -> Any:
+        request_arrived()
+        return behavior(request, context)
+    setattr(handle, RECEIVES_REQUEST, True)
+    return handle
+
+
 def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue",
                     budget: MemoryBudget | None = None) -> grpc.GenericRpcHandler:
     """The service's method handlers, as the generated add_*_to_server builds them, but
@@ -139,8 +151,9 @@ def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue",
     handlers = {}
     for method in service.methods:
         make = kinds[(method.client_streaming, method.server_streaming)]
+        behavior = getattr(servicer, method.name)
         handlers[method.name] = make(
-            getattr(servicer, method.name),
+            behavior if method.client_streaming else receiving(behavior),
             request_deserializer=deserializer(
                 getattr(smq_pb2, method.input_type.name).FromString, budget),
             response_serializer=serializer(

@@ -148,16 +148,18 @@ class StalledConnection:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
-    def call(self, method: str, request: bytes, service: str = "smq.SuhaibMessageQueue") -> int | None:
-        """Open a call with one request; its stream id, or None if the server's limit of
-        concurrent streams on a connection is reached."""
+    def call(self, method: str, request: bytes | None,
+             service: str = "smq.SuhaibMessageQueue") -> int | None:
+        """Open a call with one request (None: headers only, the request never comes);
+        its stream id, or None if the server's limit of concurrent streams on a
+        connection is reached."""
         with self._lock:
             if self.max_streams is not None and self.open >= self.max_streams:
                 return None
             stream, self._next_stream = self._next_stream, self._next_stream + 2
             self.open += 1
-            self._send(frame(HEADERS, END_HEADERS, stream, request_headers(method, service))
-                       + frame(DATA, END_STREAM, stream, grpc_message(request)))
+            data = b"" if request is None else frame(DATA, END_STREAM, stream, grpc_message(request))
+            self._send(frame(HEADERS, END_HEADERS, stream, request_headers(method, service)) + data)
         return stream
 
     def status(self, stream: int) -> str | None:
