@@ -11,8 +11,9 @@ on the wire measured for each (the constants below say where the copies are):
 
 Rules, with `limit` the --memory-budget:
 
-- nothing is granted beyond `limit`; one call holds at most a quarter of it, one
-  connection at most half;
+- nothing is granted beyond `limit`; replies hold at most three quarters of it (so
+  that readers who do not read cannot keep every writer out), one call at most a
+  quarter, one connection at most half;
 - the last eighth (the reserve) goes only to connections that hold little (under
   1/16 of the reserve with the grant; for requests, whose connection is not known
   yet, only to small requests), so that ordinary clients keep working while others
@@ -23,7 +24,10 @@ Rules, with `limit` the --memory-budget:
   at once), then fails with Overloaded (RESOURCE_EXHAUSTED). A request never waits:
   it is refused as it arrives;
 - a reply that has waited for its client longer than `stall_seconds` ends its call
-  (the watcher thread cancels it, which frees what gRPC holds for it too).
+  (the watcher thread cancels it, which frees what gRPC holds for it too);
+- at most `builders` large pages (over BUILD_BYTES to build) are built at once: a
+  burst of page requests otherwise kept every thread busy on the GIL, and everyone
+  else's calls waited for it (a build slot is waited for like memory).
 
 Who calls what:
 
@@ -62,6 +66,8 @@ MESSAGE_OBJECT_BYTES = 200
 REQUEST_COPIES = 3
 SMALL_REQUEST = 64 * 1024  # requests charged at most this may use the reserve
 MIN_GRANT = 64 * 1024  # a page is made smaller down to this charge, not further
+BUILD_BYTES = 1024**2  # pages that charge more than this to build take a build slot
+BUILDERS = 2
 WAIT_SECONDS = 0.5
 STALL_SECONDS = 30.0
 WATCH_SECONDS = 1.0
@@ -92,20 +98,24 @@ class MemoryBudget:
     """The server's memory budget (see the module's docstring)."""
 
     def __init__(self, limit: int, *, stall_seconds: float = STALL_SECONDS,
-                 wait_seconds: float = WAIT_SECONDS,
+                 wait_seconds: float = WAIT_SECONDS, builders: int = BUILDERS,
                  on_tick: Callable[[bool, float], object] = lambda drained, now: None) -> None:
         self.limit = limit
+        self.reply_share = limit * 3 // 4
         self.call_share = limit // 4
         self.connection_share = limit // 2
         self.reserve = limit // 8
         self.stall_seconds = stall_seconds
         self.wait_seconds = wait_seconds
+        self.builders = builders
+        self._building = 0
         self._on_tick = on_tick
         # Reentrant: the garbage collector may release a dropped request's Charge while
         # this thread holds the lock.
         self._lock = threading.RLock()
         self._freed = threading.Condition(self._lock)
         self._used = 0
+        self._replies = 0  # of which held by calls (replies), not requests
         self._by_connection: dict[str, int] = collections.defaultdict(int)
         self._calls: set[CallMemory] = set()
         self._high = 0  # most used since the budget last drained
@@ -141,7 +151,7 @@ class MemoryBudget:
     def _grant(self, call: CallMemory, want: int, minimum: int) -> int:
         """The most of `want` (at least `minimum`) that `call` may take now; 0 if not
         even `minimum`. Called with the lock held."""
-        free = self.limit - self._used
+        free = min(self.limit - self._used, self.reply_share - self._replies)
         room = min(want, free, self.call_share - call.held)
         holder_held = self._holder_held(call)
         if call.connection is not None:
@@ -158,13 +168,19 @@ class MemoryBudget:
 
     def _charge(self, call: CallMemory, want: int, minimum: int) -> int:
         deadline = None
+        build = want > BUILD_BYTES
         with self._lock:
             while True:
                 if call.closed:
                     raise Overloaded("the call ended while it waited for memory")
                 granted = self._grant(call, want, minimum)
+                if granted and build and not call.building and self._building >= self.builders:
+                    granted = 0  # memory, but no build slot
                 if granted:
                     self._add(call, granted)
+                    if build and not call.building:
+                        call.building = True
+                        self._building += 1
                     return granted
                 if deadline is None:  # a holder of memory is what keeps it short: no wait
                     wait = 0.0 if self._holder_held(call) else self.wait_seconds
@@ -185,6 +201,7 @@ class MemoryBudget:
         self._used += size
         self._high = max(self._high, self._used)
         if call is not None:
+            self._replies += size
             call.held += size
             if call.connection is not None:
                 self._by_connection[call.connection] += size
@@ -195,6 +212,7 @@ class MemoryBudget:
         with self._lock:
             self._used -= size
             if call is not None:
+                self._replies -= size
                 call.held -= size
                 if call.connection is not None:
                     left = self._by_connection[call.connection] - size
@@ -210,6 +228,7 @@ class MemoryBudget:
         with self._lock:
             if call.closed:
                 size, waiting = 0, False
+            self._built(call)
             if size > call.held:
                 self._add(call, size - call.held)
             else:
@@ -220,10 +239,18 @@ class MemoryBudget:
             else:
                 self._calls.discard(call)
 
+    def _built(self, call: CallMemory) -> None:
+        """The call's page is built (or never will be): its build slot is free."""
+        if call.building:
+            call.building = False
+            self._building -= 1
+            self._freed.notify_all()
+
     def _close(self, call: CallMemory) -> None:
         with self._lock:
             self._calls.discard(call)
             call.closed = True
+            self._built(call)
             self._release(call, call.held)
             self._freed.notify_all()  # its own waiting charge, if any, gives up
 
@@ -307,6 +334,7 @@ class CallMemory:
         self._end: Callable[[], None] | None = end
         self.held = 0
         self.waiting_since: float | None = None
+        self.building = False  # holds one of the budget's build slots
         self.closed = False
 
     def take_page(self, max_bytes: int, max_messages: int) -> tuple[int, int]:

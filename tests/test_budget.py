@@ -21,7 +21,9 @@ MIB = 1024**2
 
 
 def budget(limit: int = 64 * MIB, **options) -> MemoryBudget:
-    return MemoryBudget(limit, wait_seconds=options.pop("wait_seconds", 0.2), **options)
+    """A budget whose build slots do not get in the way, unless `builders` is given."""
+    return MemoryBudget(limit, wait_seconds=options.pop("wait_seconds", 0.2),
+                        builders=options.pop("builders", 100), **options)
 
 
 def ended() -> tuple[list[str], callable]:
@@ -66,12 +68,16 @@ def test_one_call_holds_a_quarter_and_one_connection_half():
     assert memory.used == 0
 
 
+def replies_held(memory: MemoryBudget, connection: str, size: int):
+    """A call of `connection` whose reply holds `size` bytes."""
+    call = memory.open_call(connection, lambda: None)
+    call.hold(size)
+    return call
+
+
 def test_a_page_is_made_smaller_rather_than_refused():
     memory = budget()
-    hogs = [memory.open_call(f"ipv4:10.0.0.{n}:1", lambda: None) for n in range(4)]
-    for hog in hogs:
-        hog.take_page(8 * MIB, 0)  # 4 x 16 = 64 MiB asked, only 56 given before the reserve
-    assert memory.used == 56 * MIB
+    replies_held(memory, "ipv4:10.0.0.1:1", memory.reply_share - memory.reserve)
     reader = memory.open_call("ipv4:10.0.0.9:1", lambda: None)
     max_bytes, max_messages = reader.take_page(3 * MIB, 10_000)
     assert 0 < max_bytes < 3 * MIB and 0 < max_messages < 10_000
@@ -81,17 +87,21 @@ def test_a_page_is_made_smaller_rather_than_refused():
 
 def test_the_reserve_is_not_for_connections_holding_much():
     memory = budget()
-    hog = memory.open_call("ipv4:10.0.0.1:1", lambda: None)
-    hog.take_page(8 * MIB, 0)
-    fillers = [memory.open_call(f"ipv4:10.0.0.{n}:1", lambda: None) for n in range(2, 5)]
-    for filler in fillers:
-        filler.take_page(8 * MIB, 0)
-    assert memory.used == 56 * MIB  # what is left is the reserve
+    replies_held(memory, "ipv4:10.0.0.1:1", memory.reply_share - memory.reserve)
     again = memory.open_call("ipv4:10.0.0.1:1", lambda: None)
     with pytest.raises(Overloaded):
-        again.take_page(MIB, 0)
+        again.take_page(MIB, 0)  # told at once: its connection holds the rest
     fresh = memory.open_call("ipv4:10.0.0.7:1", lambda: None)
     assert fresh.take_page(MIB, 0)[0] > 0
+
+
+def test_replies_leave_a_quarter_to_requests():
+    memory = budget()
+    replies_held(memory, "ipv4:10.0.0.1:1", memory.reply_share)
+    reader = memory.open_call("ipv4:10.0.0.2:1", lambda: None)
+    with pytest.raises(Overloaded):
+        reader.take_page(MIB, 100)
+    assert memory.take_request(2 * MIB) is not None  # a 2 MB batch still goes in
 
 
 def full(memory: MemoryBudget):
@@ -116,6 +126,25 @@ def test_a_charge_waits_for_memory_being_freed_then_gives_up():
     with pytest.raises(Overloaded, match=r"server memory budget exhausted: .* of 64 MiB"):
         late.take_page(8 * MIB, 0)
     assert 0.25 < time.monotonic() - started < 2
+
+
+def test_large_pages_are_built_a_few_at_a_time():
+    memory = budget(builders=2, wait_seconds=1.0)
+    first, second, third = (memory.open_call(f"ipv4:10.0.0.{n}:1", lambda: None) for n in range(3))
+    first.take_page(3 * MIB, 10_000)
+    second.take_page(3 * MIB, 10_000)
+    small = memory.open_call("ipv4:10.0.0.9:1", lambda: None)
+    assert small.take_page(256 * 1024, 1000) == (256 * 1024, 1000)  # small pages need no slot
+    threading.Timer(0.2, first.hold, args=(6 * MIB,)).start()  # first's page is built
+    started = time.monotonic()
+    assert third.take_page(3 * MIB, 10_000) == (3 * MIB, 10_000)
+    assert 0.1 < time.monotonic() - started < 0.9
+    again = memory.open_call("ipv4:10.0.0.2:1", lambda: None)  # second's connection holds memory
+    with pytest.raises(Overloaded):
+        again.take_page(3 * MIB, 10_000)  # no slot: told at once
+    for call in (first, second, third, small, again):
+        call.close()
+    assert memory.used == 0 and memory._building == 0
 
 
 def test_hold_sets_what_a_waiting_reply_holds_and_taken_releases_it():
