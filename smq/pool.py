@@ -7,8 +7,9 @@ FIFO pool, a client that opens hundreds of calls at once puts every other client
 calls behind them, and every thread may be receiving a 4 MB request at the same time
 (100 concurrent ProduceBatch calls took the server to 709 MiB). This pool:
 
-- takes queued calls in turn by connection (round robin), so that one connection's
-  burst delays the others by one call each, not by the whole burst;
+- takes queued calls by connection, the connection asking least first (fewest calls
+  queued and receiving; in turn among equals), so that one connection's burst does
+  not delay the others' calls, which come first;
 - lets at most `receive_slots` calls receive their request at once (and half of those
   per connection): a call holds a slot from when its thread starts until its handler
   begins (`request_arrived`, which handlers.py calls), i.e. while gRPC reads the
@@ -96,21 +97,27 @@ class FairPool(Executor):
             return sum(len(queue) for queue in self._queues.values())
 
     def _take(self) -> _Item | None:
-        """The next item that may run, by connection in turn (with the lock held)."""
+        """The next item that may run (with the lock held): of the connections whose
+        next call may run now, the one asking least (calls queued and receiving), the
+        earliest in turn among equals."""
+        chosen, least = None, None  # (a key may be None: a call of unknown connection)
         for key, queue in self._queues.items():
-            item = queue[0]
-            if item.receives and (self._receiving >= self.receive_slots
-                                  or self._receiving_by[key] >= self.connection_slots):
+            if queue[0].receives and (self._receiving >= self.receive_slots
+                                      or self._receiving_by[key] >= self.connection_slots):
                 continue
-            queue.popleft()
-            del self._queues[key]
-            if queue:
-                self._queues[key] = queue  # its next call waits for the others' turn
-            if item.receives:
-                self._receiving += 1
-                self._receiving_by[key] += 1
-            return item
-        return None
+            asks = len(queue) + self._receiving_by[key]
+            if least is None or asks < least:
+                chosen, least = key, asks
+        if least is None:
+            return None
+        queue = self._queues.pop(chosen)
+        item = queue.popleft()
+        if queue:
+            self._queues[chosen] = queue  # its next call waits for the others' turn
+        if item.receives:
+            self._receiving += 1
+            self._receiving_by[chosen] += 1
+        return item
 
     def _release(self, key: Any) -> None:
         with self._changed:
