@@ -23,8 +23,9 @@ from . import encoding
 from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
+from .write_queue import SMALL_WRITE, WriteQueue
 from .writer import (Append, Barrier, CommitOffset, CreateTopic, DeleteConsumer, DeleteTopic,
-                     STREAM_SECONDS, GroupCommitWriter, SetPolicy, StreamAppend, Trim, WriteOp)
+                     STREAM_BYTES, STREAM_SECONDS, GroupCommitWriter, SetPolicy, StreamAppend, Trim, WriteOp)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class QueueService:
         # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
         self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], None]]] = {}
         self._replaced, self._replaced_logged_at = 0, -60.0  # streams ended for a newer one
+        self.write_queue = WriteQueue()  # large writes, see smq/write_queue.py
         self.writer = GroupCommitWriter(storage, on_commit=self._committed,
                                         defaults=limits.topic_defaults)
         self._committed(self.writer.committed_topics())
@@ -216,7 +218,8 @@ class QueueService:
     def produce(self, name: str, payload: bytes) -> int:
         """Append one message; returns its offset once committed."""
         self._check_message(name, payload)
-        return self._write(Append.to_topic(name, [payload]))[1]
+        with self.write_queue.room(len(payload)):
+            return self._write(Append.to_topic(name, [payload]))[1]
 
     def produce_stream(self, messages: Iterable[tuple[str, bytes]],
                        committed: Callable[[int], None] = lambda count: None) -> int:
@@ -228,6 +231,7 @@ class QueueService:
         next, queued once the previous one is committed. When a message had to wait for
         that commit, the stream is busy and its next op waits STREAM_SECONDS to fill up:
         a fast stream makes big transactions, a slow one's messages go as they come.
+        An op of large messages takes room in the write queue first (smq/write_queue.py).
         On the first bad message the ones before it are committed, then the error raised.
         """
         last = 0
@@ -246,7 +250,9 @@ class QueueService:
                     if not op.done():  # a busy stream: let the next op fill a while
                         not_before = time.monotonic() + STREAM_SECONDS
                     last = self._wait_stream_op(op, committed) or last
-                op = StreamAppend(name, payload, not_before)
+                new = StreamAppend(name, payload, not_before)
+                self.write_queue.room_until_done(new, STREAM_BYTES, len(payload) > SMALL_WRITE)
+                op = new
                 self.writer.submit(op)
         finally:
             # Whatever ends the stream, what was accepted before it is committed.
@@ -271,7 +277,8 @@ class QueueService:
             return (0, 0)
         if max(map(len, payloads)) > self.limits.max_message_size:  # one pass at C speed
             self._check_size(max(payloads, key=len))
-        return self._write(Append.to_topic(name, payloads, atomic=True))
+        with self.write_queue.room(sum(map(len, payloads))):
+            return self._write(Append.to_topic(name, payloads, atomic=True))
 
     def trim(self, name: str, until: int) -> int:
         """Delete every message with offset <= until; returns how many were deleted."""
