@@ -8,9 +8,12 @@ a ProduceBatch or Produce of more than SMALL_WRITE bytes for as long as its call
 for the commit (`room`), a StreamProduce write of such messages until the writer has
 committed it (`room_until_done`). Small writes never wait for room.
 
-A large write that finds no room waits up to `wait_seconds` for it; at most
-`max_waiting` wait at once (each holds a thread), others are refused at once:
-Overloaded (RESOURCE_EXHAUSTED). A write larger than `limit` still goes, alone.
+A large unary write that finds no room waits up to `wait_seconds` for it; at most
+`max_waiting` wait at once (each holds one of the threads unary calls share), others
+are refused at once: Overloaded (RESOURCE_EXHAUSTED). A stream's write waits longer
+(`stream_wait_seconds`) and need not wait its turn to wait: each stream has a thread
+of its own, and what it holds meanwhile is counted in the memory budget. A write
+larger than `limit` still goes, alone.
 
 Called by the threads that run calls (QueueService's produce methods).
 """
@@ -27,6 +30,7 @@ from .errors import Overloaded
 SMALL_WRITE = 64 * 1024
 WRITE_QUEUE_BYTES = 4 * 1024**2
 WAIT_SECONDS = 2.0
+STREAM_WAIT_SECONDS = 30.0
 POLL_SECONDS = 0.005  # how often a waiter looks whether a stream's write is done
 
 
@@ -36,10 +40,12 @@ class Done(Protocol):
 
 class WriteQueue:
     def __init__(self, limit: int = WRITE_QUEUE_BYTES, max_waiting: int = 4,
-                 wait_seconds: float = WAIT_SECONDS) -> None:
+                 wait_seconds: float = WAIT_SECONDS,
+                 stream_wait_seconds: float = STREAM_WAIT_SECONDS) -> None:
         self.limit = limit
         self.max_waiting = max_waiting
         self.wait_seconds = wait_seconds
+        self.stream_wait_seconds = stream_wait_seconds
         self._changed = threading.Condition()
         self._held = 0  # room held by calls until they return it
         self._until_done: list[tuple[Done, int]] = []  # room held until a write is done
@@ -72,32 +78,35 @@ class WriteQueue:
 
     def _take(self, size: int, write: Done | None) -> None:
         """Wait for room (see the module's docstring), then hold it: until it is given
-        back (`write` None) or until `write` is done."""
+        back (`write` None: a unary write) or until `write` is done (a stream's)."""
         with self._changed:
-            self._wait_for(size)
             if write is None:
+                self._wait_for(size, self.wait_seconds, counted=True)
                 self._held += size
             else:
+                self._wait_for(size, self.stream_wait_seconds, counted=False)
                 self._until_done.append((write, size))
 
-    def _wait_for(self, size: int) -> None:
-        """Return once `size` fits; raise Overloaded if it does not in time. Called with
-        the lock held."""
-        if not self._fits(size):
-            if self._waiting >= self.max_waiting:
-                raise Overloaded(self._refusal())
-            self._waiting += 1
-            try:
-                deadline = time.monotonic() + self.wait_seconds
-                while not self._fits(size):
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise Overloaded(self._refusal())
-                    # Woken when a call gives its room back; a stream's write being done
-                    # tells nobody, so look again soon.
-                    self._changed.wait(min(remaining, POLL_SECONDS if self._until_done else 1.0))
-            finally:
-                self._waiting -= 1
+    def _wait_for(self, size: int, seconds: float, counted: bool) -> None:
+        """Return once `size` fits; raise Overloaded if it does not within `seconds`, or
+        at once if it is `counted` among the unary writers waiting and max_waiting wait
+        already. Called with the lock held."""
+        if self._fits(size):
+            return
+        if counted and self._waiting >= self.max_waiting:
+            raise Overloaded(self._refusal())
+        self._waiting += counted
+        try:
+            deadline = time.monotonic() + seconds
+            while not self._fits(size):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Overloaded(self._refusal())
+                # Woken when a call gives its room back; a stream's write being done
+                # tells nobody, so look again soon.
+                self._changed.wait(min(remaining, POLL_SECONDS if self._until_done else 1.0))
+        finally:
+            self._waiting -= counted
 
     def _queued(self) -> int:
         self._until_done = [(write, size) for write, size in self._until_done if not write.done()]

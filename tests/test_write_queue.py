@@ -106,3 +106,27 @@ def test_past_the_waiting_bound_and_the_wait_writes_are_refused():
     release.set()
     holder.join()
     assert queue.queued == 0
+
+
+def test_stream_writes_wait_longer_and_are_not_refused_for_waiting_unary_writes():
+    queue = WriteQueue(limit=4 * MIB, max_waiting=1, wait_seconds=0.2, stream_wait_seconds=5)
+    first = Write()
+    queue.room_until_done(first, 4 * MIB, large=True)
+    waiters = []
+    for _ in range(3):  # three streams wait at once, past the unary writers' bound
+        write = Write()
+        thread = threading.Thread(target=queue.room_until_done, args=(write, 4 * MIB, True))
+        thread.start()
+        waiters.append((thread, write))
+    time.sleep(0.5)  # longer than a unary write would wait
+    first.committed.set()
+    deadline = time.monotonic() + 10
+    while any(thread.is_alive() for thread, _ in waiters) and time.monotonic() < deadline:
+        for thread, write in waiters:  # each that got room is written, and the next goes
+            if not thread.is_alive():
+                write.committed.set()
+        time.sleep(0.01)
+    for thread, write in waiters:
+        assert not thread.is_alive()
+        write.committed.set()
+    assert queue.queued == 0
