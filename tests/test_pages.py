@@ -73,16 +73,3 @@ def test_smq_client_subscribe_reads_the_topic(server, payloads):
             if len(got) == COUNT:
                 break
     assert got == list(enumerate(payloads, 1))
-
-
-def test_stream_consume_reads_the_topic(server, payloads):
-    stream = server.stub().StreamConsume(smq_pb2.ConsumeRequest(topic="framed", offset=1),
-                                         timeout=DEADLINE)
-    got = []
-    for reply in stream:
-        if reply.offset != -1:
-            got.append((reply.offset, reply.message))
-        if len(got) == COUNT:
-            break
-    stream.cancel()
-    assert got == list(enumerate(payloads, 1))
