@@ -32,7 +32,7 @@ Rules, with `limit` the --memory-budget:
 Who calls what:
 
 - gRPC's polling thread (request deserializers): `take_request`, never blocking long;
-- the threads running handlers: `open_call`, then the CallMemory's `page`, `hold`,
+- the threads running handlers: `open_call`, then the CallMemory's `take_page`, `hold`,
   `taken`; `Writes` releases StreamProduce messages as their writes commit;
 - any thread: `Charge.release` and `CallMemory.close` (gRPC runs the callbacks of a
   call's end where it ends; the garbage collector releases a request gRPC dropped);
