@@ -126,7 +126,7 @@ class FairPool(Executor):
             self._receiving_by[key] -= 1
             if not self._receiving_by[key]:
                 del self._receiving_by[key]
-            self._changed.notify_all()
+            self._changed.notify()  # one more call may receive: one thread, not all of them
 
     def _work(self) -> None:
         while True:
