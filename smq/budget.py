@@ -276,9 +276,7 @@ class MemoryBudget:
         timeout; returns how many."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            stalled = [call for call in self._calls
-                       if call.waiting_since is not None
-                       and now - call.waiting_since > self.stall_seconds]
+            stalled = [call for call in self._calls if call.waited(now) > self.stall_seconds]
             for call in stalled:
                 self._calls.discard(call)
         for call in stalled:
@@ -355,6 +353,20 @@ class CallMemory:
     def taken(self, keep: int = 0) -> None:
         """The client took the reply: hold `keep` bytes from now, waiting for nobody."""
         self._budget._set_held(self, keep, waiting=False)
+
+    def sending(self) -> None:
+        """A stream sends one more message of what it holds (StreamConsume, message by
+        message): the stall clock starts again. No lock: the watcher reads the time once."""
+        self.waiting_since = time.monotonic()
+
+    def sent(self) -> None:
+        """The client took that message: the stall clock stops."""
+        self.waiting_since = None
+
+    def waited(self, now: float) -> float:
+        """How long its reply has waited for the client (0 if none waits)."""
+        since = self.waiting_since
+        return 0.0 if since is None else now - since
 
     def give_back(self) -> None:
         """What take_page charged is not needed (nothing was read)."""

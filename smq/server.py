@@ -160,11 +160,11 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
             yield HEARTBEAT
         if not page:
             return
-        held = held_page_cost(page)
+        memory.hold(held_page_cost(page))
         for offset, payload in page:
-            memory.hold(held)
+            memory.sending()
             yield Encoded(encoding.consume_response(offset, payload))
-            memory.taken(held)
+            memory.sent()
         memory.taken()
 
     def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
