@@ -29,9 +29,9 @@ MALLOC_ARENAS = 2
 MMAP_THRESHOLD = 256 * 1024
 # Free memory at the top of the heap beyond this goes back at once. Well above what a
 # call allocates, or the heap shrinks and grows again call after call (ProduceBatch of
-# 100 x 100 bytes, one client: ~43,000 msg/s at 1 MiB, ~51,500 at 32 MiB, as before
-# the tuning); trim() gives the rest back once the budget has drained.
-TRIM_THRESHOLD = 32 * 1024**2
+# 100 x 100 bytes, one client: ~43,000 msg/s at 1 MiB; at 8 or 32 MiB as before the
+# tuning, 50,000-56,000 here); trim() gives the rest back once the budget has drained.
+TRIM_THRESHOLD = 8 * 1024**2
 
 
 def _libc() -> ctypes.CDLL | None:
