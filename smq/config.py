@@ -168,6 +168,13 @@ SETTINGS: tuple[Setting, ...] = (
             "concurrent streams (StreamConsume, StreamProduce, reflection); more get RESOURCE_EXHAUSTED"),
     Setting("workers", "--workers", "SMQ_WORKERS", in_range(int, 1, 1_000),
             "threads for unary calls (streams get their own, up to --max-streams)"),
+    Setting("memory_budget", "--memory-budget", "SMQ_MEMORY_BUDGET",
+            in_range(parse_size, 16 * 1024**2, 64 * 1024**3),
+            "memory for replies not yet taken by clients, requests and queued writes, all "
+            "calls together (e.g. 128MiB); beyond it calls get RESOURCE_EXHAUSTED"),
+    Setting("stall_timeout", "--stall-timeout", "SMQ_STALL_TIMEOUT",
+            in_range(parse_duration, 1, 3600),
+            "a reply held in memory that the client has not taken for this long ends its call"),
     Setting("heartbeat_interval", "--heartbeat-interval", "SMQ_HEARTBEAT_INTERVAL",
             in_range(parse_duration, 0.01, 3600), "idle streams get a heartbeat this often"),
     Setting("health_check_interval", "--health-check-interval", "SMQ_HEALTH_CHECK_INTERVAL",
@@ -232,6 +239,8 @@ class Config:
     max_message_size: int = 1024**2
     max_streams: int = 64
     workers: int = 8
+    memory_budget: int = 128 * 1024**2
+    stall_timeout: float = 30.0
     heartbeat_interval: float = 10.0
     health_check_interval: float = 10.0
     shutdown_grace: float = 5.0

@@ -17,7 +17,7 @@
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── MessageTooLarge                      above the server's maximum
     │   ├── StorageFull                          disk full or quota reached
-    │   ├── Overloaded                           too many concurrent calls or streams
+    │   ├── Overloaded                           too many calls or streams, or memory taken
     │   ├── TooManyConsumers                     a topic has --max-consumers-per-topic
     │   └── ListTooLarge                         a whole list asked for does not fit one answer
     ├── InternalError              INTERNAL           server-side failure (details in its log)
@@ -203,7 +203,8 @@ class StorageFull(ResourceExhausted):
 
 
 class Overloaded(ResourceExhausted):
-    """Too many concurrent calls or streams: retry later."""
+    """Too many concurrent calls or streams, or the server's memory budget is taken:
+    retry later."""
 
 
 class TooManyConsumers(ResourceExhausted):

@@ -12,8 +12,6 @@ SMQ errors become gRPC statuses in one place (`STATUS_OF`/`_abort`).
 """
 from __future__ import annotations
 
-import concurrent.futures
-import ctypes
 import functools
 import logging
 import math
@@ -26,24 +24,27 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import __version__
+from . import __version__, encoding, malloc
 from ._proto import smq_pb2, smq_pb2_grpc
+from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost, minimum_limit
 from .client_transport import tcp_address
 from .config import Config, group_id
-from .errors import InvalidArgument, ResourceExhausted, SMQError, StartupError
+from .errors import ConfigError, ResourceExhausted, SMQError, StartupError
+from .handlers import Encoded, charge, decoded, lenient_handler, release
 from .liveness import LivenessMonitor
 from .list_pages import Listing, PageRequest, page_of
-from .service import PAGE_BYTES, ConsumerState, Follower, Limits, QueueService
+from .pool import FairPool
+from .service import (PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, ConsumerState, Follower,
+                      Limits, QueueService, page_messages)
 from .storage import Storage, StorageOptions, TopicPolicy, TopicState
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
-HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1)
+HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=-1).SerializeToString()
 ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
 MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
 MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty ones is a weapon)
@@ -66,20 +67,6 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
 
-class UndecodableRequest:
-    """Stands in for a request that is not valid protobuf (e.g. a topic that is not
-    UTF-8), so that it is answered INVALID_ARGUMENT instead of gRPC's INTERNAL."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def decoded(request: Any) -> Any:
-    if isinstance(request, UndecodableRequest):
-        raise InvalidArgument(f"malformed request: {request.error}")
-    return request
-
-
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
     @functools.wraps(method)
@@ -88,6 +75,8 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, decoded(request), context)
         except Exception as exc:
             _abort(context, exc)
+        finally:
+            release(request)  # the handler is done with it
     return handler
 
 
@@ -96,35 +85,12 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
     @functools.wraps(method)
     def handler(self: Servicer, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from method(self, decoded(request), context)
+            message = decoded(request)
+            release(request)  # a small request: not held for the whole stream
+            yield from method(self, message, context)
         except Exception as exc:
             _abort(context, exc)
     return handler
-
-
-def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue") -> grpc.GenericRpcHandler:
-    """The service's method handlers, as the generated add_*_to_server builds them, but
-    with deserializers that turn a malformed request into an UndecodableRequest."""
-    service = smq_pb2.DESCRIPTOR.services_by_name[service_name]
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
-    handlers = {}
-    for method in service.methods:
-        parse = getattr(smq_pb2, method.input_type.name).FromString
-
-        def deserialize(data: bytes, parse: Callable[[bytes], Any] = parse) -> Any:
-            try:
-                return parse(data)
-            except DecodeError as exc:
-                return UndecodableRequest(exc)
-
-        make = kinds[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(
-            getattr(servicer, method.name), request_deserializer=deserialize,
-            response_serializer=getattr(smq_pb2, method.output_type.name).SerializeToString)
-    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def is_local(context: grpc.ServicerContext) -> bool:
@@ -136,8 +102,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
     def __init__(self, service: QueueService, heartbeat_interval: float, durability: str,
-                 send_limit: int) -> None:
+                 send_limit: int, budget: MemoryBudget) -> None:
         self.service = service
+        self.budget = budget
         self.heartbeat_interval = heartbeat_interval
         self.durability = durability
         self.send_limit = send_limit  # list pages fit it (see list_pages)
@@ -168,9 +135,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     @rpc
     def StreamProduce(self, request_iterator, context):
         self.service.check_may_write(is_local(context))
-        with self.service.stream_slot():
-            last = self.service.produce_stream(
-                (r.topic, r.message) for r in map(decoded, request_iterator))
+        with self.service.stream_slot(), Writes() as writes:
+            last = self.service.produce_stream(_messages(request_iterator, writes),
+                                               committed=writes.committed)
         return smq_pb2.ProduceResponse(offset=last)
 
     @rpc
@@ -180,12 +147,27 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @streaming_rpc
     def StreamConsume(self, request, context):
-        with self._consumer_slot(context, request.topic):
-            for page in self._follow(context, request.topic, request.offset):
-                if not page:
-                    yield HEARTBEAT
-                for offset, payload in page:
-                    yield smq_pb2.ConsumeResponse(message=payload, offset=offset)
+        with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
+            follower = self._follow(context, request.topic, request.offset, memory,
+                                    STREAM_PAGE_MESSAGES, STREAM_PAGE_BYTES)
+            while not follower.cancelled:
+                yield from self._consume_replies(follower, memory)
+
+    @staticmethod
+    def _consume_replies(follower: Follower, memory: CallMemory) -> Iterator[Any]:
+        """A heartbeat, or the next page's messages one by one: the page stays alive in
+        this generator only, charged until its last message is taken."""
+        page = follower.next_page()
+        if page == []:
+            yield HEARTBEAT
+        if not page:
+            return
+        memory.hold(held_page_cost(page))
+        for offset, payload in page:
+            memory.sending()
+            yield Encoded(encoding.consume_response(offset, payload))
+            memory.sent()
+        memory.taken()
 
     def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
         """A stream place owned by this connection and topic (see QueueService.stream_slot).
@@ -196,10 +178,21 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         owner = None if peer.startswith("unix:") else (peer, topic)
         return self.service.stream_slot(owner, context.cancel)
 
-    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int,
-                page_messages: int = 0) -> Follower:
-        """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends."""
-        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages)
+    def _reply_memory(self, context: grpc.ServicerContext) -> CallMemory:
+        """The call's share of the memory budget, released when the call ends (whatever
+        ends it), or when the `with` block of a stream's handler does."""
+        peer = context.peer()
+        memory = self.budget.open_call(None if peer.startswith("unix:") else peer, context.cancel)
+        if not context.add_callback(memory.close):
+            memory.close()  # the call already ended
+        return memory
+
+    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int, memory: CallMemory,
+                page_messages: int = 0, page_bytes: int = PAGE_BYTES) -> Follower:
+        """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends,
+        reading pages as large as the memory budget lets this call build."""
+        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages,
+                                       page_bytes, memory)
         if not context.add_callback(follower.cancel):
             follower.cancel()  # the call already ended: nothing would wake it later
         return follower
@@ -221,12 +214,26 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @streaming_rpc
     def Subscribe(self, request, context):
-        with self._consumer_slot(context, request.topic):
-            follower = self._follow(context, request.topic, request.offset, request.max_messages)
-            for page in follower:
-                yield smq_pb2.SubscribeResponse(
-                    messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page],
-                    next_offset=follower.cursor)
+        with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
+            follower = self._follow(context, request.topic, request.offset, memory,
+                                    request.max_messages)
+            while True:
+                reply = self._subscribe_reply(follower, memory)
+                if reply is None:
+                    return
+                yield reply
+                memory.taken()
+
+    @staticmethod
+    def _subscribe_reply(follower: Follower, memory: CallMemory) -> Encoded | None:
+        """The next page as an encoded SubscribeResponse, charged until the client takes
+        it; None once the stream is cancelled. The page itself dies here."""
+        page = follower.next_page()
+        if page is None:
+            return None
+        reply = encoding.subscribe_response(page, follower.cursor)
+        memory.hold(REPLY_COPIES * len(reply))
+        return Encoded(reply)
 
     @rpc
     def ListTopics(self, request, context):
@@ -289,10 +296,29 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 
     @rpc
     def BulkRetrieve(self, request, context):
-        page = self.service.read(request.topic, request.start_offset, request.limit)
-        return smq_pb2.BulkRetrieveResponse(
-            messages=[smq_pb2.RetrievedMessage(message=p, offset=o) for o, p in page.messages],
-            count=len(page.messages), next_offset=page.next_offset)
+        memory = self._reply_memory(context)
+        max_bytes, count = memory.take_page(PAGE_BYTES, page_messages(request.limit))
+        reply = self._bulk_retrieve_reply(request, count, max_bytes)
+        memory.hold(REPLY_COPIES * len(reply))  # until the call ends: the client took it
+        return reply
+
+    def _bulk_retrieve_reply(self, request: Any, count: int, max_bytes: int) -> bytes:
+        """The page, encoded as a BulkRetrieveResponse; the page itself dies here."""
+        page = self.service.read(request.topic, request.start_offset, count, max_bytes)
+        return encoding.bulk_retrieve_response(page.messages, page.next_offset)
+
+
+def _messages(requests: Iterator[Any], writes: Writes) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of each StreamProduce request; each one's budget charge goes to
+    `writes`, to be released once it is committed."""
+    for request in requests:
+        message = decoded(request)
+        taken = charge(request)
+        if taken is not None:
+            writes.add(taken)
+        item = (message.topic, message.message)
+        del request, message  # the parsed request, a second copy of the payload, goes now
+        yield item
 
 
 def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
@@ -393,7 +419,7 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
     with port 0). Binding first means a busy port is refused before the database is touched."""
     threads = config.workers + config.max_streams
     server = grpc.server(
-        concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="smq-rpc"),
+        FairPool(threads, receive_slots=config.workers),
         maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
@@ -405,6 +431,10 @@ def create_server(config: Config, credentials: grpc.ServerCredentials | None) ->
             ("grpc.max_concurrent_streams", config.max_streams + max(config.workers // 2, 1)),
             ("grpc.keepalive_time_ms", 60_000),  # notice dead stream clients (power cuts)
             ("grpc.keepalive_timeout_ms", 20_000),
+            # No flow-control windows grown by BDP probing: a stream may then have only
+            # 64 KiB unread beyond the message its handler asked for (with it, 60
+            # StreamProduce streams of 1 MiB messages took 250 MiB before a handler saw them).
+            ("grpc.http2.bdp_probe", 0),
         ])
     address = tcp_address(config.bind, config.port)
     try:
@@ -447,10 +477,11 @@ def _bind_unix_socket(server: grpc.Server, path: str, group: str) -> None:
 
 
 def add_services(server: grpc.Server, config: Config, service: QueueService,
-                 health_servicer: health.HealthServicer) -> None:
-    """SMQ, health and reflection on one server."""
-    server.add_generic_rpc_handlers((lenient_handler(Servicer(
-        service, config.heartbeat_interval, config.durability, send_limit(config))),))
+                 health_servicer: health.HealthServicer, budget: MemoryBudget) -> None:
+    """SMQ, health and reflection on one server; SMQ's calls charge `budget`."""
+    servicer = Servicer(service, config.heartbeat_interval, config.durability,
+                        send_limit(config), budget)
+    server.add_generic_rpc_handlers((lenient_handler(servicer, budget=budget),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -469,26 +500,13 @@ def _remove_stale_socket(path: str) -> None:
         pass
 
 
-M_ARENA_MAX = -8  # glibc's mallopt() parameter
-MALLOC_ARENAS = 2
-
-
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """Cap glibc's malloc arenas (default: 8 per core, one per thread that allocates).
-
-    Each gRPC worker thread otherwise gets an arena of its own, and each keeps the
-    memory its largest reply needed: a 3 MiB BulkRetrieve or Subscribe page raised the
-    server's peak RSS by ~13 MiB at 100-byte and ~28 MiB at 10 KiB payloads in the
-    benchmark. The process's threads mostly allocate under the GIL anyway. A
-    MALLOC_ARENA_MAX set in the environment wins; elsewhere than glibc, nothing
-    happens. Returns True if the cap was set."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return mallopt(M_ARENA_MAX, arenas) == 1
+def check_memory_budget(config: Config) -> None:
+    """The budget must hold the largest request the server accepts; ConfigError if not."""
+    largest = max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES
+    if config.memory_budget < minimum_limit(largest):
+        raise ConfigError("--memory-budget (SMQ_MEMORY_BUDGET)", str(config.memory_budget),
+                          f"too small for requests of {largest} bytes (--max-message-size "
+                          f"{config.max_message_size}): at least {minimum_limit(largest)}")
 
 
 class Server:
@@ -496,7 +514,10 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        limit_malloc_arenas()  # before the threads (gRPC's, the writer) first allocate
+        check_memory_budget(config)
+        malloc.tune()  # before the threads (gRPC's, the writer) first allocate
+        self.budget = MemoryBudget(config.memory_budget, stall_seconds=config.stall_timeout,
+                                   on_tick=malloc.Trimmer().tick)
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
@@ -517,7 +538,7 @@ class Server:
             self.service = service
             self.liveness = LivenessMonitor(service.liveness_problem, config.health_check_interval)
             self.liveness.add_listener(self._set_health)
-            add_services(self._grpc, config, service, self.health)
+            add_services(self._grpc, config, service, self.health, self.budget)
         except BaseException:
             if service is not None:
                 service.close()  # stops the writer thread too, then closes the database
@@ -529,6 +550,7 @@ class Server:
 
     def start(self) -> "Server":
         self._grpc.start()
+        self.budget.start()
         self._set_health(True)
         self.liveness.start()
         log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
@@ -574,6 +596,7 @@ class Server:
         self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         self._grpc.stop(grace).wait()
+        self.budget.stop()
         self.service.close()
         if self.config.unix_socket:
             _remove_stale_socket(self.config.unix_socket)

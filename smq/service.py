@@ -17,12 +17,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol
 
+from . import encoding
 from .errors import (InvalidArgument, MessageTooLarge, NotFound, OffsetNotFound, OffsetOutOfRange,
                      Overloaded, PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from .storage import ON_FULL_POLICIES, Storage, TopicPolicy, TopicState
+from .write_queue import SMALL_WRITE, WriteQueue
 from .writer import (Append, Barrier, CommitOffset, CreateTopic, DeleteConsumer, DeleteTopic,
-                     STREAM_SECONDS, GroupCommitWriter, SetPolicy, StreamAppend, Trim, WriteOp)
+                     STREAM_BYTES, STREAM_SECONDS, GroupCommitWriter, SetPolicy, StreamAppend, Trim, WriteOp)
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,12 @@ TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 DEFAULT_PAGE_MESSAGES = 100
 MAX_PAGE_MESSAGES = 10_000
 # Replies stay below gRPC's default 4 MiB receive limit, so default clients can read
-# any page (a single message larger than this still travels alone).
+# any page (a single message larger than this still travels alone). Counted as encoded
+# on the wire (smq/encoding.py), framing included.
 PAGE_BYTES = 3 * 1024**2
+# StreamConsume sends a page message by message and holds the rest meanwhile: smaller.
+STREAM_PAGE_BYTES = 256 * 1024
+STREAM_PAGE_MESSAGES = 1_000
 WRITE_TIMEOUT = 60.0
 
 
@@ -74,6 +81,7 @@ class QueueService:
         # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
         self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], None]]] = {}
         self._replaced, self._replaced_logged_at = 0, -60.0  # streams ended for a newer one
+        self.write_queue = WriteQueue()  # large writes, see smq/write_queue.py
         self.writer = GroupCommitWriter(storage, on_commit=self._committed,
                                         defaults=limits.topic_defaults)
         self._committed(self.writer.committed_topics())
@@ -212,16 +220,20 @@ class QueueService:
     def produce(self, name: str, payload: bytes) -> int:
         """Append one message; returns its offset once committed."""
         self._check_message(name, payload)
-        return self._write(Append.to_topic(name, [payload]))[1]
+        with self.write_queue.room(len(payload)):
+            return self._write(Append.to_topic(name, [payload]))[1]
 
-    def produce_stream(self, messages: Iterable[tuple[str, bytes]]) -> int:
+    def produce_stream(self, messages: Iterable[tuple[str, bytes]],
+                       committed: Callable[[int], None] = lambda count: None) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
+        `committed(n)` is called each time the next n messages are committed.
 
         Messages go to the writer while the stream is still being read: into the op
         queued for it (StreamAppend) until the writer takes that one, then into the
         next, queued once the previous one is committed. When a message had to wait for
         that commit, the stream is busy and its next op waits STREAM_SECONDS to fill up:
         a fast stream makes big transactions, a slow one's messages go as they come.
+        An op of large messages takes room in the write queue first (smq/write_queue.py).
         On the first bad message the ones before it are committed, then the error raised.
         """
         last = 0
@@ -239,14 +251,25 @@ class QueueService:
                 if op is not None:
                     if not op.done():  # a busy stream: let the next op fill a while
                         not_before = time.monotonic() + STREAM_SECONDS
-                    last = op.wait(WRITE_TIMEOUT)[1] or last
-                op = StreamAppend(name, payload, not_before)
+                    last = self._wait_stream_op(op, committed) or last
+                new = StreamAppend(name, payload, not_before)
+                self.write_queue.room_until_done(new, STREAM_BYTES, len(payload) > SMALL_WRITE)
+                op = new
                 self.writer.submit(op)
         finally:
             # Whatever ends the stream, what was accepted before it is committed.
             if op is not None:
-                last = op.wait(WRITE_TIMEOUT)[1] or last
+                last = self._wait_stream_op(op, committed) or last
         return last
+
+    @staticmethod
+    def _wait_stream_op(op: StreamAppend, committed: Callable[[int], None]) -> int:
+        """Wait for a stream's op; its last offset (0 if none)."""
+        try:
+            return op.wait(WRITE_TIMEOUT)[1]
+        finally:
+            if op.done():
+                committed(op.messages)
 
     def produce_batch(self, name: str, payloads: list[bytes]) -> tuple[int, int]:
         """Append all payloads to one topic in one transaction, or none of them.
@@ -256,7 +279,8 @@ class QueueService:
             return (0, 0)
         if max(map(len, payloads)) > self.limits.max_message_size:  # one pass at C speed
             self._check_size(max(payloads, key=len))
-        return self._write(Append.to_topic(name, payloads, atomic=True))
+        with self.write_queue.room(sum(map(len, payloads))):
+            return self._write(Append.to_topic(name, payloads, atomic=True))
 
     def trim(self, name: str, until: int) -> int:
         """Delete every message with offset <= until; returns how many were deleted."""
@@ -296,12 +320,19 @@ class QueueService:
             raise OffsetNotFound(f"offset {offset} was deleted; the earliest is {topic.earliest}")
         return payload
 
-    def read(self, name: str, start_offset: int, limit: int) -> Page:
-        """BulkRetrieve: messages with offset >= start_offset, bounded in count and bytes."""
+    def read(self, name: str, start_offset: int, limit: int, max_bytes: int = PAGE_BYTES) -> Page:
+        """BulkRetrieve: messages with offset >= start_offset, at most page_messages(limit)
+        of them and `max_bytes` encoded (but at least one)."""
         topic = self._topic(name)
-        count = DEFAULT_PAGE_MESSAGES if limit <= 0 else min(limit, MAX_PAGE_MESSAGES)
-        messages = self.storage.read_page(topic.id, max(start_offset, 1), count, PAGE_BYTES)
+        messages = self._read_page(topic, max(start_offset, 1), page_messages(limit), max_bytes)
         return Page(messages, messages[-1][0] + 1 if messages else start_offset)
+
+    def _read_page(self, topic: TopicState, start: int, count: int,
+                   max_bytes: int) -> list[tuple[int, bytes]]:
+        """Up to `count` messages from `start` whose encoded size fits `max_bytes`, at
+        least one. The storage counts payloads only, never more than their encoding, so
+        the page it returns holds the one wanted."""
+        return encoding.fit(self.storage.read_page(topic.id, start, count, max_bytes), max_bytes)
 
     # -- streams --------------------------------------------------------------------
 
@@ -354,12 +385,15 @@ class QueueService:
         return None if oldest is None else self._streams.pop(oldest)[1]
 
     def follow(self, name: str, from_offset: int, heartbeat: float,
-               page_messages: int = MAX_PAGE_MESSAGES) -> Follower:
-        """An iterator of pages from max(from_offset, earliest), then of each new commit;
-        an empty page after `heartbeat` seconds idle. Ends when cancelled."""
+               page_messages: int = MAX_PAGE_MESSAGES, page_bytes: int = PAGE_BYTES,
+               limits: PageLimits | None = None) -> Follower:
+        """A stream's reader of pages from max(from_offset, earliest), then of each new
+        commit, each of at most `page_messages` messages (<= 0: the maximum) and
+        `page_bytes` encoded bytes, as `limits` allows; see Follower.next_page."""
         self._topic(name)
         size = MAX_PAGE_MESSAGES if page_messages <= 0 else min(page_messages, MAX_PAGE_MESSAGES)
-        return Follower(self, name, max(from_offset, 1), heartbeat, size)
+        return Follower(self, name, max(from_offset, 1), heartbeat, (page_bytes, size),
+                        limits or Unlimited())
 
     def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
         """Wait until `offset` is committed in the topic. False on timeout or cancel."""
@@ -407,40 +441,72 @@ class QueueService:
         return self._closing
 
 
+class PageLimits(Protocol):
+    """How large a stream's next page may be (the memory budget, in the server)."""
+
+    def take_page(self, max_bytes: int, max_messages: int) -> tuple[int, int]:
+        """Called before each read: the (bytes, messages) the page may have, at most those asked."""
+
+    def give_back(self) -> None:
+        """The read found nothing: what `take` set aside is not needed."""
+
+
+class Unlimited:
+    """PageLimits that always allow the page asked for."""
+
+    def take_page(self, max_bytes: int, max_messages: int) -> tuple[int, int]:
+        return max_bytes, max_messages
+
+    def give_back(self) -> None:
+        pass
+
+
 class Follower:
-    """Iterates a topic's pages for a stream; `cancel()` (any thread) ends it."""
+    """Reads a topic's pages for a stream; `cancel()` (any thread) ends it."""
 
     def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float,
-                 page_messages: int) -> None:
+                 page_size: tuple[int, int], limits: PageLimits) -> None:
         self._service = service
         self._name = name
         self.cursor = cursor
         self._heartbeat = heartbeat
-        self._page_messages = page_messages
+        self._page_size = page_size  # (encoded bytes, messages)
+        self._limits = limits
         self.cancelled = False
 
     def cancel(self) -> None:
         self.cancelled = True
         self._service._wake(self._name)
 
-    def __iter__(self) -> Iterator[list[tuple[int, bytes]]]:
+    def next_page(self) -> list[tuple[int, bytes]] | None:
+        """The next page from the cursor on; [] after `heartbeat` seconds idle (the caller
+        sends a heartbeat); None once cancelled. Not a generator: a stream that is not
+        read must not keep a page it already sent alive in a suspended frame."""
         service = self._service
         while not self.cancelled:
             if service.closing:
                 raise Unavailable("server is shutting down")
             topic = service._topic(self._name)
-            page = service.storage.read_page(topic.id, self.cursor, self._page_messages, PAGE_BYTES)
-            if page:
-                self.cursor = page[-1][0] + 1
-                yield page
-                continue
+            if topic.next_offset > self.cursor:
+                page = self._read(topic)
+                if page:
+                    self.cursor = page[-1][0] + 1
+                    return page
             # Nothing is stored from the cursor on, so every offset below the topic's next
             # one was deleted: wait for that one (waiting for an offset that already went
             # by would return at once, forever, and never send a heartbeat).
             self.cursor = max(self.cursor, topic.next_offset)
             if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
                 if not (self.cancelled or service.closing):
-                    yield []  # idle: the caller sends a heartbeat
+                    return []
+        return None
+
+    def _read(self, topic: TopicState) -> list[tuple[int, bytes]]:
+        max_bytes, max_messages = self._limits.take_page(*self._page_size)
+        page = self._service._read_page(topic, self.cursor, max_messages, max_bytes)
+        if not page:
+            self._limits.give_back()
+        return page
 
 
 def _lag(topic: TopicState, committed: int) -> int:
@@ -448,6 +514,11 @@ def _lag(topic: TopicState, committed: int) -> int:
     if topic.earliest is None:
         return 0
     return max(topic.next_offset - max(committed + 1, topic.earliest), 0)
+
+
+def page_messages(limit: int) -> int:
+    """How many messages a BulkRetrieve page of `limit` may have."""
+    return DEFAULT_PAGE_MESSAGES if limit <= 0 else min(limit, MAX_PAGE_MESSAGES)
 
 
 def check_name(name: str, what: str = "topic name") -> None:

@@ -86,6 +86,8 @@ LAYERS = {
     "shutdown_grace": (("1s", "250ms", "3"), (1.0, 0.25, 3.0)),
     "heartbeat_interval": (("2", "3s", "1m"), (2.0, 3.0, 60.0)),
     "max_message_size": (("1KiB", "2048", "1MiB"), (1024, 2048, 1024**2)),
+    "memory_budget": (("64MiB", "100m", "1GiB"), (64 * 1024**2, 100 * 1024**2, 1024**3)),
+    "stall_timeout": (("5s", "2m", "90"), (5.0, 120.0, 90.0)),
     "bind": (("127.0.0.1", "::1", "localhost"), ("127.0.0.1", "::1", "localhost")),
     "log_level": (("debug", "warning", "error"), ("debug", "warning", "error")),
 }
@@ -268,6 +270,8 @@ INVALID = [
     ("max_message_size", "1TB"), ("max_message_size", "0"), ("log_level", "verbose"),
     ("bind", "not a host!"), ("host", "bad host"), ("port", "80\n81"),
     ("dbpath", ""), ("dbpath", "  "), ("dbpath", ":memory:"),
+    ("memory_budget", "8MiB"), ("memory_budget", "lots"), ("memory_budget", "1TB"),
+    ("stall_timeout", "0"), ("stall_timeout", "2h"),
 ]
 
 
