@@ -123,8 +123,7 @@
             src = lib.sourceByRegex ./. [
               "pyproject.toml"
               "README.md"
-              "smq"
-              "smq/_proto"
+              "smq(/[a-z_]+)*" # the package and its packages (server, client, cli, ...)
               "smq/.*\\.pyi?"
             ];
             build-system = [ python.pkgs.setuptools ];
@@ -133,7 +132,10 @@
             doCheck = false;
             pythonImportsCheck = [
               "smq"
-              "smq.server"
+              "smq.server.app"
+              "smq.client.sync"
+              "smq.cli.main"
+              "smq.forward.main"
               "smq._proto.smq_pb2_grpc"
             ];
             meta = {

@@ -5,7 +5,7 @@ which it migrates to format 2 (consecutive messages share a row):
     .venv/bin/python bench/migration.py [--messages 1000000] [--size 100] [--topics 4]
 
 It writes a format-1 file the way the first SMQ did (its schema is MIGRATIONS[1]), then
-opens it with smq.storage.Storage, which migrates it, and prints one table row: messages,
+opens it with smq.server.storage.Storage, which migrates it, and prints one table row: messages,
 file size before and after, the migration's time, and the largest the directory got
 while it ran (the copy needs room). A measurement, not a test.
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 import apsw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from smq.storage import MIGRATIONS, Storage, StorageOptions  # noqa: E402
+from smq.server.schema import MIGRATIONS, StorageOptions
+from smq.server.storage import Storage  # noqa: E402
 
 MiB = 1024**2
 

@@ -101,6 +101,9 @@ let
           "${system}: a dependency is older than pyproject.toml's floor"
         )
         (expect (pkg.meta.mainProgram == "smq") "${system}: meta.mainProgram is not smq")
+        (expect (builtins.all (m: builtins.pathExists "${src}/smq/${m}") [ "server/app.py" "client/sync.py" "cli/main.py" "forward/main.py" ])
+          "${system}: the package source lacks one of smq's packages (server, client, cli, forward)"
+        )
         (expect (builtins.pathExists "${src}/smq/_proto/smq_pb2_grpc.py" && builtins.pathExists "${src}/pyproject.toml"
           && builtins.pathExists "${src}/README.md" && !(builtins.pathExists "${src}/tests")
         ) "${system}: the package source lacks smq/_proto, pyproject.toml or README.md, or has more")

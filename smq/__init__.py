@@ -4,7 +4,7 @@ Run `smq --help` for the server and the command line; embed the server with
 `smq.server.Server`; talk to one with `smq.Client` (see `smq.client`). Every error is
 an `smq.SMQError` (see `smq.errors`).
 
-The client names are loaded on first use, so that `import smq` (and `smq --help`)
+The client names and `Config` are loaded on first use, so that `import smq` (and `smq --help`)
 stays fast and does not load grpc (only `Client` does).
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .config import Config
 from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
                      InternalError, InvalidArgument, NotFound, OffsetOutOfRange,
                      PermissionDenied, ResourceExhausted, SMQAuthenticationError,
@@ -21,15 +20,15 @@ from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceed
                      TopicEmpty, Unauthenticated, Unavailable, Unimplemented, UnknownError)
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .client_types import (ClientTLSConfig, ConsumerInfo, Message, ServerInfo, TopicInfo,
-                               TopicPolicy)
+    from .server.config import ServerConfig as Config
+    from .client import (Client, ClientTLSConfig, ConsumerInfo, Message, ServerInfo, TopicInfo,
+                         TopicPolicy)
 
 __version__ = "0.1.0"
 
-_LAZY = {"Client": "client", "ClientTLSConfig": "client_types", "Message": "client_types",
-         "TopicInfo": "client_types", "TopicPolicy": "client_types",
-         "ConsumerInfo": "client_types", "ServerInfo": "client_types"}
+# Client names come from smq.client, loaded on first use.
+_LAZY = ("Client", "ClientTLSConfig", "Message", "TopicInfo", "TopicPolicy", "ConsumerInfo",
+         "ServerInfo")
 
 __all__ = [
     "__version__", "Config",
@@ -48,8 +47,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Config":  # the server's settings (smq.server.ServerConfig)
+        value = importlib.import_module(".server.config", __name__).ServerConfig
+        globals()[name] = value
+        return value
     if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        value = getattr(importlib.import_module(".client", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

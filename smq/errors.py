@@ -4,13 +4,15 @@
     ├── SMQConnectionError                       cannot reach the server, or lost it
     │   ├── Unavailable            UNAVAILABLE   server down, restarting or shutting down
     │   └── SMQAuthenticationError               TLS: certificates cannot be read or are refused
+    │       ├── CertificateError                 a certificate file cannot be read or is invalid
     │       └── Unauthenticated    UNAUTHENTICATED
     ├── SMQTimeoutError
     │   └── DeadlineExceeded       DEADLINE_EXCEEDED  no answer within the timeout
     ├── InvalidArgument            INVALID_ARGUMENT   bad topic name, bad argument
     ├── NotFound                   NOT_FOUND
     │   ├── TopicNotFound                        the topic does not exist
-    │   └── OffsetNotFound                       offset below 1 or already deleted
+    │   ├── OffsetNotFound                       offset below 1 or already deleted
+    │   └── NoCommittedOffset                    a named consumer has no offset on the topic
     ├── TopicEmpty                 FAILED_PRECONDITION  no stored message (earliest/latest)
     ├── OffsetOutOfRange           OUT_OF_RANGE       offset above the latest
     ├── PermissionDenied           PERMISSION_DENIED  remote writes are disabled
@@ -32,13 +34,20 @@
     ├── SMQConsumeError                          the exception classes of `pysmq` 1.0.8
     ├── SMQTopicCreationError
     ├── SMQOffsetError
-    └── StartupError                             the server cannot start (exit code 2)
-        └── ConfigError                          a setting has an invalid value
+    ├── JetStreamError                           smq forward: the NATS JetStream side failed
+    │   ├── NotConnected                         no connection to any NATS server right now
+    │   ├── StreamMissing                        the stream is missing or takes no such subject
+    │   └── PublishFailed                        no acknowledgement, or a refusal (.err_code)
+    └── StartupError                             a program cannot start (exit code 2)
+        ├── ConfigError                          a setting has an invalid value
+        └── MissingDependency                    smq forward: nats-py is not installed
 
 Two axes, one tree. The status classes say *what went wrong*; each has the gRPC status
 name it travels as in the class attribute `code` (a str: this module does not import
-grpc). The server maps `code` to a status in one place (server.py), and storage maps
-apsw errors into this tree in one place (storage.py).
+grpc), and a few a finer `reason`, sent beside the status (REASON_KEY). The server maps
+`code` to a status in one place (smq.server.status), storage maps apsw errors into this
+tree in one place (smq.server.storage), and `error_class` maps a status and reason
+back (smq.client.transport, smq.forward.source).
 
 `smq.client` maps every gRPC status back to one status class (one-to-one, see
 `smq.client.ERROR_FOR_STATUS`). An error raised by a `Client` method is also an
@@ -61,6 +70,7 @@ the server's text and `original_error` the `grpc.RpcError`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -77,6 +87,9 @@ class SMQError(Exception):
     """
     code: str | grpc.StatusCode = "UNKNOWN"
     details: str = ""
+    # A finer cause than the status, where clients act on it: the server sends it in the
+    # trailing metadata REASON_KEY, and the client raises the class that has it.
+    reason: str = ""
 
     def __init__(self, message: str = "", original_error: BaseException | None = None) -> None:
         super().__init__(message)
@@ -107,6 +120,10 @@ class SMQConnectionError(SMQError):
 
 class SMQAuthenticationError(SMQConnectionError):
     """TLS or authentication failed, e.g. a certificate cannot be read (pysmq)."""
+
+
+class CertificateError(SMQAuthenticationError):
+    """A certificate, key or CA file cannot be read or is not valid PEM (smq.tls)."""
 
 
 class SMQProduceError(SMQError):
@@ -160,6 +177,7 @@ class NotFound(SMQError):
 
 class TopicNotFound(NotFound):
     """The topic does not exist (create it first)."""
+    reason = "topic-not-found"
 
     def __init__(self, topic: str) -> None:
         super().__init__(f"topic {topic!r} does not exist")
@@ -168,6 +186,12 @@ class TopicNotFound(NotFound):
 
 class OffsetNotFound(NotFound):
     """The offset is below 1, or its message was deleted (trimmed)."""
+    reason = "offset-not-found"
+
+
+class NoCommittedOffset(NotFound):
+    """The named consumer has committed no offset on the topic (yet)."""
+    reason = "no-committed-offset"
 
 
 class TopicEmpty(SMQError):
@@ -255,6 +279,28 @@ class DataLoss(SMQError):
     code = "DATA_LOSS"
 
 
+# -- smq forward's upstream -----------------------------------------------------------
+
+class JetStreamError(SMQError):
+    """Something failed on the NATS JetStream side of `smq forward`; `str()` says what."""
+
+
+class NotConnected(JetStreamError):
+    """No connection to any NATS server right now (nats-py keeps reconnecting)."""
+
+
+class StreamMissing(JetStreamError):
+    """The stream does not exist, or does not take the subjects `smq forward` publishes."""
+
+
+class PublishFailed(JetStreamError):
+    """A message was refused, or not acknowledged. `err_code` is JetStream's, if any."""
+
+    def __init__(self, message: str, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code
+
+
 # -- the server side ------------------------------------------------------------------
 
 class StartupError(SMQError):
@@ -268,7 +314,11 @@ class ConfigError(StartupError):
         super().__init__(f"invalid {setting}: {value!r}: {reason}")
         self.setting = setting
         self.value = value
-        self.reason = reason
+        self.why = reason
+
+
+class MissingDependency(StartupError):
+    """An optional package a command needs is not installed (nats-py for smq forward)."""
 
 
 # Raised for every operation the same way (pysmq does too): never combined with an
@@ -291,3 +341,39 @@ def with_operation(status_class: type[SMQError], operation_class: type[SMQError]
         "__doc__": f"{status_class.__name__} raised while the client did what "
                    f"{operation_class.__name__} stands for.",
     })
+
+
+# What the programs (smq, smq forward) exit with.
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2  # success; failed at run time; bad usage or settings
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C stopped an operation (not a --follow)
+
+
+# -- statuses and reasons, back to classes --------------------------------------------------
+
+REASON_KEY = "smq-reason"  # trailing metadata of a failed call that has a reason
+
+#: Every gRPC status (by name) an SMQ call can end with, and its error class (one-to-one).
+CLASS_FOR_STATUS: dict[str, type[SMQError]] = {
+    "CANCELLED": Cancelled, "UNKNOWN": UnknownError, "INVALID_ARGUMENT": InvalidArgument,
+    "DEADLINE_EXCEEDED": DeadlineExceeded, "NOT_FOUND": NotFound,
+    "ALREADY_EXISTS": AlreadyExists, "PERMISSION_DENIED": PermissionDenied,
+    "RESOURCE_EXHAUSTED": ResourceExhausted, "FAILED_PRECONDITION": TopicEmpty,
+    "ABORTED": Aborted, "OUT_OF_RANGE": OffsetOutOfRange, "UNIMPLEMENTED": Unimplemented,
+    "INTERNAL": InternalError, "UNAVAILABLE": Unavailable, "DATA_LOSS": DataLoss,
+    "UNAUTHENTICATED": Unauthenticated,
+}
+_CLASS_FOR_REASON = {cls.reason: cls for cls in (TopicNotFound, OffsetNotFound, NoCommittedOffset)}
+
+
+def reason_in(trailing_metadata: Iterable[tuple[str, Any]] | None) -> str:
+    """The reason in a failed call's trailing metadata (pairs of key and value), or ""."""
+    return next((str(value) for key, value in trailing_metadata or () if key == REASON_KEY), "")
+
+
+def error_class(status: str, reason: str = "") -> type[SMQError]:
+    """The class for a status name and the reason sent with it (an older server sends
+    none: the status's class)."""
+    finer = _CLASS_FOR_REASON.get(reason)
+    if finer is not None and finer.code == status:
+        return finer
+    return CLASS_FOR_STATUS.get(status, UnknownError)

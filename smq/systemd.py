@@ -2,7 +2,7 @@
 
 - `ready()` once the database is open and every port accepts connections;
 - `status()` lines for `systemctl status` (address, topics, messages stored);
-- WATCHDOG=1 after each liveness check that passes (smq.liveness runs one at least
+- WATCHDOG=1 after each liveness check that passes (smq.server.liveness runs one at least
   every half WATCHDOG_USEC), so that systemd restarts a wedged server;
 - `stopping()` when shutdown starts.
 """

@@ -29,8 +29,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from conftest import SERVER_COMMAND, ServerProcess, clean_env, ext4, make_topic, shut_down_ext4
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
-from smq.service import QueueService
-from smq.storage import Storage
+from smq.server.service import QueueService
+from smq.server.storage import Storage
 
 TIMEOUT = 20.0
 SERVICE = "smq.SuhaibMessageQueue"

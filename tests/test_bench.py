@@ -9,9 +9,8 @@ import sys
 
 from conftest import ROOT
 
-import smq.config
-import smq.server
-import smq.service
+from smq.server import app, servicer, service
+from smq.server.config import ServerConfig
 
 
 def load_raw_server():
@@ -24,10 +23,10 @@ def load_raw_server():
 def test_raw_server_has_the_same_shape_as_smq():
     raw = load_raw_server()
     assert (raw.ENVELOPE_BYTES, raw.MAX_BATCH_BYTES, raw.QUEUED_CALLS_PER_WORKER) == (
-        smq.server.ENVELOPE_BYTES, smq.server.MAX_BATCH_BYTES, smq.server.QUEUED_CALLS_PER_WORKER)
+        app.ENVELOPE_BYTES, servicer.MAX_BATCH_BYTES, app.QUEUED_CALLS_PER_WORKER)
     assert (raw.PAGE_BYTES, raw.DEFAULT_PAGE_MESSAGES, raw.MAX_PAGE_MESSAGES) == (
-        smq.service.PAGE_BYTES, smq.service.DEFAULT_PAGE_MESSAGES, smq.service.MAX_PAGE_MESSAGES)
-    defaults = smq.config.Config()
+        service.PAGE_BYTES, service.DEFAULT_PAGE_MESSAGES, service.MAX_PAGE_MESSAGES)
+    defaults = ServerConfig()
     assert (raw.WORKERS, raw.MAX_STREAMS, raw.MAX_MESSAGE_SIZE) == (
         defaults.workers, defaults.max_streams, defaults.max_message_size)
 

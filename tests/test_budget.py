@@ -1,4 +1,4 @@
-"""smq/budget.py on its own: the rules of the one memory budget, with real threads.
+"""smq/server/budget.py on its own: the rules of the one memory budget, with real threads.
 
 MIB-sized numbers keep the arithmetic readable: a budget of 64 MiB has a call share of
 16, a connection share of 32 and a reserve of 8 MiB; a connection holding less than
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import assert_one_line_refusal, start_and_fail
-from smq.budget import (MIN_GRANT, REQUEST_COPIES, SMALL_REQUEST, Charge, MemoryBudget, Writes,
+from smq.server.budget import (MIN_GRANT, REQUEST_COPIES, SMALL_REQUEST, Charge, MemoryBudget, Writes,
                         minimum_limit, page_cost)
 from smq.errors import Overloaded
 

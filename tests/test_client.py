@@ -241,7 +241,7 @@ def test_import_smq_does_not_load_grpc_and_exports_the_client() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(),
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "smq.client"
+    assert result.stdout.strip() == "smq.client.sync"
 
 
 def test_public_surface_is_pinned() -> None:

@@ -62,11 +62,13 @@ def test_every_wire_condition_has_a_specific_class(condition: str) -> None:
 def test_server_errors_come_back_as_themselves_or_their_parent() -> None:
     """Both tables at once: whatever the server raises (errors.py, sent with its `code`),
     the client raises a class that the server's class is a subclass of."""
-    from smq.server import STATUS_OF
+    from smq.server.status import STATUS_OF
     never_sent = {errors.SMQError, errors.SMQConnectionError, errors.SMQAuthenticationError,
                   errors.SMQTimeoutError, errors.SMQProduceError, errors.SMQConsumeError,
                   errors.SMQTopicCreationError, errors.SMQOffsetError, errors.StartupError,
-                  errors.ConfigError}  # pysmq's operation classes; errors that stop the server
+                  errors.ConfigError, errors.CertificateError,
+                  errors.JetStreamError, errors.NotConnected, errors.StreamMissing,
+                  errors.PublishFailed, errors.MissingDependency}  # and smq forward's  # pysmq's operation classes; errors that stop the server
     server_classes = [c for c in vars(errors).values() if isinstance(c, type)
                       and issubclass(c, errors.SMQError) and c not in never_sent]
     assert errors.TopicNotFound in server_classes and errors.StorageFull in server_classes
@@ -242,6 +244,18 @@ def test_topic_does_not_exist(client: Client) -> None:
     error = raised(lambda: client.produce("missing", b"x"))
     assert isinstance(error, smq.NotFound) and isinstance(error, smq.SMQProduceError)
     assert error.details == "topic 'missing' does not exist" and error.topic == "missing"
+
+
+def test_not_found_says_which_thing_is_missing(client: Client) -> None:
+    """NOT_FOUND carries a reason beside the status (trailing metadata "smq-reason"): the
+    client raises the finer class, so no caller reads the message text."""
+    assert isinstance(raised(lambda: client.describe_topic("missing")), errors.TopicNotFound)
+    assert isinstance(raised(lambda: client.consume("full", 1)), errors.OffsetNotFound)
+    none_yet = raised(lambda: client.committed_offset("nobody", "full"))
+    assert isinstance(none_yet, errors.NoCommittedOffset)
+    assert not isinstance(none_yet, errors.TopicNotFound)
+    assert isinstance(raised(lambda: client.committed_offset("nobody", "missing")),
+                      errors.TopicNotFound)
 
 
 def test_invalid_topic_name(client: Client) -> None:

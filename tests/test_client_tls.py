@@ -117,4 +117,4 @@ def test_command_line_mtls_needs_the_files(server: ServerProcess, certs: Path, c
     assert "--enable-mtls needs --client-cert, --client-key, --ca-cert" in capsys.readouterr().err
     assert cli.main(["ping", "--port", str(server.port), "--enable-mtls", "--client-cert", "nope.crt",
                      "--client-key", "k", "--ca-cert", "c"]) == 2
-    assert "cannot read the client certificate 'nope.crt'" in capsys.readouterr().err
+    assert "--client-cert (CLIENT_CERT) 'nope.crt' cannot be read" in capsys.readouterr().err

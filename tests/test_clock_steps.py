@@ -6,9 +6,11 @@ import logging
 
 import pytest
 
-from smq import clock
-from smq.storage import Storage, TopicPolicy
-from smq.writer import Append, CreateTopic, EnforceAge, GroupCommitWriter
+from smq.server import clock
+from smq.domain import TopicPolicy
+from smq.server.storage import Storage
+from smq.server.ops import Append, CreateTopic, EnforceAge
+from smq.server.writer import GroupCommitWriter
 
 DAY = 86400
 NOW = clock.RELEASED + 30 * DAY  # a plausible wall clock
@@ -69,7 +71,7 @@ def test_a_forward_step_deletes_nothing_and_ages_go_on(tmp_path, clocks, caplog)
     writer.execute(CreateTopic("t"))
     produce(writer, 50)
     clocks.wait(3 * DAY)
-    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+    with caplog.at_level(logging.WARNING, logger="smq.server.writer"):
         clocks.step(100 * DAY)  # NTP sets the right time
         assert stored(writer) == (1, 50)
         assert stored(writer) == (1, 50)
@@ -121,7 +123,7 @@ def test_at_start_a_clock_behind_the_stored_times_does_not_count_the_downtime(tm
     # Power cut; the board boots with the time it saved a day before (fake-hwclock).
     clocks.reboot()
     clocks.step(-3 * DAY)
-    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+    with caplog.at_level(logging.WARNING, logger="smq.server.writer"):
         writer = open_writer(tmp_path / "q.db", clocks)
     assert any("behind the newest stored message time" in r.getMessage() for r in caplog.records)
     assert stored(writer) == (1, 10)
@@ -141,7 +143,7 @@ def test_at_start_times_written_before_the_clock_was_set_count_from_now(tmp_path
     close(writer)
     right = Clocks(NOW)  # rebooted; NTP set the clock before SMQ started
     right.boot = "boot-2"
-    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+    with caplog.at_level(logging.WARNING, logger="smq.server.writer"):
         writer = open_writer(tmp_path / "q.db", right)
     assert any("written before the clock was set" in r.getMessage() for r in caplog.records)
     right.wait(7 * DAY - 10)
@@ -175,7 +177,7 @@ def test_a_step_while_stopped_in_the_same_boot_deletes_nothing(tmp_path, clocks,
     close(writer)
     clocks.wait(60)
     clocks.step(100 * DAY)
-    with caplog.at_level(logging.WARNING, logger="smq.writer"):
+    with caplog.at_level(logging.WARNING, logger="smq.server.writer"):
         writer = open_writer(tmp_path / "q.db", clocks)
     assert any("while SMQ was stopped" in r.getMessage() for r in caplog.records)
     assert stored(writer) == (1, 50)
@@ -218,7 +220,8 @@ def test_slewing_is_not_a_step():
 
 SHIFTED_CLOCK_SERVER = """
 import sys, time
-from smq import cli, clock
+from smq import cli
+from smq.server import clock
 def wall():
     with open(sys.argv[1]) as f:
         return time.time() + float(f.read())

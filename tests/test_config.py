@@ -1,15 +1,29 @@
-"""smq.config.load(flags, environ): defaults, precedence flags > environment > .env file >
-defaults under the original names, boolean spellings, and errors that name the setting
-and the value. No process is started here; see test_cli.py for the command."""
+"""The settings tables' load(flags, environ): the server's (smq.server.config) and the
+clients' connection (smq.connection): defaults, precedence flags > environment > .env
+file > defaults under the original names, boolean spellings, and errors that name the
+setting and the value. No process is started here; see test_cli.py for the command."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from smq.cli import serve_parser
-from smq.config import SETTINGS, SETTINGS_BY_FIELD, Config, load
+from smq import connection
+from smq.cli.serve import serve_parser
 from smq.errors import ConfigError, StartupError
+from smq.server.config import SETTINGS, ServerConfig as Config, load
+
+# Both tables by field (the port is in both, the same setting).
+SETTINGS_BY_FIELD = {s.field: s for s in connection.SETTINGS + SETTINGS}
+
+
+def load_for(field: str):
+    """The load of the table that holds `field`: the server's, else the connection's."""
+    return load if field in {s.field for s in SETTINGS} else connection.load
+
+
+def default_for(field: str):
+    return getattr(Config() if load_for(field) is load else connection.ConnectionConfig(), field)
 
 
 @pytest.fixture(autouse=True)
@@ -34,9 +48,11 @@ def test_defaults_are_the_originals():
     assert config.allow_remote_writes is True
     assert config.server_enable_mtls is False
     assert (config.server_cert, config.server_key, config.server_ca_cert) == ("", "", "")
-    assert config.enable_mtls is False
-    assert (config.client_cert, config.client_key, config.ca_cert) == ("", "", "")
     assert config.durability == "full"
+    client = connection.load({}, {})
+    assert client == connection.ConnectionConfig()
+    assert (client.host, client.port, client.enable_mtls) == ("localhost", 8097, False)
+    assert (client.client_cert, client.client_key, client.ca_cert) == ("", "", "")
 
 
 ORIGINAL_NAMES = {
@@ -61,7 +77,7 @@ def test_original_flag_and_environment_names(field: str):
 
 
 def test_additions_are_prefixed_smq():
-    for setting in SETTINGS:
+    for setting in SETTINGS_BY_FIELD.values():
         if setting.field not in ORIGINAL_NAMES:
             assert setting.env.startswith("SMQ_"), setting
 
@@ -97,7 +113,8 @@ LAYERS = {
 def test_precedence_flag_over_environment_over_env_file_over_default(field: str, empty_cwd: Path):
     (flag_raw, env_raw, file_raw), (flag_value, env_value, file_value) = LAYERS[field]
     name = SETTINGS_BY_FIELD[field].env
-    default = getattr(Config(), field)
+    default = default_for(field)
+    load = load_for(field)
     assert getattr(load({}, {}), field) == default
 
     write_env_file(empty_cwd / ".env", **{name: file_raw})
@@ -218,7 +235,7 @@ FALSE_SPELLINGS = ["false", "False", "FALSE", "no", "No", "off", "OFF", "0", "f"
 def test_boolean_spellings(text: str, expected: bool, empty_cwd: Path):
     assert load({"allow_remote_writes": text}, {}).allow_remote_writes is expected
     assert load({}, {"ALLOW_REMOTE_WRITES": text}).allow_remote_writes is expected
-    assert load({}, {"ENABLE_MTLS": text}).enable_mtls is expected
+    assert connection.load({}, {"ENABLE_MTLS": text}).enable_mtls is expected
     write_env_file(empty_cwd / ".env", ALLOW_REMOTE_WRITES=text.strip())
     assert load({}, {}).allow_remote_writes is expected
 
@@ -288,14 +305,14 @@ def check_names_setting_and_value(exc: ConfigError, field: str, raw: str, source
 @pytest.mark.parametrize("field,raw", INVALID)
 def test_invalid_flag_value_names_setting_and_value(field: str, raw: str):
     with pytest.raises(ConfigError) as info:
-        load({field: raw}, {})
+        load_for(field)({field: raw}, {})
     check_names_setting_and_value(info.value, field, raw, "command line")
 
 
 @pytest.mark.parametrize("field,raw", INVALID)
 def test_invalid_environment_value_names_setting_and_value(field: str, raw: str):
     with pytest.raises(ConfigError) as info:
-        load({}, {SETTINGS_BY_FIELD[field].env: raw})
+        load_for(field)({}, {SETTINGS_BY_FIELD[field].env: raw})
     check_names_setting_and_value(info.value, field, raw, "environment")
 
 
@@ -304,7 +321,7 @@ def test_invalid_environment_value_names_setting_and_value(field: str, raw: str)
 def test_invalid_env_file_value_names_setting_and_value(field: str, raw: str, empty_cwd: Path):
     write_env_file(empty_cwd / ".env", **{SETTINGS_BY_FIELD[field].env: raw})
     with pytest.raises(ConfigError) as info:
-        load({}, {})
+        load_for(field)({}, {})
     check_names_setting_and_value(info.value, field, raw, ".env file")
 
 

@@ -12,7 +12,8 @@ import grpc
 import pytest
 
 from smq._proto import smq_pb2, smq_pb2_grpc
-from smq.storage import Storage, StorageOptions
+from smq.server.schema import StorageOptions
+from smq.server.storage import Storage
 
 RPC_TIMEOUT = 30
 

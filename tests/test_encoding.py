@@ -1,4 +1,4 @@
-"""Pages on the wire (smq/encoding.py) against protobuf's own encoding, property-based:
+"""Pages on the wire (smq/server/encoding.py) against protobuf's own encoding, property-based:
 every byte of the hand-encoded replies, the size of every message's entry, and that a
 page cut by `fit` never exceeds the server's send limit by its encoded size, for any
 payload size from 0 to the largest --max-message-size and offsets up to 2**63 - 1."""
@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from hypothesis import example, given, settings, strategies as st
 
-from smq import encoding
+from smq.server import encoding
 from smq._proto import smq_pb2
-from smq.server import ENVELOPE_BYTES
-from smq.service import PAGE_BYTES
+from smq.server.app import ENVELOPE_BYTES
+from smq.server.service import PAGE_BYTES
 
 MAX_MESSAGE_SIZE = 64 * 1024**2  # the largest --max-message-size accepted
 INT64_MAX = 2**63 - 1

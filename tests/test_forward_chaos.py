@@ -8,7 +8,7 @@ exactly once, in order per topic.
 The step-downs are what a plain pipeline of publishes does not survive: a leader
 change answers some messages of a window with "no responders" while it stores later
 ones, and sending the failed ones again stores them out of order (the forwarder's
-chain of conditional publishes prevents that; see smq.jetstream)."""
+chain of conditional publishes prevents that; see smq.forward.jetstream)."""
 from __future__ import annotations
 
 import asyncio

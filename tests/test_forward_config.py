@@ -15,9 +15,9 @@ import pytest
 from conftest import ROOT
 from forwarding import forward_env
 from smq.errors import ConfigError
-from smq.forward_config import SETTINGS, ForwardConfig, default_node, load
-from smq.forwarder import RateLimit, TopicState
-from smq.jetstream import describe, pattern_within, subject_matches
+from smq.forward.config import SETTINGS, ForwardConfig, default_node, load
+from smq.forward.engine import RateLimit, TopicState
+from smq.forward.jetstream import describe, pattern_within, subject_matches
 
 UNIT = ROOT / "systemd" / "smq-forward.service"
 SERVER_UNIT = ROOT / "systemd" / "smq.service"

@@ -1,4 +1,4 @@
-"""The hand-off between callers and the group-commit writer (smq/writer.py), in-process.
+"""The hand-off between callers and the group-commit writer (smq/server/writer.py), in-process.
 
 No timing is asserted: only who commits, what shares a commit, and shutdown order.
 """
@@ -10,8 +10,10 @@ import time
 import pytest
 
 from smq.errors import Unavailable
-from smq.storage import Storage, StorageOptions
-from smq.writer import Append, CreateTopic, GroupCommitWriter, WriteOp
+from smq.server.schema import StorageOptions
+from smq.server.storage import Storage
+from smq.server.ops import Append, CreateTopic, WriteOp
+from smq.server.writer import GroupCommitWriter
 
 
 class Probe(WriteOp):

@@ -25,10 +25,10 @@ import pytest
 from conftest import ROOT, ServerProcess, clean_env, make_topic, point_cli_at
 from smq._proto import smq_pb2 as pb
 from smq.client import Client
-from smq.config import Config
-from smq.list_pages import MAX_PAGE_SIZE
-from smq.server import send_limit
-from smq.storage import Storage
+from smq.server.config import ServerConfig as Config
+from smq.server.lists import MAX_PAGE_SIZE
+from smq.server.app import send_limit
+from smq.server.storage import Storage
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,7 +45,7 @@ def long_name(i: int, fill: str) -> str:
 
 
 def fill_database(db: Path, topics: list[str], consumers: list[tuple[str, str]] = ()) -> None:
-    """Topics and (consumer, topic) offsets written by smq.storage in one transaction."""
+    """Topics and (consumer, topic) offsets written by smq.server.storage in one transaction."""
     storage = Storage(str(db))
     try:
         with storage.write_transaction():

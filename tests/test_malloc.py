@@ -1,4 +1,4 @@
-"""glibc's malloc tuned by smq/malloc.py: memory freed after a burst of large buffers
+"""glibc's malloc tuned by smq/server/malloc.py: memory freed after a burst of large buffers
 goes back to the system, in a fresh process each (mallopt settings are per process)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import ROOT
 
 BURST = """
 import ctypes, sys
-from smq import malloc
+from smq.server import malloc
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = [ctypes.c_size_t]

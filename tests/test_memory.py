@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT
 from smq._proto import smq_pb2, smq_pb2_grpc
-from smq.config import Config
+from smq.server.config import ServerConfig as Config
 from smq.server import Server
 
 sys.path.insert(0, str(ROOT / "soak"))

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT, clean_env, mdwe_supported
 from smq import __version__
-from smq.storage import SCHEMA_VERSION
+from smq.server.schema import SCHEMA_VERSION
 
 PACKAGING = ROOT / "packaging"
 PLATFORMS = PACKAGING / "platforms"

@@ -1,4 +1,4 @@
-"""smq/pool.py under a real gRPC server: calls are taken in turn by connection, at most
+"""smq/server/pool.py under a real gRPC server: calls are taken in turn by connection, at most
 `receive_slots` calls receive their request at once (half of them per connection),
 and every thread is started up front.
 
@@ -15,8 +15,8 @@ import grpc
 import pytest
 
 from conftest import ROOT
-from smq.handlers import receiving
-from smq.pool import FairPool
+from smq.server.handlers import receiving
+from smq.server.pool import FairPool
 
 sys.path.insert(0, str(ROOT / "soak"))
 from stalled import StalledConnection  # noqa: E402

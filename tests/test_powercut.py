@@ -35,7 +35,7 @@ import apsw
 import grpc
 
 from smq._proto import smq_pb2, smq_pb2_grpc
-from smq.storage import stored_messages
+from smq.server.storage import stored_messages
 
 CYCLES = int(os.environ.get("SMQ_POWERCUT_CYCLES", "20"))
 SEED = int(os.environ.get("SMQ_POWERCUT_SEED", str(random.randrange(1 << 30))))

@@ -2,7 +2,8 @@
 import re
 
 from conftest import ROOT
-from smq.config import SETTINGS
+from smq import connection
+from smq.server.config import SETTINGS
 
 README = (ROOT / "README.md").read_text()
 
@@ -18,7 +19,7 @@ def section(title: str) -> str:
 def test_every_setting_is_in_the_configuration_table():
     table = section("### Configuration")
     rows = set(re.findall(r"^\| `(--[a-z-]+)` \| `([A-Z_]+)` \|", table, re.MULTILINE))
-    assert rows == {(s.flag, s.env) for s in SETTINGS}
+    assert rows == {(s.flag, s.env) for s in SETTINGS + connection.SETTINGS}
 
 
 def test_the_two_setup_commands_are_the_ones_ci_runs():

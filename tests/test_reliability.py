@@ -13,9 +13,9 @@ import grpc
 import pytest
 
 from conftest import assert_one_line_refusal, integrity, start_and_fail, tmpfs
-from smq import writer
+from smq.server import retention
 from smq._proto import smq_pb2
-from smq.storage import stored_messages
+from smq.server.storage import stored_messages
 
 KIB = 1024
 
@@ -24,8 +24,9 @@ KIB = 1024
 
 def make_database(path: Path, messages: int = 2000) -> None:
     """A real SMQ database with some content, written by the server itself."""
-    from smq.storage import Storage
-    from smq.writer import Append, CreateTopic, GroupCommitWriter
+    from smq.server.storage import Storage
+    from smq.server.ops import Append, CreateTopic
+    from smq.server.writer import GroupCommitWriter
     storage = Storage(str(path))
     writer = GroupCommitWriter(storage)
     writer.submit(CreateTopic("t")).wait()
@@ -247,18 +248,18 @@ def test_real_full_filesystem(start_server, tmp_path):
 
 def test_space_taken_by_another_file_is_noticed_while_the_budget_is_far(start_server, tmp_path):
     """Far from the floor the writer reuses its measure of free space for a moment
-    (writer.ROOM_SECONDS); space another process takes meanwhile must still be seen."""
+    (retention.ROOM_SECONDS); space another process takes meanwhile must still be seen."""
     with tmpfs(tmp_path / "big", "400m") as mount:  # tmpfs pages cost memory only when written
         server = start_server("--min-free-space", "100MiB", db=mount / "q.db")
         stub = server.stub()
         stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="t"))
         assert stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"far")).offset == 1
         # The writer's budget is far, so its measure is being reused (the path under test).
-        assert shutil.disk_usage(mount).free - 100 * 1024 * KIB > writer.ROOM_TRUSTED_ABOVE
+        assert shutil.disk_usage(mount).free - 100 * 1024 * KIB > retention.ROOM_TRUSTED_ABOVE
         with open(mount / "ballast", "wb") as ballast:  # leaves < 100 MiB free
             for _ in range(310):
                 ballast.write(b"\0" * 1024 * KIB)
-        time.sleep(3 * writer.ROOM_SECONDS)
+        time.sleep(3 * retention.ROOM_SECONDS)
         with pytest.raises(grpc.RpcError) as err:
             stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"near"))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import ServerProcess
 from smq._proto import smq_pb2, smq_pb2_grpc
-from smq.config import Config
+from smq.server.config import ServerConfig as Config
 from smq.errors import StartupError
 from smq.server import Server
 

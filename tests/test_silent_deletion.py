@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_one_line_refusal, integrity, start_and_fail, tmpfs
 from smq._proto import smq_pb2
-from smq.storage import stored_messages
+from smq.server.storage import stored_messages
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -358,8 +358,10 @@ def test_deleting_a_topic_of_small_messages_at_a_full_filesystem(start_server, t
 def test_a_stream_at_the_disk_budget_keeps_what_came_before_the_refused_message(tmp_path):
     """In-process on a real file: the writer's StreamProduce op, messages of one commit."""
     from smq.errors import StorageFull
-    from smq.storage import Storage, StorageOptions
-    from smq.writer import Append, CreateTopic, GroupCommitWriter
+    from smq.server.schema import StorageOptions
+    from smq.server.storage import Storage
+    from smq.server.ops import Append, CreateTopic
+    from smq.server.writer import GroupCommitWriter
     storage = Storage(str(tmp_path / "q.db"), StorageOptions(max_db_size=1 * MIB))
     writer = GroupCommitWriter(storage)
     writer.execute(CreateTopic("t"))
@@ -376,8 +378,11 @@ def test_a_stream_at_the_disk_budget_keeps_what_came_before_the_refused_message(
 
 def test_a_stream_refused_at_the_budget_drops_nothing_of_a_drop_oldest_topic(tmp_path):
     from smq.errors import StorageFull
-    from smq.storage import Storage, StorageOptions, TopicPolicy
-    from smq.writer import Append, CreateTopic, GroupCommitWriter, SetPolicy
+    from smq.domain import TopicPolicy
+    from smq.server.schema import StorageOptions
+    from smq.server.storage import Storage
+    from smq.server.ops import Append, CreateTopic, SetPolicy
+    from smq.server.writer import GroupCommitWriter
     storage = Storage(str(tmp_path / "q.db"), StorageOptions(max_db_size=1 * MIB))
     writer = GroupCommitWriter(storage)
     for name in ("drop", "fill"):

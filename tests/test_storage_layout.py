@@ -1,4 +1,4 @@
-"""The on-disk layout: consecutive messages share a row (smq/batches.py). Whatever the
+"""The on-disk layout: consecutive messages share a row (smq/server/batches.py). Whatever the
 batch sizes, every read, trim and byte count must be the same as if each message had
 its own row; and a database written by the first format (one row per message) is
 migrated on start with nothing lost."""
@@ -13,9 +13,10 @@ import apsw
 import pytest
 
 from conftest import assert_one_line_refusal, start_and_fail, tmpfs
-from smq import batches
+from smq.server import batches
 from smq._proto import smq_pb2
-from smq.storage import MIGRATIONS, SCHEMA_VERSION, Storage, StorageOptions, stored_messages
+from smq.server.schema import MIGRATIONS, SCHEMA_VERSION, StorageOptions
+from smq.server.storage import Storage, stored_messages
 
 # Runs of payloads that end up as one row, several rows (more than ROW_PAYLOAD_BYTES),
 # single-message rows, one message larger than a row, and empty payloads.

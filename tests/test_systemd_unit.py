@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, SERVER_COMMAND
-from smq.config import SETTINGS
+from smq.server.config import SETTINGS
 
 UNIT = ROOT / "systemd" / "smq.service"
 MAX_EXPOSURE = 2.0

@@ -22,8 +22,8 @@ import pytest
 
 from conftest import SERVER_COMMAND, ServerProcess, clean_env, make_topic
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
-from smq.service import DEFAULT_PAGE_MESSAGES, MAX_PAGE_MESSAGES
-from smq.storage import MIGRATIONS
+from smq.server.service import DEFAULT_PAGE_MESSAGES, MAX_PAGE_MESSAGES
+from smq.server.schema import MIGRATIONS
 
 TIMEOUT = 20.0  # seconds for any one call: generous, the machine is shared
 MiB = 1024**2

@@ -1,4 +1,4 @@
-"""smq/write_queue.py: large writes take room before they go to the writer, so that a
+"""smq/server/write_queue.py: large writes take room before they go to the writer, so that a
 small write never waits behind more than a few of them; with real threads."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import pytest
 
 from smq.errors import Overloaded
-from smq.write_queue import SMALL_WRITE, WriteQueue
+from smq.server.write_queue import SMALL_WRITE, WriteQueue
 
 MIB = 1024**2
 

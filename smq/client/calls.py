@@ -1,0 +1,115 @@
+"""The plumbing under every Client call: the channel's lifecycle, deadlines, retries of
+idempotent calls while the server is UNAVAILABLE, list pages, streams that cancel when
+left, and the translation of gRPC errors into `smq.errors` classes.
+
+Used from any thread: the stub is grpc's, which is thread-safe; `close()` may race a
+call, which then fails as on a closed channel.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from .._proto import smq_pb2_grpc
+from ..errors import SMQError
+from ..retry import backoff
+from .transport import Op, error_for
+from .types import DEFAULT_LIST_PAGE_SIZE, Timeout, _UseClientDefault
+
+log = logging.getLogger("smq.client")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds; doubled per attempt, with jitter
+
+
+class Calls:
+    """A channel to one server and the way calls go over it (Client's base)."""
+
+    timeout: float | None
+    retries: int
+    tls: bool
+    target: str
+    _channel: grpc.Channel | None
+    _stub: smq_pb2_grpc.SuhaibMessageQueueStub
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._channel is None else ("mTLS" if self.tls else "plaintext")
+        return f"<Client {self.target} ({state})>"
+
+    def close(self) -> None:
+        """Close the connection; running iterators end. Safe to call more than once."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._channel is None
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stream(self, method: str, request: Any) -> Iterator[Any]:
+        """A server-streaming call, cancelled when the block ends (frees the server's slot)."""
+        call = getattr(self._stub_or_raise(), method)(request)
+        try:
+            yield call
+        finally:
+            call.cancel()
+
+    def _stub_or_raise(self) -> smq_pb2_grpc.SuhaibMessageQueueStub:
+        if self._channel is None:
+            raise RuntimeError("this Client is closed; create a new one")
+        return self._stub
+
+    def _pages(self, method: str, request: Any, timeout: Timeout, op: Op) -> Iterator[Any]:
+        """The answers of a paged list call, first page to last: each page's token asks
+        for the next one. A server from before paging ignores the page fields and answers
+        the whole list, with no token: one page."""
+        request.page_size = DEFAULT_LIST_PAGE_SIZE
+        while True:
+            response = self._call(method, request, timeout, op, idempotent=True)
+            yield response
+            if not response.next_page_token:
+                return
+            request.page_token = response.next_page_token
+
+    def _timeout_of(self, timeout: Timeout) -> float | None:
+        return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
+
+    def _call(self, method: str, request: Any, timeout: Timeout, op: Op,
+              idempotent: bool = False) -> Any:
+        """One unary (or client-streaming) call: deadline, retries, error translation."""
+        call = getattr(self._stub_or_raise(), method)
+        budget = self._timeout_of(timeout)
+        deadline = None if budget is None else time.monotonic() + budget
+        attempt = 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return call(request, timeout=remaining)
+            except grpc.RpcError as exc:
+                if idempotent and exc.code() == grpc.StatusCode.UNAVAILABLE \
+                        and attempt < self.retries and not self.closed:
+                    delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX)
+                    if deadline is None or time.monotonic() + delay < deadline:
+                        attempt += 1
+                        log.debug("%s: unavailable, retry %d in %.2f s", op.action, attempt, delay)
+                        time.sleep(delay)
+                        continue
+                raise self._error(exc, op, budget) from exc
+
+    def _error(self, exc: grpc.RpcError, op: Op, timeout: float | None) -> SMQError:
+        return error_for(exc, op, target=self.target, tls=self.tls, timeout=timeout)

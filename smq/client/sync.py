@@ -1,0 +1,455 @@
+"""The SMQ client: `pysmq` 1.0.8's API, plus batching, paged streams and resuming.
+
+    from smq.client import Client
+
+    with Client("localhost", 8097) as client:
+        client.create_topic("sensors")                      # idempotent
+        offset = client.produce("sensors", b'{"t": 21.5}')   # -> 1
+        payload, offset = client.consume_latest("sensors")
+        for payload, offset in client.iter_messages("sensors", 0):   # resumes by itself
+            ...
+
+Programs written for pysmq run unchanged once `from pysmq.client import Client` reads
+`from smq.client import Client` (and the same for `ClientTLSConfig` and the exception
+classes, which this module re-exports). What differs from pysmq:
+
+- `produce` returns the real offset, `stream_produce` works.
+- pysmq's positional arguments keep their places (`consume(topic, offset, timeout)`);
+  what is new is keyword-only (`Client(..., *, timeout=, retries=, unix_socket=)`).
+- Timeouts: every call gets `timeout=` seconds (the client's default, 10 s, unless
+  given; None waits forever). Streams have no deadline.
+- Idempotent calls (connect, offsets, consume, bulk_retrieve, create_topic,
+  delete_until_offset, listings, policies, commit_offset) are retried with exponential
+  backoff while the server is UNAVAILABLE, within their timeout. Produce calls and
+  deletions of topics and consumers are never retried.
+- Errors are typed by status code (see `smq.errors`): `.code` is the grpc.StatusCode,
+  `.details` the server's text, and the message says what to do.
+- `iter_messages` and `subscribe` follow a topic across server restarts, without gaps
+  or duplicates; `produce_many` sends batches. `unix_socket=` connects locally.
+- This SMQ's own calls: per-topic retention (`get_topic_policy`, `set_topic_policy`),
+  durable named consumers (`commit_offset`, `committed_offset`, `list_consumers`,
+  `delete_consumer`, and `consumer=` on `iter_messages`/`subscribe`), `server_info`.
+
+The value types live in `smq.client.types`, the channel and the status -> error table
+in `smq.client.transport`, the call plumbing in `smq.client.calls` and the resuming
+of streams in `smq.client.resume`; import them all from `smq.client`.
+
+A Client is thread-safe: one per process is enough. `close()` (or leaving the `with`
+block) releases the connection and ends running iterators; a closed client refuses reuse.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import grpc
+
+from .._proto import smq_pb2, smq_pb2_grpc
+from ..domain import DEFAULT_HOST, DEFAULT_PORT, TopicPolicy, tcp_address
+from ..errors import (NotFound, SMQAuthenticationError, SMQConnectionError, SMQConsumeError,
+                      SMQException, SMQOffsetError, SMQProduceError, SMQTimeoutError,
+                      SMQTopicCreationError)
+from .resume import Resuming
+from .transport import ERROR_FOR_STATUS, Op, open_channel
+from .types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE,
+                    DEFAULT_MAX_MESSAGE_SIZE_MB, DEFAULT_PAGE_SIZE, DEFAULT_RETRIES,
+                    DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT, USE_CLIENT_DEFAULT,
+                    ClientConfig, ClientTLSConfig, ConsumerInfo, Message, Payload, ServerInfo,
+                    Timeout, TopicInfo, as_bytes, batches, whole_seconds)
+
+__all__ = [
+    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
+    "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "ERROR_FOR_STATUS",
+    "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
+    "SMQException", "SMQConnectionError", "SMQAuthenticationError", "SMQProduceError",
+    "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError", "SMQTimeoutError",
+]
+
+
+
+class Client(Resuming):
+    """A connection to an SMQ server (pysmq's `Client`, compatible).
+
+    `Client(host, port, tls_config)` as in pysmq; keyword-only options:
+
+    - `unix_socket`: path of the server's Unix socket (`--unix-socket`); host, port
+      and TLS are then not used. Callers on the socket may always write.
+    - `timeout`: seconds for each call unless the call says otherwise (default 10;
+      None waits forever). Includes the retries.
+    - `retries`: extra attempts of idempotent calls while the server is UNAVAILABLE.
+    - `server_hostname`: the name to verify in the server's certificate, when it
+      differs from `host` (e.g. connecting by IP address).
+    - `channel`: a ready `grpc.Channel` to use instead (tests, custom setups).
+
+    Raises SMQAuthenticationError if a TLS file cannot be read.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 tls_config: ClientTLSConfig | None = None,
+                 max_send_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
+                 max_receive_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB, *,
+                 unix_socket: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
+                 retries: int = DEFAULT_RETRIES, server_hostname: str | None = None,
+                 channel: grpc.Channel | None = None) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {retries}")
+        if tls_config is not None and unix_socket:
+            raise ValueError("tls_config cannot be used with unix_socket: the server's "
+                             "socket is plaintext, for callers on the same device")
+        self.timeout = timeout
+        self.retries = retries
+        self.tls = tls_config is not None and channel is None
+        if channel is not None:
+            self.target = "(given channel)"
+        elif unix_socket:
+            self.target = f"unix:{unix_socket}"
+        else:
+            self.target = tcp_address(host, port)
+        if channel is None:
+            channel = open_channel(self.target, tls_config, server_hostname=server_hostname,
+                                   max_send_mb=max_send_message_size_mb,
+                                   max_receive_mb=max_receive_message_size_mb)
+        self._channel: grpc.Channel | None = channel
+        self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
+
+    def connect(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Check that the server answers (the channel itself connects lazily).
+
+        Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
+        self._call("Connect", smq_pb2.ConnectRequest(), timeout,
+                   Op(f"connect to {self.target}", SMQConnectionError), idempotent=True)
+
+    def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
+        """Like `connect`, and return the round trip time in seconds."""
+        started = time.perf_counter()
+        self.connect(timeout)
+        return time.perf_counter() - started
+
+    def server_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
+        """The server's version, durability, maximum message size, uptime, commit
+        counters and storage totals (not in the original SMQ: Unimplemented there)."""
+        response = self._call("GetServerInfo", smq_pb2.GetServerInfoRequest(), timeout,
+                              Op("get the server's info", None), idempotent=True)
+        return ServerInfo.from_proto(response)
+
+    # -- topics ---------------------------------------------------------------------
+
+    def create_topic(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> bool | None:
+        """Create a topic; creating an existing one succeeds and changes nothing. Returns
+        True if this call created it, False if it existed, None from a server too old to
+        say (pysmq returned None).
+
+        Raises SMQTopicCreationError: InvalidArgument (bad name), PermissionDenied."""
+        response = self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
+                              Op(f"create topic {topic!r}", SMQTopicCreationError, topic),
+                              idempotent=True)
+        return response.created if response.HasField("created") else None
+
+    def list_topics(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[TopicInfo]:
+        """Every topic, by name: asked for in pages of DEFAULT_LIST_PAGE_SIZE, so any
+        number of topics can be listed (a server from before paging answers all at once).
+        `timeout` applies per page."""
+        pages = self._pages("ListTopics", smq_pb2.ListTopicsRequest(), timeout, Op("list topics", None))
+        return [TopicInfo.from_proto(t) for page in pages for t in page.topics]
+
+    def describe_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicInfo:
+        """Offsets, size and counters of one topic. Raises NotFound."""
+        response = self._call("DescribeTopic", smq_pb2.DescribeTopicRequest(topic=topic), timeout,
+                              Op(f"describe topic {topic!r}", None, topic), idempotent=True)
+        return TopicInfo.from_proto(response.topic)
+
+    def delete_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Delete a topic and all its messages. Re-creating it continues its offsets.
+        Raises NotFound, PermissionDenied (remote writes disabled)."""
+        self._call("DeleteTopic", smq_pb2.DeleteTopicRequest(topic=topic), timeout,
+                   Op(f"delete topic {topic!r}", None, topic))
+
+    def get_topic_policy(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT
+                         ) -> tuple[TopicPolicy, TopicPolicy]:
+        """The topic's retention and disk-full policy, as (overrides, effective): what the
+        topic sets itself (None: the server's default), and what applies. Raises NotFound."""
+        response = self._call("GetTopicPolicy", smq_pb2.GetTopicPolicyRequest(topic=topic),
+                              timeout, Op(f"get the policy of topic {topic!r}", None, topic),
+                              idempotent=True)
+        return TopicPolicy.from_proto(response.overrides), TopicPolicy.from_proto(response.effective)
+
+    def set_topic_policy(self, topic: str, *, max_messages: int | None = None,
+                         max_bytes: int | None = None, max_age: float | None = None,
+                         on_full: str | None = None, keep_uncommitted: bool | None = None,
+                         timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicPolicy:
+        """Set the topic's policy overrides (see `TopicPolicy`) and return the effective policy.
+
+        This REPLACES the overrides: a field not given goes back to the server's default.
+        To change one field, pass the others from `get_topic_policy(topic)[0]` too
+        (`dataclasses.asdict(overrides) | {"max_age": 3600}`). Limits: 0 is no limit;
+        `max_age` in whole seconds; `on_full` "reject" or "drop-oldest". Applies from the
+        next commit on. Raises NotFound, InvalidArgument, PermissionDenied (remote writes
+        disabled)."""
+        policy = TopicPolicy(max_messages, max_bytes, whole_seconds(max_age, "max_age"),
+                             on_full, keep_uncommitted)
+        request = smq_pb2.SetTopicPolicyRequest(
+            topic=topic, policy=smq_pb2.TopicPolicy(**policy.to_proto_fields()))
+        response = self._call("SetTopicPolicy", request, timeout,  # replaces: safe to retry
+                              Op(f"set the policy of topic {topic!r}", None, topic), idempotent=True)
+        return TopicPolicy.from_proto(response.effective)
+
+    # -- offsets ----------------------------------------------------------------------
+
+    def get_earliest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """The lowest offset still stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
+        return self._call("GetEarliestOffset", smq_pb2.GetEarliestOffsetRequest(topic=topic),
+                          timeout, Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
+                          idempotent=True).offset
+
+    def get_latest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """The highest offset stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
+        return self._call("GetLatestOffset", smq_pb2.GetLatestOffsetRequest(topic=topic),
+                          timeout, Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
+                          idempotent=True).offset
+
+    def delete_until_offset(self, topic: str, offset: int,
+                            timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Delete every message with offset <= `offset` (idempotent; offsets are never
+        reused). Raises SMQOffsetError: NotFound, PermissionDenied."""
+        self._call("DeleteUntilOffset", smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
+                   timeout, Op(f"delete messages of {topic!r} up to offset {offset}",
+                                SMQOffsetError, topic), idempotent=True)
+
+    # -- producing ----------------------------------------------------------------------
+
+    def produce(self, topic: str, message: Payload, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """Append one message (bytes, or str sent as UTF-8); returns its offset once it
+        is committed. Not retried. Raises SMQProduceError: NotFound, InvalidArgument,
+        PermissionDenied, ResourceExhausted (too large, disk full, overloaded)."""
+        request = smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
+        return self._call("Produce", request, timeout,
+                          Op(f"produce to {topic!r}", SMQProduceError, topic)).offset
+
+    def stream_produce(self, topic: str, messages: Iterable[Payload], *,
+                       timeout: float | None = None) -> int:
+        """Append each message of `messages` in order over one stream; returns the offset
+        of the last one (0 if there was none). No deadline unless `timeout` is given.
+
+        If the iterable raises, the messages before are appended and the exception is
+        re-raised. On a server error, the messages before the failing one stay appended."""
+        failure: list[BaseException] = []
+
+        def requests() -> Iterator[smq_pb2.ProduceRequest]:
+            try:
+                for message in messages:
+                    yield smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
+            except Exception as exc:  # end the stream cleanly, re-raise below
+                failure.append(exc)
+
+        try:
+            offset = self._call("StreamProduce", requests(), timeout,
+                                Op(f"stream-produce to {topic!r}", SMQProduceError, topic)).offset
+        finally:
+            if failure:
+                raise failure[0]
+        return offset
+
+    def produce_many(self, topic: str, messages: Iterable[Payload], *,
+                     batch_size: int = DEFAULT_BATCH_SIZE,
+                     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+                     timeout: Timeout = USE_CLIENT_DEFAULT) -> list[range]:
+        """Append many messages, in order, in batches of at most `batch_size` messages and
+        `max_batch_bytes` bytes (a larger message goes alone). Each batch is one atomic
+        ProduceBatch request: all of it is appended, or none.
+
+        Returns the offsets, one `range` per batch, in input order:
+        `[o for r in ranges for o in r]` lists every offset. `timeout` applies per batch.
+        If a batch fails, the batches before it stay appended and the error message
+        says how many messages were appended. Raises SMQProduceError."""
+        if batch_size < 1 or max_batch_bytes < 1:
+            raise ValueError("batch_size and max_batch_bytes must be at least 1")
+        ranges: list[range] = []
+        appended = 0
+        for batch in batches(messages, batch_size, max_batch_bytes):
+            action = f"produce a batch of {len(batch)} messages to {topic!r}"
+            if appended:
+                action += f" (the {appended} messages before it were appended)"
+            response = self._call("ProduceBatch",
+                                  smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
+                                  timeout, Op(action, SMQProduceError, topic))
+            ranges.append(range(response.first_offset, response.last_offset + 1))
+            appended += len(batch)
+        return ranges
+
+    # -- consuming ----------------------------------------------------------------------
+
+    def consume(self, topic: str, offset: int, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
+        """The message at `offset`, as (payload, offset). Raises SMQConsumeError:
+        OffsetOutOfRange (not produced yet), NotFound (deleted, below 1, or no topic)."""
+        return self._consume(topic, offset, timeout, wrap_all=False)
+
+    def _consume(self, topic: str, offset: int, timeout: Timeout, wrap_all: bool) -> Message:
+        response = self._call("Consume", smq_pb2.ConsumeRequest(topic=topic, offset=offset), timeout,
+                              Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic,
+                                  wrap_all), idempotent=True)
+        return Message(response.message, response.offset)
+
+    def consume_earliest(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
+        """The earliest stored message. Raises SMQConsumeError (TopicEmpty, ...)."""
+        return self._consume_at_end(topic, "GetEarliestOffset", "earliest", timeout)
+
+    def consume_latest(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
+        """The latest message. Raises SMQConsumeError (TopicEmpty, ...)."""
+        return self._consume_at_end(topic, "GetLatestOffset", "latest", timeout)
+
+    def _consume_at_end(self, topic: str, method: str, which: str, timeout: Timeout) -> Message:
+        request_class = getattr(smq_pb2, f"{method}Request")
+        op = Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
+        attempt = 0
+        while True:
+            offset = self._call(method, request_class(topic=topic), timeout, op,
+                                idempotent=True).offset
+            try:
+                return self._consume(topic, offset, timeout, wrap_all=True)
+            except NotFound:  # trimmed between the two calls: look again, twice at most
+                attempt += 1
+                if attempt > 2:
+                    raise
+
+    def bulk_retrieve(self, topic: str, start_offset: int, limit: int,
+                      timeout: Timeout = USE_CLIENT_DEFAULT) -> smq_pb2.BulkRetrieveResponse:
+        """Up to `limit` messages with offset >= `start_offset` (inclusive), as the
+        response message: `.messages` (each `.message`, `.offset`), `.count`,
+        `.next_offset` (feed it back for the next page). `limit <= 0`: server default.
+        Pages are also capped by the server. Raises SMQConsumeError."""
+        request = smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=start_offset, limit=limit)
+        return self._call("BulkRetrieve", request, timeout,
+                          Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
+                          idempotent=True)
+
+    def stream_consume(self, topic: str, start_offset: int) -> Iterator[Message]:
+        """Every message from `start_offset` (or the earliest), then each new one as it
+        is committed; never ends by itself. Heartbeats are skipped. As in pysmq, a lost
+        connection raises SMQConnectionError: `iter_messages` resumes instead."""
+        op = Op(f"stream messages of {topic!r}", SMQConsumeError, topic)
+        try:
+            with self._stream("StreamConsume",
+                              smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)) as call:
+                for response in call:
+                    if response.offset != SMQ_SPECIAL_OFFSET_HEARTBEAT:
+                        yield Message(response.message, response.offset)
+        except grpc.RpcError as exc:
+            if self.closed:
+                return
+            raise self._error(exc, op, None) from exc
+
+    def iter_messages(self, topic: str, from_offset: int = 0, *, follow: bool = True,
+                      page_size: int = DEFAULT_PAGE_SIZE, reconnect: bool = True,
+                      timeout: Timeout = USE_CLIENT_DEFAULT,
+                      consumer: str | None = None) -> Iterator[Message]:
+        """Every message from `from_offset` (0, or anything below the earliest, means the
+        earliest), as (payload, offset): the stored ones in pages (BulkRetrieve), then,
+        with `follow`, each new one as it is committed (StreamConsume). Without `follow`
+        it ends once it has caught up.
+
+        It knows its next offset: when the connection is lost or the server restarts,
+        it reconnects (backoff up to 5 s, forever, logged as warnings; also when a page
+        read times out) and goes on where it was, with no gap and no duplicate. Messages deleted meanwhile are skipped.
+        `reconnect=False` raises SMQConnectionError instead; without `follow` it gives up
+        after the client's `retries`. Uses only the original SMQ's calls (but see `consumer`).
+
+        `consumer`: a durable named consumer. It starts after the consumer's committed
+        offset (at `from_offset` if it has none) and commits as it goes: the last offset
+        of each page once the loop asks for the next message, so what is committed has
+        been handled (at least once: after a crash, the rest of a page comes again).
+        Followed messages come one per page here; `subscribe` commits fewer, larger pages.
+        A loop that stops early leaves its current page uncommitted: call
+        `commit_offset` with the last offset it handled."""
+        op = Op(f"read messages of {topic!r}", SMQConsumeError, topic)
+
+        def pages(cursor: int) -> Iterator[list[Message]]:
+            while True:
+                response = self._stub_or_raise().BulkRetrieve(
+                    smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=cursor, limit=page_size),
+                    timeout=self._timeout_of(timeout))
+                if not response.messages:
+                    break
+                yield [Message(m.message, m.offset) for m in response.messages]
+                cursor = response.messages[-1].offset + 1
+            if not follow:
+                return
+            with self._stream("StreamConsume",
+                              smq_pb2.ConsumeRequest(topic=topic, offset=cursor)) as call:
+                for response in call:
+                    if response.offset == SMQ_SPECIAL_OFFSET_HEARTBEAT:
+                        yield []
+                    else:
+                        yield [Message(response.message, response.offset)]
+
+        limit = None if follow and reconnect else (self.retries if reconnect else 0)
+        return self._resuming(pages, max(from_offset, 0), op, limit, follow,
+                              consumer, topic, self._timeout_of(timeout))
+
+    def subscribe(self, topic: str, from_offset: int = 0, *, page_size: int = 0,
+                  reconnect: bool = True, consumer: str | None = None) -> Iterator[Message]:
+        """Like `iter_messages(topic, from_offset)`, over the paged Subscribe stream of
+        this SMQ (not in the original): the fastest way to read a topic and follow it.
+        Yields each message as (payload, offset); pages are up to `page_size` messages
+        (0: the server's maximum). Resumes after a reconnect like `iter_messages`, and
+        with `consumer=NAME` starts after its committed offset and commits each page
+        (the server sends what one commit appended as one page) as `iter_messages` does."""
+        op = Op(f"subscribe to {topic!r}", SMQConsumeError, topic)
+
+        def pages(cursor: int) -> Iterator[list[Message]]:
+            request = smq_pb2.SubscribeRequest(topic=topic, offset=cursor, max_messages=page_size)
+            with self._stream("Subscribe", request) as call:
+                for response in call:
+                    yield [Message(m.message, m.offset) for m in response.messages]
+
+        return self._resuming(pages, max(from_offset, 0), op, None if reconnect else 0, True,
+                              consumer, topic, self.timeout)
+
+    # -- durable named consumers ------------------------------------------------------------
+
+    def commit_offset(self, consumer: str, topic: str, offset: int, *,
+                      timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Record, in the server's database, that `consumer` has processed `topic` up to
+        and including `offset`; it resumes at `offset + 1` (commit 0 to start from the
+        beginning). Committing is allowed even where remote writes are disabled.
+        Raises NotFound (no topic), OffsetOutOfRange (above the latest), InvalidArgument
+        (bad consumer name: as for topics)."""
+        request = smq_pb2.CommitOffsetRequest(consumer=consumer, topic=topic, offset=offset)
+        self._call("CommitOffset", request, timeout,
+                   Op(f"commit offset {offset} of {topic!r} for consumer {consumer!r}", None, topic),
+                   idempotent=True)
+
+    def committed_offset(self, consumer: str, topic: str, *,
+                         timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """The last offset `consumer` committed on `topic`. Raises NotFound if it has
+        committed none there (or the topic does not exist)."""
+        request = smq_pb2.GetCommittedOffsetRequest(consumer=consumer, topic=topic)
+        return self._call("GetCommittedOffset", request, timeout,
+                          Op(f"get the committed offset of consumer {consumer!r} on {topic!r}",
+                             None, topic), idempotent=True).offset
+
+    def resume_offset(self, consumer: str, topic: str, *,
+                      timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
+        """Where `consumer` goes on reading `topic`: its committed offset + 1, or 0 (the
+        earliest) if it has committed nothing there. Raises NotFound (no topic)."""
+        try:
+            return self.committed_offset(consumer, topic, timeout=timeout) + 1
+        except NotFound:
+            self.describe_topic(topic, timeout=timeout)  # NotFound if the topic is missing
+            return 0
+
+    def list_consumers(self, topic: str | None = None, *, consumer: str | None = None,
+                       timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ConsumerInfo]:
+        """Every committed offset of a named consumer, by consumer: all of them, or only
+        those on `topic` and/or of `consumer` (no match: an empty list). In pages, as
+        `list_topics`."""
+        request = smq_pb2.ListConsumersRequest(topic=topic or "", consumer=consumer or "")
+        pages = self._pages("ListConsumers", request, timeout, Op("list consumers", None, topic))
+        return [ConsumerInfo.from_proto(c) for page in pages for c in page.consumers]
+
+    def delete_consumer(self, consumer: str, topic: str | None = None, *,
+                        timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+        """Forget `consumer`'s committed offset on `topic`, or on every topic. Not retried.
+        Raises NotFound if it had none there (or the topic does not exist)."""
+        where = f" on {topic!r}" if topic else ""
+        self._call("DeleteConsumer", smq_pb2.DeleteConsumerRequest(consumer=consumer, topic=topic or ""),
+                   timeout, Op(f"delete consumer {consumer!r}{where}", None, topic))

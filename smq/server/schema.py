@@ -1,0 +1,348 @@
+"""The database file: its format (tables, migrations) and how it is opened.
+
+DatabaseFile opens one SMQ database: locks it against a second server, refuses files
+that are not SMQ's, newer than this SMQ, damaged or truncated (or moves them aside),
+switches to WAL mode, sets the durability, migrates older formats forward, and sizes
+the WAL and the reserve from the disk budget. Called once at start-up (main thread);
+storage.Storage owns what it opened.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import logging
+import os
+import time
+
+import apsw
+
+from ..errors import StartupError
+
+log = logging.getLogger("smq.server.storage")
+
+# Format of the database file, kept in PRAGMA user_version. Raise it with a
+# migration in MIGRATIONS whenever the schema changes; an older SMQ refuses a newer file.
+SCHEMA_VERSION = 3
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE topics (
+               id           INTEGER PRIMARY KEY,
+               name         TEXT NOT NULL UNIQUE,
+               next_offset  INTEGER NOT NULL DEFAULT 1,  -- never goes back: offsets are not reused
+               stored_bytes INTEGER NOT NULL DEFAULT 0,  -- sum of payload sizes still stored
+               created_at   INTEGER NOT NULL,            -- unix seconds
+               deleted      INTEGER NOT NULL DEFAULT 0,  -- kept so a re-created topic goes on
+               -- per-topic overrides of the server's defaults; NULL: use the default
+               max_messages INTEGER,
+               max_bytes    INTEGER,
+               max_age      INTEGER,                     -- seconds
+               on_full      TEXT,                        -- 'reject' or 'drop-oldest'
+               keep_uncommitted INTEGER                  -- retention spares uncommitted messages
+           )""",
+        """CREATE TABLE messages (
+               topic_id   INTEGER NOT NULL,
+               msg_offset INTEGER NOT NULL,
+               payload    BLOB NOT NULL,
+               PRIMARY KEY (topic_id, msg_offset)
+           )""",
+        # When messages were written, coarsely: one row per topic per second of writing
+        # at most, (first offset written in that second, unix second). Age retention
+        # reads it instead of a timestamp per message.
+        """CREATE TABLE time_marks (
+               topic_id     INTEGER NOT NULL,
+               first_offset INTEGER NOT NULL,
+               marked_at    INTEGER NOT NULL,
+               PRIMARY KEY (topic_id, first_offset)
+           ) WITHOUT ROWID""",
+        # Durable named consumers: the last offset each has processed, per topic.
+        """CREATE TABLE consumers (
+               name             TEXT NOT NULL,
+               topic_id         INTEGER NOT NULL,
+               committed_offset INTEGER NOT NULL,
+               updated_at       INTEGER NOT NULL,
+               PRIMARY KEY (name, topic_id)
+           ) WITHOUT ROWID""",
+        "CREATE INDEX consumers_by_topic ON consumers (topic_id, committed_offset)",
+    ),
+    # Consecutive messages share a row (batches.py): a batch is one row, not one per message.
+    2: (
+        """CREATE TABLE batches (
+               topic_id     INTEGER NOT NULL,
+               first_offset INTEGER NOT NULL,
+               last_offset  INTEGER NOT NULL,
+               payloads     BLOB NOT NULL,  -- the payloads, one after the other
+               sizes        BLOB,           -- their lengths (uint32 LE); NULL for one message
+               PRIMARY KEY (topic_id, first_offset)
+           )""",
+        """INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)
+           SELECT topic_id, msg_offset, msg_offset, payload, NULL FROM messages""",
+        "DROP TABLE messages",
+    ),
+    # Small facts about the database as a whole, such as message time's offset (clock.py).
+    3: (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    ),
+}
+
+DURABILITY_PRAGMAS = {
+    # WAL + synchronous=FULL: the WAL is fsynced at every commit, so an ack survives power loss.
+    "full": "FULL",
+    # WAL + synchronous=NORMAL: fsync only at checkpoints; an ack survives a crash of
+    # the process but the last commits may be lost on power loss.
+    "normal": "NORMAL",
+}
+BUSY_TIMEOUT_MS = 10_000
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first bytes of every SQLite database file
+MIN_DATABASE_BYTES = 512  # SQLite's smallest page: a database is at least one page
+WAL_SIZE_LIMIT = 64 * 1024**2  # truncate the WAL back to this after checkpoints
+# The disk budget is --max-db-size, or else the filesystem's size. Writes stop this
+# far before it, so that trims and deletes, which need room in the WAL, still work at
+# a full budget: a sixteenth of the budget, within these bounds.
+DELETE_RESERVE_MIN = 64 * 1024
+DELETE_RESERVE_MAX = 8 * 1024**2
+# The WAL counts in the budget: it is checkpointed and truncated to its share, an
+# eighth of the budget within these bounds, and that much is set aside for it.
+WAL_SHARE_MIN = 64 * 1024
+DEFAULT_AUTOCHECKPOINT_PAGES = 1000  # SQLite's; small budgets checkpoint more often
+@dataclasses.dataclass(frozen=True)
+class StorageOptions:
+    durability: str = "full"     # a key of DURABILITY_PRAGMAS
+    readers: int = 4             # read connections in the pool
+    startup_check: str = "quick"  # 'quick': PRAGMA quick_check on open; 'off'
+    on_corrupt: str = "refuse"   # 'refuse' or 'move-aside' (rename it, start fresh)
+    max_db_size: int = 0         # bytes; 0: no limit (SQLite's max_page_count enforces it)
+    min_free_space: int = 0      # bytes that must stay free on the filesystem
+
+
+class DamagedDatabase(StartupError):
+    """The file is not SQLite, or SQLite finds it damaged or truncated."""
+
+
+class DatabaseFile:
+    """An open SMQ database file: `writer` is the connection of the writer thread;
+    `connect()` opens more (the readers)."""
+
+    def __init__(self, path: str, options: StorageOptions) -> None:
+        self.path = path
+        self.options = options
+        self.directory = os.path.dirname(os.path.abspath(path))  # for free_space()
+        existed = os.path.exists(path)  # before _lock_database creates it
+        self.lock_fd = self._lock_database()
+        budget = options.max_db_size or _filesystem_size(self.directory)
+        self.reserve = min(max(budget // 16, DELETE_RESERVE_MIN), DELETE_RESERVE_MAX)
+        self.trim_step = self.reserve // 4  # payload bytes a large trim deletes per transaction
+        self.wal_share = min(max(budget // 8, WAL_SHARE_MIN), WAL_SIZE_LIMIT)
+        found = {suffix: os.path.exists(path + suffix) for suffix in ("", "-wal", "-shm")}
+        found[""] = existed
+        try:
+            self.writer = self._open_writer(existed)
+        except DamagedDatabase as exc:
+            if options.on_corrupt != "move-aside":
+                self._leave_as_found(found)
+                raise
+            moved = self._move_aside()
+            log.error("DATABASE DAMAGED: %s; moved it to %s and starting with an EMPTY "
+                      "database (--on-corrupt=move-aside)", exc, moved)
+            self._unlock_database()
+            self.lock_fd = self._lock_database()
+            self.writer = self._open_writer(existed=False)
+        except BaseException:
+            self._leave_as_found(found)
+            raise
+        self.page_size = self.writer.pragma("page_size")
+
+    def connect(self, flags: int, query_only: bool = False) -> apsw.Connection:
+        conn = apsw.Connection(self.path, flags=flags)
+        conn.setbusytimeout(BUSY_TIMEOUT_MS)
+        _keep_wal_files(conn)
+        if query_only:
+            conn.pragma("query_only", True)
+        return conn
+
+    def _open_writer(self, existed: bool) -> apsw.Connection:
+        """Open (creating if needed), check and migrate the database; refuse files that
+        are not ours, newer than us, damaged or truncated."""
+        where = f"database {self.path!r}"
+        self._refuse_truncated(existed)
+        conn = None
+        try:
+            conn = self.connect(apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
+            version = conn.pragma("user_version")
+            if version > SCHEMA_VERSION:
+                raise StartupError(
+                    f"{where} has format {version}, written by a newer SMQ; this SMQ reads "
+                    f"formats up to {SCHEMA_VERSION}: upgrade SMQ, or point --dbpath at another file")
+            if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").get:
+                raise StartupError(f"{where} is an SQLite database but not an SMQ one")
+            if version == 0:
+                # Must be set before the first table exists; lets trims give space back.
+                conn.pragma("auto_vacuum", "INCREMENTAL")
+            if conn.pragma("journal_mode", "WAL") != "wal":
+                raise StartupError(f"{where}: cannot switch to WAL mode (is the directory writable?)")
+            conn.pragma("synchronous", DURABILITY_PRAGMAS[self.options.durability])
+            conn.pragma("journal_size_limit", self.wal_share)
+            conn.pragma("wal_autocheckpoint", min(self.wal_share // 2 // conn.pragma("page_size"),
+                                                  DEFAULT_AUTOCHECKPOINT_PAGES))
+            if self.options.startup_check == "quick":
+                problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise DamagedDatabase(f"{where} is damaged: {_one_line(problems)}")
+            self._migrate(conn, version)
+            if self.options.max_db_size:
+                # SQLite's own hard limit: the budget less the WAL's share. SMQ's writes
+                # stop a reserve earlier (free_space), which trims and deletes may use.
+                pages = (self.options.max_db_size - self.wal_share) // conn.pragma("page_size")
+                conn.pragma("max_page_count", max(pages, 16))
+            return conn
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StartupError) or not isinstance(exc, apsw.Error):
+                raise
+            raise _startup_error(where, self.path, exc) from None
+
+    def _refuse_truncated(self, existed: bool) -> None:
+        """Refuse a database file that lost its content: SQLite would start an empty
+        database in a file shorter than a page (offsets from 1 again) and drop what the
+        WAL holds. SMQ keeps the -wal and -shm files beside its database even after a
+        clean stop, so such a file with either beside it once held a database; a
+        zero-length file alone (`touch`) is a new one, a few bytes alone are not SMQ's."""
+        wal, shm = self.path + "-wal", self.path + "-shm"
+        wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
+        where = f"database {self.path!r}"
+        advice = ("restore it from a backup, or start with --on-corrupt move-aside to move "
+                  "these files aside and start with an empty database")
+        if not existed:
+            if wal_bytes:
+                raise DamagedDatabase(f"{where} is missing but its WAL {wal!r} holds {wal_bytes} "
+                                      f"bytes of it: {advice}")
+            return
+        size = os.path.getsize(self.path)
+        if size >= MIN_DATABASE_BYTES:
+            return  # SQLite and quick_check judge the rest
+        if size and not (os.path.exists(wal) or os.path.exists(shm)):
+            raise DamagedDatabase(f"{where} is {size} bytes long, too short for an SQLite "
+                                  f"database: {advice}")
+        if os.path.exists(wal) or os.path.exists(shm):
+            evidence = (f"its WAL holds {wal_bytes} bytes" if wal_bytes
+                        else "the -wal/-shm files beside it show that it held one")
+            raise DamagedDatabase(f"{where} is {size} bytes long but {evidence}: it was "
+                                  f"truncated; {advice}")
+
+    def _leave_as_found(self, found: dict[str, bool]) -> None:
+        """After a refusal: remove the files that opening made (the empty database file
+        of _lock_database, SQLite's -wal and -shm), then unlock. A refused database is
+        left as it was, and the -wal/-shm made here cannot later pass for evidence that
+        it held data (_refuse_truncated)."""
+        for suffix, existed in found.items():
+            if not existed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
+        self._unlock_database()
+
+    def _lock_database(self) -> int:
+        """One SMQ per database file: an exclusive flock on the file, held until close().
+        (flock is separate from SQLite's own fcntl locks; the descriptor is closed only
+        after SQLite's connections, so closing it cannot drop their locks.)"""
+        where = f"database {self.path!r}"
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except IsADirectoryError:
+            raise StartupError(f"cannot open {where}: it is a directory") from None
+        except OSError as exc:
+            raise StartupError(f"cannot open {where}: {_open_hint(self.path)} ({exc.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"{where} is in use by another SMQ server; "
+                               "stop it or choose another --dbpath") from None
+        return fd
+
+    def _unlock_database(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def _move_aside(self) -> str:
+        """Rename the database (and its WAL and shared-memory files) out of the way."""
+        target = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}"
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.path + suffix):
+                os.replace(self.path + suffix, target + suffix)
+        return target
+
+    def _migrate(self, conn: apsw.Connection, version: int) -> None:
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            try:
+                with conn:
+                    for statement in MIGRATIONS[target]:
+                        conn.execute(statement)
+                    conn.pragma("user_version", target)
+            except apsw.FullError:
+                raise StartupError(
+                    f"database {self.path!r}: no room to migrate it to format {target} (it is "
+                    "copied once: needs free space of about twice its size); the file is "
+                    "unchanged: free some space and start again") from None
+            log.info("database format migrated to %d", target)
+        if version and version < SCHEMA_VERSION:
+            # Migrations copy tables: give the old ones' pages back to the disk now (or,
+            # if even that finds no room, little by little later, as after trims).
+            try:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+                conn.pragma("wal_checkpoint", "TRUNCATE")
+            except apsw.FullError:
+                log.warning("no room to give the old format's pages back yet")
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file, close the writer's connection, unlock."""
+        with contextlib.suppress(apsw.Error):
+            self.writer.pragma("wal_checkpoint", "TRUNCATE")
+        self.writer.close()
+        self._unlock_database()
+
+
+def _filesystem_size(directory: str) -> int:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return 0  # the directory is missing: opening the database says so
+    return stats.f_blocks * stats.f_frsize
+
+
+def _keep_wal_files(conn: apsw.Connection) -> None:
+    """Keep the -wal and -shm files when the last connection closes (SQLite empties the
+    WAL instead of deleting it): they show that the database exists (_refuse_truncated)."""
+    persist = ctypes.c_int(1)
+    conn.file_control("main", apsw.SQLITE_FCNTL_PERSIST_WAL, ctypes.addressof(persist))
+
+
+def _one_line(problems: list[str], limit: int = 200) -> str:
+    """SQLite's multi-line integrity report, as one short line."""
+    lines = [line.strip() for p in problems for line in p.splitlines()
+             if line.strip() and not line.startswith("***")]
+    text = "; ".join(lines)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _startup_error(where: str, path: str, exc: apsw.Error) -> StartupError:
+    if isinstance(exc, (apsw.NotADBError, apsw.CorruptError)):
+        return DamagedDatabase(f"{where} is not an SQLite database or is damaged ({exc})")
+    if isinstance(exc, apsw.CantOpenError):
+        return StartupError(f"cannot open {where}: {_open_hint(path)} ({exc})")
+    if isinstance(exc, apsw.ReadOnlyError):
+        return StartupError(f"{where} is read-only: {_open_hint(path)} ({exc})")
+    return StartupError(f"cannot open {where}: {type(exc).__name__}: {exc}")
+
+
+def _open_hint(path: str) -> str:
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f"file {path!r} is not writable"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"directory {directory!r} does not exist"
+    if not os.access(directory, os.W_OK):
+        return f"directory {directory!r} is not writable"
+    return "check the path and its permissions"

@@ -1,0 +1,297 @@
+"""The SuhaibMessageQueue service over QueueService: each method unpacks the request,
+calls the service and packs the reply (errors: status.py; memory: budget.py). Called by
+the threads that run calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from .. import __version__
+from .._proto import smq_pb2, smq_pb2_grpc
+from ..domain import HEARTBEAT_OFFSET, TopicPolicy
+from ..errors import ResourceExhausted
+from . import encoding
+from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
+from .handlers import Encoded, charge, decoded
+from .lists import Listing, PageRequest, page_of
+from .service import (PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, ConsumerState, Follower,
+                      QueueService, page_messages)
+from .status import rpc, streaming_rpc
+from .storage import TopicState
+
+SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
+HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=HEARTBEAT_OFFSET).SerializeToString()
+MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
+MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty ones is a weapon)
+
+def is_local(context: grpc.ServicerContext) -> bool:
+    """True for callers on the Unix socket."""
+    return context.peer().startswith("unix:")
+
+
+class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
+    """SuhaibMessageQueue over QueueService."""
+
+    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str,
+                 send_limit: int, budget: MemoryBudget) -> None:
+        self.service = service
+        self.budget = budget
+        self.heartbeat_interval = heartbeat_interval
+        self.durability = durability
+        self.send_limit = send_limit  # list pages fit it (see list_pages)
+        self.started = time.monotonic()
+
+    @rpc
+    def Connect(self, request, context):
+        return smq_pb2.ConnectResponse()
+
+    @rpc
+    def CreateTopic(self, request, context):
+        self.service.check_may_write(is_local(context))
+        return smq_pb2.CreateTopicResponse(created=self.service.create_topic(request.topic))
+
+    @rpc
+    def GetEarliestOffset(self, request, context):
+        return smq_pb2.GetEarliestOffsetResponse(offset=self.service.earliest_offset(request.topic))
+
+    @rpc
+    def GetLatestOffset(self, request, context):
+        return smq_pb2.GetLatestOffsetResponse(offset=self.service.latest_offset(request.topic))
+
+    @rpc
+    def Produce(self, request, context):
+        self.service.check_may_write(is_local(context))
+        return smq_pb2.ProduceResponse(offset=self.service.produce(request.topic, request.message))
+
+    @rpc
+    def StreamProduce(self, request_iterator, context):
+        self.service.check_may_write(is_local(context))
+        with self.service.stream_slot(), Writes() as writes:
+            last = self.service.produce_stream(_messages(request_iterator, writes),
+                                               committed=writes.committed)
+        return smq_pb2.ProduceResponse(offset=last)
+
+    @rpc
+    def Consume(self, request, context):
+        payload = self.service.consume(request.topic, request.offset)
+        return smq_pb2.ConsumeResponse(message=payload, offset=request.offset)
+
+    @streaming_rpc
+    def StreamConsume(self, request, context):
+        with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
+            follower = self._follow(context, request.topic, request.offset, memory,
+                                    STREAM_PAGE_MESSAGES, STREAM_PAGE_BYTES)
+            while not follower.cancelled:
+                yield from self._consume_replies(follower, memory)
+
+    @staticmethod
+    def _consume_replies(follower: Follower, memory: CallMemory) -> Iterator[Any]:
+        """A heartbeat, or the next page's messages one by one: the page stays alive in
+        this generator only, charged until its last message is taken."""
+        page = follower.next_page()
+        if page == []:
+            yield HEARTBEAT
+        if not page:
+            return
+        memory.hold(held_page_cost(page))
+        for offset, payload in page:
+            memory.sending()
+            yield Encoded(encoding.consume_response(offset, payload))
+            memory.sent()
+        memory.taken()
+
+    def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
+        """A stream place owned by this connection and topic (see QueueService.stream_slot).
+        Unix-socket callers all share one peer name, so none of them is ever evicted.
+        A stream for a missing topic fails here, before it could end another one."""
+        self.service.describe(topic)
+        peer = context.peer()
+        owner = None if peer.startswith("unix:") else (peer, topic)
+        return self.service.stream_slot(owner, context.cancel)
+
+    def _reply_memory(self, context: grpc.ServicerContext) -> CallMemory:
+        """The call's share of the memory budget, released when the call ends (whatever
+        ends it), or when the `with` block of a stream's handler does."""
+        peer = context.peer()
+        memory = self.budget.open_call(None if peer.startswith("unix:") else peer, context.cancel)
+        if not context.add_callback(memory.close):
+            memory.close()  # the call already ended
+        return memory
+
+    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int, memory: CallMemory,
+                page_messages: int = 0, page_bytes: int = PAGE_BYTES) -> Follower:
+        """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends,
+        reading pages as large as the memory budget lets this call build."""
+        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages,
+                                       page_bytes, memory)
+        if not context.add_callback(follower.cancel):
+            follower.cancel()  # the call already ended: nothing would wake it later
+        return follower
+
+    @rpc
+    def DeleteUntilOffset(self, request, context):
+        self.service.check_may_write(is_local(context))
+        self.service.trim(request.topic, request.offset)
+        return smq_pb2.DeleteUntilOffsetResponse()
+
+    @rpc
+    def ProduceBatch(self, request, context):
+        self.service.check_may_write(is_local(context))
+        if len(request.messages) > MAX_BATCH_MESSAGES:  # before a Python object per message
+            raise ResourceExhausted(f"a batch holds at most {MAX_BATCH_MESSAGES} messages, "
+                                    f"not {len(request.messages)}: split it")
+        first, last = self.service.produce_batch(request.topic, list(request.messages))
+        return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
+
+    @streaming_rpc
+    def Subscribe(self, request, context):
+        with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
+            follower = self._follow(context, request.topic, request.offset, memory,
+                                    request.max_messages)
+            while True:
+                reply = self._subscribe_reply(follower, memory)
+                if reply is None:
+                    return
+                yield reply
+                memory.taken()
+
+    @staticmethod
+    def _subscribe_reply(follower: Follower, memory: CallMemory) -> Encoded | None:
+        """The next page as an encoded SubscribeResponse, charged until the client takes
+        it; None once the stream is cancelled. The page itself dies here."""
+        page = follower.next_page()
+        if page is None:
+            return None
+        reply = encoding.subscribe_response(page, follower.cursor)
+        memory.hold(REPLY_COPIES * len(reply))
+        return Encoded(reply)
+
+    @rpc
+    def ListTopics(self, request, context):
+        page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
+        return smq_pb2.ListTopicsResponse(topics=page.messages, next_page_token=page.next_token)
+
+    @rpc
+    def DescribeTopic(self, request, context):
+        return smq_pb2.DescribeTopicResponse(topic=topic_info(self.service.describe(request.topic)))
+
+    @rpc
+    def DeleteTopic(self, request, context):
+        self.service.check_may_write(is_local(context))
+        self.service.delete_topic(request.topic)
+        return smq_pb2.DeleteTopicResponse()
+
+    @rpc
+    def SetTopicPolicy(self, request, context):
+        self.service.check_may_write(is_local(context))
+        return policy_reply(*self.service.set_policy(request.topic, TopicPolicy.from_proto(request.policy)))
+
+    @rpc
+    def GetTopicPolicy(self, request, context):
+        return policy_reply(*self.service.policy(request.topic))
+
+    @rpc
+    def CommitOffset(self, request, context):
+        self.service.commit_offset(request.consumer, request.topic, request.offset)
+        return smq_pb2.CommitOffsetResponse()
+
+    @rpc
+    def GetCommittedOffset(self, request, context):
+        return smq_pb2.GetCommittedOffsetResponse(
+            offset=self.service.committed_offset(request.consumer, request.topic))
+
+    @rpc
+    def ListConsumers(self, request, context):
+        page = page_of(CONSUMERS, self.service.consumers(request.topic, request.consumer),
+                       page_request(request), self.send_limit)
+        return smq_pb2.ListConsumersResponse(consumers=page.messages,
+                                             next_page_token=page.next_token)
+
+    @rpc
+    def DeleteConsumer(self, request, context):
+        self.service.check_may_write(is_local(context))
+        self.service.delete_consumer(request.consumer, request.topic)
+        return smq_pb2.DeleteConsumerResponse()
+
+    @rpc
+    def GetServerInfo(self, request, context):
+        return smq_pb2.GetServerInfoResponse(
+            version=__version__, durability=self.durability,
+            max_message_size=self.service.limits.max_message_size,
+            uptime_seconds=time.monotonic() - self.started,
+            **dataclasses.asdict(self.service.totals()))
+
+    @rpc
+    def BulkRetrieve(self, request, context):
+        memory = self._reply_memory(context)
+        max_bytes, count = memory.take_page(PAGE_BYTES, page_messages(request.limit))
+        reply = self._bulk_retrieve_reply(request, count, max_bytes)
+        memory.hold(REPLY_COPIES * len(reply))  # until the call ends: the client took it
+        return reply
+
+    def _bulk_retrieve_reply(self, request: Any, count: int, max_bytes: int) -> bytes:
+        """The page, encoded as a BulkRetrieveResponse; the page itself dies here."""
+        page = self.service.read(request.topic, request.start_offset, count, max_bytes)
+        return encoding.bulk_retrieve_response(page.messages, page.next_offset)
+
+
+def _messages(requests: Iterator[Any], writes: Writes) -> Iterator[tuple[str, bytes]]:
+    """(topic, payload) of each StreamProduce request; each one's budget charge goes to
+    `writes`, to be released once it is committed."""
+    for request in requests:
+        message = decoded(request)
+        taken = charge(request)
+        if taken is not None:
+            writes.add(taken)
+        item = (message.topic, message.message)
+        del request, message  # the parsed request, a second copy of the payload, goes now
+        yield item
+
+
+def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
+    return smq_pb2.TopicInfo(
+        name=topic.name, earliest_offset=topic.earliest or 0, latest_offset=topic.latest or 0,
+        message_count=topic.message_count, stored_bytes=topic.stored_bytes,
+        next_offset=topic.next_offset, created_at=topic.created_at)
+
+
+def consumer_info(consumer: ConsumerState) -> smq_pb2.ConsumerInfo:
+    return smq_pb2.ConsumerInfo(
+        consumer=consumer.consumer, topic=consumer.topic,
+        committed_offset=consumer.committed_offset, lag=consumer.lag,
+        updated_at=consumer.updated_at)
+
+
+TOPICS = Listing("topics", 1, lambda t: (t.name,), topic_info)
+CONSUMERS = Listing("consumer offsets", 2, lambda c: (c.consumer, c.topic), consumer_info)
+
+
+def page_request(request: smq_pb2.ListTopicsRequest | smq_pb2.ListConsumersRequest) -> PageRequest:
+    return PageRequest(request.page_size, request.page_token)
+
+
+def policy_reply(overrides: TopicPolicy, effective: TopicPolicy) -> smq_pb2.TopicPolicyResponse:
+    return smq_pb2.TopicPolicyResponse(overrides=smq_pb2.TopicPolicy(**overrides.to_proto_fields()),
+                                       effective=smq_pb2.TopicPolicy(**effective.to_proto_fields()))
+
+
+class Reflection(reflection.ReflectionServicer):
+    """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
+    one holds a thread, and the unary calls' threads must stay theirs."""
+
+    def __init__(self, service_names: tuple[str, ...], service: QueueService) -> None:
+        super().__init__(service_names)
+        self.service = service
+
+    @streaming_rpc
+    def ServerReflectionInfo(self, request_iterator, context):
+        with self.service.stream_slot():
+            yield from super().ServerReflectionInfo(request_iterator, context)
+
+

@@ -1,0 +1,65 @@
+"""SMQ errors to gRPC statuses, in one place: handlers wrapped by `rpc` or `streaming_rpc`
+answer a raised SMQError with its status (`SMQError.code`) and text, anything else with
+INTERNAL and a line in the log, never a traceback to the client. Called by the threads
+that run calls.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+from ..errors import REASON_KEY, SMQError
+from .handlers import decoded, release
+
+log = logging.getLogger(__name__)
+
+STATUS_OF = {code.name: code for code in grpc.StatusCode}  # an SMQError's `code` -> status
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """Answer the call with the status for exc (never a traceback to the client)."""
+    if isinstance(exc, SMQError):
+        if exc.code == "INTERNAL":
+            log.error("%s", exc)
+        if exc.reason:
+            context.set_trailing_metadata(((REASON_KEY, exc.reason),))
+        context.abort(STATUS_OF[exc.code], str(exc))
+    if not context.is_active():
+        # The client went away, or shutdown cancelled the call: nobody to answer. End the
+        # call all the same, or grpc tries to send the handler's None as the reply and
+        # logs a traceback.
+        context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
+    log.exception("unexpected error")
+    context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
+
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
+    @functools.wraps(method)
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, decoded(request), context)
+        except Exception as exc:
+            _abort(context, exc)
+        finally:
+            release(request)  # the handler is done with it
+    return handler
+
+
+def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+    """The same for server-streaming handlers (generators)."""
+    @functools.wraps(method)
+    def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            message = decoded(request)
+            release(request)  # a small request: not held for the whole stream
+            yield from method(self, message, context)
+        except Exception as exc:
+            _abort(context, exc)
+    return handler
+
+

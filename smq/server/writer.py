@@ -1,0 +1,320 @@
+"""Group commit: one write transaction at a time, many writes per transaction.
+
+Callers (gRPC threads) submit WriteOps and wait. The writer thread takes the op at
+the head of the queue plus everything queued behind it (up to a size cap), applies
+them all in one transaction, commits once (one fsync in full durability), and only
+then releases every caller. While one commit is being fsynced, new ops pile up and
+form the next group: the more concurrent writers, the more each commit carries.
+
+Two refinements, both about the hand-off between callers and the writer thread:
+
+- A lone writer commits its own op (`execute`): with nothing queued, no commit
+  running and the last group a single op, waking the writer thread and being woken
+  by it again costs more than the commit itself (two thread switches, each a GIL
+  hand-off). The commit lock keeps transactions one at a time either way.
+- A group waits briefly for the writers that are on their way: when N ops were about
+  at the last commit (its own and those that queued up during it: N callers that
+  each send their next write as soon as they are answered), the next group waits
+  for N ops, up to twice a commit's time (1 to 2 ms), instead of committing the
+  first arrival alone and the others one commit later. A lone writer never waits,
+  and a wrong guess costs one wait: the next group expects what actually came.
+
+If a group fails in storage (disk full, I/O error), nothing of it was committed;
+its ops are retried one per transaction so that one bad op cannot fail the others.
+
+At the disk budget, an Append to a drop-oldest topic trims that topic's oldest
+messages in its own transaction, just enough for it to fit: the write and what it
+dropped commit together, or neither does (a refused write has dropped nothing).
+
+The writer owns the working topic counters (next offset, earliest, bytes). After each
+commit it hands copies of the topics it changed to `on_commit`, which is how the
+rest of the server learns what readers may now see.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..domain import TopicPolicy
+from ..errors import SMQError, StorageFailure, StorageFull, Unavailable
+from ..logs import Throttled
+from .clock import MessageClock, describe_shift
+from .ops import STREAM_SECONDS, EnforceAge, WriteOp
+from .retention import ROOM_TRUSTED_ABOVE, Retention
+from .storage import Storage, TopicState
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP_MESSAGES = 20_000
+MAX_GROUP_BYTES = 32 * 1024**2
+TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
+# How long a group waits for the writers it expects: twice the recent commit time
+# (fsync included), within these bounds. Measured with 2 and 4 unary producers.
+GATHER_MIN_SECONDS = 0.001
+GATHER_MAX_SECONDS = 0.002
+GATHER_COMMITS = 2.0
+
+
+_STOP = object()
+
+
+class GroupCommitWriter(Retention):
+    """The single writer thread. Submit ops with `submit`; `close` drains and stops.
+
+    `topics` holds the live topics; `touched` and `deleted` collect what the current
+    group changed, for `on_commit`.
+    """
+
+    def __init__(self, storage: Storage,
+                 on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
+                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False),
+                 clock: MessageClock | None = None) -> None:
+        self.storage = storage
+        self.defaults = defaults
+        self.clock = clock or MessageClock()
+        self._init_retention()
+        self._full_logged = Throttled(log)
+        self.topics: dict[str, TopicState] = storage.reload_topics()
+        self._start_clock()
+        self.touched: set[str] = set()
+        self.deleted: list[TopicState] = []
+        self._topics_stale = False  # True while `topics` may be ahead of the database
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._carry: WriteOp | None = None
+        self._closed = False
+        self._commit_lock = threading.Lock()  # held while a group is applied and committed
+        self._finished = False  # set by close() under the commit lock: no more commits
+        self._expected = 1  # writers about at the last commit: the next group waits for them
+        self._commit_seconds = 0.0  # moving average of one commit's duration
+        self.commits = 0  # transactions committed, and the ops/messages they carried
+        self.committed_ops = 0
+        self.committed_messages = 0
+        self._thread = threading.Thread(target=self._run, name="smq-writer", daemon=True)
+        self._thread.start()
+
+    def committed_topics(self) -> list[TopicState]:
+        """Copies of the topic counters as of start-up, for the service's first view."""
+        return [t.snapshot() for t in self.topics.values()]
+
+    def submit(self, op: WriteOp) -> WriteOp:
+        """Queue op for the writer thread; `op.wait()` for its result."""
+        if self._closed:
+            raise Unavailable("server is shutting down")
+        self._queue.put(op)
+        return op
+
+    def execute(self, op: WriteOp, timeout: float | None = None) -> Any:
+        """Apply op, wait until it is committed, return its result or raise its error.
+        A lone writer (see the module's docstring) commits it in the calling thread."""
+        if self._closed:
+            raise Unavailable("server is shutting down")
+        if self._expected <= 1 and self._queue.empty() and self._commit_lock.acquire(blocking=False):
+            try:
+                if self._finished:
+                    raise Unavailable("server is shutting down")
+                self._commit_group([op])
+            finally:
+                self._commit_lock.release()
+            return op.wait(0)
+        return self.submit(op).wait(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Apply what is queued, then stop the thread (and wait for a caller's own commit)."""
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        if self._commit_lock.acquire(timeout=-1 if timeout is None else timeout):
+            self._finished = True
+            self._commit_lock.release()
+
+    # -- the thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_tick = time.monotonic() + TICK_SECONDS
+        while True:
+            first = self._next_first()
+            if first is _STOP:
+                return
+            wait = 0.0 if first is None else first.not_before - time.monotonic()
+            if wait > 0:  # a busy stream's next chunk: let it fill (StreamAppend)
+                time.sleep(min(wait, STREAM_SECONDS))
+            with self._commit_lock:
+                if first is not None:
+                    # Gathered under the lock: what arrives while a caller commits its
+                    # own op joins this group rather than the next.
+                    self._commit_group(self._gather(first))
+                if time.monotonic() >= next_tick:
+                    self._tick()
+                    next_tick = time.monotonic() + TICK_SECONDS
+
+    def _tick(self) -> None:
+        """Periodic upkeep: age retention (and saving message time's offset after a step
+        of the wall clock), then giving free pages back to the disk."""
+        self._read_clock()
+        if self._clock_unsaved or any(self.policy_of(t).max_age for t in self.topics.values()):
+            self._commit_group([EnforceAge()])
+        self._give_space_back()
+
+    def _start_clock(self) -> None:
+        """Message time goes on from what the database kept (clock.py); saved by the first
+        transaction, so that starting never writes (a full disk must not stop it)."""
+        newest = max((t.last_mark for t in self.topics.values() if t.last_mark), default=None)
+        for note in self.clock.start(self.storage.clock_state(), newest):
+            log.warning("%s", note)
+        self._clock_unsaved = True
+
+    def _read_clock(self) -> None:
+        """Fix message time for the next transaction; a step of the wall clock is logged
+        once and its offset saved by the next transaction."""
+        step = self.clock.tick()
+        if step:
+            log.warning("the wall clock stepped %s: message time goes on without the step, so age "
+                        "retention counts each message's age from when it was written",
+                        describe_shift(step))
+            self._clock_unsaved = True
+
+    def _next_first(self) -> Any:
+        """The op that starts the next group; None after an idle tick; _STOP to stop."""
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+            return first
+        try:
+            return self._queue.get(timeout=TICK_SECONDS)
+        except queue.Empty:
+            return None
+
+    def _gather(self, first: WriteOp) -> list[WriteOp]:
+        """`first` plus what is queued behind it, within the caps; when fewer ops than
+        were about at the last commit are there, wait a little for the rest (module
+        docstring)."""
+        group = [first]
+        messages, size = first.messages, first.bytes
+        deadline = None
+        while messages < MAX_GROUP_MESSAGES and size < MAX_GROUP_BYTES:
+            try:
+                op = self._queue.get_nowait()
+            except queue.Empty:
+                if len(group) >= self._expected:
+                    break
+                if deadline is None:
+                    wait = GATHER_COMMITS * self._commit_seconds
+                    deadline = time.monotonic() + min(max(wait, GATHER_MIN_SECONDS),
+                                                      GATHER_MAX_SECONDS)
+                try:
+                    op = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                except queue.Empty:
+                    break
+            if op is _STOP:
+                self._queue.put(_STOP)  # finish this group, then stop
+                break
+            if messages + op.messages > MAX_GROUP_MESSAGES or size + op.bytes > MAX_GROUP_BYTES:
+                self._carry = op
+                break
+            group.append(op)
+            messages += op.messages
+            size += op.bytes
+        return group
+
+    def _commit_group(self, group: list[WriteOp]) -> None:
+        """Apply and commit group (under the commit lock), then release its callers; ops
+        left unfinished go on in transactions of their own."""
+        while group:
+            group = self._commit_once(group)
+
+    def _commit_once(self, group: list[WriteOp]) -> list[WriteOp]:
+        """Apply and commit group; release the callers of its finished ops and return
+        the unfinished ones."""
+        started = time.monotonic()
+        unfinished: list[WriteOp] = []
+        try:
+            self._apply_in_one_transaction(group)
+            self._commit_seconds += 0.25 * (time.monotonic() - started - self._commit_seconds)
+            # The writers about: this group's, and those that queued up meanwhile.
+            self._expected = len(group) + self._queue.qsize()
+            unfinished = [op for op in group if op.unfinished and op.error is None]
+        except SMQError as exc:
+            self._forget_uncommitted()
+            if len(group) > 1:
+                log.warning("group of %d writes failed (%s); retrying one by one", len(group), exc)
+                for op in group:
+                    self._commit_group([op])
+                return []
+            group[0].result, group[0].error = None, exc
+            if isinstance(exc, StorageFull):  # a client writing into a full disk: once a minute
+                self._full_logged.log(logging.WARNING, "write refused: %s", exc)
+            else:
+                log.error("write failed: %s", exc)
+        except Exception as exc:  # a bug: fail the callers rather than hang them
+            log.exception("unexpected error in the writer")
+            self._forget_uncommitted()
+            for op in group:
+                op.result, op.error = None, StorageFailure(f"unexpected writer error: {exc}")
+        self._publish()
+        for op in group:
+            if op in unfinished:
+                op.unfinished = False
+            else:
+                op._finish()
+        return unfinished
+
+    def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
+        if self._room is not None and self._room < ROOM_TRUSTED_ABOVE:
+            self._room = None
+        if self._topics_stale:
+            self.topics = self.storage.reload_topics()
+            self._topics_stale = False
+        self._first_written.clear()
+        dropped_before = dict(self._dropped)
+        try:
+            with self.storage.write_transaction():
+                self._read_clock()
+                clock_saved = self._clock_unsaved
+                if clock_saved:
+                    self.storage.save_clock_state(self.clock.state())
+                for op in group:
+                    op.error = None
+                    op.apply(self)
+                self._enforce_retention()
+                self.storage.save_counters(self.topics[n] for n in self.touched if n in self.topics)
+        except BaseException:
+            self._dropped = dropped_before  # rolled back: nothing was dropped
+            raise
+        self._report_dropped()
+        self._limit_wal()
+        if clock_saved:
+            self._clock_unsaved = False
+        self.commits += 1
+        self.committed_ops += len(group)
+        self.committed_messages += sum(op.messages for op in group)
+
+    def _forget_uncommitted(self) -> None:
+        """After a rollback: the database is the truth again. Every topic is published
+        anew, since what was committed before the failure must not be lost from view.
+        Never raises: if the database cannot be read either, the next group reloads the
+        counters first (or fails)."""
+        self.deleted.clear()
+        self._topics_stale = True
+        try:
+            self.topics = self.storage.reload_topics()
+            self._topics_stale = False
+            self.touched = set(self.topics)
+        except SMQError as exc:
+            self.touched.clear()
+            log.error("cannot reload topic counters after a failed write: %s", exc)
+
+    def _publish(self) -> None:
+        if self.touched or self.deleted:
+            changed = [self.topics[n].snapshot() for n in self.touched if n in self.topics]
+            changed += [t.snapshot() for t in self.deleted if t.name not in self.topics]
+            self.touched.clear()
+            self.deleted.clear()
+            self._on_commit(changed)
+
