@@ -11,6 +11,7 @@ import fcntl
 import io
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -240,6 +241,9 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+SBIN = "/usr/sbin:/sbin"  # not on PATH in every sandbox (Bazel's has /bin:/usr/bin)
+
+
 @contextlib.contextmanager
 def ext4(path: Path, size_mb: int = 64):
     """A real ext4 filesystem on a loop device (needs root; the test is skipped otherwise)."""
@@ -247,10 +251,11 @@ def ext4(path: Path, size_mb: int = 64):
     path.mkdir()
     with open(image, "wb") as stream:
         stream.truncate(size_mb * 1024**2)
-    if os.geteuid() != 0 or subprocess.run(["mkfs.ext4", "-q", "-F", str(image)],
-                                           capture_output=True).returncode != 0 \
+    mkfs = shutil.which("mkfs.ext4", path=os.pathsep.join([os.environ.get("PATH", ""), SBIN]))
+    if os.geteuid() != 0 or mkfs is None \
+            or subprocess.run([mkfs, "-q", "-F", str(image)], capture_output=True).returncode \
             or subprocess.run(["mount", "-o", "loop", str(image), str(path)],
-                              capture_output=True).returncode != 0:
+                              capture_output=True).returncode:
         image.unlink()
         pytest.skip("cannot mount an ext4 loop device here (needs root and mkfs.ext4)")
     try:

@@ -13,6 +13,7 @@ CreateTopic calls leave behind, without their ~30 s of round trips), then served
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -247,8 +248,9 @@ def server_before_paging(start_server, tmp_path) -> ServerProcess:
     old = tmp_path / "before-paging"
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(old, filter="data")
-    return start_server(command=[sys.executable, "-m", "smq"],
-                        env=clean_env(PYTHONPATH=str(old)))
+    # Ahead of the path this test runs with (Bazel puts the dependencies there).
+    path = os.pathsep.join(filter(None, [str(old), os.environ.get("PYTHONPATH")]))
+    return start_server(command=[sys.executable, "-m", "smq"], env=clean_env(PYTHONPATH=path))
 
 
 def test_the_client_works_with_a_server_from_before_paging(server_before_paging):
