@@ -184,6 +184,9 @@
               {
                 nativeBuildInputs = [ testPython ];
                 SMQ_TEST_SERVER = "${smq}/bin/smq";
+                # testPython holds the dependencies, not smq: the tests import it (and
+                # start `python -m smq` servers) from this flake's source.
+                PYTHONPATH = "${self}";
               }
               ''
                 cp -r ${self} source

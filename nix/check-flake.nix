@@ -132,6 +132,11 @@ let
         (expect (same outputs.checks.${system}.package pkg) "${system}: checks.package is not the package")
         (expect (tests.kind == "runCommand" && str tests.env.SMQ_TEST_SERVER == bin) "${system}: checks.tests does not test the packaged server")
         (expect (builtins.match ".*python -m pytest[^\n]* tests\n.*" tests.script != null) "${system}: checks.tests does not run pytest on tests/")
+        # The tests' Python must find smq: PYTHONPATH is the flake's source (self, a
+        # stand-in path here), and that source is this checkout, which holds the package.
+        (expect (str (tests.env.PYTHONPATH or "") == str self.outPath
+          && builtins.pathExists ../smq/__main__.py && builtins.pathExists ../smq/server/app.py)
+          "${system}: checks.tests cannot import smq (PYTHONPATH is not the flake's source)")
         (expect (attrs outputs.devShells.${system} == [ "default" ] && attrs outputs.apps.${system} == [ "default" ]) "${system}: extra apps or dev shells")
       ];
     in
