@@ -199,7 +199,7 @@ class TopicEmpty(SMQError):
     code = "FAILED_PRECONDITION"
 
     def __init__(self, topic: str) -> None:
-        super().__init__("topic is empty")  # exact text fixed by WIRE.md
+        super().__init__("topic is empty")  # exact text fixed by docs/wire.md
         self.topic = topic
 
 

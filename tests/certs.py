@@ -2,7 +2,8 @@
 localhost/127.0.0.1, a client certificate from each CA and an expired one from the
 first (PEM files in a directory).
 
-The layout follows ORIGINAL.md's mTLS recipe, with the subjectAltName grpc requires.
+The layout follows the original SMQ's mTLS recipe (docs/operations.md, "mTLS"), with the
+subjectAltName grpc requires.
 """
 from __future__ import annotations
 

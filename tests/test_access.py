@@ -1,4 +1,4 @@
-"""Who may write, and the services beside SMQ on the same port (WIRE.md):
+"""Who may write, and the services beside SMQ on the same port (docs/wire.md):
 --allow-remote-writes=false / ALLOW_REMOTE_WRITES=false refuses writes over TCP with
 PERMISSION_DENIED and changes nothing, while callers on --unix-socket may still write;
 the Unix socket is for its owner (and a configured group) whatever the umask;

@@ -43,7 +43,7 @@ def test_set_returns_the_effective_policy_and_replaces_the_overrides(client: Cli
     # Replaces: what is not given goes back to the server's default.
     assert client.set_topic_policy(topic, max_bytes=1024) == TopicPolicy(0, 1024, WEEK, "drop-oldest", False)
     assert client.get_topic_policy(topic)[0] == TopicPolicy(max_bytes=1024)
-    # Changing one field: pass the others along (the README's pattern).
+    # Changing one field: pass the others along (docs/client.md's pattern).
     overrides, _ = client.get_topic_policy(topic)
     client.set_topic_policy(topic, **dataclasses.asdict(overrides) | {"keep_uncommitted": True})
     assert client.get_topic_policy(topic)[0] == TopicPolicy(max_bytes=1024, keep_uncommitted=True)

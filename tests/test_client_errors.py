@@ -1,4 +1,4 @@
-"""Status codes -> error classes: the table is complete, each WIRE.md condition raises its
+"""Status codes -> error classes: the table is complete, each docs/wire.md condition raises its
 class from a real server, every code from every operation keeps its code and details,
 and the pysmq classes are raised where pysmq raises them."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ from conftest import ROOT, ServerProcess, clean_env
 from smq import errors
 from smq.client import ERROR_FOR_STATUS, Client
 
-# WIRE.md, "Status codes": every condition the server reports, and its code.
+# docs/wire.md, "Status codes": every condition the server reports, and its code.
 WIRE_STATUS_CODES = {
     "topic does not exist": "NOT_FOUND",
     "invalid topic name, invalid argument": "INVALID_ARGUMENT",
@@ -212,7 +212,7 @@ def test_only_idempotent_calls_are_retried_on_unavailable(aborting: AbortingServ
         assert aborting.calls == 1
 
 
-# -- each WIRE.md condition, from a real server ---------------------------------------------
+# -- each docs/wire.md condition, from a real server --------------------------------------
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:

@@ -1,5 +1,5 @@
-"""Mutual TLS: the README's openssl recipe, a server that requires client certificates,
-the client and the command line presenting theirs."""
+"""Mutual TLS: the openssl recipe of docs/operations.md, a server that requires client
+certificates, the client and the command line presenting theirs."""
 from __future__ import annotations
 
 import os

@@ -1,9 +1,14 @@
 """docs/wire.md documents the whole of proto/smq.proto: every RPC with its kind, request,
 response and origin, and every field of every message with its number and type, read
 from the descriptor that smq._proto was generated with. Nothing it documents is missing
-from the proto either, so the page fails this test as soon as it goes stale."""
+from the proto either, so the page fails this test as soon as it goes stale.
+
+The other pages of docs/: the generated ones (docs/configuration.md, and systemd/*.env
+beside them) are what scripts/gen_docs.py writes from the settings tables today, and
+every relative link of every page names a file and a heading that exist."""
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -140,3 +145,56 @@ def test_every_link_within_the_page_has_its_heading(text):
     anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
     links = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert links and links <= anchors, sorted(links - anchors)
+
+
+# -- the other pages: generated ones are fresh, links between pages resolve ---------------
+
+DOCS = WIRE_MD.parent
+ROOT = DOCS.parent
+
+
+def load_generator():
+    """scripts/gen_docs.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("relative", ["docs/configuration.md", "systemd/smq.env",
+                                      "systemd/forward.env"])
+def test_generated_file_is_fresh(relative):
+    generated = {path.relative_to(ROOT).as_posix(): text
+                 for path, text in load_generator().generated().items()}
+    assert relative in generated
+    assert (ROOT / relative).read_text(encoding="utf-8") == generated[relative], \
+        f"{relative} is stale: run scripts/gen_docs.py"
+
+
+def headings(path: Path) -> set[str]:
+    """The anchors of a page's headings (code blocks left out)."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.MULTILINE)}
+
+
+@pytest.mark.parametrize("page", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+def test_every_relative_link_of_a_page_resolves(page):
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        assert target.exists(), f"{page.name} links to {link}, which does not exist"
+        if anchor and target.suffix == ".md":
+            assert anchor in headings(target), f"{page.name} links to {link}: no such heading"
+
+
+def test_nothing_cites_the_team_wire_file_outside_the_repository():
+    """The contract is docs/wire.md: no page, proto comment or docstring names WIRE.md."""
+    files = [*DOCS.glob("*.md"), ROOT / "README.md", *(ROOT / "proto").glob("*.proto"),
+             *(ROOT / "smq").rglob("*.py")]
+    assert len(files) > 20
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"(?<![\w/])WIRE\.md", text), path.relative_to(ROOT)

@@ -1,7 +1,7 @@
 """Hostile and broken clients, property-based: every RPC's fields fuzzed with hypothesis
 against one real server per module.
 
-Every answer must be one of WIRE.md's codes (never INTERNAL or UNKNOWN), every call
+Every answer must be one of docs/wire.md's codes (never INTERNAL or UNKNOWN), every call
 ends within its deadline, the server stays up, and a canary topic no fuzz case may
 write to is unchanged at the end (and `PRAGMA integrity_check` is ok).
 
@@ -79,7 +79,7 @@ def stub(server) -> smq_pb2_grpc.SuhaibMessageQueueStub:
 
 
 def call(method, request, **kwargs):
-    """(status code, reply or None). Asserts the code is a WIRE.md one."""
+    """(status code, reply or None). Asserts the code is a docs/wire.md one."""
     STATS["calls"] += 1
     try:
         reply = method(request, timeout=DEADLINE, **kwargs)
@@ -191,7 +191,7 @@ def test_undecodable_request_bodies_answer_invalid_argument(server, stub):
                 assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, body, code, details)
                 refused += 1
     assert refused >= 3 * len(SMQ_METHODS)
-    # In a StreamProduce, the messages before the bad one stay appended (WIRE.md).
+    # In a StreamProduce, the messages before the bad one stay appended (docs/wire.md).
     stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="raw"))
     good = smq_pb2.ProduceRequest(topic="raw", message=b"before").SerializeToString()
     with pytest.raises(grpc.RpcError) as err:
@@ -537,11 +537,11 @@ def test_oversize_requests_are_refused_whole(stub):
     assert stub.DescribeTopic(smq_pb2.DescribeTopicRequest(topic="fz-a")).topic.next_offset == before
 
 
-# -- model-based: random call sequences checked exactly against WIRE.md -------------
+# -- model-based: random call sequences checked exactly against docs/wire.md --------
 
 class QueueModel(RuleBasedStateMachine):
     """Three fresh topics (and an invalid name), driven by random calls; each answer is
-    compared with what WIRE.md says it must be, from a model of the topics."""
+    compared with what docs/wire.md says it must be, from a model of the topics."""
 
     stub: smq_pb2_grpc.SuhaibMessageQueueStub
 

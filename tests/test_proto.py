@@ -1,4 +1,4 @@
-"""The committed generated code matches proto/smq.proto, and the contract is WIRE.md's."""
+"""The committed generated code matches proto/smq.proto, and the contract is docs/wire.md's."""
 import subprocess
 import sys
 

@@ -121,7 +121,7 @@ def test_sigterm_during_concurrent_produce_keeps_every_ack(start_server, tmp_pat
     for thread in threads:
         thread.join(RPC_TIMEOUT + 10)
         assert not thread.is_alive()
-    # WIRE.md says UNAVAILABLE; a call that gRPC core had received but not yet handed to
+    # docs/wire.md says UNAVAILABLE; a call that gRPC core had received but not yet handed to
     # the server when shutdown began is cancelled by core itself (CANCELLED): a known
     # deviation, reported. Neither is an acknowledgement, so neither may lose an ack.
     assert len(failures) == 4

@@ -1,4 +1,4 @@
-"""StreamConsume as WIRE.md defines it: history from max(offset, earliest), then live
+"""StreamConsume as docs/wire.md defines it: history from max(offset, earliest), then live
 push of each commit, heartbeats (offset -1) while idle, continuing past deleted
 messages, stream slots freed by cancellation, UNAVAILABLE on shutdown.
 

@@ -1,4 +1,4 @@
-"""Every unary and client-streaming RPC of WIRE.md through the raw stub, with the
+"""Every unary and client-streaming RPC of docs/wire.md through the raw stub, with the
 exact gRPC status code of every row of its status-code table.
 
 Most tests share one server (module scope) and each uses its own topic, named after
@@ -27,7 +27,7 @@ from smq.server.schema import MIGRATIONS
 
 TIMEOUT = 20.0  # seconds for any one call: generous, the machine is shared
 MiB = 1024**2
-DEFAULT_MAX_MESSAGE_SIZE = MiB  # the server's --max-message-size default (WIRE.md: "server's maximum")
+DEFAULT_MAX_MESSAGE_SIZE = MiB  # the server's --max-message-size default (docs/wire.md, "Limits")
 
 pytestmark = pytest.mark.timeout(120)
 

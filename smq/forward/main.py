@@ -4,7 +4,7 @@
 
 Each message of topic T goes to subject PREFIX.NODE.T with the id NODE/T/OFFSET;
 the offset is committed in SMQ (consumer forward-NODE) once JetStream acknowledged it.
-See README.md, "Edge to cloud", for the design and its guarantees; smq.forward.engine has the
+See docs/forwarding.md for the design and its guarantees; smq.forward.engine has the
 engine, smq.forward.jetstream the NATS side.
 
 Exit codes: 0 after SIGTERM or SIGINT (in-flight messages acknowledged and committed),

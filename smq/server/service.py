@@ -1,6 +1,6 @@
 """The queue's rules, independent of gRPC and of SQLite.
 
-QueueService checks every request against WIRE.md's semantics, sends writes to the
+QueueService checks every request against docs/wire.md's semantics, sends writes to the
 group-commit writer, reads through storage, and lets streams wait for new commits:
 each topic has a condition that the writer's commit callback notifies, so a waiting
 stream wakes at once on a commit, on its own cancellation and on shutdown.
@@ -82,7 +82,7 @@ class Page:
 
 
 class QueueService:
-    """Topics, offsets, produce, consume, follow and trim, as WIRE.md defines them."""
+    """Topics, offsets, produce, consume, follow and trim, as docs/wire.md defines them."""
 
     def __init__(self, storage: Storage, limits: Limits = Limits()) -> None:
         self.storage = storage
