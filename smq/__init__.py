@@ -12,17 +12,45 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
-                     InternalError, InvalidArgument, NotFound, OffsetOutOfRange,
-                     PermissionDenied, ResourceExhausted, SMQAuthenticationError,
-                     SMQConnectionError, SMQConsumeError, SMQError, SMQException,
-                     SMQOffsetError, SMQProduceError, SMQTimeoutError, SMQTopicCreationError,
-                     TopicEmpty, Unauthenticated, Unavailable, Unimplemented, UnknownError)
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    OffsetOutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQConsumeError,
+    SMQError,
+    SMQException,
+    SMQOffsetError,
+    SMQProduceError,
+    SMQTimeoutError,
+    SMQTopicCreationError,
+    TopicEmpty,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    UnknownError,
+)
 
 if TYPE_CHECKING:
+    from .client import (
+        Client,
+        ClientTLSConfig,
+        ConsumerInfo,
+        Message,
+        ServerInfo,
+        TopicInfo,
+        TopicPolicy,
+    )
     from .server.config import ServerConfig as Config
-    from .client import (Client, ClientTLSConfig, ConsumerInfo, Message, ServerInfo, TopicInfo,
-                         TopicPolicy)
 
 __version__ = "0.1.0"
 

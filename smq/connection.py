@@ -11,7 +11,16 @@ from typing import Any
 
 from . import tls
 from .domain import DEFAULT_HOST, DEFAULT_PORT, tcp_address
-from .settings import ENV_FILE, Setting, by_field, defaults, parse_bool, parse_host, parse_port, read_settings
+from .settings import (
+    ENV_FILE,
+    Setting,
+    by_field,
+    defaults,
+    parse_bool,
+    parse_host,
+    parse_port,
+    read_settings,
+)
 
 CLIENT_TLS_FILES = ("client_cert", "client_key", "ca_cert")
 

@@ -16,9 +16,21 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .. import connection
-from ..errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CertificateError, ConfigError, NotFound,
-                      PermissionDenied, SMQAuthenticationError, SMQConnectionError, SMQError,
-                      SMQTimeoutError, StartupError)
+from ..errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CertificateError,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQError,
+    SMQTimeoutError,
+    StartupError,
+)
 from ..server import config as server_config
 from . import consumer, info, messages, topic
 from .common import Output, UsageError, common_flags

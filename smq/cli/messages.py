@@ -13,8 +13,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..domain import plural
 from ..errors import EXIT_OK, SMQError
-from .common import (Output, UsageError, add_command, escape, fields_text, offset_int,
-                     payload_fields, positive_int, start_offset)
+from .common import (
+    Output,
+    UsageError,
+    add_command,
+    escape,
+    fields_text,
+    offset_int,
+    payload_fields,
+    positive_int,
+    start_offset,
+)
 
 if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client
@@ -157,7 +166,7 @@ def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
         for payload, offset in messages:
             with counted():
                 out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
-                         lambda: f"{offset}\t{escape(payload)}",
+                         lambda: f"{offset}\t{escape(payload)}",  # noqa: B023 (called at once)
                          flush=args.follow or args.consumer is not None)
                 printed = offset
     except KeyboardInterrupt:

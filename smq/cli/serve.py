@@ -8,8 +8,7 @@ import signal
 import threading
 from typing import Any
 
-from .. import __version__
-from .. import connection
+from .. import __version__, connection
 from ..errors import EXIT_OK
 from ..logs import setup_logging
 from ..server import config as server_config

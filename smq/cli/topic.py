@@ -9,8 +9,20 @@ from typing import TYPE_CHECKING, Any
 from ..domain import NAME_RULE_TEXT, TopicPolicy
 from ..errors import EXIT_OK, InvalidArgument, NotFound, Unimplemented
 from ..settings import parse_bool, parse_size
-from .common import (DEFAULT, Output, add_command, count, duration_text, fields_text, on_full,
-                     or_default, size_text, table, timestamp, whole_seconds)
+from .common import (
+    DEFAULT,
+    Output,
+    add_command,
+    count,
+    duration_text,
+    fields_text,
+    on_full,
+    or_default,
+    size_text,
+    table,
+    timestamp,
+    whole_seconds,
+)
 
 if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client, TopicInfo

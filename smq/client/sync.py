@@ -46,16 +46,40 @@ import grpc
 
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..domain import DEFAULT_HOST, DEFAULT_PORT, TopicPolicy, tcp_address
-from ..errors import (NotFound, SMQAuthenticationError, SMQConnectionError, SMQConsumeError,
-                      SMQException, SMQOffsetError, SMQProduceError, SMQTimeoutError,
-                      SMQTopicCreationError)
+from ..errors import (
+    NotFound,
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQConsumeError,
+    SMQException,
+    SMQOffsetError,
+    SMQProduceError,
+    SMQTimeoutError,
+    SMQTopicCreationError,
+)
 from .resume import Resuming
 from .transport import ERROR_FOR_STATUS, Op, open_channel
-from .types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE,
-                    DEFAULT_MAX_MESSAGE_SIZE_MB, DEFAULT_PAGE_SIZE, DEFAULT_RETRIES,
-                    DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT, USE_CLIENT_DEFAULT,
-                    ClientConfig, ClientTLSConfig, ConsumerInfo, Message, Payload, ServerInfo,
-                    Timeout, TopicInfo, as_bytes, batches, whole_seconds)
+from .types import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_SIZE_MB,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    SMQ_SPECIAL_OFFSET_HEARTBEAT,
+    USE_CLIENT_DEFAULT,
+    ClientConfig,
+    ClientTLSConfig,
+    ConsumerInfo,
+    Message,
+    Payload,
+    ServerInfo,
+    Timeout,
+    TopicInfo,
+    as_bytes,
+    batches,
+    whole_seconds,
+)
 
 __all__ = [
     "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",

@@ -16,8 +16,14 @@ import grpc
 
 from .. import tls
 from ..connection import channel_options
-from ..errors import (CLASS_FOR_STATUS, TRANSPORT_ERRORS, SMQError, error_class, reason_in,
-                      with_operation)
+from ..errors import (
+    CLASS_FOR_STATUS,
+    TRANSPORT_ERRORS,
+    SMQError,
+    error_class,
+    reason_in,
+    with_operation,
+)
 from .types import ClientTLSConfig
 
 #: Every gRPC status an SMQ call can end with, and the error class it raises (one-to-one).

@@ -19,8 +19,18 @@ from typing import Any
 from .. import connection
 from ..domain import NAME_RULE, NAME_RULE_TEXT
 from ..errors import ConfigError
-from ..settings import (ENV_FILE, LOG_LEVEL, Setting, by_field, defaults, in_range, parse_bool,
-                        parse_choice, parse_duration, read_settings)
+from ..settings import (
+    ENV_FILE,
+    LOG_LEVEL,
+    Setting,
+    by_field,
+    defaults,
+    in_range,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    read_settings,
+)
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")     # a node name: one subject token, no dots
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
@@ -185,7 +195,7 @@ class ForwardConfig:
             for name in ("client_cert", "client_key", "ca_cert"):
                 if not getattr(self, name):
                     raise ConfigError(label(name), "", "required with --enable-mtls")
-        if self.nats_cert and not self.nats_key or self.nats_key and not self.nats_cert:
+        if (self.nats_cert and not self.nats_key) or (self.nats_key and not self.nats_cert):
             raise ConfigError(label("nats_key" if self.nats_cert else "nats_cert"), "",
                               "--nats-cert and --nats-key go together")
         if self.nats_password and not self.nats_user:

@@ -27,11 +27,10 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
-from .source import SmqSource
 from ..errors import JetStreamError, NotFound, PublishFailed, SMQError, StreamMissing
-from .jetstream import (JetStream, pattern_within,
-                        subject_matches)
 from ..retry import backoff
+from .jetstream import JetStream, pattern_within, subject_matches
+from .source import SmqSource
 
 log = logging.getLogger("smq.forward")
 

@@ -45,7 +45,7 @@ def import_nats() -> Any:
     """The nats package, or MissingDependency with a one-line hint."""
     try:
         import nats
-        import nats.js.api  # noqa: F401  (the stream config classes)
+        import nats.js.api  # the stream config classes
     except ImportError as exc:
         raise MissingDependency(f"forwarding to NATS needs nats-py, which is not installed: "
                                 f"{INSTALL_HINT}") from exc

@@ -95,10 +95,10 @@ def nats_options(config: ForwardConfig) -> NatsOptions:
 
 async def forward(config: ForwardConfig) -> int:
     """Run the forwarder until a signal; returns the exit code."""
-    from .source import SmqSource
+    from ..systemd import Notifier
     from .engine import Forwarder, Plan
     from .jetstream import JetStream
-    from ..systemd import Notifier
+    from .source import SmqSource
 
     log = logging.getLogger("smq.forward")
     notifier = Notifier()

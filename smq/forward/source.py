@@ -17,8 +17,16 @@ import grpc.aio
 
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..connection import ConnectionConfig, channel_options
-from ..errors import (DeadlineExceeded, NoCommittedOffset, NotFound, SMQError, TopicNotFound,
-                      Unavailable, error_class, reason_in)
+from ..errors import (
+    DeadlineExceeded,
+    NoCommittedOffset,
+    NotFound,
+    SMQError,
+    TopicNotFound,
+    Unavailable,
+    error_class,
+    reason_in,
+)
 
 CALL_TIMEOUT = 10.0  # seconds for each unary call
 # A Subscribe stream that brings nothing, not even a heartbeat (the server sends one

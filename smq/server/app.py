@@ -190,7 +190,7 @@ class Server:
             raise
         self._stopped = threading.Event()
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self._grpc.start()
         self.budget.start()
         self._set_health(True)
@@ -244,7 +244,7 @@ class Server:
             _remove_stale_socket(self.config.unix_socket)
         log.info("stopped")
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

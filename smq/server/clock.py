@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 STEP_SECONDS = 2  # smaller changes are reading jitter or NTP's slewing (0.5 ms a second)
 # No SMQ of this version ran before this day: an earlier time means an unset clock.
-RELEASED = int(datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc).timestamp())
+RELEASED = int(datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp())
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 

@@ -14,9 +14,21 @@ from typing import Any
 
 from ..domain import DEFAULT_PORT, ON_FULL_CHOICES
 from ..errors import ConfigError
-from ..settings import (ENV_FILE, LOG_LEVEL, Setting, by_field, defaults, in_range, parse_bool,
-                        parse_choice, parse_duration, parse_host, parse_port, parse_size,
-                        read_settings)
+from ..settings import (
+    ENV_FILE,
+    LOG_LEVEL,
+    Setting,
+    by_field,
+    defaults,
+    in_range,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    parse_host,
+    parse_port,
+    parse_size,
+    read_settings,
+)
 
 DURABILITY_MODES = ("full", "normal")
 SERVER_TLS_FILES = ("server_cert", "server_key", "server_ca_cert")

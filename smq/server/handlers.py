@@ -20,8 +20,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .._proto import smq_pb2
-from .budget import REQUEST_COPIES, Charge, MemoryBudget
 from ..errors import InvalidArgument, Overloaded
+from .budget import REQUEST_COPIES, Charge, MemoryBudget
 from .pool import RECEIVES_REQUEST, request_arrived
 
 

@@ -18,8 +18,8 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from ..errors import InvalidArgument, ListTooLarge
 from ..domain import check_name
+from ..errors import InvalidArgument, ListTooLarge
 
 MAX_PAGE_SIZE = 10_000
 TOKEN_SEPARATOR = "/"

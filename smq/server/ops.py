@@ -9,8 +9,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..domain import TopicPolicy
-from ..errors import (InvalidArgument, SMQError, StorageFull, TooManyConsumers, TopicNotFound,
-                      Unavailable)
+from ..errors import (
+    InvalidArgument,
+    SMQError,
+    StorageFull,
+    TooManyConsumers,
+    TopicNotFound,
+    Unavailable,
+)
 from .storage import TopicState
 
 if TYPE_CHECKING:

@@ -47,7 +47,7 @@ def request_arrived() -> None:
 
 
 class _Item:
-    __slots__ = ("future", "fn", "args", "kwargs", "key", "receives")
+    __slots__ = ("args", "fn", "future", "key", "kwargs", "receives")
 
     def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
@@ -61,7 +61,7 @@ def _connection(args: tuple) -> Any:
         if call is not None and hasattr(call, "peer"):
             try:
                 return call.peer()
-            except Exception:  # noqa: BLE001 - a call already gone: any key will do
+            except Exception:  # a call already gone: any key will do
                 return None
     return None
 
@@ -146,7 +146,7 @@ class FairPool(Executor):
             if item.future.set_running_or_notify_cancel():
                 try:
                     item.future.set_result(item.fn(*item.args, **item.kwargs))
-                except BaseException as exc:  # noqa: BLE001 - handed to the future
+                except BaseException as exc:  # handed to the future
                     item.future.set_exception(exc)
         finally:
             request_arrived()  # the handler never began (cancelled, no request): free it

@@ -18,15 +18,37 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..domain import ON_FULL_CHOICES, TopicPolicy, check_name
-from ..errors import (InvalidArgument, MessageTooLarge, NoCommittedOffset, NotFound, OffsetNotFound,
-                      OffsetOutOfRange,
-                      PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
+from ..errors import (
+    InvalidArgument,
+    MessageTooLarge,
+    NoCommittedOffset,
+    NotFound,
+    OffsetNotFound,
+    OffsetOutOfRange,
+    PermissionDenied,
+    SMQError,
+    TopicEmpty,
+    TopicNotFound,
+    Unavailable,
+)
 from . import encoding
+from .ops import (
+    STREAM_BYTES,
+    STREAM_SECONDS,
+    Append,
+    Barrier,
+    CommitOffset,
+    CreateTopic,
+    DeleteConsumer,
+    DeleteTopic,
+    SetPolicy,
+    StreamAppend,
+    Trim,
+    WriteOp,
+)
 from .storage import Storage, TopicState
-from .write_queue import SMALL_WRITE, WriteQueue
-from .ops import (STREAM_BYTES, STREAM_SECONDS, Append, Barrier, CommitOffset, CreateTopic,
-                  DeleteConsumer, DeleteTopic, SetPolicy, StreamAppend, Trim, WriteOp)
 from .streams import Follower, PageLimits, StreamPlaces, Unlimited
+from .write_queue import SMALL_WRITE, WriteQueue
 from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,15 @@ from . import encoding
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
 from .handlers import Encoded, charge, decoded
 from .lists import Listing, PageRequest, page_of
-from .service import (PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, ConsumerState, Follower,
-                      QueueService, page_messages)
+from .service import (
+    PAGE_BYTES,
+    STREAM_PAGE_BYTES,
+    STREAM_PAGE_MESSAGES,
+    ConsumerState,
+    Follower,
+    QueueService,
+    page_messages,
+)
 from .status import rpc, streaming_rpc
 from .storage import TopicState
 

@@ -33,7 +33,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         # call all the same, or grpc tries to send the handler's None as the reply and
         # logs a traceback.
         context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-    log.exception("unexpected error")
+    log.exception("unexpected error")  # noqa: LOG004 (called only in except blocks)
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
 

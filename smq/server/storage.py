@@ -23,10 +23,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import apsw
 
-from . import batches
-from .clock import ClockState
 from ..domain import TopicPolicy
 from ..errors import SMQError, StorageFailure, StorageFull
+from . import batches
+from .clock import ClockState
 from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions
 
 log = logging.getLogger(__name__)

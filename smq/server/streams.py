@@ -138,9 +138,9 @@ class Follower:
             # one was deleted: wait for that one (waiting for an offset that already went
             # by would return at once, forever, and never send a heartbeat).
             self.cursor = max(self.cursor, topic.next_offset)
-            if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
-                if not (self.cancelled or service.closing):
-                    return []
+            waited = service._wait_for_offset(self._name, self.cursor, self._heartbeat, self)
+            if not waited and not (self.cancelled or service.closing):
+                return []
         return None
 
     def _read(self, topic: TopicState) -> list[tuple[int, bytes]]:
