@@ -21,6 +21,7 @@ from .settings import (
     parse_port,
     read_settings,
 )
+from .tls import TLSFiles  # the name: the class has a property `tls`
 
 CLIENT_TLS_FILES = ("client_cert", "client_key", "ca_cert")
 
@@ -69,7 +70,7 @@ class ConnectionConfig:
             return []
         return [SETTINGS_BY_FIELD[name].flag for name in CLIENT_TLS_FILES if not getattr(self, name)]
 
-    def tls_files(self) -> tls.TLSFiles:
+    def tls_files(self) -> TLSFiles:
         """The client certificate, key and CA, read and checked. Raises CertificateError
         naming the flag and its variable."""
         cert, key, ca = ((SETTINGS_BY_FIELD[name].label, getattr(self, name))
@@ -92,7 +93,7 @@ def described(group: str, **help_texts: str) -> tuple[Setting, ...]:
                  for s in SETTINGS if s.field != "env_file")
 
 
-def channel_options(max_send: int, max_receive: int) -> list[tuple[str, int]]:
+def channel_options(max_send: int, max_receive: int) -> list[tuple[str, int | str]]:
     """gRPC channel options of SMQ's clients (smq.client, smq forward): message size
     limits in bytes (-1: none), then pings that notice a dead connection under an idle
     stream (as far apart as the server allows), and a quick return after a restart."""

@@ -140,7 +140,7 @@ def add_flags(parser: argparse.ArgumentParser | Any, table: Iterable[Setting]) -
     None, so that only the flags a user types override the environment."""
     for setting in table:
         shown = setting.default if setting.default != "" else "none"
-        extra = ({"nargs": "?", "const": "true", "metavar": "BOOL"} if setting.is_bool
+        extra: dict[str, Any] = ({"nargs": "?", "const": "true", "metavar": "BOOL"} if setting.is_bool
                  else {"metavar": "VALUE"})
         parser.add_argument(setting.flag, dest=setting.field, default=None,
                             help=f"{setting.help} [env {setting.env}; default {shown}]", **extra)

@@ -12,7 +12,7 @@ import base64
 import datetime
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import connection
@@ -78,7 +78,7 @@ def timestamp(unix_seconds: int) -> str:
     return datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: Sequence[tuple[str, ...]]) -> str:
     """Rows of cells in aligned columns; the first row is the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -105,7 +105,8 @@ def uptime_text(seconds: float) -> str:
     """3725.2 -> 1h 2m 5s."""
     if seconds < 60:
         return f"{seconds:.1f}s"
-    whole, parts = int(seconds), []
+    whole = int(seconds)
+    parts: list[str] = []
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if whole >= factor or parts:
             parts.append(f"{whole // factor}{unit}")

@@ -183,7 +183,7 @@ def ctrl_c_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach only the main thread
         return
-    pressed = []
+    pressed: list[int] = []
 
     def press(signum: int, frame: object) -> None:
         if pressed:

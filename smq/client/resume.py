@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Final
 
 import grpc
@@ -26,7 +26,7 @@ RECONNECT_BACKOFF_MAX: Final = 5.0  # iterators that reconnect forever wait at m
 class Resuming(Calls):
     """The resuming loop under Client's iterators."""
 
-    def _resuming(self, pages: Callable[[int], Iterator[list[Message]]], cursor: int, op: Op,
+    def _resuming(self, pages: Callable[[int], Generator[list[Message], None, None]], cursor: int, op: Op,
                   max_failures: int | None, follow: bool, consumer: str | None = None,
                   topic: str = "", timeout: float | None = None) -> Iterator[Message]:
         """Yield messages from `pages(cursor)`, reopening it at the next offset after

@@ -40,7 +40,7 @@ block) releases the connection and ends running iterators; a closed client refus
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import grpc
 
@@ -386,7 +386,7 @@ class Client(Resuming):
         `commit_offset` with the last offset it handled."""
         op = Op(f"read messages of {topic!r}", SMQConsumeError, topic)
 
-        def pages(cursor: int) -> Iterator[list[Message]]:
+        def pages(cursor: int) -> Generator[list[Message], None, None]:
             while True:
                 response = self._stub_or_raise().BulkRetrieve(
                     smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=cursor, limit=page_size),
@@ -419,7 +419,7 @@ class Client(Resuming):
         (the server sends what one commit appended as one page) as `iter_messages` does."""
         op = Op(f"subscribe to {topic!r}", SMQConsumeError, topic)
 
-        def pages(cursor: int) -> Iterator[list[Message]]:
+        def pages(cursor: int) -> Generator[list[Message], None, None]:
             request = smq_pb2.SubscribeRequest(topic=topic, offset=cursor, max_messages=page_size)
             with self._stream("Subscribe", request) as call:
                 for response in call:

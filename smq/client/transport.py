@@ -61,7 +61,8 @@ def error_for(exc: grpc.RpcError, op: Op, *, target: str, tls: bool,
     status_class = error_class(code.name, reason_in(getattr(exc, "trailing_metadata", lambda: None)()))
     raised = status_class
     if op.error_class is not None and (op.wrap_all or not issubclass(status_class, TRANSPORT_ERRORS)):
-        raised = with_operation(status_class, op.error_class)
+        # mypy (2.4) takes a class for an instance when checking that it is Hashable.
+        raised = with_operation(status_class, op.error_class)  # type: ignore[arg-type]
     if code == grpc.StatusCode.UNAVAILABLE:
         message = f"the SMQ server at {target} is unavailable ({details}); " \
                   "check that it is running and reachable there"

@@ -65,7 +65,8 @@ def create_server(config: ServerConfig, credentials: grpc.ServerCredentials | No
     with port 0). Binding first means a busy port is refused before the database is touched."""
     threads = config.workers + config.max_streams
     server = grpc.server(
-        FairPool(threads, receive_slots=config.workers),
+        # grpc only submits to its executor; the stubs ask for a ThreadPoolExecutor.
+        FairPool(threads, receive_slots=config.workers),  # type: ignore[arg-type]
         maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it

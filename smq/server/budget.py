@@ -142,7 +142,7 @@ class MemoryBudget:
 
     # -- calls with replies ----------------------------------------------------------
 
-    def open_call(self, connection: str | None, end: Callable[[], None]) -> CallMemory:
+    def open_call(self, connection: str | None, end: Callable[[], object]) -> CallMemory:
         """The memory of one call. `connection`: its peer (None: not limited per
         connection, e.g. the Unix socket's callers, who all share one peer name);
         `end`: cancels the call (used when its reply stalls)."""
@@ -326,10 +326,10 @@ class CallMemory:
     """What one call holds of the budget. Close it when the call ends (it is also a
     context manager); every method may be called after that and then holds nothing."""
 
-    def __init__(self, budget: MemoryBudget, connection: str | None, end: Callable[[], None]) -> None:
+    def __init__(self, budget: MemoryBudget, connection: str | None, end: Callable[[], object]) -> None:
         self._budget = budget
         self.connection = connection
-        self._end: Callable[[], None] | None = end
+        self._end: Callable[[], object] | None = end
         self.held = 0
         self.waiting_since: float | None = None
         self.building = False  # holds one of the budget's build slots

@@ -67,7 +67,7 @@ def entry_size(offset: int, length: int) -> int:
 MAX_FRAMING = 23
 
 
-def fit(page: Page, max_bytes: int) -> Page:
+def fit(page: list[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:
     """The longest head of `page` whose entries weigh at most `max_bytes` on the wire,
     but always at least one message (a message larger than that travels alone)."""
     payloads = sum(map(len, map(operator.itemgetter(1), page)))  # in C: most pages fit

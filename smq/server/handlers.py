@@ -103,19 +103,22 @@ def charge(request: Any) -> Charge | None:
 def deserializer(parse: Callable[[bytes], Any], budget: MemoryBudget | None) -> Callable[[bytes], Any]:
     """Runs on gRPC's polling thread: with a budget, charges and leaves the parsing to
     the handler's thread; without, parses at once."""
-    def charge_and_keep(data: bytes) -> Any:
-        taken = budget.take_request(len(data))
-        if taken is None:
-            return RefusedRequest(budget.refusal(REQUEST_COPIES * len(data)))
-        return ChargedRequest(data, parse, taken)
-
     def parse_at_once(data: bytes) -> Any:
         try:
             return parse(data)
         except DecodeError as exc:
             return UndecodableRequest(exc)
 
-    return parse_at_once if budget is None else charge_and_keep
+    if budget is None:
+        return parse_at_once
+
+    def charge_and_keep(data: bytes) -> Any:
+        taken = budget.take_request(len(data))
+        if taken is None:
+            return RefusedRequest(budget.refusal(REQUEST_COPIES * len(data)))
+        return ChargedRequest(data, parse, taken)
+
+    return charge_and_keep
 
 
 def serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:

@@ -25,17 +25,18 @@ MAX_PAGE_SIZE = 10_000
 TOKEN_SEPARATOR = "/"
 
 Entry = TypeVar("Entry")
+Reply = TypeVar("Reply", bound=Message)  # the message that carries an entry
 Key = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class Listing(Generic[Entry]):
+class Listing(Generic[Entry, Reply]):
     """A kind of list: what it holds (for messages), the sort key of an entry (its
     names, `parts` of them) and the message that carries an entry."""
     what: str
     parts: int
     key: Callable[[Entry], Key]
-    message: Callable[[Entry], Message]
+    message: Callable[[Entry], Reply]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,8 @@ class PageRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class Page:
-    messages: list[Message]
+class Page(Generic[Reply]):
+    messages: list[Reply]
     next_token: str  # "" after the last page
 
 
@@ -65,8 +66,8 @@ def _varint_size(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def page_of(listing: Listing[Entry], entries: Sequence[Entry], request: PageRequest,
-            limit: int) -> Page:
+def page_of(listing: Listing[Entry, Reply], entries: Sequence[Entry], request: PageRequest,
+            limit: int) -> Page[Reply]:
     """The page of `entries` (sorted by `listing.key`) that `request` asks for, within
     `limit` encoded bytes. Raises InvalidArgument for a bad request, ListTooLarge for a
     whole list that does not fit."""
@@ -76,7 +77,7 @@ def page_of(listing: Listing[Entry], entries: Sequence[Entry], request: PageRequ
     if request.token:
         start = bisect.bisect_right(entries, _key_of(request.token, listing.parts), key=listing.key)
     most = min(request.size or MAX_PAGE_SIZE, MAX_PAGE_SIZE) if request.paged else len(entries)
-    page: list[Message] = []
+    page: list[Reply] = []
     size = 0
     for entry in entries[start:start + most]:
         message = listing.message(entry)

@@ -11,6 +11,7 @@ import time
 from ..domain import TopicPolicy
 from ..errors import SMQError, StorageFull
 from ..logs import Throttled
+from .clock import MessageClock
 from .storage import Storage, TopicState
 
 log = logging.getLogger("smq.server.writer")
@@ -28,6 +29,7 @@ class Retention:
     """The writer's retention and disk-budget state and methods."""
 
     storage: Storage
+    clock: MessageClock
     defaults: TopicPolicy
     topics: dict[str, TopicState]
     touched: set[str]
@@ -87,6 +89,7 @@ class Retention:
         if self._room is None or (self._room >= ROOM_TRUSTED_ABOVE
                                   and now - self._room_measured >= ROOM_SECONDS):
             self._measure_room()
+        assert self._room is not None  # measured just above
         if size > self._room and self.policy_of(topic).on_full == "drop-oldest":
             self._drop_oldest(topic, size)
         if size > self._room:
@@ -104,6 +107,7 @@ class Retention:
         messages committed before this transaction: none is dropped in the commit that
         acknowledges it. If that is not enough, every trim is undone (a savepoint), and
         the caller refuses the write having dropped nothing."""
+        assert self._room is not None  # reserve_space measured it
         committed_until = self._first_written.get(topic.name, topic.next_offset) - 1
         before, dropped_before = topic.snapshot(), dict(self._dropped)
         with self.storage.savepoint() as undo:

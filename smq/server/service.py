@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..domain import ON_FULL_CHOICES, TopicPolicy, check_name
 from ..errors import (
@@ -340,7 +341,7 @@ class QueueService:
                 f"message of {len(payload)} bytes is larger than the server's maximum "
                 f"of {self.limits.max_message_size} bytes")
 
-    def _write(self, op: WriteOp):
+    def _write(self, op: WriteOp) -> Any:
         return self.writer.execute(op, WRITE_TIMEOUT)
 
     # -- reading ------------------------------------------------------------------
@@ -378,7 +379,7 @@ class QueueService:
     # -- streams --------------------------------------------------------------------
 
     def stream_slot(self, owner: tuple[str, str] | None = None,
-                    end: Callable[[], None] = lambda: None) -> contextlib.AbstractContextManager[None]:
+                    end: Callable[[], object] = lambda: None) -> contextlib.AbstractContextManager[None]:
         """Hold one of the --max-streams places for the duration of a stream (see
         StreamPlaces.slot); none while the server shuts down."""
         if self._closing:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -55,29 +56,29 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self.started = time.monotonic()
 
     @rpc
-    def Connect(self, request, context):
+    def Connect(self, request: smq_pb2.ConnectRequest, context: grpc.ServicerContext) -> smq_pb2.ConnectResponse:
         return smq_pb2.ConnectResponse()
 
     @rpc
-    def CreateTopic(self, request, context):
+    def CreateTopic(self, request: smq_pb2.CreateTopicRequest, context: grpc.ServicerContext) -> smq_pb2.CreateTopicResponse:
         self.service.check_may_write(is_local(context))
         return smq_pb2.CreateTopicResponse(created=self.service.create_topic(request.topic))
 
     @rpc
-    def GetEarliestOffset(self, request, context):
+    def GetEarliestOffset(self, request: smq_pb2.GetEarliestOffsetRequest, context: grpc.ServicerContext) -> smq_pb2.GetEarliestOffsetResponse:
         return smq_pb2.GetEarliestOffsetResponse(offset=self.service.earliest_offset(request.topic))
 
     @rpc
-    def GetLatestOffset(self, request, context):
+    def GetLatestOffset(self, request: smq_pb2.GetLatestOffsetRequest, context: grpc.ServicerContext) -> smq_pb2.GetLatestOffsetResponse:
         return smq_pb2.GetLatestOffsetResponse(offset=self.service.latest_offset(request.topic))
 
     @rpc
-    def Produce(self, request, context):
+    def Produce(self, request: smq_pb2.ProduceRequest, context: grpc.ServicerContext) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
         return smq_pb2.ProduceResponse(offset=self.service.produce(request.topic, request.message))
 
     @rpc
-    def StreamProduce(self, request_iterator, context):
+    def StreamProduce(self, request_iterator: Iterator[smq_pb2.ProduceRequest], context: grpc.ServicerContext) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
         with self.service.stream_slot(), Writes() as writes:
             last = self.service.produce_stream(_messages(request_iterator, writes),
@@ -85,12 +86,12 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return smq_pb2.ProduceResponse(offset=last)
 
     @rpc
-    def Consume(self, request, context):
+    def Consume(self, request: smq_pb2.ConsumeRequest, context: grpc.ServicerContext) -> smq_pb2.ConsumeResponse:
         payload = self.service.consume(request.topic, request.offset)
         return smq_pb2.ConsumeResponse(message=payload, offset=request.offset)
 
     @streaming_rpc
-    def StreamConsume(self, request, context):
+    def StreamConsume(self, request: smq_pb2.ConsumeRequest, context: grpc.ServicerContext) -> Iterator[smq_pb2.ConsumeResponse]:
         with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
             follower = self._follow(context, request.topic, request.offset, memory,
                                     STREAM_PAGE_MESSAGES, STREAM_PAGE_BYTES)
@@ -113,7 +114,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
             memory.sent()
         memory.taken()
 
-    def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
+    def _consumer_slot(self, context: grpc.ServicerContext, topic: str) -> AbstractContextManager[None]:
         """A stream place owned by this connection and topic (see QueueService.stream_slot).
         Unix-socket callers all share one peer name, so none of them is ever evicted.
         A stream for a missing topic fails here, before it could end another one."""
@@ -142,13 +143,13 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return follower
 
     @rpc
-    def DeleteUntilOffset(self, request, context):
+    def DeleteUntilOffset(self, request: smq_pb2.DeleteUntilOffsetRequest, context: grpc.ServicerContext) -> smq_pb2.DeleteUntilOffsetResponse:
         self.service.check_may_write(is_local(context))
         self.service.trim(request.topic, request.offset)
         return smq_pb2.DeleteUntilOffsetResponse()
 
     @rpc
-    def ProduceBatch(self, request, context):
+    def ProduceBatch(self, request: smq_pb2.ProduceBatchRequest, context: grpc.ServicerContext) -> smq_pb2.ProduceBatchResponse:
         self.service.check_may_write(is_local(context))
         if len(request.messages) > MAX_BATCH_MESSAGES:  # before a Python object per message
             raise ResourceExhausted(f"a batch holds at most {MAX_BATCH_MESSAGES} messages, "
@@ -157,7 +158,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
 
     @streaming_rpc
-    def Subscribe(self, request, context):
+    def Subscribe(self, request: smq_pb2.SubscribeRequest, context: grpc.ServicerContext) -> Iterator[Encoded]:
         with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
             follower = self._follow(context, request.topic, request.offset, memory,
                                     request.max_messages)
@@ -180,54 +181,54 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return Encoded(reply)
 
     @rpc
-    def ListTopics(self, request, context):
+    def ListTopics(self, request: smq_pb2.ListTopicsRequest, context: grpc.ServicerContext) -> smq_pb2.ListTopicsResponse:
         page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
         return smq_pb2.ListTopicsResponse(topics=page.messages, next_page_token=page.next_token)
 
     @rpc
-    def DescribeTopic(self, request, context):
+    def DescribeTopic(self, request: smq_pb2.DescribeTopicRequest, context: grpc.ServicerContext) -> smq_pb2.DescribeTopicResponse:
         return smq_pb2.DescribeTopicResponse(topic=topic_info(self.service.describe(request.topic)))
 
     @rpc
-    def DeleteTopic(self, request, context):
+    def DeleteTopic(self, request: smq_pb2.DeleteTopicRequest, context: grpc.ServicerContext) -> smq_pb2.DeleteTopicResponse:
         self.service.check_may_write(is_local(context))
         self.service.delete_topic(request.topic)
         return smq_pb2.DeleteTopicResponse()
 
     @rpc
-    def SetTopicPolicy(self, request, context):
+    def SetTopicPolicy(self, request: smq_pb2.SetTopicPolicyRequest, context: grpc.ServicerContext) -> smq_pb2.TopicPolicyResponse:
         self.service.check_may_write(is_local(context))
         return policy_reply(*self.service.set_policy(request.topic, TopicPolicy.from_proto(request.policy)))
 
     @rpc
-    def GetTopicPolicy(self, request, context):
+    def GetTopicPolicy(self, request: smq_pb2.GetTopicPolicyRequest, context: grpc.ServicerContext) -> smq_pb2.TopicPolicyResponse:
         return policy_reply(*self.service.policy(request.topic))
 
     @rpc
-    def CommitOffset(self, request, context):
+    def CommitOffset(self, request: smq_pb2.CommitOffsetRequest, context: grpc.ServicerContext) -> smq_pb2.CommitOffsetResponse:
         self.service.commit_offset(request.consumer, request.topic, request.offset)
         return smq_pb2.CommitOffsetResponse()
 
     @rpc
-    def GetCommittedOffset(self, request, context):
+    def GetCommittedOffset(self, request: smq_pb2.GetCommittedOffsetRequest, context: grpc.ServicerContext) -> smq_pb2.GetCommittedOffsetResponse:
         return smq_pb2.GetCommittedOffsetResponse(
             offset=self.service.committed_offset(request.consumer, request.topic))
 
     @rpc
-    def ListConsumers(self, request, context):
+    def ListConsumers(self, request: smq_pb2.ListConsumersRequest, context: grpc.ServicerContext) -> smq_pb2.ListConsumersResponse:
         page = page_of(CONSUMERS, self.service.consumers(request.topic, request.consumer),
                        page_request(request), self.send_limit)
         return smq_pb2.ListConsumersResponse(consumers=page.messages,
                                              next_page_token=page.next_token)
 
     @rpc
-    def DeleteConsumer(self, request, context):
+    def DeleteConsumer(self, request: smq_pb2.DeleteConsumerRequest, context: grpc.ServicerContext) -> smq_pb2.DeleteConsumerResponse:
         self.service.check_may_write(is_local(context))
         self.service.delete_consumer(request.consumer, request.topic)
         return smq_pb2.DeleteConsumerResponse()
 
     @rpc
-    def GetServerInfo(self, request, context):
+    def GetServerInfo(self, request: smq_pb2.GetServerInfoRequest, context: grpc.ServicerContext) -> smq_pb2.GetServerInfoResponse:
         return smq_pb2.GetServerInfoResponse(
             version=__version__, durability=self.durability,
             max_message_size=self.service.limits.max_message_size,
@@ -235,7 +236,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
             **dataclasses.asdict(self.service.totals()))
 
     @rpc
-    def BulkRetrieve(self, request, context):
+    def BulkRetrieve(self, request: smq_pb2.BulkRetrieveRequest, context: grpc.ServicerContext) -> bytes:  # encoded
         memory = self._reply_memory(context)
         max_bytes, count = memory.take_page(PAGE_BYTES, page_messages(request.limit))
         reply = self._bulk_retrieve_reply(request, count, max_bytes)
@@ -297,7 +298,8 @@ class Reflection(reflection.ReflectionServicer):
         self.service = service
 
     @streaming_rpc
-    def ServerReflectionInfo(self, request_iterator, context):
+    def ServerReflectionInfo(self, request_iterator: Iterator[Any],
+                             context: grpc.ServicerContext) -> Iterator[Any]:
         with self.service.stream_slot():
             yield from super().ServerReflectionInfo(request_iterator, context)
 

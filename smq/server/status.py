@@ -17,7 +17,8 @@ from .handlers import decoded, release
 
 log = logging.getLogger(__name__)
 
-STATUS_OF = {code.name: code for code in grpc.StatusCode}  # an SMQError's `code` -> status
+# An SMQError's `code` -> status (on the server, `code` is always the class's name).
+STATUS_OF: dict[str | grpc.StatusCode, grpc.StatusCode] = {c.name: c for c in grpc.StatusCode}
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:

@@ -20,6 +20,7 @@ import os
 import queue
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import apsw
 
@@ -120,11 +121,12 @@ class Storage:
                         (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id),
                         (SELECT min(committed_offset) FROM consumers WHERE topic_id = topics.id)
                  FROM topics WHERE NOT deleted"""
+        rows: list[Any]  # SQLite values, as the columns above hold them
         if conn is not None:
-            rows = conn.execute(sql).fetchall()
+            rows = cast(Any, conn.execute(sql).fetchall())
         else:
             with self._reader("load topics") as reader:
-                rows = reader.execute(sql).fetchall()
+                rows = cast(Any, reader.execute(sql).fetchall())
         topics = {}
         for (tid, name, next_offset, stored_bytes, created_at, *policy,
              earliest, last_mark, min_committed) in rows:
@@ -138,10 +140,10 @@ class Storage:
     def read_one(self, topic_id: int, offset: int) -> bytes | None:
         """The payload at offset, or None if it is not stored."""
         with self._reader("read message") as conn:
-            row = conn.execute(
+            row = cast("batches.Row | None", conn.execute(
                 "SELECT first_offset, last_offset, payloads, sizes FROM batches"
                 " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
-                (topic_id, offset)).fetchone()
+                (topic_id, offset)).fetchone())
         return None if row is None else batches.message(*row, offset)
 
     def read_page(self, topic_id: int, from_offset: int, max_count: int,
@@ -159,7 +161,7 @@ class Storage:
                 "   ORDER BY first_offset DESC LIMIT 1), ?2)"
                 " ORDER BY first_offset", (topic_id, from_offset))
             for message in itertools.chain.from_iterable(
-                    batches.unpack(*row, from_offset) for row in cursor):
+                    batches.unpack(*cast(batches.Row, row), from_offset) for row in cursor):
                 size += len(message[1])
                 if page and size > max_bytes:
                     break
@@ -212,7 +214,7 @@ class Storage:
                 raise
 
     @contextlib.contextmanager
-    def savepoint(self) -> Iterator[Callable[[], None]]:
+    def savepoint(self) -> Iterator[Callable[[], object]]:
         """A savepoint inside the write transaction: the block may call what it yields to
         undo everything since. (If the block raises, the transaction's rollback ends it.)"""
         self._writer.execute("SAVEPOINT part")
@@ -228,10 +230,10 @@ class Storage:
         """Create a topic, or bring back a deleted one with its offsets going on (and
         nothing else of it: files of older SMQs may still hold its policy)."""
         now = int(time.time())
-        topic_id, next_offset = self._writer.execute(
+        topic_id, next_offset = cast(Any, self._writer.execute(
             "INSERT INTO topics (name, created_at) VALUES (?, ?)"
             " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
-            f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset", (name, now)).fetchall()[0]
+            f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset", (name, now)).fetchall()[0])
         return TopicState(topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now)
 
     def delete_topic(self, topic: TopicState) -> None:
@@ -291,13 +293,13 @@ class Storage:
             return 0
         until = min(until, topic.next_offset - 1)  # also keeps until + 1 within int64
         whole = "topic_id = ? AND first_offset <= ? AND last_offset <= ?"
-        freed, count = self._writer.execute(
+        freed, count = cast(Any, self._writer.execute(
             "SELECT coalesce(sum(length(payloads)), 0), coalesce(sum(last_offset - first_offset + 1), 0)"
-            f" FROM batches WHERE {whole}", (topic.id, until, until)).fetchall()[0]
+            f" FROM batches WHERE {whole}", (topic.id, until, until)).fetchall()[0])
         self._writer.execute(f"DELETE FROM batches WHERE {whole}", (topic.id, until, until))
-        split = self._writer.execute(
+        split = cast(list[batches.Row], self._writer.execute(
             "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
-            " RETURNING first_offset, last_offset, payloads, sizes", (topic.id, until)).fetchall()
+            " RETURNING first_offset, last_offset, payloads, sizes", (topic.id, until)).fetchall())
         if split:  # the row holding until and later messages: store those again
             kept = [payload for _, payload in batches.unpack(*split[0], until + 1)]
             kept_bytes = sum(map(len, kept))
@@ -417,8 +419,8 @@ class Storage:
     def consumers(self) -> list[tuple[str, int, int, int]]:
         """Every (consumer, topic id, committed offset, updated at), by consumer and topic."""
         with self._reader("list consumers") as conn:
-            return conn.execute("SELECT name, topic_id, committed_offset, updated_at FROM consumers"
-                                " ORDER BY name, topic_id").fetchall()
+            return cast(Any, conn.execute("SELECT name, topic_id, committed_offset, updated_at"
+                                          " FROM consumers ORDER BY name, topic_id").fetchall())
 
     def free_space(self) -> int:
         """Bytes new messages can still take, less the reserve for trims and deletes.
@@ -467,7 +469,7 @@ def _file_size(path: str) -> int:
 def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
     """Every stored (topic name, offset, payload), by topic and offset: for looking into
     a database file (tests, forensics) without a server."""
-    rows = conn.execute("SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
+    rows: list[Any] = conn.execute("SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
                         " FROM batches b JOIN topics t ON t.id = b.topic_id"
                         " ORDER BY b.topic_id, b.first_offset").fetchall()
     return [(name, offset, payload) for name, *row in rows

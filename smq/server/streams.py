@@ -33,12 +33,12 @@ class StreamPlaces:
         self.max_streams = max_streams
         self._lock = threading.Lock()
         # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
-        self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], None]]] = {}
+        self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], object]]] = {}
         self._replaced, self._replaced_logged_at = 0, -float(REPLACEMENT_LOG_SECONDS)
 
     @contextlib.contextmanager
     def slot(self, owner: tuple[str, str] | None = None,
-             end: Callable[[], None] = lambda: None) -> Iterator[None]:
+             end: Callable[[], object] = lambda: None) -> Iterator[None]:
         """Hold one place for the duration of a stream.
 
         `owner`: the (connection, topic) of a consuming stream. When every place is taken,
@@ -75,7 +75,7 @@ class StreamPlaces:
                      owner[0], owner[1], self.max_streams, self._replaced)
             self._replaced, self._replaced_logged_at = 0, now
 
-    def _take_oldest_stream_of(self, owner: tuple[str, str] | None) -> Callable[[], None] | None:
+    def _take_oldest_stream_of(self, owner: tuple[str, str] | None) -> Callable[[], object] | None:
         """Forget the oldest open stream of `owner` and return how to end it; None if none."""
         if owner is None:
             return None
