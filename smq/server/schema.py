@@ -4,7 +4,8 @@ DatabaseFile opens one SMQ database: locks it against a second server, refuses f
 that are not SMQ's, newer than this SMQ, damaged or truncated (or moves them aside),
 switches to WAL mode, sets the durability, migrates older formats forward, and sizes
 the WAL and the reserve from the disk budget. Called once at start-up (main thread);
-storage.Storage owns what it opened.
+storage.Storage owns what it opened. Also `storage_errors`, the one translation of apsw
+errors into the SMQ error tree, used around every read and write.
 """
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import apsw
 
-from ..errors import StartupError
+from ..errors import SMQError, StartupError, StorageFailure, StorageFull
 
 log = logging.getLogger("smq.server.storage")
 
@@ -346,3 +348,16 @@ def _open_hint(path: str) -> str:
     if not os.access(directory, os.W_OK):
         return f"directory {directory!r} is not writable"
     return "check the path and its permissions"
+
+
+@contextlib.contextmanager
+def storage_errors(action: str) -> Iterator[None]:
+    """Translate apsw errors raised inside the block into the SMQ error tree."""
+    try:
+        yield
+    except SMQError:
+        raise
+    except apsw.FullError as exc:
+        raise StorageFull(f"{action}: disk or database full") from exc
+    except apsw.Error as exc:
+        raise StorageFailure(f"{action}: {type(exc).__name__}: {exc}") from exc

@@ -8,7 +8,9 @@ Offsets are never reused: each topic row keeps `next_offset`, advanced by every
 append and left alone by trims, so a topic trimmed empty (or a restart) goes on
 from where it was. Topic names only ever reach SQL as bound parameters.
 
-apsw errors are translated into the SMQ error tree here and nowhere else.
+apsw errors are translated into the SMQ error tree by `storage_errors` (schema.py)
+and nowhere else. The consumers table's methods are in consumer_offsets.py, the disk
+budget's measure in disk_space.py (mixins of Storage).
 """
 from __future__ import annotations
 
@@ -25,10 +27,12 @@ from typing import Any, cast
 import apsw
 
 from ..domain import TopicPolicy
-from ..errors import SMQError, StorageFailure, StorageFull
+from ..errors import StorageFailure
 from . import batches
 from .clock import ClockState
-from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions
+from .consumer_offsets import ConsumerOffsets
+from .disk_space import DiskSpace
+from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -69,20 +73,7 @@ class TopicState:
         return 0 if self.earliest is None else self.next_offset - self.earliest
 
 
-@contextlib.contextmanager
-def storage_errors(action: str) -> Iterator[None]:
-    """Translate apsw errors raised inside the block into the SMQ error tree."""
-    try:
-        yield
-    except SMQError:
-        raise
-    except apsw.FullError as exc:
-        raise StorageFull(f"{action}: disk or database full") from exc
-    except apsw.Error as exc:
-        raise StorageFailure(f"{action}: {type(exc).__name__}: {exc}") from exc
-
-
-class Storage:
+class Storage(ConsumerOffsets, DiskSpace):
     """The SQLite log. Write methods run only inside write_transaction()."""
 
     def __init__(self, path: str, options: StorageOptions = StorageOptions()) -> None:
@@ -364,106 +355,6 @@ class Storage:
             "UPDATE topics SET max_messages = ?, max_bytes = ?, max_age = ?, on_full = ?,"
             " keep_uncommitted = ? WHERE id = ?", (*dataclasses.astuple(policy), topic.id))
         topic.policy = policy
-
-    # -- durable consumers ------------------------------------------------------------
-
-    def update_committed(self, consumer: str, topic: TopicState, offset: int) -> bool:
-        """Store the committed offset of a consumer the topic has (writer thread).
-        False if it has no such consumer (insert_consumer adds one)."""
-        updated = self._writer.execute(
-            "UPDATE consumers SET committed_offset = ?, updated_at = ? WHERE name = ? AND topic_id = ?"
-            " RETURNING 1", (offset, int(time.time()), consumer, topic.id)).fetchall()
-        if updated:
-            self._refresh_min_committed(topic)
-        return bool(updated)
-
-    def insert_consumer(self, consumer: str, topic: TopicState, offset: int) -> None:
-        """Add a named consumer to the topic with its committed offset (writer thread)."""
-        self._writer.execute(
-            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)",
-            (consumer, topic.id, offset, int(time.time())))
-        if topic.consumer_count is not None:
-            topic.consumer_count += 1
-        self._refresh_min_committed(topic)
-
-    def consumer_count(self, topic: TopicState) -> int:
-        """How many named consumers the topic has (writer thread): counted once, then kept
-        by insert_consumer and delete_consumer (a reload after a rollback counts again)."""
-        if topic.consumer_count is None:
-            topic.consumer_count = self._writer.execute(
-                "SELECT count(*) FROM consumers WHERE topic_id = ?", (topic.id,)).get
-        return topic.consumer_count
-
-    def delete_consumer(self, consumer: str, topics: Iterable[TopicState]) -> int:
-        """Forget the consumer's offsets on these topics (writer thread). Returns how many."""
-        deleted = 0
-        for topic in topics:
-            found = len(self._writer.execute(
-                "DELETE FROM consumers WHERE name = ? AND topic_id = ? RETURNING 1",
-                (consumer, topic.id)).fetchall())
-            if found and topic.consumer_count is not None:
-                topic.consumer_count -= found
-            deleted += found
-            self._refresh_min_committed(topic)
-        return deleted
-
-    def _refresh_min_committed(self, topic: TopicState) -> None:
-        topic.min_committed = self._writer.execute(
-            "SELECT min(committed_offset) FROM consumers WHERE topic_id = ?", (topic.id,)).get
-
-    def committed_offset(self, consumer: str, topic_id: int) -> int | None:
-        with self._reader("read committed offset") as conn:
-            return conn.execute("SELECT committed_offset FROM consumers WHERE name = ? AND topic_id = ?",
-                                (consumer, topic_id)).get
-
-    def consumers(self) -> list[tuple[str, int, int, int]]:
-        """Every (consumer, topic id, committed offset, updated at), by consumer and topic."""
-        with self._reader("list consumers") as conn:
-            return cast(Any, conn.execute("SELECT name, topic_id, committed_offset, updated_at"
-                                          " FROM consumers ORDER BY name, topic_id").fetchall())
-
-    def free_space(self) -> int:
-        """Bytes new messages can still take, less the reserve for trims and deletes.
-
-        On the filesystem: its free space above the --min-free-space floor, less what
-        the WAL may still grow by (up to its share) and what the database file grows by
-        when the WAL is checkpointed into it. Within --max-db-size: the budget less the
-        database (as the WAL will make it) and the WAL (its share, or more if it grew
-        beyond). Free pages inside the file count as room in both."""
-        with storage_errors("free space"):
-            stats = os.statvfs(self._file.directory)
-            database = self._writer.pragma("page_count") * self.page_size
-            reusable = self._writer.pragma("freelist_count") * self.page_size
-            wal = _file_size(self.path + "-wal")
-            room = (stats.f_bavail * stats.f_frsize - self.options.min_free_space
-                    - max(self._file.wal_share - wal, 0) - max(database - _file_size(self.path), 0))
-            if self.options.max_db_size:
-                room = min(room, self.options.max_db_size - database - max(wal, self._file.wal_share))
-            return room + reusable - self._file.reserve
-
-    def limit_wal(self) -> None:
-        """After a commit: a WAL grown past its share (readers kept checkpoints from
-        starting it over) is checkpointed in RESTART mode, which waits for those readers
-        to move on, so that the next write starts it over and journal_size_limit cuts it
-        back to its share."""
-        if _file_size(self.path + "-wal") > self._file.wal_share:
-            with storage_errors("checkpoint"):
-                self._writer.pragma("wal_checkpoint", "RESTART")
-
-    def give_back_space(self, max_pages: int = 2048) -> int:
-        """Return up to max_pages free pages to the filesystem (outside a transaction).
-        Returns how many free pages are left for next time."""
-        with storage_errors("incremental vacuum"):
-            # Each step of this pragma frees one page; fetching runs it to the end.
-            self._writer.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
-            return self._writer.pragma("freelist_count")
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
 
 
 def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
