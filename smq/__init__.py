@@ -7,6 +7,7 @@ an `smq.SMQError` (see `smq.errors`).
 The client names and `Config` are loaded on first use, so that `import smq` (and `smq --help`)
 stays fast and does not load grpc (only `Client` does).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -55,22 +56,53 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 # Client names come from smq.client, loaded on first use.
-_LAZY = ("Client", "ClientTLSConfig", "Message", "TopicInfo", "TopicPolicy", "ConsumerInfo",
-         "ServerInfo")
+_LAZY = (
+    "Client",
+    "ClientTLSConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
+    "ServerInfo",
+)
 
 __all__ = [
-    "__version__", "Config",
+    "__version__",
+    "Config",
     # client (smq.client)
-    "Client", "ClientTLSConfig", "Message", "TopicInfo", "TopicPolicy", "ConsumerInfo",
+    "Client",
+    "ClientTLSConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
     "ServerInfo",
     # errors (smq.errors): the root, pysmq's names, one class per status
-    "SMQError", "SMQException", "SMQConnectionError", "SMQAuthenticationError",
-    "SMQProduceError", "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError",
+    "SMQError",
+    "SMQException",
+    "SMQConnectionError",
+    "SMQAuthenticationError",
+    "SMQProduceError",
+    "SMQConsumeError",
+    "SMQTopicCreationError",
+    "SMQOffsetError",
     "SMQTimeoutError",
-    "Unavailable", "Unauthenticated", "DeadlineExceeded", "InvalidArgument", "NotFound",
-    "TopicEmpty", "OffsetOutOfRange", "PermissionDenied", "ResourceExhausted",
-    "InternalError", "Cancelled", "UnknownError", "AlreadyExists", "Aborted",
-    "Unimplemented", "DataLoss",
+    "Unavailable",
+    "Unauthenticated",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "NotFound",
+    "TopicEmpty",
+    "OffsetOutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "InternalError",
+    "Cancelled",
+    "UnknownError",
+    "AlreadyExists",
+    "Aborted",
+    "Unimplemented",
+    "DataLoss",
 ]
 
 

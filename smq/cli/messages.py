@@ -1,4 +1,5 @@
 """`smq produce`, `smq consume`, `smq offsets`, `smq trim`: the messages of a topic."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,39 +40,82 @@ EXAMPLES = {
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
-    produce = add_command(commands, parent, "produce", "append messages to a topic", cmd_produce,
-                          EXAMPLES["produce"])
+    produce = add_command(
+        commands, parent, "produce", "append messages to a topic", cmd_produce, EXAMPLES["produce"]
+    )
     produce.add_argument("topic", metavar="TOPIC")
-    produce.add_argument("message", metavar="MESSAGE", nargs="?",
-                         help="the message; - or none: read stdin, one message per line")
-    produce.add_argument("--whole", action="store_true",
-                         help="send all of stdin as one message (binary safe)")
-    produce.add_argument("--batch-size", type=positive_int, default=1000, metavar="N",
-                         help="messages per request when reading lines [default 1000]")
+    produce.add_argument(
+        "message",
+        metavar="MESSAGE",
+        nargs="?",
+        help="the message; - or none: read stdin, one message per line",
+    )
+    produce.add_argument(
+        "--whole", action="store_true", help="send all of stdin as one message (binary safe)"
+    )
+    produce.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="messages per request when reading lines [default 1000]",
+    )
 
-    consume = add_command(commands, parent, "consume", "print messages of a topic", cmd_consume,
-                          EXAMPLES["consume"])
+    consume = add_command(
+        commands, parent, "consume", "print messages of a topic", cmd_consume, EXAMPLES["consume"]
+    )
     consume.add_argument("topic", metavar="TOPIC")
-    consume.add_argument("--from", dest="start", type=start_offset, default=None,
-                         metavar="earliest|latest|N", help="where to start [default earliest]")
-    consume.add_argument("-f", "--follow", action="store_true",
-                         help="keep printing new messages as they come (Ctrl-C ends); "
-                              "reconnects by itself when the server restarts")
-    consume.add_argument("-n", "--limit", type=offset_int, default=None, metavar="N",
-                         help="stop after N messages")
-    consume.add_argument("--consumer", metavar="NAME", default=None,
-                         help="read as this durable consumer: start after its committed offset "
-                              "(at --from if it has none) and commit what is printed")
+    consume.add_argument(
+        "--from",
+        dest="start",
+        type=start_offset,
+        default=None,
+        metavar="earliest|latest|N",
+        help="where to start [default earliest]",
+    )
+    consume.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new messages as they come (Ctrl-C ends); "
+        "reconnects by itself when the server restarts",
+    )
+    consume.add_argument(
+        "-n", "--limit", type=offset_int, default=None, metavar="N", help="stop after N messages"
+    )
+    consume.add_argument(
+        "--consumer",
+        metavar="NAME",
+        default=None,
+        help="read as this durable consumer: start after its committed offset "
+        "(at --from if it has none) and commit what is printed",
+    )
 
-    offsets = add_command(commands, parent, "offsets", "show the earliest and latest offset of a "
-                          "topic", cmd_offsets, EXAMPLES["offsets"])
+    offsets = add_command(
+        commands,
+        parent,
+        "offsets",
+        "show the earliest and latest offset of a topic",
+        cmd_offsets,
+        EXAMPLES["offsets"],
+    )
     offsets.add_argument("topic", metavar="TOPIC")
 
-    trim = add_command(commands, parent, "trim", "delete the messages of a topic up to an offset",
-                       cmd_trim, EXAMPLES["trim"])
+    trim = add_command(
+        commands,
+        parent,
+        "trim",
+        "delete the messages of a topic up to an offset",
+        cmd_trim,
+        EXAMPLES["trim"],
+    )
     trim.add_argument("topic", metavar="TOPIC")
-    trim.add_argument("offset", metavar="OFFSET", type=offset_int,
-                      help="delete every message with an offset up to this one")
+    trim.add_argument(
+        "offset",
+        metavar="OFFSET",
+        type=offset_int,
+        help="delete every message with an offset up to this one",
+    )
 
 
 def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -83,9 +127,11 @@ def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     stdin = sys.stdin.buffer
     if sys.stdin.isatty():
-        print("smq: reading messages from the terminal, "
-              f"{'all as one message' if args.whole else 'one per line'}; end with Ctrl-D",
-              file=sys.stderr)
+        print(
+            "smq: reading messages from the terminal, "
+            f"{'all as one message' if args.whole else 'one per line'}; end with Ctrl-D",
+            file=sys.stderr,
+        )
     if args.whole:
         offset = client.produce(args.topic, stdin.read())
         report_produced(out, args.topic, [range(offset, offset + 1)])
@@ -97,8 +143,10 @@ def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
     except SMQError as exc:
         appended = sum(len(r) for r in ranges)
         if appended:  # earlier chunks were committed: say so, with the error
-            exc.args = (f"{exc}\n({plural(appended, 'message')} of the input were "
-                        f"appended before this failure, up to offset {ranges[-1][-1]})",)
+            exc.args = (
+                f"{exc}\n({plural(appended, 'message')} of the input were "
+                f"appended before this failure, up to offset {ranges[-1][-1]})",
+            )
         raise
     report_produced(out, args.topic, ranges)
     return EXIT_OK
@@ -138,9 +186,15 @@ def report_produced(out: Output, topic: str, ranges: list[range]) -> None:
         where = ", offsets " + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
     else:
         where = f", offsets {spans[0][0]} to {spans[-1][1]} (among other producers' messages)"
-    out.emit({"topic": topic, "count": count, "first_offset": spans[0][0] if spans else None,
-              "last_offset": spans[-1][1] if spans else None},
-             f"appended {plural(count, 'message')} to {topic!r}{where}")
+    out.emit(
+        {
+            "topic": topic,
+            "count": count,
+            "first_offset": spans[0][0] if spans else None,
+            "last_offset": spans[-1][1] if spans else None,
+        },
+        f"appended {plural(count, 'message')} to {topic!r}{where}",
+    )
 
 
 def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -165,9 +219,11 @@ def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
     try:
         for payload, offset in messages:
             with counted():
-                out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
-                         lambda: f"{offset}\t{escape(payload)}",  # noqa: B023 (called at once)
-                         flush=args.follow or args.consumer is not None)
+                out.emit(
+                    {"topic": args.topic, "offset": offset, **payload_fields(payload)},
+                    lambda: f"{offset}\t{escape(payload)}",  # noqa: B023 (called at once)
+                    flush=args.follow or args.consumer is not None,
+                )
                 printed = offset
     except KeyboardInterrupt:
         commit_printed(client, args, printed)
@@ -207,8 +263,12 @@ def commit_printed(client: Client, args: argparse.Namespace, printed: int | None
 
 def cmd_offsets(client: Client, args: argparse.Namespace, out: Output) -> int:
     info = client.describe_topic(args.topic)
-    record = {"topic": info.name, "earliest": info.earliest_offset,
-              "latest": info.latest_offset, "next": info.next_offset}
+    record = {
+        "topic": info.name,
+        "earliest": info.earliest_offset,
+        "latest": info.latest_offset,
+        "next": info.next_offset,
+    }
     text = fields_text([("earliest", info.earliest_offset), ("latest", info.latest_offset)])
     if info.earliest_offset is None:
         text += f"\n(empty: the next message gets offset {info.next_offset})"
@@ -219,9 +279,18 @@ def cmd_offsets(client: Client, args: argparse.Namespace, out: Output) -> int:
 def cmd_trim(client: Client, args: argparse.Namespace, out: Output) -> int:
     client.delete_until_offset(args.topic, args.offset)
     info = client.describe_topic(args.topic)
-    now = (f"the earliest is now {info.earliest_offset}" if info.earliest_offset is not None
-           else "the topic is now empty")
-    out.emit({"topic": args.topic, "until": args.offset, "earliest": info.earliest_offset,
-              "latest": info.latest_offset}, f"deleted messages up to offset {args.offset}; {now}")
+    now = (
+        f"the earliest is now {info.earliest_offset}"
+        if info.earliest_offset is not None
+        else "the topic is now empty"
+    )
+    out.emit(
+        {
+            "topic": args.topic,
+            "until": args.offset,
+            "earliest": info.earliest_offset,
+            "latest": info.latest_offset,
+        },
+        f"deleted messages up to offset {args.offset}; {now}",
+    )
     return EXIT_OK
-

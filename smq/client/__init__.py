@@ -9,6 +9,7 @@
 Every public name is re-exported here and loaded on first use, so that importing the
 package does not load grpc.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,16 +43,49 @@ if TYPE_CHECKING:
     )
 
 # name -> the module that defines it (loaded on first use)
-_LAZY = {"Client": "smq.client.sync", "ERROR_FOR_STATUS": "smq.client.transport",
-         "DEFAULT_PORT": "smq.domain", "TopicPolicy": "smq.domain",
-         **dict.fromkeys(("ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_TIMEOUT"), "smq.client.types")}
+_LAZY = {
+    "Client": "smq.client.sync",
+    "ERROR_FOR_STATUS": "smq.client.transport",
+    "DEFAULT_PORT": "smq.domain",
+    "TopicPolicy": "smq.domain",
+    **dict.fromkeys(
+        (
+            "ClientTLSConfig",
+            "ClientConfig",
+            "Message",
+            "TopicInfo",
+            "ConsumerInfo",
+            "ServerInfo",
+            "USE_CLIENT_DEFAULT",
+            "SMQ_SPECIAL_OFFSET_HEARTBEAT",
+            "DEFAULT_TIMEOUT",
+        ),
+        "smq.client.types",
+    ),
+}
 
 __all__ = [
-    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
-    "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "ERROR_FOR_STATUS",
-    "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
-    "SMQException", "SMQConnectionError", "SMQAuthenticationError", "SMQProduceError",
-    "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError", "SMQTimeoutError",
+    "Client",
+    "ClientTLSConfig",
+    "ClientConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
+    "ServerInfo",
+    "USE_CLIENT_DEFAULT",
+    "ERROR_FOR_STATUS",
+    "SMQ_SPECIAL_OFFSET_HEARTBEAT",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT",
+    "SMQException",
+    "SMQConnectionError",
+    "SMQAuthenticationError",
+    "SMQProduceError",
+    "SMQConsumeError",
+    "SMQTopicCreationError",
+    "SMQOffsetError",
+    "SMQTimeoutError",
 ]
 
 

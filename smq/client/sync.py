@@ -38,6 +38,7 @@ consumers in `smq.client.admin`; import them all from `smq.client`.
 A Client is thread-safe: one per process is enough. `close()` (or leaving the `with`
 block) releases the connection and ends running iterators; a closed client refuses reuse.
 """
+
 from __future__ import annotations
 
 import time
@@ -83,13 +84,28 @@ from .types import (
 )
 
 __all__ = [
-    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
-    "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "ERROR_FOR_STATUS",
-    "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
-    "SMQException", "SMQConnectionError", "SMQAuthenticationError", "SMQProduceError",
-    "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError", "SMQTimeoutError",
+    "Client",
+    "ClientTLSConfig",
+    "ClientConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
+    "ServerInfo",
+    "USE_CLIENT_DEFAULT",
+    "ERROR_FOR_STATUS",
+    "SMQ_SPECIAL_OFFSET_HEARTBEAT",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT",
+    "SMQException",
+    "SMQConnectionError",
+    "SMQAuthenticationError",
+    "SMQProduceError",
+    "SMQConsumeError",
+    "SMQTopicCreationError",
+    "SMQOffsetError",
+    "SMQTimeoutError",
 ]
-
 
 
 class Client(Resuming, Admin):
@@ -109,18 +125,27 @@ class Client(Resuming, Admin):
     Raises SMQAuthenticationError if a TLS file cannot be read.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 tls_config: ClientTLSConfig | None = None,
-                 max_send_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
-                 max_receive_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB, *,
-                 unix_socket: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, server_hostname: str | None = None,
-                 channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        tls_config: ClientTLSConfig | None = None,
+        max_send_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
+        max_receive_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
+        *,
+        unix_socket: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        server_hostname: str | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, not {retries}")
         if tls_config is not None and unix_socket:
-            raise ValueError("tls_config cannot be used with unix_socket: the server's "
-                             "socket is plaintext, for callers on the same device")
+            raise ValueError(
+                "tls_config cannot be used with unix_socket: the server's "
+                "socket is plaintext, for callers on the same device"
+            )
         self.timeout = timeout
         self.retries = retries
         self.tls = tls_config is not None and channel is None
@@ -131,9 +156,13 @@ class Client(Resuming, Admin):
         else:
             self.target = tcp_address(host, port)
         if channel is None:
-            channel = open_channel(self.target, tls_config, server_hostname=server_hostname,
-                                   max_send_mb=max_send_message_size_mb,
-                                   max_receive_mb=max_receive_message_size_mb)
+            channel = open_channel(
+                self.target,
+                tls_config,
+                server_hostname=server_hostname,
+                max_send_mb=max_send_message_size_mb,
+                max_receive_mb=max_receive_message_size_mb,
+            )
         self._channel: grpc.Channel | None = channel
         self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
 
@@ -141,8 +170,13 @@ class Client(Resuming, Admin):
         """Check that the server answers (the channel itself connects lazily).
 
         Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
-        self._call("Connect", smq_pb2.ConnectRequest(), timeout,
-                   Op(f"connect to {self.target}", SMQConnectionError), idempotent=True)
+        self._call(
+            "Connect",
+            smq_pb2.ConnectRequest(),
+            timeout,
+            Op(f"connect to {self.target}", SMQConnectionError),
+            idempotent=True,
+        )
 
     def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Like `connect`, and return the round trip time in seconds."""
@@ -153,31 +187,49 @@ class Client(Resuming, Admin):
     def server_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """The server's version, durability, maximum message size, uptime, commit
         counters and storage totals (not in the original SMQ: Unimplemented there)."""
-        response = self._call("GetServerInfo", smq_pb2.GetServerInfoRequest(), timeout,
-                              Op("get the server's info", None), idempotent=True)
+        response = self._call(
+            "GetServerInfo",
+            smq_pb2.GetServerInfoRequest(),
+            timeout,
+            Op("get the server's info", None),
+            idempotent=True,
+        )
         return ServerInfo.from_proto(response)
 
     # -- offsets ----------------------------------------------------------------------
 
     def get_earliest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The lowest offset still stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
-        return self._call("GetEarliestOffset", smq_pb2.GetEarliestOffsetRequest(topic=topic),
-                          timeout, Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
-                          idempotent=True).offset
+        return self._call(
+            "GetEarliestOffset",
+            smq_pb2.GetEarliestOffsetRequest(topic=topic),
+            timeout,
+            Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
+            idempotent=True,
+        ).offset
 
     def get_latest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The highest offset stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
-        return self._call("GetLatestOffset", smq_pb2.GetLatestOffsetRequest(topic=topic),
-                          timeout, Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
-                          idempotent=True).offset
+        return self._call(
+            "GetLatestOffset",
+            smq_pb2.GetLatestOffsetRequest(topic=topic),
+            timeout,
+            Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
+            idempotent=True,
+        ).offset
 
-    def delete_until_offset(self, topic: str, offset: int,
-                            timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    def delete_until_offset(
+        self, topic: str, offset: int, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
         """Delete every message with offset <= `offset` (idempotent; offsets are never
         reused). Raises SMQOffsetError: NotFound, PermissionDenied."""
-        self._call("DeleteUntilOffset", smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
-                   timeout, Op(f"delete messages of {topic!r} up to offset {offset}",
-                                SMQOffsetError, topic), idempotent=True)
+        self._call(
+            "DeleteUntilOffset",
+            smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
+            timeout,
+            Op(f"delete messages of {topic!r} up to offset {offset}", SMQOffsetError, topic),
+            idempotent=True,
+        )
 
     # -- producing ----------------------------------------------------------------------
 
@@ -186,11 +238,13 @@ class Client(Resuming, Admin):
         is committed. Not retried. Raises SMQProduceError: NotFound, InvalidArgument,
         PermissionDenied, ResourceExhausted (too large, disk full, overloaded)."""
         request = smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
-        return self._call("Produce", request, timeout,
-                          Op(f"produce to {topic!r}", SMQProduceError, topic)).offset
+        return self._call(
+            "Produce", request, timeout, Op(f"produce to {topic!r}", SMQProduceError, topic)
+        ).offset
 
-    def stream_produce(self, topic: str, messages: Iterable[Payload], *,
-                       timeout: float | None = None) -> int:
+    def stream_produce(
+        self, topic: str, messages: Iterable[Payload], *, timeout: float | None = None
+    ) -> int:
         """Append each message of `messages` in order over one stream; returns the offset
         of the last one (0 if there was none). No deadline unless `timeout` is given.
 
@@ -206,17 +260,26 @@ class Client(Resuming, Admin):
                 failure.append(exc)
 
         try:
-            offset = self._call("StreamProduce", requests(), timeout,
-                                Op(f"stream-produce to {topic!r}", SMQProduceError, topic)).offset
+            offset = self._call(
+                "StreamProduce",
+                requests(),
+                timeout,
+                Op(f"stream-produce to {topic!r}", SMQProduceError, topic),
+            ).offset
         finally:
             if failure:
                 raise failure[0]
         return offset
 
-    def produce_many(self, topic: str, messages: Iterable[Payload], *,
-                     batch_size: int = DEFAULT_BATCH_SIZE,
-                     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
-                     timeout: Timeout = USE_CLIENT_DEFAULT) -> list[range]:
+    def produce_many(
+        self,
+        topic: str,
+        messages: Iterable[Payload],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> list[range]:
         """Append many messages, in order, in batches of at most `batch_size` messages and
         `max_batch_bytes` bytes (a larger message goes alone). Each batch is one atomic
         ProduceBatch request: all of it is appended, or none.
@@ -233,9 +296,12 @@ class Client(Resuming, Admin):
             action = f"produce a batch of {len(batch)} messages to {topic!r}"
             if appended:
                 action += f" (the {appended} messages before it were appended)"
-            response = self._call("ProduceBatch",
-                                  smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
-                                  timeout, Op(action, SMQProduceError, topic))
+            response = self._call(
+                "ProduceBatch",
+                smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
+                timeout,
+                Op(action, SMQProduceError, topic),
+            )
             ranges.append(range(response.first_offset, response.last_offset + 1))
             appended += len(batch)
         return ranges
@@ -248,9 +314,13 @@ class Client(Resuming, Admin):
         return self._consume(topic, offset, timeout, wrap_all=False)
 
     def _consume(self, topic: str, offset: int, timeout: Timeout, wrap_all: bool) -> Message:
-        response = self._call("Consume", smq_pb2.ConsumeRequest(topic=topic, offset=offset), timeout,
-                              Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic,
-                                  wrap_all), idempotent=True)
+        response = self._call(
+            "Consume",
+            smq_pb2.ConsumeRequest(topic=topic, offset=offset),
+            timeout,
+            Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic, wrap_all),
+            idempotent=True,
+        )
         return Message(response.message, response.offset)
 
     def consume_earliest(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
@@ -266,8 +336,9 @@ class Client(Resuming, Admin):
         op = Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
         attempt = 0
         while True:
-            offset = self._call(method, request_class(topic=topic), timeout, op,
-                                idempotent=True).offset
+            offset = self._call(
+                method, request_class(topic=topic), timeout, op, idempotent=True
+            ).offset
             try:
                 return self._consume(topic, offset, timeout, wrap_all=True)
             except NotFound:  # trimmed between the two calls: look again, twice at most
@@ -275,16 +346,21 @@ class Client(Resuming, Admin):
                 if attempt > 2:
                     raise
 
-    def bulk_retrieve(self, topic: str, start_offset: int, limit: int,
-                      timeout: Timeout = USE_CLIENT_DEFAULT) -> smq_pb2.BulkRetrieveResponse:
+    def bulk_retrieve(
+        self, topic: str, start_offset: int, limit: int, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> smq_pb2.BulkRetrieveResponse:
         """Up to `limit` messages with offset >= `start_offset` (inclusive), as the
         response message: `.messages` (each `.message`, `.offset`), `.count`,
         `.next_offset` (feed it back for the next page). `limit <= 0`: server default.
         Pages are also capped by the server. Raises SMQConsumeError."""
         request = smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=start_offset, limit=limit)
-        return self._call("BulkRetrieve", request, timeout,
-                          Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
-                          idempotent=True)
+        return self._call(
+            "BulkRetrieve",
+            request,
+            timeout,
+            Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
+            idempotent=True,
+        )
 
     def stream_consume(self, topic: str, start_offset: int) -> Iterator[Message]:
         """Every message from `start_offset` (or the earliest), then each new one as it
@@ -292,8 +368,9 @@ class Client(Resuming, Admin):
         connection raises SMQConnectionError: `iter_messages` resumes instead."""
         op = Op(f"stream messages of {topic!r}", SMQConsumeError, topic)
         try:
-            with self._stream("StreamConsume",
-                              smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)) as call:
+            with self._stream(
+                "StreamConsume", smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)
+            ) as call:
                 for response in call:
                     if response.offset != SMQ_SPECIAL_OFFSET_HEARTBEAT:
                         yield Message(response.message, response.offset)
@@ -302,10 +379,17 @@ class Client(Resuming, Admin):
                 return
             raise self._error(exc, op, None) from exc
 
-    def iter_messages(self, topic: str, from_offset: int = 0, *, follow: bool = True,
-                      page_size: int = DEFAULT_PAGE_SIZE, reconnect: bool = True,
-                      timeout: Timeout = USE_CLIENT_DEFAULT,
-                      consumer: str | None = None) -> Iterator[Message]:
+    def iter_messages(
+        self,
+        topic: str,
+        from_offset: int = 0,
+        *,
+        follow: bool = True,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        reconnect: bool = True,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        consumer: str | None = None,
+    ) -> Iterator[Message]:
         """Every message from `from_offset` (0, or anything below the earliest, means the
         earliest), as (payload, offset): the stored ones in pages (BulkRetrieve), then,
         with `follow`, each new one as it is committed (StreamConsume). Without `follow`
@@ -330,15 +414,17 @@ class Client(Resuming, Admin):
             while True:
                 response = self._stub_or_raise().BulkRetrieve(
                     smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=cursor, limit=page_size),
-                    timeout=self._timeout_of(timeout))
+                    timeout=self._timeout_of(timeout),
+                )
                 if not response.messages:
                     break
                 yield [Message(m.message, m.offset) for m in response.messages]
                 cursor = response.messages[-1].offset + 1
             if not follow:
                 return
-            with self._stream("StreamConsume",
-                              smq_pb2.ConsumeRequest(topic=topic, offset=cursor)) as call:
+            with self._stream(
+                "StreamConsume", smq_pb2.ConsumeRequest(topic=topic, offset=cursor)
+            ) as call:
                 for response in call:
                     if response.offset == SMQ_SPECIAL_OFFSET_HEARTBEAT:
                         yield []
@@ -346,11 +432,26 @@ class Client(Resuming, Admin):
                         yield [Message(response.message, response.offset)]
 
         limit = None if follow and reconnect else (self.retries if reconnect else 0)
-        return self._resuming(pages, max(from_offset, 0), op, limit, follow,
-                              consumer, topic, self._timeout_of(timeout))
+        return self._resuming(
+            pages,
+            max(from_offset, 0),
+            op,
+            limit,
+            follow,
+            consumer,
+            topic,
+            self._timeout_of(timeout),
+        )
 
-    def subscribe(self, topic: str, from_offset: int = 0, *, page_size: int = 0,
-                  reconnect: bool = True, consumer: str | None = None) -> Iterator[Message]:
+    def subscribe(
+        self,
+        topic: str,
+        from_offset: int = 0,
+        *,
+        page_size: int = 0,
+        reconnect: bool = True,
+        consumer: str | None = None,
+    ) -> Iterator[Message]:
         """Like `iter_messages(topic, from_offset)`, over the paged Subscribe stream of
         this SMQ (not in the original): the fastest way to read a topic and follow it.
         Yields each message as (payload, offset); pages are up to `page_size` messages
@@ -365,5 +466,13 @@ class Client(Resuming, Admin):
                 for response in call:
                     yield [Message(m.message, m.offset) for m in response.messages]
 
-        return self._resuming(pages, max(from_offset, 0), op, None if reconnect else 0, True,
-                              consumer, topic, self.timeout)
+        return self._resuming(
+            pages,
+            max(from_offset, 0),
+            op,
+            None if reconnect else 0,
+            True,
+            consumer,
+            topic,
+            self.timeout,
+        )

@@ -2,6 +2,7 @@
 thread stores and deletes them inside its transaction, any thread reads them through the
 reader pool. Part of storage.Storage (a mixin, with storage.py's connections).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,9 @@ class ConsumerOffsets:
         False if it has no such consumer (insert_consumer adds one)."""
         updated = self._writer.execute(
             "UPDATE consumers SET committed_offset = ?, updated_at = ? WHERE name = ? AND topic_id = ?"
-            " RETURNING 1", (offset, int(time.time()), consumer, topic.id)).fetchall()
+            " RETURNING 1",
+            (offset, int(time.time()), consumer, topic.id),
+        ).fetchall()
         if updated:
             self._refresh_min_committed(topic)
         return bool(updated)
@@ -35,7 +38,8 @@ class ConsumerOffsets:
         """Add a named consumer to the topic with its committed offset (writer thread)."""
         self._writer.execute(
             "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)",
-            (consumer, topic.id, offset, int(time.time())))
+            (consumer, topic.id, offset, int(time.time())),
+        )
         if topic.consumer_count is not None:
             topic.consumer_count += 1
         self._refresh_min_committed(topic)
@@ -45,16 +49,20 @@ class ConsumerOffsets:
         by insert_consumer and delete_consumer (a reload after a rollback counts again)."""
         if topic.consumer_count is None:
             topic.consumer_count = self._writer.execute(
-                "SELECT count(*) FROM consumers WHERE topic_id = ?", (topic.id,)).get
+                "SELECT count(*) FROM consumers WHERE topic_id = ?", (topic.id,)
+            ).get
         return topic.consumer_count
 
     def delete_consumer(self, consumer: str, topics: Iterable[TopicState]) -> int:
         """Forget the consumer's offsets on these topics (writer thread). Returns how many."""
         deleted = 0
         for topic in topics:
-            found = len(self._writer.execute(
-                "DELETE FROM consumers WHERE name = ? AND topic_id = ? RETURNING 1",
-                (consumer, topic.id)).fetchall())
+            found = len(
+                self._writer.execute(
+                    "DELETE FROM consumers WHERE name = ? AND topic_id = ? RETURNING 1",
+                    (consumer, topic.id),
+                ).fetchall()
+            )
             if found and topic.consumer_count is not None:
                 topic.consumer_count -= found
             deleted += found
@@ -63,15 +71,23 @@ class ConsumerOffsets:
 
     def _refresh_min_committed(self, topic: TopicState) -> None:
         topic.min_committed = self._writer.execute(
-            "SELECT min(committed_offset) FROM consumers WHERE topic_id = ?", (topic.id,)).get
+            "SELECT min(committed_offset) FROM consumers WHERE topic_id = ?", (topic.id,)
+        ).get
 
     def committed_offset(self, consumer: str, topic_id: int) -> int | None:
         with self._reader("read committed offset") as conn:
-            return conn.execute("SELECT committed_offset FROM consumers WHERE name = ? AND topic_id = ?",
-                                (consumer, topic_id)).get
+            return conn.execute(
+                "SELECT committed_offset FROM consumers WHERE name = ? AND topic_id = ?",
+                (consumer, topic_id),
+            ).get
 
     def consumers(self) -> list[tuple[str, int, int, int]]:
         """Every (consumer, topic id, committed offset, updated at), by consumer and topic."""
         with self._reader("list consumers") as conn:
-            return cast(Any, conn.execute("SELECT name, topic_id, committed_offset, updated_at"
-                                          " FROM consumers ORDER BY name, topic_id").fetchall())
+            return cast(
+                Any,
+                conn.execute(
+                    "SELECT name, topic_id, committed_offset, updated_at"
+                    " FROM consumers ORDER BY name, topic_id"
+                ).fetchall(),
+            )

@@ -3,6 +3,7 @@ messages can still take (free_space, for retention.Retention.reserve_space), a W
 to its share by checkpoints, free pages returned by incremental vacuum. Part of
 storage.Storage (a mixin, with storage.py's writer connection).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,10 +35,16 @@ class DiskSpace:
             database = self._writer.pragma("page_count") * self.page_size
             reusable = self._writer.pragma("freelist_count") * self.page_size
             wal = _file_size(self.path + "-wal")
-            room = (stats.f_bavail * stats.f_frsize - self.options.min_free_space
-                    - max(self._file.wal_share - wal, 0) - max(database - _file_size(self.path), 0))
+            room = (
+                stats.f_bavail * stats.f_frsize
+                - self.options.min_free_space
+                - max(self._file.wal_share - wal, 0)
+                - max(database - _file_size(self.path), 0)
+            )
             if self.options.max_db_size:
-                room = min(room, self.options.max_db_size - database - max(wal, self._file.wal_share))
+                room = min(
+                    room, self.options.max_db_size - database - max(wal, self._file.wal_share)
+                )
             return room + reusable - self._file.reserve
 
     def limit_wal(self) -> None:

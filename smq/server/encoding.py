@@ -13,6 +13,7 @@ about 40% less time and no second copy of every payload in protobuf's arena, and
 server keeps nothing but the finished bytes while a reply waits for its client.
 tests/test_encoding.py checks every byte against protobuf's own encoding.
 """
+
 from __future__ import annotations
 
 import operator

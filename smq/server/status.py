@@ -3,6 +3,7 @@ answer a raised SMQError with its status (`SMQError.code`) and text, anything el
 INTERNAL and a line in the log, never a traceback to the client. Called by the threads
 that run calls.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,6 +41,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
+
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -48,11 +50,13 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             _abort(context, exc)
         finally:
             release(request)  # the handler is done with it
+
     return handler
 
 
 def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     """The same for server-streaming handlers (generators)."""
+
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
@@ -61,6 +65,5 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
             yield from method(self, message, context)
         except Exception as exc:
             _abort(context, exc)
+
     return handler
-
-

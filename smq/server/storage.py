@@ -12,6 +12,7 @@ apsw errors are translated into the SMQ error tree by `storage_errors` (schema.p
 and nowhere else. The consumers table's methods are in consumer_offsets.py, the disk
 budget's measure in disk_space.py (mixins of Storage).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,13 +38,15 @@ from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions, storage_errors
 log = logging.getLogger(__name__)
 
 # The policy columns of a topic row, cleared when the topic is deleted.
-FORGET_POLICY = ("max_messages = NULL, max_bytes = NULL, max_age = NULL, on_full = NULL,"
-                 " keep_uncommitted = NULL")
+FORGET_POLICY = (
+    "max_messages = NULL, max_bytes = NULL, max_age = NULL, on_full = NULL, keep_uncommitted = NULL"
+)
 
 
 @dataclasses.dataclass
 class TopicState:
     """What the log knows of one topic. `earliest` is None when nothing is stored."""
+
     id: int
     name: str
     next_offset: int
@@ -119,26 +122,48 @@ class Storage(ConsumerOffsets, DiskSpace):
             with self._reader("load topics") as reader:
                 rows = cast(Any, reader.execute(sql).fetchall())
         topics = {}
-        for (tid, name, next_offset, stored_bytes, created_at, *policy,
-             earliest, last_mark, min_committed) in rows:
+        for (
+            tid,
+            name,
+            next_offset,
+            stored_bytes,
+            created_at,
+            *policy,
+            earliest,
+            last_mark,
+            min_committed,
+        ) in rows:
             if policy[4] is not None:
                 policy[4] = bool(policy[4])
-            topics[name] = TopicState(tid, name, next_offset, earliest, stored_bytes, created_at,
-                                      policy=TopicPolicy(*policy), last_mark=last_mark or 0,
-                                      min_committed=min_committed)
+            topics[name] = TopicState(
+                tid,
+                name,
+                next_offset,
+                earliest,
+                stored_bytes,
+                created_at,
+                policy=TopicPolicy(*policy),
+                last_mark=last_mark or 0,
+                min_committed=min_committed,
+            )
         return topics
 
     def read_one(self, topic_id: int, offset: int) -> bytes | None:
         """The payload at offset, or None if it is not stored."""
         with self._reader("read message") as conn:
-            row = cast("batches.Row | None", conn.execute(
-                "SELECT first_offset, last_offset, payloads, sizes FROM batches"
-                " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
-                (topic_id, offset)).fetchone())
+            row = cast(
+                "batches.Row | None",
+                conn.execute(
+                    "SELECT first_offset, last_offset, payloads, sizes FROM batches"
+                    " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
+                    (topic_id, offset),
+                ).fetchone(),
+            )
         return None if row is None else batches.message(*row, offset)
 
-    def read_page(self, topic_id: int, from_offset: int, max_count: int,
-                  max_bytes: int) -> list[tuple[int, bytes]]:
+    def read_page(
+        self, topic_id: int, from_offset: int, max_count: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
         """Stored messages with offset >= from_offset, ascending, at most max_count of them,
         stopping before max_bytes is passed (but always at least one message)."""
         page: list[tuple[int, bytes]] = []
@@ -150,9 +175,12 @@ class Storage(ConsumerOffsets, DiskSpace):
                 " WHERE topic_id = ?1 AND first_offset >= coalesce((SELECT first_offset"
                 "   FROM batches WHERE topic_id = ?1 AND first_offset <= ?2"
                 "   ORDER BY first_offset DESC LIMIT 1), ?2)"
-                " ORDER BY first_offset", (topic_id, from_offset))
+                " ORDER BY first_offset",
+                (topic_id, from_offset),
+            )
             for message in itertools.chain.from_iterable(
-                    batches.unpack(*cast(batches.Row, row), from_offset) for row in cursor):
+                batches.unpack(*cast(batches.Row, row), from_offset) for row in cursor
+            ):
                 size += len(message[1])
                 if page and size > max_bytes:
                     break
@@ -175,8 +203,10 @@ class Storage(ConsumerOffsets, DiskSpace):
         except OSError as exc:
             raise StorageFailure(f"{where}: {exc.strerror}") from None
         if (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
-            raise StorageFailure(f"{where} is not the file this server opened any more "
-                                 "(moved, deleted or mounted over)")
+            raise StorageFailure(
+                f"{where} is not the file this server opened any more "
+                "(moved, deleted or mounted over)"
+            )
         if header != SQLITE_HEADER:
             raise StorageFailure(f"{where} no longer starts with an SQLite header")
         with self._reader("liveness check") as conn:
@@ -221,11 +251,18 @@ class Storage(ConsumerOffsets, DiskSpace):
         """Create a topic, or bring back a deleted one with its offsets going on (and
         nothing else of it: files of older SMQs may still hold its policy)."""
         now = int(time.time())
-        topic_id, next_offset = cast(Any, self._writer.execute(
-            "INSERT INTO topics (name, created_at) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
-            f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset", (name, now)).fetchall()[0])
-        return TopicState(topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now)
+        topic_id, next_offset = cast(
+            Any,
+            self._writer.execute(
+                "INSERT INTO topics (name, created_at) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
+                f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset",
+                (name, now),
+            ).fetchall()[0],
+        )
+        return TopicState(
+            topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now
+        )
 
     def delete_topic(self, topic: TopicState) -> None:
         """Delete the topic's messages, consumers and policy, and hide it; only its
@@ -234,14 +271,21 @@ class Storage(ConsumerOffsets, DiskSpace):
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
         topic.min_committed = None
-        self._writer.execute(f"UPDATE topics SET deleted = 1, stored_bytes = 0, {FORGET_POLICY}"
-                             " WHERE id = ?", (topic.id,))
+        self._writer.execute(
+            f"UPDATE topics SET deleted = 1, stored_bytes = 0, {FORGET_POLICY} WHERE id = ?",
+            (topic.id,),
+        )
         topic.deleted = True
         topic.earliest = None
         topic.stored_bytes = 0
 
-    def append(self, topic: TopicState, payloads: Sequence[bytes], size: int | None = None,
-               now: int | None = None) -> int:
+    def append(
+        self,
+        topic: TopicState,
+        payloads: Sequence[bytes],
+        size: int | None = None,
+        now: int | None = None,
+    ) -> int:
         """Append payloads at topic.next_offset onwards and advance topic's counters in
         memory (save_counters stores them). `size`: their total length, if known; `now`:
         the unix second they are written at (default: the wall clock). Returns the count."""
@@ -254,7 +298,9 @@ class Storage(ConsumerOffsets, DiskSpace):
         if now != topic.last_mark:
             self._writer.execute(
                 "INSERT OR REPLACE INTO time_marks (topic_id, first_offset, marked_at)"
-                " VALUES (?, ?, ?)", (topic.id, first, now))
+                " VALUES (?, ?, ?)",
+                (topic.id, first, now),
+            )
             topic.last_mark = now
         topic.next_offset = first + len(payloads)
         topic.stored_bytes += added
@@ -263,8 +309,10 @@ class Storage(ConsumerOffsets, DiskSpace):
         return len(payloads)
 
     def _insert_rows(self, topic: TopicState, rows: list[batches.Row]) -> None:
-        sql = ("INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)"
-               " VALUES (?, ?, ?, ?, ?)")
+        sql = (
+            "INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
         if len(rows) == 1:
             self._writer.execute(sql, (topic.id, *rows[0]))
         else:
@@ -275,7 +323,8 @@ class Storage(ConsumerOffsets, DiskSpace):
         not once per append)."""
         self._writer.executemany(
             "UPDATE topics SET next_offset = ?, stored_bytes = ? WHERE id = ?",
-            [(t.next_offset, t.stored_bytes, t.id) for t in topics])
+            [(t.next_offset, t.stored_bytes, t.id) for t in topics],
+        )
 
     def trim(self, topic: TopicState, until: int) -> int:
         """Delete every message with offset <= until (counters: as for append).
@@ -284,13 +333,23 @@ class Storage(ConsumerOffsets, DiskSpace):
             return 0
         until = min(until, topic.next_offset - 1)  # also keeps until + 1 within int64
         whole = "topic_id = ? AND first_offset <= ? AND last_offset <= ?"
-        freed, count = cast(Any, self._writer.execute(
-            "SELECT coalesce(sum(length(payloads)), 0), coalesce(sum(last_offset - first_offset + 1), 0)"
-            f" FROM batches WHERE {whole}", (topic.id, until, until)).fetchall()[0])
+        freed, count = cast(
+            Any,
+            self._writer.execute(
+                "SELECT coalesce(sum(length(payloads)), 0), coalesce(sum(last_offset - first_offset + 1), 0)"
+                f" FROM batches WHERE {whole}",
+                (topic.id, until, until),
+            ).fetchall()[0],
+        )
         self._writer.execute(f"DELETE FROM batches WHERE {whole}", (topic.id, until, until))
-        split = cast(list[batches.Row], self._writer.execute(
-            "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
-            " RETURNING first_offset, last_offset, payloads, sizes", (topic.id, until)).fetchall())
+        split = cast(
+            list[batches.Row],
+            self._writer.execute(
+                "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
+                " RETURNING first_offset, last_offset, payloads, sizes",
+                (topic.id, until),
+            ).fetchall(),
+        )
         if split:  # the row holding until and later messages: store those again
             kept = [payload for _, payload in batches.unpack(*split[0], until + 1)]
             kept_bytes = sum(map(len, kept))
@@ -306,31 +365,49 @@ class Storage(ConsumerOffsets, DiskSpace):
         """Drop the marks of trimmed messages; the first message left keeps its time."""
         row = self._writer.execute(
             "SELECT marked_at FROM time_marks WHERE topic_id = ? AND first_offset <= ?"
-            " ORDER BY first_offset DESC LIMIT 1", (topic.id, until + 1)).fetchone()
-        self._writer.execute("DELETE FROM time_marks WHERE topic_id = ? AND first_offset <= ?",
-                             (topic.id, until))
+            " ORDER BY first_offset DESC LIMIT 1",
+            (topic.id, until + 1),
+        ).fetchone()
+        self._writer.execute(
+            "DELETE FROM time_marks WHERE topic_id = ? AND first_offset <= ?", (topic.id, until)
+        )
         if row is not None and until + 1 < topic.next_offset:
             self._writer.execute(
                 "INSERT OR IGNORE INTO time_marks (topic_id, first_offset, marked_at)"
-                " VALUES (?, ?, ?)", (topic.id, until + 1, row[0]))
+                " VALUES (?, ?, ?)",
+                (topic.id, until + 1, row[0]),
+            )
 
     def clock_state(self) -> ClockState:
         """Message time's offset as last saved (writer thread)."""
-        values = dict(self._writer.execute(
-            "SELECT key, value FROM meta WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"))
-        return ClockState(int(values.get("clock_offset", 0)), str(values.get("boot_id", "")),
-                          float(values.get("wall_minus_boot", 0.0)))
+        values = dict(
+            self._writer.execute(
+                "SELECT key, value FROM meta WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"
+            )
+        )
+        return ClockState(
+            int(values.get("clock_offset", 0)),
+            str(values.get("boot_id", "")),
+            float(values.get("wall_minus_boot", 0.0)),
+        )
 
     def save_clock_state(self, state: ClockState) -> None:
-        self._writer.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (
-            ("clock_offset", state.offset), ("boot_id", state.boot_id),
-            ("wall_minus_boot", state.wall_minus_boot)))
+        self._writer.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (
+                ("clock_offset", state.offset),
+                ("boot_id", state.boot_id),
+                ("wall_minus_boot", state.wall_minus_boot),
+            ),
+        )
 
     def offset_older_than(self, topic: TopicState, cutoff: int) -> int:
         """The last offset written before unix second `cutoff` (0 if none)."""
         row = self._writer.execute(
             "SELECT first_offset FROM time_marks WHERE topic_id = ? AND marked_at >= ?"
-            " ORDER BY first_offset LIMIT 1", (topic.id, cutoff)).fetchone()
+            " ORDER BY first_offset LIMIT 1",
+            (topic.id, cutoff),
+        ).fetchone()
         return (row[0] if row is not None else topic.next_offset) - 1
 
     def offset_freeing(self, topic: TopicState, excess: int) -> int:
@@ -339,12 +416,16 @@ class Storage(ConsumerOffsets, DiskSpace):
         freed = 0
         offset = 0
         for first, last, size, sizes in self._writer.execute(
-                "SELECT first_offset, last_offset, length(payloads), sizes FROM batches"
-                " WHERE topic_id = ? ORDER BY first_offset", (topic.id,)):
+            "SELECT first_offset, last_offset, length(payloads), sizes FROM batches"
+            " WHERE topic_id = ? ORDER BY first_offset",
+            (topic.id,),
+        ):
             if freed + size < excess:
                 freed, offset = freed + size, last
                 continue
-            for offset, length in zip(itertools.count(first), batches.lengths(first, last, sizes, size)):
+            for offset, length in zip(
+                itertools.count(first), batches.lengths(first, last, sizes, size)
+            ):
                 freed += length
                 if freed >= excess:
                     return offset
@@ -353,15 +434,20 @@ class Storage(ConsumerOffsets, DiskSpace):
     def set_policy(self, topic: TopicState, policy: TopicPolicy) -> None:
         self._writer.execute(
             "UPDATE topics SET max_messages = ?, max_bytes = ?, max_age = ?, on_full = ?,"
-            " keep_uncommitted = ? WHERE id = ?", (*dataclasses.astuple(policy), topic.id))
+            " keep_uncommitted = ? WHERE id = ?",
+            (*dataclasses.astuple(policy), topic.id),
+        )
         topic.policy = policy
 
 
 def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
     """Every stored (topic name, offset, payload), by topic and offset: for looking into
     a database file (tests, forensics) without a server."""
-    rows: list[Any] = conn.execute("SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
-                        " FROM batches b JOIN topics t ON t.id = b.topic_id"
-                        " ORDER BY b.topic_id, b.first_offset").fetchall()
-    return [(name, offset, payload) for name, *row in rows
-            for offset, payload in batches.unpack(*row)]
+    rows: list[Any] = conn.execute(
+        "SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
+        " FROM batches b JOIN topics t ON t.id = b.topic_id"
+        " ORDER BY b.topic_id, b.first_offset"
+    ).fetchall()
+    return [
+        (name, offset, payload) for name, *row in rows for offset, payload in batches.unpack(*row)
+    ]
