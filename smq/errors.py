@@ -25,7 +25,7 @@
     ├── InternalError              INTERNAL           server-side failure (details in its log)
     │   └── StorageFailure                       unexpected storage error
     ├── Cancelled                  CANCELLED          the call was cancelled
-    ├── UnknownError               UNKNOWN            what the original SMQ answers for most failures
+    ├── UnknownError               UNKNOWN            the original SMQ's answer to most failures
     ├── AlreadyExists              ALREADY_EXISTS     (not sent by SMQ; mapped for completeness)
     ├── Aborted                    ABORTED            (not sent by SMQ)
     ├── Unimplemented              UNIMPLEMENTED      the server lacks the RPC (an older SMQ)

@@ -15,11 +15,35 @@ if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client, ConsumerInfo
 
 EXAMPLES = {
-    'consumer': "examples:\n  smq consume sensors --consumer uploader        print what 'uploader' has not seen, commit it\n  smq consumer list\n  smq consumer get uploader sensors\n  smq consumer commit uploader sensors 41        the next read starts at 42\n  smq consumer delete uploader",
-    'consumer list': 'examples:\n  smq consumer list\n  smq consumer list --topic sensors\n  smq consumer list uploader --json',
-    'consumer get': 'examples:\n  smq consumer get uploader sensors\n  smq consumer get uploader sensors --json | jq .committed_offset',
-    'consumer commit': 'examples:\n  smq consumer commit uploader sensors 41        processed up to 41: resume at 42\n  smq consumer commit uploader sensors 0         start over from the earliest',
-    'consumer delete': 'examples:\n  smq consumer delete uploader                   forget it on every topic\n  smq consumer delete uploader --topic sensors',
+    'consumer': (
+        'examples:\n'
+        "  smq consume sensors --consumer uploader        print what 'uploader' has not seen, commit it\n"  # noqa: E501 (help text)
+        '  smq consumer list\n'
+        '  smq consumer get uploader sensors\n'
+        '  smq consumer commit uploader sensors 41        the next read starts at 42\n'
+        '  smq consumer delete uploader'
+    ),
+    'consumer list': (
+        'examples:\n'
+        '  smq consumer list\n'
+        '  smq consumer list --topic sensors\n'
+        '  smq consumer list uploader --json'
+    ),
+    'consumer get': (
+        'examples:\n'
+        '  smq consumer get uploader sensors\n'
+        '  smq consumer get uploader sensors --json | jq .committed_offset'
+    ),
+    'consumer commit': (
+        'examples:\n'
+        '  smq consumer commit uploader sensors 41        processed up to 41: resume at 42\n'
+        '  smq consumer commit uploader sensors 0         start over from the earliest'
+    ),
+    'consumer delete': (
+        'examples:\n'
+        '  smq consumer delete uploader                   forget it on every topic\n'
+        '  smq consumer delete uploader --topic sensors'
+    ),
 }
 
 

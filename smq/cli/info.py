@@ -13,8 +13,13 @@ if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client
 
 EXAMPLES = {
-    'ping': 'examples:\n  smq ping\n  smq ping --host 192.168.1.20 --port 9000\n  smq ping --unix-socket /run/smq/smq.sock',
-    'info': 'examples:\n  smq info\n  smq info --json | jq .stored_bytes',
+    'ping': (
+        'examples:\n'
+        '  smq ping\n'
+        '  smq ping --host 192.168.1.20 --port 9000\n'
+        '  smq ping --unix-socket /run/smq/smq.sock'
+    ),
+    'info': ('examples:\n  smq info\n  smq info --json | jq .stored_bytes'),
 }
 
 

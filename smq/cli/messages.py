@@ -32,10 +32,31 @@ if TYPE_CHECKING:  # grpc is only loaded by commands that need it
 READ_CHUNK = 1024**2  # stdin is read in chunks of what is available, at most this
 
 EXAMPLES = {
-    'produce': 'examples:\n  smq produce sensors \'{"t": 21.5}\'          one message\n  printf \'a\\nb\\nc\\n\' | smq produce sensors    three messages, one per line\n  tail -f app.log | smq produce logs         every line as it comes\n  smq produce images --whole < photo.jpg     the whole input as one message',
-    'consume': 'examples:\n  smq consume sensors                         every stored message, then exit\n  smq consume sensors --from latest           the latest message\n  smq consume sensors --from 100 --limit 10   offsets 100 to 109 (or what is left)\n  smq consume sensors --from latest --follow  the latest, then each new one (Ctrl-C ends)\n  smq consume sensors --json | jq .payload\n  smq consume sensors --consumer uploader     what \'uploader\' has not seen yet; commits it\n  smq consume sensors --consumer uploader -f  the same, then follow (a durable consumer)\n\noutput: OFFSET<TAB>PAYLOAD per message, non-printable bytes escaped (\\n, \\xNN);\nwith --json: {"topic", "offset", "payload"} ("payload_base64" if it is not UTF-8).',
-    'offsets': 'examples:\n  smq offsets sensors\n  smq offsets sensors --json',
-    'trim': 'examples:\n  smq trim sensors 1000          delete offsets up to 1000; offsets are never reused',
+    'produce': (
+        'examples:\n'
+        '  smq produce sensors \'{"t": 21.5}\'          one message\n'
+        "  printf 'a\\nb\\nc\\n' | smq produce sensors    three messages, one per line\n"
+        '  tail -f app.log | smq produce logs         every line as it comes\n'
+        '  smq produce images --whole < photo.jpg     the whole input as one message'
+    ),
+    'consume': (
+        'examples:\n'
+        '  smq consume sensors                         every stored message, then exit\n'
+        '  smq consume sensors --from latest           the latest message\n'
+        '  smq consume sensors --from 100 --limit 10   offsets 100 to 109 (or what is left)\n'
+        '  smq consume sensors --from latest --follow  the latest, then each new one (Ctrl-C ends)\n'  # noqa: E501 (help text)
+        '  smq consume sensors --json | jq .payload\n'
+        "  smq consume sensors --consumer uploader     what 'uploader' has not seen yet; commits it\n"  # noqa: E501 (help text)
+        '  smq consume sensors --consumer uploader -f  the same, then follow (a durable consumer)\n'
+        '\n'
+        'output: OFFSET<TAB>PAYLOAD per message, non-printable bytes escaped (\\n, \\xNN);\n'
+        'with --json: {"topic", "offset", "payload"} ("payload_base64" if it is not UTF-8).'
+    ),
+    'offsets': ('examples:\n  smq offsets sensors\n  smq offsets sensors --json'),
+    'trim': (
+        'examples:\n'
+        '  smq trim sensors 1000          delete offsets up to 1000; offsets are never reused'
+    ),
 }
 
 

@@ -29,12 +29,35 @@ if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client, TopicInfo
 
 EXAMPLES = {
-    'topic': 'examples:\n  smq topic create sensors\n  smq topic list\n  smq topic describe sensors\n  smq topic delete sensors\n  smq topic policy sensors --max-age 7d',
-    'create': 'examples:\n  smq topic create sensors      (creating an existing topic is fine)',
-    'list': 'examples:\n  smq topic list\n  smq topic list --json | jq -r .topic',
-    'describe': 'examples:\n  smq topic describe sensors',
-    'delete': 'examples:\n  smq topic delete sensors      (a re-created topic continues its offsets)\n  smq topic delete sensors --unix-socket /run/smq/smq.sock\n                                (when the server refuses remote writes)',
-    'policy': "examples:\n  smq topic policy sensors                      the overrides, and what applies\n  smq topic policy sensors --max-age 7d --max-bytes 512MiB\n  smq topic policy sensors --on-full drop-oldest (keeps --max-age, --max-bytes)\n  smq topic policy sensors --max-age default    the server's --retention-max-age\n  smq topic policy sensors --reset              the server's defaults for all\n  smq topic policy sensors --json\n\nLimits: 0 is no limit. Options not given keep their current override; the server\napplies the policy from its next commit on. A remote write, like topic delete.",
+    'topic': (
+        'examples:\n'
+        '  smq topic create sensors\n'
+        '  smq topic list\n'
+        '  smq topic describe sensors\n'
+        '  smq topic delete sensors\n'
+        '  smq topic policy sensors --max-age 7d'
+    ),
+    'create': ('examples:\n  smq topic create sensors      (creating an existing topic is fine)'),
+    'list': ('examples:\n  smq topic list\n  smq topic list --json | jq -r .topic'),
+    'describe': ('examples:\n  smq topic describe sensors'),
+    'delete': (
+        'examples:\n'
+        '  smq topic delete sensors      (a re-created topic continues its offsets)\n'
+        '  smq topic delete sensors --unix-socket /run/smq/smq.sock\n'
+        '                                (when the server refuses remote writes)'
+    ),
+    'policy': (
+        'examples:\n'
+        '  smq topic policy sensors                      the overrides, and what applies\n'
+        '  smq topic policy sensors --max-age 7d --max-bytes 512MiB\n'
+        '  smq topic policy sensors --on-full drop-oldest (keeps --max-age, --max-bytes)\n'
+        "  smq topic policy sensors --max-age default    the server's --retention-max-age\n"
+        "  smq topic policy sensors --reset              the server's defaults for all\n"
+        '  smq topic policy sensors --json\n'
+        '\n'
+        'Limits: 0 is no limit. Options not given keep their current override; the server\n'
+        'applies the policy from its next commit on. A remote write, like topic delete.'
+    ),
 }
 
 

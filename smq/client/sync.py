@@ -397,7 +397,8 @@ class Client(Resuming, Admin):
 
         It knows its next offset: when the connection is lost or the server restarts,
         it reconnects (backoff up to 5 s, forever, logged as warnings; also when a page
-        read times out) and goes on where it was, with no gap and no duplicate. Messages deleted meanwhile are skipped.
+        read times out) and goes on where it was, with no gap and no duplicate. Messages
+        deleted meanwhile are skipped.
         `reconnect=False` raises SMQConnectionError instead; without `follow` it gives up
         after the client's `retries`. Uses only the original SMQ's calls (but see `consumer`).
 

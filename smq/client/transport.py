@@ -36,7 +36,9 @@ ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType(
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 _HINTS: Mapping[grpc.StatusCode, str] = {
-    grpc.StatusCode.PERMISSION_DENIED: "write through the server's Unix socket, or start it with --allow-remote-writes=true",
+    grpc.StatusCode.PERMISSION_DENIED: (
+        "write through the server's Unix socket, or start it with --allow-remote-writes=true"
+    ),
     grpc.StatusCode.UNAUTHENTICATED: "check the client certificate and key",
     grpc.StatusCode.INTERNAL: "the server log has the details",
 }

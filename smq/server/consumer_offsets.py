@@ -26,8 +26,8 @@ class ConsumerOffsets:
         """Store the committed offset of a consumer the topic has (writer thread).
         False if it has no such consumer (insert_consumer adds one)."""
         updated = self._writer.execute(
-            "UPDATE consumers SET committed_offset = ?, updated_at = ? WHERE name = ? AND topic_id = ?"
-            " RETURNING 1",
+            "UPDATE consumers SET committed_offset = ?, updated_at = ?"
+            " WHERE name = ? AND topic_id = ? RETURNING 1",
             (offset, int(time.time()), consumer, topic.id),
         ).fetchall()
         if updated:
@@ -37,7 +37,8 @@ class ConsumerOffsets:
     def insert_consumer(self, consumer: str, topic: TopicState, offset: int) -> None:
         """Add a named consumer to the topic with its committed offset (writer thread)."""
         self._writer.execute(
-            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at)"
+            " VALUES (?, ?, ?, ?)",
             (consumer, topic.id, offset, int(time.time())),
         )
         if topic.consumer_count is not None:

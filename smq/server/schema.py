@@ -180,7 +180,8 @@ class DatabaseFile:
             if version > SCHEMA_VERSION:
                 raise StartupError(
                     f"{where} has format {version}, written by a newer SMQ; this SMQ reads "
-                    f"formats up to {SCHEMA_VERSION}: upgrade SMQ, or point --dbpath at another file"
+                    f"formats up to {SCHEMA_VERSION}: upgrade SMQ, or point --dbpath at another "
+                    "file"
                 )
             if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").get:
                 raise StartupError(f"{where} is an SQLite database but not an SMQ one")

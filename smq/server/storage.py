@@ -336,7 +336,8 @@ class Storage(ConsumerOffsets, DiskSpace):
         freed, count = cast(
             Any,
             self._writer.execute(
-                "SELECT coalesce(sum(length(payloads)), 0), coalesce(sum(last_offset - first_offset + 1), 0)"
+                "SELECT coalesce(sum(length(payloads)), 0),"
+                " coalesce(sum(last_offset - first_offset + 1), 0)"
                 f" FROM batches WHERE {whole}",
                 (topic.id, until, until),
             ).fetchall()[0],
@@ -382,7 +383,8 @@ class Storage(ConsumerOffsets, DiskSpace):
         """Message time's offset as last saved (writer thread)."""
         values = dict(
             self._writer.execute(
-                "SELECT key, value FROM meta WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"
+                "SELECT key, value FROM meta"
+                " WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"
             )
         )
         return ClockState(
