@@ -7,42 +7,102 @@ an `smq.SMQError` (see `smq.errors`).
 The client names and `Config` are loaded on first use, so that `import smq` (and `smq --help`)
 stays fast and does not load grpc (only `Client` does).
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceeded,
-                     InternalError, InvalidArgument, NotFound, OffsetOutOfRange,
-                     PermissionDenied, ResourceExhausted, SMQAuthenticationError,
-                     SMQConnectionError, SMQConsumeError, SMQError, SMQException,
-                     SMQOffsetError, SMQProduceError, SMQTimeoutError, SMQTopicCreationError,
-                     TopicEmpty, Unauthenticated, Unavailable, Unimplemented, UnknownError)
+from .errors import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    OffsetOutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQConsumeError,
+    SMQError,
+    SMQException,
+    SMQOffsetError,
+    SMQProduceError,
+    SMQTimeoutError,
+    SMQTopicCreationError,
+    TopicEmpty,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    UnknownError,
+)
 
 if TYPE_CHECKING:
+    from .client import (
+        Client,
+        ClientTLSConfig,
+        ConsumerInfo,
+        Message,
+        ServerInfo,
+        TopicInfo,
+        TopicPolicy,
+    )
     from .server.config import ServerConfig as Config
-    from .client import (Client, ClientTLSConfig, ConsumerInfo, Message, ServerInfo, TopicInfo,
-                         TopicPolicy)
 
 __version__ = "0.1.0"
 
 # Client names come from smq.client, loaded on first use.
-_LAZY = ("Client", "ClientTLSConfig", "Message", "TopicInfo", "TopicPolicy", "ConsumerInfo",
-         "ServerInfo")
+_LAZY = (
+    "Client",
+    "ClientTLSConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
+    "ServerInfo",
+)
 
 __all__ = [
-    "__version__", "Config",
+    "__version__",
+    "Config",
     # client (smq.client)
-    "Client", "ClientTLSConfig", "Message", "TopicInfo", "TopicPolicy", "ConsumerInfo",
+    "Client",
+    "ClientTLSConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
     "ServerInfo",
     # errors (smq.errors): the root, pysmq's names, one class per status
-    "SMQError", "SMQException", "SMQConnectionError", "SMQAuthenticationError",
-    "SMQProduceError", "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError",
+    "SMQError",
+    "SMQException",
+    "SMQConnectionError",
+    "SMQAuthenticationError",
+    "SMQProduceError",
+    "SMQConsumeError",
+    "SMQTopicCreationError",
+    "SMQOffsetError",
     "SMQTimeoutError",
-    "Unavailable", "Unauthenticated", "DeadlineExceeded", "InvalidArgument", "NotFound",
-    "TopicEmpty", "OffsetOutOfRange", "PermissionDenied", "ResourceExhausted",
-    "InternalError", "Cancelled", "UnknownError", "AlreadyExists", "Aborted",
-    "Unimplemented", "DataLoss",
+    "Unavailable",
+    "Unauthenticated",
+    "DeadlineExceeded",
+    "InvalidArgument",
+    "NotFound",
+    "TopicEmpty",
+    "OffsetOutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "InternalError",
+    "Cancelled",
+    "UnknownError",
+    "AlreadyExists",
+    "Aborted",
+    "Unimplemented",
+    "DataLoss",
 ]
 
 

@@ -1,4 +1,5 @@
 """`python -m smq`: the same program as the `smq` command (and the PEX entry point)."""
+
 import sys
 
 from .cli import main

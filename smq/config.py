@@ -4,6 +4,7 @@
 - pysmq kept its client settings in `pysmq.config`; so does SMQ, lazily (they live in
   smq.client, which loads grpc): `from smq.config import ClientTLSConfig` works.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -19,5 +20,6 @@ __all__ = ["Config", "ClientTLSConfig", "ClientConfig", "SMQ_SPECIAL_OFFSET_HEAR
 def __getattr__(name: str) -> Any:
     if name in ("ClientTLSConfig", "ClientConfig", "SMQ_SPECIAL_OFFSET_HEARTBEAT"):
         from . import client
+
         return getattr(client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

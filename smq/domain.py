@@ -4,6 +4,7 @@ The server checks names and applies policies, the client builds and reads them, 
 CLI and the forwarder take them from the command line: each from here. No grpc, no
 apsw (the policy's proto conversion takes the message it is given).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,6 +48,7 @@ class TopicPolicy:
     - `keep_uncommitted`: retention (not `delete_until_offset`) keeps what a named
       consumer has not committed yet.
     """
+
     max_messages: int | None = None
     max_bytes: int | None = None
     max_age: int | None = None
@@ -56,25 +58,40 @@ class TopicPolicy:
     def over(self, defaults: TopicPolicy) -> TopicPolicy:
         """This policy with its unset fields taken from defaults."""
         # Not dataclasses.astuple: it deep-copies every field, and this runs at each commit.
-        return TopicPolicy(*(mine if mine is not None else theirs for mine, theirs in
-                             zip(_policy_values(self), _policy_values(defaults))))
+        return TopicPolicy(
+            *(
+                mine if mine is not None else theirs
+                for mine, theirs in zip(_policy_values(self), _policy_values(defaults))
+            )
+        )
 
     @classmethod
     def from_proto(cls, message: Any) -> TopicPolicy:
         """From the wire's TopicPolicy (an unset field is None)."""
-        return cls(**{ours: getattr(message, wire) if message.HasField(wire) else None
-                      for ours, wire in POLICY_WIRE_NAMES.items()})
+        return cls(
+            **{
+                ours: getattr(message, wire) if message.HasField(wire) else None
+                for ours, wire in POLICY_WIRE_NAMES.items()
+            }
+        )
 
     def to_proto_fields(self) -> dict[str, Any]:
         """The wire message's fields that are set (unset ones mean the default)."""
-        return {wire: getattr(self, ours) for ours, wire in POLICY_WIRE_NAMES.items()
-                if getattr(self, ours) is not None}
+        return {
+            wire: getattr(self, ours)
+            for ours, wire in POLICY_WIRE_NAMES.items()
+            if getattr(self, ours) is not None
+        }
 
 
 # TopicPolicy field -> field of the wire's TopicPolicy message
-POLICY_WIRE_NAMES: Final = {"max_messages": "max_messages", "max_bytes": "max_bytes",
-                            "max_age": "max_age_seconds", "on_full": "on_full",
-                            "keep_uncommitted": "keep_uncommitted"}
+POLICY_WIRE_NAMES: Final = {
+    "max_messages": "max_messages",
+    "max_bytes": "max_bytes",
+    "max_age": "max_age_seconds",
+    "on_full": "on_full",
+    "keep_uncommitted": "keep_uncommitted",
+}
 _policy_values = operator.attrgetter(*(f.name for f in dataclasses.fields(TopicPolicy)))
 
 

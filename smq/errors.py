@@ -25,7 +25,7 @@
     ├── InternalError              INTERNAL           server-side failure (details in its log)
     │   └── StorageFailure                       unexpected storage error
     ├── Cancelled                  CANCELLED          the call was cancelled
-    ├── UnknownError               UNKNOWN            what the original SMQ answers for most failures
+    ├── UnknownError               UNKNOWN            the original SMQ's answer to most failures
     ├── AlreadyExists              ALREADY_EXISTS     (not sent by SMQ; mapped for completeness)
     ├── Aborted                    ABORTED            (not sent by SMQ)
     ├── Unimplemented              UNIMPLEMENTED      the server lacks the RPC (an older SMQ)
@@ -67,6 +67,7 @@ raises them the same way for every call), except in `consume_earliest` and
 On an error raised by the client, `code` is the `grpc.StatusCode` received, `details`
 the server's text and `original_error` the `grpc.RpcError`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,6 +86,7 @@ class SMQError(Exception):
     sent ("" when the error did not come from a server). `original_error`: the exception
     it was translated from (a `grpc.RpcError` in the client), as in pysmq.
     """
+
     code: str | grpc.StatusCode = "UNKNOWN"
     details: str = ""
     # A finer cause than the status, where clients act on it: the server sends it in the
@@ -96,8 +98,15 @@ class SMQError(Exception):
         self.original_error = original_error
 
     @classmethod
-    def from_status(cls, message: str, *, code: Any, details: str,
-                    original_error: BaseException | None = None, **fields: Any) -> SMQError:
+    def from_status(
+        cls,
+        message: str,
+        *,
+        code: Any,
+        details: str,
+        original_error: BaseException | None = None,
+        **fields: Any,
+    ) -> SMQError:
         """An instance of `cls` for a status received from a server (used by smq.client).
         Bypasses subclass constructors: `fields` (e.g. topic=...) become attributes."""
         exc = cls.__new__(cls)
@@ -113,6 +122,7 @@ SMQException = SMQError  # the name of pysmq's base class
 
 
 # -- what the client was doing (pysmq's classes) -------------------------------------
+
 
 class SMQConnectionError(SMQError):
     """The server cannot be reached, or the connection was lost (pysmq)."""
@@ -149,34 +159,41 @@ class SMQTimeoutError(SMQError):
 
 # -- what went wrong: one class per gRPC status ---------------------------------------
 
+
 class Unavailable(SMQConnectionError):
     """The server is not reachable, restarting or shutting down. Reads are retried by
     the client; retry writes once it is back."""
+
     code = "UNAVAILABLE"
 
 
 class Unauthenticated(SMQAuthenticationError):
     """The server refused the caller's credentials: check the client certificate and key."""
+
     code = "UNAUTHENTICATED"
 
 
 class DeadlineExceeded(SMQTimeoutError):
     """No answer within the timeout. Pass a larger `timeout=`, or check the server."""
+
     code = "DEADLINE_EXCEEDED"
 
 
 class InvalidArgument(SMQError):
     """A bad topic name (1 to 249 of A-Z a-z 0-9 . _ -) or another bad argument."""
+
     code = "INVALID_ARGUMENT"
 
 
 class NotFound(SMQError):
     """The topic does not exist, or the offset is below 1 or already deleted."""
+
     code = "NOT_FOUND"
 
 
 class TopicNotFound(NotFound):
     """The topic does not exist (create it first)."""
+
     reason = "topic-not-found"
 
     def __init__(self, topic: str) -> None:
@@ -186,16 +203,19 @@ class TopicNotFound(NotFound):
 
 class OffsetNotFound(NotFound):
     """The offset is below 1, or its message was deleted (trimmed)."""
+
     reason = "offset-not-found"
 
 
 class NoCommittedOffset(NotFound):
     """The named consumer has committed no offset on the topic (yet)."""
+
     reason = "no-committed-offset"
 
 
 class TopicEmpty(SMQError):
     """The topic stores no message, so it has no earliest or latest offset."""
+
     code = "FAILED_PRECONDITION"
 
     def __init__(self, topic: str) -> None:
@@ -205,16 +225,19 @@ class TopicEmpty(SMQError):
 
 class OffsetOutOfRange(SMQError):
     """The offset is above the latest: that message does not exist yet."""
+
     code = "OUT_OF_RANGE"
 
 
 class PermissionDenied(SMQError):
     """Remote writes are disabled: write through the server's Unix socket instead."""
+
     code = "PERMISSION_DENIED"
 
 
 class ResourceExhausted(SMQError):
     """Message too large, disk full or quota reached, or too many calls or streams."""
+
     code = "RESOURCE_EXHAUSTED"
 
 
@@ -242,6 +265,7 @@ class ListTooLarge(ResourceExhausted):
 
 class InternalError(SMQError):
     """The server failed unexpectedly; its log has the details."""
+
     code = "INTERNAL"
 
 
@@ -251,35 +275,42 @@ class StorageFailure(InternalError):
 
 class Cancelled(SMQError):
     """The call was cancelled before it finished."""
+
     code = "CANCELLED"
 
 
 class UnknownError(SMQError):
     """Status UNKNOWN: what the original SMQ server answers for most failures."""
+
     code = "UNKNOWN"
 
 
 class AlreadyExists(SMQError):
     """Status ALREADY_EXISTS (SMQ does not send it: creating a topic is idempotent)."""
+
     code = "ALREADY_EXISTS"
 
 
 class Aborted(SMQError):
     """Status ABORTED (SMQ does not send it)."""
+
     code = "ABORTED"
 
 
 class Unimplemented(SMQError):
     """The server does not know this call (e.g. an original SMQ server and a new RPC)."""
+
     code = "UNIMPLEMENTED"
 
 
 class DataLoss(SMQError):
     """Status DATA_LOSS (SMQ does not send it)."""
+
     code = "DATA_LOSS"
 
 
 # -- smq forward's upstream -----------------------------------------------------------
+
 
 class JetStreamError(SMQError):
     """Something failed on the NATS JetStream side of `smq forward`; `str()` says what."""
@@ -302,6 +333,7 @@ class PublishFailed(JetStreamError):
 
 
 # -- the server side ------------------------------------------------------------------
+
 
 class StartupError(SMQError):
     """The server refuses to start; `main` prints the message and exits with code 2."""
@@ -335,12 +367,16 @@ def with_operation(status_class: type[SMQError], operation_class: type[SMQError]
     """
     if issubclass(status_class, operation_class):
         return status_class
-    return type(status_class.__name__, (status_class, operation_class), {
-        "__module__": status_class.__module__,
-        "__qualname__": status_class.__qualname__,
-        "__doc__": f"{status_class.__name__} raised while the client did what "
-                   f"{operation_class.__name__} stands for.",
-    })
+    return type(
+        status_class.__name__,
+        (status_class, operation_class),
+        {
+            "__module__": status_class.__module__,
+            "__qualname__": status_class.__qualname__,
+            "__doc__": f"{status_class.__name__} raised while the client did what "
+            f"{operation_class.__name__} stands for.",
+        },
+    )
 
 
 # What the programs (smq, smq forward) exit with.
@@ -354,12 +390,21 @@ REASON_KEY = "smq-reason"  # trailing metadata of a failed call that has a reaso
 
 #: Every gRPC status (by name) an SMQ call can end with, and its error class (one-to-one).
 CLASS_FOR_STATUS: dict[str, type[SMQError]] = {
-    "CANCELLED": Cancelled, "UNKNOWN": UnknownError, "INVALID_ARGUMENT": InvalidArgument,
-    "DEADLINE_EXCEEDED": DeadlineExceeded, "NOT_FOUND": NotFound,
-    "ALREADY_EXISTS": AlreadyExists, "PERMISSION_DENIED": PermissionDenied,
-    "RESOURCE_EXHAUSTED": ResourceExhausted, "FAILED_PRECONDITION": TopicEmpty,
-    "ABORTED": Aborted, "OUT_OF_RANGE": OffsetOutOfRange, "UNIMPLEMENTED": Unimplemented,
-    "INTERNAL": InternalError, "UNAVAILABLE": Unavailable, "DATA_LOSS": DataLoss,
+    "CANCELLED": Cancelled,
+    "UNKNOWN": UnknownError,
+    "INVALID_ARGUMENT": InvalidArgument,
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "NOT_FOUND": NotFound,
+    "ALREADY_EXISTS": AlreadyExists,
+    "PERMISSION_DENIED": PermissionDenied,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "FAILED_PRECONDITION": TopicEmpty,
+    "ABORTED": Aborted,
+    "OUT_OF_RANGE": OffsetOutOfRange,
+    "UNIMPLEMENTED": Unimplemented,
+    "INTERNAL": InternalError,
+    "UNAVAILABLE": Unavailable,
+    "DATA_LOSS": DataLoss,
     "UNAUTHENTICATED": Unauthenticated,
 }
 _CLASS_FOR_REASON = {cls.reason: cls for cls in (TopicNotFound, OffsetNotFound, NoCommittedOffset)}

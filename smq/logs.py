@@ -3,6 +3,7 @@
 `setup_logging` is called once by a program's main thread. `Throttled` may be called
 from any thread: a lock keeps its count exact.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,12 @@ from collections.abc import Iterable
 def setup_logging(level: str, quiet: Iterable[str] = ()) -> None:
     """Plain lines on stderr (the journal adds timestamps and the unit name). The loggers
     in `quiet` (chatty libraries) show warnings and worse only."""
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
     for name in quiet:
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -1,4 +1,5 @@
 """How long to wait before trying again: shared by the client and the forwarder."""
+
 from __future__ import annotations
 
 import random

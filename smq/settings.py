@@ -9,6 +9,7 @@ a bad one: ConfigError names the setting, where it came from, and the value.
 
 Called at start-up, from the main thread only. Core code never reads os.environ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,25 @@ from .errors import ConfigError
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
 FALSE_WORDS = frozenset({"0", "false", "f", "no", "n", "off"})
 LOG_LEVELS = ("debug", "info", "warning", "error")
-SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024,
-              "m": 1024**2, "mb": 1024**2, "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
-DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0,
-                  "d": 86400.0}
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
+DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 ENV_FILE_DEFAULT = ".env"
 
 
 # -- parsers: text -> value, or ValueError saying what was expected ------------------------
+
 
 def parse_bool(text: str) -> bool:
     word = text.strip().lower()
@@ -85,6 +97,7 @@ def parse_choice(choices: tuple[str, ...]) -> Callable[[str], str]:
         if word not in choices:
             raise ValueError("expected one of " + ", ".join(choices))
         return word
+
     return parse
 
 
@@ -94,16 +107,19 @@ def in_range(parse: Callable[[str], Any], low: float, high: float) -> Callable[[
         if not low <= value <= high:
             raise ValueError(f"expected a value from {low:g} to {high:g}")
         return value
+
     return parse_bounded
 
 
 # -- the table -------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
     """One setting: its config field, flag, environment variable, parser, default (as a
     user writes it: "1MiB", "10s"; "" for none, which is `empty`), help, and the --help
     section it is shown in."""
+
     field: str
     flag: str
     env: str
@@ -140,15 +156,26 @@ def add_flags(parser: argparse.ArgumentParser | Any, table: Iterable[Setting]) -
     None, so that only the flags a user types override the environment."""
     for setting in table:
         shown = setting.default if setting.default != "" else "none"
-        extra = ({"nargs": "?", "const": "true", "metavar": "BOOL"} if setting.is_bool
-                 else {"metavar": "VALUE"})
-        parser.add_argument(setting.flag, dest=setting.field, default=None,
-                            help=f"{setting.help} [env {setting.env}; default {shown}]", **extra)
+        extra: dict[str, Any] = (
+            {"nargs": "?", "const": "true", "metavar": "BOOL"}
+            if setting.is_bool
+            else {"metavar": "VALUE"}
+        )
+        parser.add_argument(
+            setting.flag,
+            dest=setting.field,
+            default=None,
+            help=f"{setting.help} [env {setting.env}; default {shown}]",
+            **extra,
+        )
 
 
-def read_settings(table: Iterable[Setting], flags: Mapping[str, Any] | None,
-                  environ: Mapping[str, str] | None,
-                  number_reason: str = "expected a whole number") -> dict[str, Any]:
+def read_settings(
+    table: Iterable[Setting],
+    flags: Mapping[str, Any] | None,
+    environ: Mapping[str, str] | None,
+    number_reason: str = "expected a whole number",
+) -> dict[str, Any]:
     """The parsed value of each setting given by a flag, the environment or the .env
     file (in that order), by field name; settings given nowhere are left out.
     Raises ConfigError, saying `number_reason` for text that is not a number."""
@@ -167,12 +194,18 @@ def read_settings(table: Iterable[Setting], flags: Mapping[str, Any] | None,
             reason = str(exc)
             if reason.startswith(("invalid literal", "could not convert")):
                 reason = number_reason
-            raise ConfigError(f"{setting.flag} ({setting.env}, from {source})", str(raw), reason) from None
+            raise ConfigError(
+                f"{setting.flag} ({setting.env}, from {source})", str(raw), reason
+            ) from None
     return values
 
 
-def _pick(setting: Setting, flags: Mapping[str, Any], environ: Mapping[str, str],
-          file_values: Mapping[str, str | None]) -> tuple[Any, str]:
+def _pick(
+    setting: Setting,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    file_values: Mapping[str, str | None],
+) -> tuple[Any, str]:
     if setting.field in flags:
         return flags[setting.field], "command line"
     if setting.env in environ:
@@ -194,7 +227,19 @@ def _read_env_file(path: str, required: bool) -> dict[str, str | None]:
         raise ConfigError("--env-file (SMQ_ENV_FILE)", path, f"cannot be read: {exc}") from None
 
 
-ENV_FILE = Setting("env_file", "--env-file", "SMQ_ENV_FILE", str, ENV_FILE_DEFAULT,
-                   "file of KEY=value settings read below the environment (missing default is fine)")
-LOG_LEVEL = Setting("log_level", "--log-level", "SMQ_LOG_LEVEL", parse_choice(LOG_LEVELS), "info",
-                    "debug, info, warning or error")
+ENV_FILE = Setting(
+    "env_file",
+    "--env-file",
+    "SMQ_ENV_FILE",
+    str,
+    ENV_FILE_DEFAULT,
+    "file of KEY=value settings read below the environment (missing default is fine)",
+)
+LOG_LEVEL = Setting(
+    "log_level",
+    "--log-level",
+    "SMQ_LOG_LEVEL",
+    parse_choice(LOG_LEVELS),
+    "info",
+    "debug, info, warning or error",
+)

@@ -6,6 +6,7 @@
   every half WATCHDOG_USEC), so that systemd restarts a wedged server;
 - `stopping()` when shutdown starts.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ The server (its certificate, key and the CA of its clients), the client and `smq
 when a client is made. `load` raises CertificateError with one line that names the
 setting and the file, instead of what gRPC's C core would print later.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,13 +17,15 @@ from .errors import CertificateError
 @dataclasses.dataclass(frozen=True)
 class TLSFiles:
     """The PEM contents: a certificate, its private key, and the CA to verify the peer."""
+
     cert: bytes
     key: bytes
     ca: bytes
 
 
-def load(cert: tuple[str, str], key: tuple[str, str], ca: tuple[str, str],
-         server_side: bool = False) -> TLSFiles:
+def load(
+    cert: tuple[str, str], key: tuple[str, str], ca: tuple[str, str], server_side: bool = False
+) -> TLSFiles:
     """Read and check (what, path) for each file: readable, the certificate and key a
     matching PEM pair (the key unencrypted), the CA a PEM certificate."""
     contents = {what: _read(what, path) for what, path in (cert, key, ca)}
@@ -30,12 +33,16 @@ def load(cert: tuple[str, str], key: tuple[str, str], ca: tuple[str, str],
     try:
         context.load_cert_chain(cert[1], key[1], password=lambda: "")
     except (ssl.SSLError, ValueError) as exc:
-        raise CertificateError(f"{cert[0]} {cert[1]!r} and {key[0]} {key[1]!r} are not a valid "
-                               f"matching PEM certificate and unencrypted key ({exc})") from None
+        raise CertificateError(
+            f"{cert[0]} {cert[1]!r} and {key[0]} {key[1]!r} are not a valid "
+            f"matching PEM certificate and unencrypted key ({exc})"
+        ) from None
     try:
         context.load_verify_locations(cafile=ca[1])
     except (ssl.SSLError, ValueError) as exc:
-        raise CertificateError(f"{ca[0]} {ca[1]!r} is not a valid PEM CA certificate ({exc})") from None
+        raise CertificateError(
+            f"{ca[0]} {ca[1]!r} is not a valid PEM CA certificate ({exc})"
+        ) from None
     return TLSFiles(contents[cert[0]], contents[key[0]], contents[ca[0]])
 
 

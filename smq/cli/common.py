@@ -5,6 +5,7 @@ Each command group has a module here (topic, messages, consumer, info) with its
 parser (`add_commands`) and its runs (`run(client, args, out) -> exit code`); main.py
 parses, connects and maps errors to exit codes; serve.py runs the server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import base64
 import datetime
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .. import connection
@@ -34,7 +35,9 @@ class Output:
         self.as_json = as_json
         self.stream = stream or sys.stdout
 
-    def emit(self, record: dict[str, Any], text: str | Callable[[], str], flush: bool = False) -> None:
+    def emit(
+        self, record: dict[str, Any], text: str | Callable[[], str], flush: bool = False
+    ) -> None:
         line = json.dumps(record) if self.as_json else (text() if callable(text) else text)
         self.stream.write(line + "\n")
         if flush:
@@ -71,18 +74,23 @@ def payload_fields(payload: bytes) -> dict[str, str]:
 def fields_text(pairs: Iterable[tuple[str, Any]]) -> str:
     pairs = list(pairs)
     width = max(len(key) for key, _ in pairs)
-    return "\n".join(f"{key.ljust(width)}  {'-' if value is None else value}" for key, value in pairs)
+    return "\n".join(
+        f"{key.ljust(width)}  {'-' if value is None else value}" for key, value in pairs
+    )
 
 
 def timestamp(unix_seconds: int) -> str:
-    return datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC).strftime(
+        "%Y-%m-%d %H:%M:%S UTC"
+    )
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: Sequence[tuple[str, ...]]) -> str:
     """Rows of cells in aligned columns; the first row is the header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in rows)
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows
+    )
 
 
 def size_text(size: int) -> str:
@@ -105,7 +113,8 @@ def uptime_text(seconds: float) -> str:
     """3725.2 -> 1h 2m 5s."""
     if seconds < 60:
         return f"{seconds:.1f}s"
-    whole, parts = int(seconds), []
+    whole = int(seconds)
+    parts: list[str] = []
     for unit, factor in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if whole >= factor or parts:
             parts.append(f"{whole // factor}{unit}")
@@ -114,6 +123,7 @@ def uptime_text(seconds: float) -> str:
 
 
 # -- argument types -------------------------------------------------------------------------
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -144,6 +154,7 @@ def seconds(text: str) -> float:
 
 def or_default(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """A policy option's type: `parse`, or the word `default` (remove the override)."""
+
     def parse_option(text: str) -> Any:
         if text.strip().lower() == DEFAULT:
             return DEFAULT
@@ -151,6 +162,7 @@ def or_default(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"{exc}, or {DEFAULT}; not {text!r}") from None
+
     return parse_option
 
 
@@ -175,22 +187,41 @@ def on_full(text: str) -> str:
 
 # -- the parser pieces ---------------------------------------------------------------------
 
+
 def common_flags() -> argparse.ArgumentParser:
     """Connection and output flags, shared by every command."""
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
     add_flags(group, connection.SETTINGS)
-    group.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                       help=f"give up on a call after this long [default {DEFAULT_TIMEOUT:g}]")
-    parent.add_argument("--json", action="store_true",
-                        help="print one JSON object per line, for programs")
+    group.add_argument(
+        "--timeout",
+        type=seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up on a call after this long [default {DEFAULT_TIMEOUT:g}]",
+    )
+    parent.add_argument(
+        "--json", action="store_true", help="print one JSON object per line, for programs"
+    )
     return parent
 
 
-def add_command(subparsers: Any, parent: argparse.ArgumentParser, name: str, help_text: str,
-                run: Callable[..., int], epilog: str) -> argparse.ArgumentParser:
+def add_command(
+    subparsers: Any,
+    parent: argparse.ArgumentParser,
+    name: str,
+    help_text: str,
+    run: Callable[..., int],
+    epilog: str,
+) -> argparse.ArgumentParser:
     """A (sub)command with the common flags; `run` is what it does."""
-    sub = subparsers.add_parser(name, parents=[parent], help=help_text, description=help_text,
-                                epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = subparsers.add_parser(
+        name,
+        parents=[parent],
+        help=help_text,
+        description=help_text,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub.set_defaults(run=run)
     return sub

@@ -4,6 +4,7 @@ A first word naming a command (`smq produce ...`) talks to a server: each comman
 group's module (topic, messages, consumer, info) has its parser and its run; this
 module parses, connects and maps errors to exit codes (smq.errors.EXIT_*).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,21 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from .. import connection
-from ..errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CertificateError, ConfigError, NotFound,
-                      PermissionDenied, SMQAuthenticationError, SMQConnectionError, SMQError,
-                      SMQTimeoutError, StartupError)
+from ..errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CertificateError,
+    ConfigError,
+    NotFound,
+    PermissionDenied,
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQError,
+    SMQTimeoutError,
+    StartupError,
+)
 from ..server import config as server_config
 from . import consumer, info, messages, topic
 from .common import Output, UsageError, common_flags
@@ -34,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["forward"]:
         from ..forward.main import main as forward_main  # loads nats-py only for this command
+
         return forward_main(args[1:])
     if args[:1] and args[0] in COMMANDS:
         return run_command(args)
@@ -52,10 +66,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # -- the commands that talk to a server -------------------------------------------------
 
+
 def command_parser() -> argparse.ArgumentParser:
     parent = common_flags()
-    parser = argparse.ArgumentParser(prog="smq", usage=USAGE, description=COMMANDS_TEXT,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="smq",
+        usage=USAGE,
+        description=COMMANDS_TEXT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog="smq")
     for group in COMMAND_GROUPS:
         group.add_commands(commands, parent)
@@ -74,6 +93,7 @@ def run_command(args: list[str]) -> int:
 @contextlib.contextmanager
 def client_warnings_on_stderr() -> Iterator[None]:
     """Show the client's warnings (reconnects) as `smq: ...` lines while a command runs."""
+
     class Stderr(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             try:  # whatever sys.stderr is when the record comes
@@ -128,10 +148,11 @@ def hint(exc: SMQError, parsed: argparse.Namespace) -> str:
     if isinstance(exc, SMQTimeoutError):
         return "\n(wait longer with --timeout SECONDS)"
     if isinstance(exc, SMQConnectionError):
-        return ("\n(connect elsewhere with --host/--port or --unix-socket, or set "
-                "SMQ_HOST, PORT, SMQ_UNIX_SOCKET; mTLS: --enable-mtls and the certificate flags)")
+        return (
+            "\n(connect elsewhere with --host/--port or --unix-socket, or set "
+            "SMQ_HOST, PORT, SMQ_UNIX_SOCKET; mTLS: --enable-mtls and the certificate flags)"
+        )
     return ""
-
 
 
 def connect(parsed: argparse.Namespace) -> Client:
@@ -146,15 +167,18 @@ def connect(parsed: argparse.Namespace) -> Client:
     from ..client import Client, ClientTLSConfig
 
     use_socket = parsed.unix_socket is not None or (
-        parsed.host is None and parsed.port is None and bool(config.unix_socket))
+        parsed.host is None and parsed.port is None and bool(config.unix_socket)
+    )
     if use_socket:
         return Client(unix_socket=config.unix_socket, timeout=parsed.timeout)
     tls = None
     if config.enable_mtls:
         missing = config.missing_tls_files()
         if missing:
-            raise UsageError(f"--enable-mtls needs {', '.join(missing)} (or their environment "
-                             "variables CLIENT_CERT, CLIENT_KEY, CA_CERT)")
+            raise UsageError(
+                f"--enable-mtls needs {', '.join(missing)} (or their environment "
+                "variables CLIENT_CERT, CLIENT_KEY, CA_CERT)"
+            )
         try:
             config.tls_files()  # a bad file is named by its flag here, not by the client
         except CertificateError as exc:

@@ -1,4 +1,5 @@
 """`smq produce`, `smq consume`, `smq offsets`, `smq trim`: the messages of a topic."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..domain import plural
 from ..errors import EXIT_OK, SMQError
-from .common import (Output, UsageError, add_command, escape, fields_text, offset_int,
-                     payload_fields, positive_int, start_offset)
+from .common import (
+    Output,
+    UsageError,
+    add_command,
+    escape,
+    fields_text,
+    offset_int,
+    payload_fields,
+    positive_int,
+    start_offset,
+)
 
 if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client
@@ -22,47 +32,111 @@ if TYPE_CHECKING:  # grpc is only loaded by commands that need it
 READ_CHUNK = 1024**2  # stdin is read in chunks of what is available, at most this
 
 EXAMPLES = {
-    'produce': 'examples:\n  smq produce sensors \'{"t": 21.5}\'          one message\n  printf \'a\\nb\\nc\\n\' | smq produce sensors    three messages, one per line\n  tail -f app.log | smq produce logs         every line as it comes\n  smq produce images --whole < photo.jpg     the whole input as one message',
-    'consume': 'examples:\n  smq consume sensors                         every stored message, then exit\n  smq consume sensors --from latest           the latest message\n  smq consume sensors --from 100 --limit 10   offsets 100 to 109 (or what is left)\n  smq consume sensors --from latest --follow  the latest, then each new one (Ctrl-C ends)\n  smq consume sensors --json | jq .payload\n  smq consume sensors --consumer uploader     what \'uploader\' has not seen yet; commits it\n  smq consume sensors --consumer uploader -f  the same, then follow (a durable consumer)\n\noutput: OFFSET<TAB>PAYLOAD per message, non-printable bytes escaped (\\n, \\xNN);\nwith --json: {"topic", "offset", "payload"} ("payload_base64" if it is not UTF-8).',
-    'offsets': 'examples:\n  smq offsets sensors\n  smq offsets sensors --json',
-    'trim': 'examples:\n  smq trim sensors 1000          delete offsets up to 1000; offsets are never reused',
+    'produce': (
+        'examples:\n'
+        '  smq produce sensors \'{"t": 21.5}\'          one message\n'
+        "  printf 'a\\nb\\nc\\n' | smq produce sensors    three messages, one per line\n"
+        '  tail -f app.log | smq produce logs         every line as it comes\n'
+        '  smq produce images --whole < photo.jpg     the whole input as one message'
+    ),
+    'consume': (
+        'examples:\n'
+        '  smq consume sensors                         every stored message, then exit\n'
+        '  smq consume sensors --from latest           the latest message\n'
+        '  smq consume sensors --from 100 --limit 10   offsets 100 to 109 (or what is left)\n'
+        '  smq consume sensors --from latest --follow  the latest, then each new one (Ctrl-C ends)\n'  # noqa: E501 (help text)
+        '  smq consume sensors --json | jq .payload\n'
+        "  smq consume sensors --consumer uploader     what 'uploader' has not seen yet; commits it\n"  # noqa: E501 (help text)
+        '  smq consume sensors --consumer uploader -f  the same, then follow (a durable consumer)\n'
+        '\n'
+        'output: OFFSET<TAB>PAYLOAD per message, non-printable bytes escaped (\\n, \\xNN);\n'
+        'with --json: {"topic", "offset", "payload"} ("payload_base64" if it is not UTF-8).'
+    ),
+    'offsets': ('examples:\n  smq offsets sensors\n  smq offsets sensors --json'),
+    'trim': (
+        'examples:\n'
+        '  smq trim sensors 1000          delete offsets up to 1000; offsets are never reused'
+    ),
 }
 
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
-    produce = add_command(commands, parent, "produce", "append messages to a topic", cmd_produce,
-                          EXAMPLES["produce"])
+    produce = add_command(
+        commands, parent, "produce", "append messages to a topic", cmd_produce, EXAMPLES["produce"]
+    )
     produce.add_argument("topic", metavar="TOPIC")
-    produce.add_argument("message", metavar="MESSAGE", nargs="?",
-                         help="the message; - or none: read stdin, one message per line")
-    produce.add_argument("--whole", action="store_true",
-                         help="send all of stdin as one message (binary safe)")
-    produce.add_argument("--batch-size", type=positive_int, default=1000, metavar="N",
-                         help="messages per request when reading lines [default 1000]")
+    produce.add_argument(
+        "message",
+        metavar="MESSAGE",
+        nargs="?",
+        help="the message; - or none: read stdin, one message per line",
+    )
+    produce.add_argument(
+        "--whole", action="store_true", help="send all of stdin as one message (binary safe)"
+    )
+    produce.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1000,
+        metavar="N",
+        help="messages per request when reading lines [default 1000]",
+    )
 
-    consume = add_command(commands, parent, "consume", "print messages of a topic", cmd_consume,
-                          EXAMPLES["consume"])
+    consume = add_command(
+        commands, parent, "consume", "print messages of a topic", cmd_consume, EXAMPLES["consume"]
+    )
     consume.add_argument("topic", metavar="TOPIC")
-    consume.add_argument("--from", dest="start", type=start_offset, default=None,
-                         metavar="earliest|latest|N", help="where to start [default earliest]")
-    consume.add_argument("-f", "--follow", action="store_true",
-                         help="keep printing new messages as they come (Ctrl-C ends); "
-                              "reconnects by itself when the server restarts")
-    consume.add_argument("-n", "--limit", type=offset_int, default=None, metavar="N",
-                         help="stop after N messages")
-    consume.add_argument("--consumer", metavar="NAME", default=None,
-                         help="read as this durable consumer: start after its committed offset "
-                              "(at --from if it has none) and commit what is printed")
+    consume.add_argument(
+        "--from",
+        dest="start",
+        type=start_offset,
+        default=None,
+        metavar="earliest|latest|N",
+        help="where to start [default earliest]",
+    )
+    consume.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new messages as they come (Ctrl-C ends); "
+        "reconnects by itself when the server restarts",
+    )
+    consume.add_argument(
+        "-n", "--limit", type=offset_int, default=None, metavar="N", help="stop after N messages"
+    )
+    consume.add_argument(
+        "--consumer",
+        metavar="NAME",
+        default=None,
+        help="read as this durable consumer: start after its committed offset "
+        "(at --from if it has none) and commit what is printed",
+    )
 
-    offsets = add_command(commands, parent, "offsets", "show the earliest and latest offset of a "
-                          "topic", cmd_offsets, EXAMPLES["offsets"])
+    offsets = add_command(
+        commands,
+        parent,
+        "offsets",
+        "show the earliest and latest offset of a topic",
+        cmd_offsets,
+        EXAMPLES["offsets"],
+    )
     offsets.add_argument("topic", metavar="TOPIC")
 
-    trim = add_command(commands, parent, "trim", "delete the messages of a topic up to an offset",
-                       cmd_trim, EXAMPLES["trim"])
+    trim = add_command(
+        commands,
+        parent,
+        "trim",
+        "delete the messages of a topic up to an offset",
+        cmd_trim,
+        EXAMPLES["trim"],
+    )
     trim.add_argument("topic", metavar="TOPIC")
-    trim.add_argument("offset", metavar="OFFSET", type=offset_int,
-                      help="delete every message with an offset up to this one")
+    trim.add_argument(
+        "offset",
+        metavar="OFFSET",
+        type=offset_int,
+        help="delete every message with an offset up to this one",
+    )
 
 
 def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -74,9 +148,11 @@ def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
         return EXIT_OK
     stdin = sys.stdin.buffer
     if sys.stdin.isatty():
-        print("smq: reading messages from the terminal, "
-              f"{'all as one message' if args.whole else 'one per line'}; end with Ctrl-D",
-              file=sys.stderr)
+        print(
+            "smq: reading messages from the terminal, "
+            f"{'all as one message' if args.whole else 'one per line'}; end with Ctrl-D",
+            file=sys.stderr,
+        )
     if args.whole:
         offset = client.produce(args.topic, stdin.read())
         report_produced(out, args.topic, [range(offset, offset + 1)])
@@ -88,8 +164,10 @@ def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
     except SMQError as exc:
         appended = sum(len(r) for r in ranges)
         if appended:  # earlier chunks were committed: say so, with the error
-            exc.args = (f"{exc}\n({plural(appended, 'message')} of the input were "
-                        f"appended before this failure, up to offset {ranges[-1][-1]})",)
+            exc.args = (
+                f"{exc}\n({plural(appended, 'message')} of the input were "
+                f"appended before this failure, up to offset {ranges[-1][-1]})",
+            )
         raise
     report_produced(out, args.topic, ranges)
     return EXIT_OK
@@ -129,9 +207,15 @@ def report_produced(out: Output, topic: str, ranges: list[range]) -> None:
         where = ", offsets " + ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
     else:
         where = f", offsets {spans[0][0]} to {spans[-1][1]} (among other producers' messages)"
-    out.emit({"topic": topic, "count": count, "first_offset": spans[0][0] if spans else None,
-              "last_offset": spans[-1][1] if spans else None},
-             f"appended {plural(count, 'message')} to {topic!r}{where}")
+    out.emit(
+        {
+            "topic": topic,
+            "count": count,
+            "first_offset": spans[0][0] if spans else None,
+            "last_offset": spans[-1][1] if spans else None,
+        },
+        f"appended {plural(count, 'message')} to {topic!r}{where}",
+    )
 
 
 def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -156,9 +240,11 @@ def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
     try:
         for payload, offset in messages:
             with counted():
-                out.emit({"topic": args.topic, "offset": offset, **payload_fields(payload)},
-                         lambda: f"{offset}\t{escape(payload)}",
-                         flush=args.follow or args.consumer is not None)
+                out.emit(
+                    {"topic": args.topic, "offset": offset, **payload_fields(payload)},
+                    lambda: f"{offset}\t{escape(payload)}",  # noqa: B023 (called at once)
+                    flush=args.follow or args.consumer is not None,
+                )
                 printed = offset
     except KeyboardInterrupt:
         commit_printed(client, args, printed)
@@ -174,7 +260,7 @@ def ctrl_c_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach only the main thread
         return
-    pressed = []
+    pressed: list[int] = []
 
     def press(signum: int, frame: object) -> None:
         if pressed:
@@ -198,8 +284,12 @@ def commit_printed(client: Client, args: argparse.Namespace, printed: int | None
 
 def cmd_offsets(client: Client, args: argparse.Namespace, out: Output) -> int:
     info = client.describe_topic(args.topic)
-    record = {"topic": info.name, "earliest": info.earliest_offset,
-              "latest": info.latest_offset, "next": info.next_offset}
+    record = {
+        "topic": info.name,
+        "earliest": info.earliest_offset,
+        "latest": info.latest_offset,
+        "next": info.next_offset,
+    }
     text = fields_text([("earliest", info.earliest_offset), ("latest", info.latest_offset)])
     if info.earliest_offset is None:
         text += f"\n(empty: the next message gets offset {info.next_offset})"
@@ -210,9 +300,18 @@ def cmd_offsets(client: Client, args: argparse.Namespace, out: Output) -> int:
 def cmd_trim(client: Client, args: argparse.Namespace, out: Output) -> int:
     client.delete_until_offset(args.topic, args.offset)
     info = client.describe_topic(args.topic)
-    now = (f"the earliest is now {info.earliest_offset}" if info.earliest_offset is not None
-           else "the topic is now empty")
-    out.emit({"topic": args.topic, "until": args.offset, "earliest": info.earliest_offset,
-              "latest": info.latest_offset}, f"deleted messages up to offset {args.offset}; {now}")
+    now = (
+        f"the earliest is now {info.earliest_offset}"
+        if info.earliest_offset is not None
+        else "the topic is now empty"
+    )
+    out.emit(
+        {
+            "topic": args.topic,
+            "until": args.offset,
+            "earliest": info.earliest_offset,
+            "latest": info.latest_offset,
+        },
+        f"deleted messages up to offset {args.offset}; {now}",
+    )
     return EXIT_OK
-

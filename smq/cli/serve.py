@@ -1,4 +1,5 @@
 """`smq` with only flags, or `smq serve`: run the server until SIGTERM or SIGINT."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,14 +9,15 @@ import signal
 import threading
 from typing import Any
 
-from .. import __version__
-from .. import connection
+from .. import __version__, connection
 from ..errors import EXIT_OK
 from ..logs import setup_logging
 from ..server import config as server_config
 from ..settings import add_flags
 
-USAGE = "%(prog)s [serve] [FLAG ...]\n       %(prog)s COMMAND ... [--host HOST] [--port PORT] [--json]"
+USAGE = (
+    "%(prog)s [serve] [FLAG ...]\n       %(prog)s COMMAND ... [--host HOST] [--port PORT] [--json]"
+)
 
 
 COMMANDS = ("topic", "produce", "consume", "offsets", "trim", "consumer", "info", "ping")
@@ -67,25 +69,35 @@ class _ServeParser(argparse.ArgumentParser):
         argv = getattr(self, "argv", [])
         misplaced = [word for word in argv if word in COMMANDS]
         if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
-            message = (f"unknown command {argv[0]!r} (commands: serve, {', '.join(COMMANDS)}; "
-                       "the server takes only flags)")
+            message = (
+                f"unknown command {argv[0]!r} (commands: serve, {', '.join(COMMANDS)}; "
+                "the server takes only flags)"
+            )
         elif misplaced:
-            message += (f"\n(commands come first, then their flags: "
-                        f"smq {misplaced[0]} ... --port PORT)")
+            message += (
+                f"\n(commands come first, then their flags: smq {misplaced[0]} ... --port PORT)"
+            )
         super().error(message)
 
 
-
 def serve_parser() -> argparse.ArgumentParser:
-    parser = _ServeParser(prog="smq", usage=USAGE, description=SERVE_DESCRIPTION,
-                          epilog=SERVE_EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _ServeParser(
+        prog="smq",
+        usage=USAGE,
+        description=SERVE_DESCRIPTION,
+        epilog=SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"smq {__version__}")
     add_flags(parser, server_config.SETTINGS)
     # The original smq parsed its client flags too; scripts that pass them keep working.
-    add_flags(parser.add_argument_group(
-        "client settings", "accepted like the original smq did; the server itself does not use them"),
-        [s for s in connection.SETTINGS if s.field not in server_config.SETTINGS_BY_FIELD])
+    add_flags(
+        parser.add_argument_group(
+            "client settings",
+            "accepted like the original smq did; the server itself does not use them",
+        ),
+        [s for s in connection.SETTINGS if s.field not in server_config.SETTINGS_BY_FIELD],
+    )
     return parser
 
 
@@ -119,4 +131,3 @@ def serve(config: server_config.ServerConfig) -> int:
         logging.getLogger("smq").info("shutting down (grace %.1fs)", config.shutdown_grace)
         server.stop()
     return EXIT_OK
-

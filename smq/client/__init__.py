@@ -9,36 +9,83 @@
 Every public name is re-exported here and loaded on first use, so that importing the
 package does not load grpc.
 """
+
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ..errors import (SMQAuthenticationError, SMQConnectionError, SMQConsumeError, SMQException,
-                      SMQOffsetError, SMQProduceError, SMQTimeoutError, SMQTopicCreationError)
+from ..errors import (
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQConsumeError,
+    SMQException,
+    SMQOffsetError,
+    SMQProduceError,
+    SMQTimeoutError,
+    SMQTopicCreationError,
+)
 
 if TYPE_CHECKING:
+    from ..domain import DEFAULT_PORT, TopicPolicy
     from .sync import Client
     from .transport import ERROR_FOR_STATUS
-    from ..domain import DEFAULT_PORT, TopicPolicy
-    from .types import (DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT, USE_CLIENT_DEFAULT,
-                        ClientConfig, ClientTLSConfig, ConsumerInfo, Message, ServerInfo,
-                        TopicInfo)
+    from .types import (
+        DEFAULT_TIMEOUT,
+        SMQ_SPECIAL_OFFSET_HEARTBEAT,
+        USE_CLIENT_DEFAULT,
+        ClientConfig,
+        ClientTLSConfig,
+        ConsumerInfo,
+        Message,
+        ServerInfo,
+        TopicInfo,
+    )
 
 # name -> the module that defines it (loaded on first use)
-_LAZY = {"Client": "smq.client.sync", "ERROR_FOR_STATUS": "smq.client.transport",
-         "DEFAULT_PORT": "smq.domain", "TopicPolicy": "smq.domain",
-         **{name: "smq.client.types" for name in (
-             "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "ConsumerInfo",
-             "ServerInfo", "USE_CLIENT_DEFAULT", "SMQ_SPECIAL_OFFSET_HEARTBEAT",
-             "DEFAULT_TIMEOUT")}}
+_LAZY = {
+    "Client": "smq.client.sync",
+    "ERROR_FOR_STATUS": "smq.client.transport",
+    "DEFAULT_PORT": "smq.domain",
+    "TopicPolicy": "smq.domain",
+    **dict.fromkeys(
+        (
+            "ClientTLSConfig",
+            "ClientConfig",
+            "Message",
+            "TopicInfo",
+            "ConsumerInfo",
+            "ServerInfo",
+            "USE_CLIENT_DEFAULT",
+            "SMQ_SPECIAL_OFFSET_HEARTBEAT",
+            "DEFAULT_TIMEOUT",
+        ),
+        "smq.client.types",
+    ),
+}
 
 __all__ = [
-    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
-    "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "ERROR_FOR_STATUS",
-    "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
-    "SMQException", "SMQConnectionError", "SMQAuthenticationError", "SMQProduceError",
-    "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError", "SMQTimeoutError",
+    "Client",
+    "ClientTLSConfig",
+    "ClientConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
+    "ServerInfo",
+    "USE_CLIENT_DEFAULT",
+    "ERROR_FOR_STATUS",
+    "SMQ_SPECIAL_OFFSET_HEARTBEAT",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT",
+    "SMQException",
+    "SMQConnectionError",
+    "SMQAuthenticationError",
+    "SMQProduceError",
+    "SMQConsumeError",
+    "SMQTopicCreationError",
+    "SMQOffsetError",
+    "SMQTimeoutError",
 ]
 
 

@@ -5,6 +5,7 @@ left, and the translation of gRPC errors into `smq.errors` classes.
 Used from any thread: the stub is grpc's, which is thread-safe; `close()` may race a
 call, which then fails as on a closed channel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -89,8 +90,9 @@ class Calls:
     def _timeout_of(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
 
-    def _call(self, method: str, request: Any, timeout: Timeout, op: Op,
-              idempotent: bool = False) -> Any:
+    def _call(
+        self, method: str, request: Any, timeout: Timeout, op: Op, idempotent: bool = False
+    ) -> Any:
         """One unary (or client-streaming) call: deadline, retries, error translation."""
         call = getattr(self._stub_or_raise(), method)
         budget = self._timeout_of(timeout)
@@ -101,8 +103,12 @@ class Calls:
             try:
                 return call(request, timeout=remaining)
             except grpc.RpcError as exc:
-                if idempotent and exc.code() == grpc.StatusCode.UNAVAILABLE \
-                        and attempt < self.retries and not self.closed:
+                if (
+                    idempotent
+                    and exc.code() == grpc.StatusCode.UNAVAILABLE
+                    and attempt < self.retries
+                    and not self.closed
+                ):
                     delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX)
                     if deadline is None or time.monotonic() + delay < deadline:
                         attempt += 1

@@ -2,12 +2,13 @@
 offset after the server restarts or the connection drops, and commit a named
 consumer's offset page by page. Runs in the caller's thread, inside its iterator.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Final
 
 import grpc
@@ -26,9 +27,17 @@ RECONNECT_BACKOFF_MAX: Final = 5.0  # iterators that reconnect forever wait at m
 class Resuming(Calls):
     """The resuming loop under Client's iterators."""
 
-    def _resuming(self, pages: Callable[[int], Iterator[list[Message]]], cursor: int, op: Op,
-                  max_failures: int | None, follow: bool, consumer: str | None = None,
-                  topic: str = "", timeout: float | None = None) -> Iterator[Message]:
+    def _resuming(
+        self,
+        pages: Callable[[int], Generator[list[Message], None, None]],
+        cursor: int,
+        op: Op,
+        max_failures: int | None,
+        follow: bool,
+        consumer: str | None = None,
+        topic: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[Message]:
         """Yield messages from `pages(cursor)`, reopening it at the next offset after
         UNAVAILABLE (up to `max_failures` times in a row; None: forever). With a
         `consumer`: start after its committed offset, and commit at the end of each page
@@ -58,32 +67,52 @@ class Resuming(Calls):
                 if self.closed:
                     return
                 if exc.code() not in RESUMABLE or (
-                        max_failures is not None and failures >= max_failures):
+                    max_failures is not None and failures >= max_failures
+                ):
                     raise self._error(exc, op, None) from exc
                 reason = exc.details() or "unavailable"
             delay = backoff(failures, BACKOFF_FIRST, RECONNECT_BACKOFF_MAX)
             failures += 1
-            log.warning("%s: %s; reconnecting in %.1f s to go on at offset %d",
-                        op.action, reason, delay, cursor)
+            log.warning(
+                "%s: %s; reconnecting in %.1f s to go on at offset %d",
+                op.action,
+                reason,
+                delay,
+                cursor,
+            )
             time.sleep(delay)
             if self.closed:
                 return
 
-    def _commit_page(self, consumer: str | None, topic: str, committed: int | None, cursor: int,
-                     timeout: float | None) -> int | None:
+    def _commit_page(
+        self,
+        consumer: str | None,
+        topic: str,
+        committed: int | None,
+        cursor: int,
+        timeout: float | None,
+    ) -> int | None:
         """Commit up to cursor - 1 (the last message yielded) unless it is already; returns
         what is committed now. Raises grpc.RpcError."""
         if consumer is None or committed is None or cursor - 1 <= committed or self.closed:
             return committed
-        self._stub_or_raise().CommitOffset(smq_pb2.CommitOffsetRequest(
-            consumer=consumer, topic=topic, offset=cursor - 1), timeout=timeout)
+        self._stub_or_raise().CommitOffset(
+            smq_pb2.CommitOffsetRequest(consumer=consumer, topic=topic, offset=cursor - 1),
+            timeout=timeout,
+        )
         return cursor - 1
 
     def _committed_or_none(self, consumer: str, topic: str, timeout: float | None) -> int | None:
         """The consumer's committed offset, None if it has none. Raises grpc.RpcError."""
         try:
-            return self._stub_or_raise().GetCommittedOffset(smq_pb2.GetCommittedOffsetRequest(
-                consumer=consumer, topic=topic), timeout=timeout).offset
+            return (
+                self._stub_or_raise()
+                .GetCommittedOffset(
+                    smq_pb2.GetCommittedOffsetRequest(consumer=consumer, topic=topic),
+                    timeout=timeout,
+                )
+                .offset
+            )
         except grpc.RpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise

@@ -31,43 +31,84 @@ classes, which this module re-exports). What differs from pysmq:
   `delete_consumer`, and `consumer=` on `iter_messages`/`subscribe`), `server_info`.
 
 The value types live in `smq.client.types`, the channel and the status -> error table
-in `smq.client.transport`, the call plumbing in `smq.client.calls` and the resuming
-of streams in `smq.client.resume`; import them all from `smq.client`.
+in `smq.client.transport`, the call plumbing in `smq.client.calls`, the resuming
+of streams in `smq.client.resume`, and the calls on topics, policies and named
+consumers in `smq.client.admin`; import them all from `smq.client`.
 
 A Client is thread-safe: one per process is enough. `close()` (or leaving the `with`
 block) releases the connection and ends running iterators; a closed client refuses reuse.
 """
+
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import grpc
 
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..domain import DEFAULT_HOST, DEFAULT_PORT, TopicPolicy, tcp_address
-from ..errors import (NotFound, SMQAuthenticationError, SMQConnectionError, SMQConsumeError,
-                      SMQException, SMQOffsetError, SMQProduceError, SMQTimeoutError,
-                      SMQTopicCreationError)
+from ..errors import (
+    NotFound,
+    SMQAuthenticationError,
+    SMQConnectionError,
+    SMQConsumeError,
+    SMQException,
+    SMQOffsetError,
+    SMQProduceError,
+    SMQTimeoutError,
+    SMQTopicCreationError,
+)
+from .admin import Admin
 from .resume import Resuming
 from .transport import ERROR_FOR_STATUS, Op, open_channel
-from .types import (DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE,
-                    DEFAULT_MAX_MESSAGE_SIZE_MB, DEFAULT_PAGE_SIZE, DEFAULT_RETRIES,
-                    DEFAULT_TIMEOUT, SMQ_SPECIAL_OFFSET_HEARTBEAT, USE_CLIENT_DEFAULT,
-                    ClientConfig, ClientTLSConfig, ConsumerInfo, Message, Payload, ServerInfo,
-                    Timeout, TopicInfo, as_bytes, batches, whole_seconds)
+from .types import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_MESSAGE_SIZE_MB,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    SMQ_SPECIAL_OFFSET_HEARTBEAT,
+    USE_CLIENT_DEFAULT,
+    ClientConfig,
+    ClientTLSConfig,
+    ConsumerInfo,
+    Message,
+    Payload,
+    ServerInfo,
+    Timeout,
+    TopicInfo,
+    as_bytes,
+    batches,
+)
 
 __all__ = [
-    "Client", "ClientTLSConfig", "ClientConfig", "Message", "TopicInfo", "TopicPolicy",
-    "ConsumerInfo", "ServerInfo", "USE_CLIENT_DEFAULT", "ERROR_FOR_STATUS",
-    "SMQ_SPECIAL_OFFSET_HEARTBEAT", "DEFAULT_PORT", "DEFAULT_TIMEOUT",
-    "SMQException", "SMQConnectionError", "SMQAuthenticationError", "SMQProduceError",
-    "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError", "SMQTimeoutError",
+    "Client",
+    "ClientTLSConfig",
+    "ClientConfig",
+    "Message",
+    "TopicInfo",
+    "TopicPolicy",
+    "ConsumerInfo",
+    "ServerInfo",
+    "USE_CLIENT_DEFAULT",
+    "ERROR_FOR_STATUS",
+    "SMQ_SPECIAL_OFFSET_HEARTBEAT",
+    "DEFAULT_PORT",
+    "DEFAULT_TIMEOUT",
+    "SMQException",
+    "SMQConnectionError",
+    "SMQAuthenticationError",
+    "SMQProduceError",
+    "SMQConsumeError",
+    "SMQTopicCreationError",
+    "SMQOffsetError",
+    "SMQTimeoutError",
 ]
 
 
-
-class Client(Resuming):
+class Client(Resuming, Admin):
     """A connection to an SMQ server (pysmq's `Client`, compatible).
 
     `Client(host, port, tls_config)` as in pysmq; keyword-only options:
@@ -84,18 +125,27 @@ class Client(Resuming):
     Raises SMQAuthenticationError if a TLS file cannot be read.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-                 tls_config: ClientTLSConfig | None = None,
-                 max_send_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
-                 max_receive_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB, *,
-                 unix_socket: str | None = None, timeout: float | None = DEFAULT_TIMEOUT,
-                 retries: int = DEFAULT_RETRIES, server_hostname: str | None = None,
-                 channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        tls_config: ClientTLSConfig | None = None,
+        max_send_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
+        max_receive_message_size_mb: int = DEFAULT_MAX_MESSAGE_SIZE_MB,
+        *,
+        unix_socket: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = DEFAULT_RETRIES,
+        server_hostname: str | None = None,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be 0 or more, not {retries}")
         if tls_config is not None and unix_socket:
-            raise ValueError("tls_config cannot be used with unix_socket: the server's "
-                             "socket is plaintext, for callers on the same device")
+            raise ValueError(
+                "tls_config cannot be used with unix_socket: the server's "
+                "socket is plaintext, for callers on the same device"
+            )
         self.timeout = timeout
         self.retries = retries
         self.tls = tls_config is not None and channel is None
@@ -106,9 +156,13 @@ class Client(Resuming):
         else:
             self.target = tcp_address(host, port)
         if channel is None:
-            channel = open_channel(self.target, tls_config, server_hostname=server_hostname,
-                                   max_send_mb=max_send_message_size_mb,
-                                   max_receive_mb=max_receive_message_size_mb)
+            channel = open_channel(
+                self.target,
+                tls_config,
+                server_hostname=server_hostname,
+                max_send_mb=max_send_message_size_mb,
+                max_receive_mb=max_receive_message_size_mb,
+            )
         self._channel: grpc.Channel | None = channel
         self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
 
@@ -116,8 +170,13 @@ class Client(Resuming):
         """Check that the server answers (the channel itself connects lazily).
 
         Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
-        self._call("Connect", smq_pb2.ConnectRequest(), timeout,
-                   Op(f"connect to {self.target}", SMQConnectionError), idempotent=True)
+        self._call(
+            "Connect",
+            smq_pb2.ConnectRequest(),
+            timeout,
+            Op(f"connect to {self.target}", SMQConnectionError),
+            idempotent=True,
+        )
 
     def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Like `connect`, and return the round trip time in seconds."""
@@ -128,92 +187,49 @@ class Client(Resuming):
     def server_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """The server's version, durability, maximum message size, uptime, commit
         counters and storage totals (not in the original SMQ: Unimplemented there)."""
-        response = self._call("GetServerInfo", smq_pb2.GetServerInfoRequest(), timeout,
-                              Op("get the server's info", None), idempotent=True)
+        response = self._call(
+            "GetServerInfo",
+            smq_pb2.GetServerInfoRequest(),
+            timeout,
+            Op("get the server's info", None),
+            idempotent=True,
+        )
         return ServerInfo.from_proto(response)
-
-    # -- topics ---------------------------------------------------------------------
-
-    def create_topic(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> bool | None:
-        """Create a topic; creating an existing one succeeds and changes nothing. Returns
-        True if this call created it, False if it existed, None from a server too old to
-        say (pysmq returned None).
-
-        Raises SMQTopicCreationError: InvalidArgument (bad name), PermissionDenied."""
-        response = self._call("CreateTopic", smq_pb2.CreateTopicRequest(topic=topic), timeout,
-                              Op(f"create topic {topic!r}", SMQTopicCreationError, topic),
-                              idempotent=True)
-        return response.created if response.HasField("created") else None
-
-    def list_topics(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[TopicInfo]:
-        """Every topic, by name: asked for in pages of DEFAULT_LIST_PAGE_SIZE, so any
-        number of topics can be listed (a server from before paging answers all at once).
-        `timeout` applies per page."""
-        pages = self._pages("ListTopics", smq_pb2.ListTopicsRequest(), timeout, Op("list topics", None))
-        return [TopicInfo.from_proto(t) for page in pages for t in page.topics]
-
-    def describe_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicInfo:
-        """Offsets, size and counters of one topic. Raises NotFound."""
-        response = self._call("DescribeTopic", smq_pb2.DescribeTopicRequest(topic=topic), timeout,
-                              Op(f"describe topic {topic!r}", None, topic), idempotent=True)
-        return TopicInfo.from_proto(response.topic)
-
-    def delete_topic(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Delete a topic and all its messages. Re-creating it continues its offsets.
-        Raises NotFound, PermissionDenied (remote writes disabled)."""
-        self._call("DeleteTopic", smq_pb2.DeleteTopicRequest(topic=topic), timeout,
-                   Op(f"delete topic {topic!r}", None, topic))
-
-    def get_topic_policy(self, topic: str, *, timeout: Timeout = USE_CLIENT_DEFAULT
-                         ) -> tuple[TopicPolicy, TopicPolicy]:
-        """The topic's retention and disk-full policy, as (overrides, effective): what the
-        topic sets itself (None: the server's default), and what applies. Raises NotFound."""
-        response = self._call("GetTopicPolicy", smq_pb2.GetTopicPolicyRequest(topic=topic),
-                              timeout, Op(f"get the policy of topic {topic!r}", None, topic),
-                              idempotent=True)
-        return TopicPolicy.from_proto(response.overrides), TopicPolicy.from_proto(response.effective)
-
-    def set_topic_policy(self, topic: str, *, max_messages: int | None = None,
-                         max_bytes: int | None = None, max_age: float | None = None,
-                         on_full: str | None = None, keep_uncommitted: bool | None = None,
-                         timeout: Timeout = USE_CLIENT_DEFAULT) -> TopicPolicy:
-        """Set the topic's policy overrides (see `TopicPolicy`) and return the effective policy.
-
-        This REPLACES the overrides: a field not given goes back to the server's default.
-        To change one field, pass the others from `get_topic_policy(topic)[0]` too
-        (`dataclasses.asdict(overrides) | {"max_age": 3600}`). Limits: 0 is no limit;
-        `max_age` in whole seconds; `on_full` "reject" or "drop-oldest". Applies from the
-        next commit on. Raises NotFound, InvalidArgument, PermissionDenied (remote writes
-        disabled)."""
-        policy = TopicPolicy(max_messages, max_bytes, whole_seconds(max_age, "max_age"),
-                             on_full, keep_uncommitted)
-        request = smq_pb2.SetTopicPolicyRequest(
-            topic=topic, policy=smq_pb2.TopicPolicy(**policy.to_proto_fields()))
-        response = self._call("SetTopicPolicy", request, timeout,  # replaces: safe to retry
-                              Op(f"set the policy of topic {topic!r}", None, topic), idempotent=True)
-        return TopicPolicy.from_proto(response.effective)
 
     # -- offsets ----------------------------------------------------------------------
 
     def get_earliest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The lowest offset still stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
-        return self._call("GetEarliestOffset", smq_pb2.GetEarliestOffsetRequest(topic=topic),
-                          timeout, Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
-                          idempotent=True).offset
+        return self._call(
+            "GetEarliestOffset",
+            smq_pb2.GetEarliestOffsetRequest(topic=topic),
+            timeout,
+            Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
+            idempotent=True,
+        ).offset
 
     def get_latest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The highest offset stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
-        return self._call("GetLatestOffset", smq_pb2.GetLatestOffsetRequest(topic=topic),
-                          timeout, Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
-                          idempotent=True).offset
+        return self._call(
+            "GetLatestOffset",
+            smq_pb2.GetLatestOffsetRequest(topic=topic),
+            timeout,
+            Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
+            idempotent=True,
+        ).offset
 
-    def delete_until_offset(self, topic: str, offset: int,
-                            timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    def delete_until_offset(
+        self, topic: str, offset: int, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
         """Delete every message with offset <= `offset` (idempotent; offsets are never
         reused). Raises SMQOffsetError: NotFound, PermissionDenied."""
-        self._call("DeleteUntilOffset", smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
-                   timeout, Op(f"delete messages of {topic!r} up to offset {offset}",
-                                SMQOffsetError, topic), idempotent=True)
+        self._call(
+            "DeleteUntilOffset",
+            smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
+            timeout,
+            Op(f"delete messages of {topic!r} up to offset {offset}", SMQOffsetError, topic),
+            idempotent=True,
+        )
 
     # -- producing ----------------------------------------------------------------------
 
@@ -222,11 +238,13 @@ class Client(Resuming):
         is committed. Not retried. Raises SMQProduceError: NotFound, InvalidArgument,
         PermissionDenied, ResourceExhausted (too large, disk full, overloaded)."""
         request = smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
-        return self._call("Produce", request, timeout,
-                          Op(f"produce to {topic!r}", SMQProduceError, topic)).offset
+        return self._call(
+            "Produce", request, timeout, Op(f"produce to {topic!r}", SMQProduceError, topic)
+        ).offset
 
-    def stream_produce(self, topic: str, messages: Iterable[Payload], *,
-                       timeout: float | None = None) -> int:
+    def stream_produce(
+        self, topic: str, messages: Iterable[Payload], *, timeout: float | None = None
+    ) -> int:
         """Append each message of `messages` in order over one stream; returns the offset
         of the last one (0 if there was none). No deadline unless `timeout` is given.
 
@@ -242,17 +260,26 @@ class Client(Resuming):
                 failure.append(exc)
 
         try:
-            offset = self._call("StreamProduce", requests(), timeout,
-                                Op(f"stream-produce to {topic!r}", SMQProduceError, topic)).offset
+            offset = self._call(
+                "StreamProduce",
+                requests(),
+                timeout,
+                Op(f"stream-produce to {topic!r}", SMQProduceError, topic),
+            ).offset
         finally:
             if failure:
                 raise failure[0]
         return offset
 
-    def produce_many(self, topic: str, messages: Iterable[Payload], *,
-                     batch_size: int = DEFAULT_BATCH_SIZE,
-                     max_batch_bytes: int = DEFAULT_BATCH_BYTES,
-                     timeout: Timeout = USE_CLIENT_DEFAULT) -> list[range]:
+    def produce_many(
+        self,
+        topic: str,
+        messages: Iterable[Payload],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_batch_bytes: int = DEFAULT_BATCH_BYTES,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> list[range]:
         """Append many messages, in order, in batches of at most `batch_size` messages and
         `max_batch_bytes` bytes (a larger message goes alone). Each batch is one atomic
         ProduceBatch request: all of it is appended, or none.
@@ -269,9 +296,12 @@ class Client(Resuming):
             action = f"produce a batch of {len(batch)} messages to {topic!r}"
             if appended:
                 action += f" (the {appended} messages before it were appended)"
-            response = self._call("ProduceBatch",
-                                  smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
-                                  timeout, Op(action, SMQProduceError, topic))
+            response = self._call(
+                "ProduceBatch",
+                smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
+                timeout,
+                Op(action, SMQProduceError, topic),
+            )
             ranges.append(range(response.first_offset, response.last_offset + 1))
             appended += len(batch)
         return ranges
@@ -284,9 +314,13 @@ class Client(Resuming):
         return self._consume(topic, offset, timeout, wrap_all=False)
 
     def _consume(self, topic: str, offset: int, timeout: Timeout, wrap_all: bool) -> Message:
-        response = self._call("Consume", smq_pb2.ConsumeRequest(topic=topic, offset=offset), timeout,
-                              Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic,
-                                  wrap_all), idempotent=True)
+        response = self._call(
+            "Consume",
+            smq_pb2.ConsumeRequest(topic=topic, offset=offset),
+            timeout,
+            Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic, wrap_all),
+            idempotent=True,
+        )
         return Message(response.message, response.offset)
 
     def consume_earliest(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
@@ -302,8 +336,9 @@ class Client(Resuming):
         op = Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
         attempt = 0
         while True:
-            offset = self._call(method, request_class(topic=topic), timeout, op,
-                                idempotent=True).offset
+            offset = self._call(
+                method, request_class(topic=topic), timeout, op, idempotent=True
+            ).offset
             try:
                 return self._consume(topic, offset, timeout, wrap_all=True)
             except NotFound:  # trimmed between the two calls: look again, twice at most
@@ -311,16 +346,21 @@ class Client(Resuming):
                 if attempt > 2:
                     raise
 
-    def bulk_retrieve(self, topic: str, start_offset: int, limit: int,
-                      timeout: Timeout = USE_CLIENT_DEFAULT) -> smq_pb2.BulkRetrieveResponse:
+    def bulk_retrieve(
+        self, topic: str, start_offset: int, limit: int, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> smq_pb2.BulkRetrieveResponse:
         """Up to `limit` messages with offset >= `start_offset` (inclusive), as the
         response message: `.messages` (each `.message`, `.offset`), `.count`,
         `.next_offset` (feed it back for the next page). `limit <= 0`: server default.
         Pages are also capped by the server. Raises SMQConsumeError."""
         request = smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=start_offset, limit=limit)
-        return self._call("BulkRetrieve", request, timeout,
-                          Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
-                          idempotent=True)
+        return self._call(
+            "BulkRetrieve",
+            request,
+            timeout,
+            Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
+            idempotent=True,
+        )
 
     def stream_consume(self, topic: str, start_offset: int) -> Iterator[Message]:
         """Every message from `start_offset` (or the earliest), then each new one as it
@@ -328,8 +368,9 @@ class Client(Resuming):
         connection raises SMQConnectionError: `iter_messages` resumes instead."""
         op = Op(f"stream messages of {topic!r}", SMQConsumeError, topic)
         try:
-            with self._stream("StreamConsume",
-                              smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)) as call:
+            with self._stream(
+                "StreamConsume", smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)
+            ) as call:
                 for response in call:
                     if response.offset != SMQ_SPECIAL_OFFSET_HEARTBEAT:
                         yield Message(response.message, response.offset)
@@ -338,10 +379,17 @@ class Client(Resuming):
                 return
             raise self._error(exc, op, None) from exc
 
-    def iter_messages(self, topic: str, from_offset: int = 0, *, follow: bool = True,
-                      page_size: int = DEFAULT_PAGE_SIZE, reconnect: bool = True,
-                      timeout: Timeout = USE_CLIENT_DEFAULT,
-                      consumer: str | None = None) -> Iterator[Message]:
+    def iter_messages(
+        self,
+        topic: str,
+        from_offset: int = 0,
+        *,
+        follow: bool = True,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        reconnect: bool = True,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        consumer: str | None = None,
+    ) -> Iterator[Message]:
         """Every message from `from_offset` (0, or anything below the earliest, means the
         earliest), as (payload, offset): the stored ones in pages (BulkRetrieve), then,
         with `follow`, each new one as it is committed (StreamConsume). Without `follow`
@@ -349,7 +397,8 @@ class Client(Resuming):
 
         It knows its next offset: when the connection is lost or the server restarts,
         it reconnects (backoff up to 5 s, forever, logged as warnings; also when a page
-        read times out) and goes on where it was, with no gap and no duplicate. Messages deleted meanwhile are skipped.
+        read times out) and goes on where it was, with no gap and no duplicate. Messages
+        deleted meanwhile are skipped.
         `reconnect=False` raises SMQConnectionError instead; without `follow` it gives up
         after the client's `retries`. Uses only the original SMQ's calls (but see `consumer`).
 
@@ -362,19 +411,21 @@ class Client(Resuming):
         `commit_offset` with the last offset it handled."""
         op = Op(f"read messages of {topic!r}", SMQConsumeError, topic)
 
-        def pages(cursor: int) -> Iterator[list[Message]]:
+        def pages(cursor: int) -> Generator[list[Message], None, None]:
             while True:
                 response = self._stub_or_raise().BulkRetrieve(
                     smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=cursor, limit=page_size),
-                    timeout=self._timeout_of(timeout))
+                    timeout=self._timeout_of(timeout),
+                )
                 if not response.messages:
                     break
                 yield [Message(m.message, m.offset) for m in response.messages]
                 cursor = response.messages[-1].offset + 1
             if not follow:
                 return
-            with self._stream("StreamConsume",
-                              smq_pb2.ConsumeRequest(topic=topic, offset=cursor)) as call:
+            with self._stream(
+                "StreamConsume", smq_pb2.ConsumeRequest(topic=topic, offset=cursor)
+            ) as call:
                 for response in call:
                     if response.offset == SMQ_SPECIAL_OFFSET_HEARTBEAT:
                         yield []
@@ -382,11 +433,26 @@ class Client(Resuming):
                         yield [Message(response.message, response.offset)]
 
         limit = None if follow and reconnect else (self.retries if reconnect else 0)
-        return self._resuming(pages, max(from_offset, 0), op, limit, follow,
-                              consumer, topic, self._timeout_of(timeout))
+        return self._resuming(
+            pages,
+            max(from_offset, 0),
+            op,
+            limit,
+            follow,
+            consumer,
+            topic,
+            self._timeout_of(timeout),
+        )
 
-    def subscribe(self, topic: str, from_offset: int = 0, *, page_size: int = 0,
-                  reconnect: bool = True, consumer: str | None = None) -> Iterator[Message]:
+    def subscribe(
+        self,
+        topic: str,
+        from_offset: int = 0,
+        *,
+        page_size: int = 0,
+        reconnect: bool = True,
+        consumer: str | None = None,
+    ) -> Iterator[Message]:
         """Like `iter_messages(topic, from_offset)`, over the paged Subscribe stream of
         this SMQ (not in the original): the fastest way to read a topic and follow it.
         Yields each message as (payload, offset); pages are up to `page_size` messages
@@ -395,61 +461,19 @@ class Client(Resuming):
         (the server sends what one commit appended as one page) as `iter_messages` does."""
         op = Op(f"subscribe to {topic!r}", SMQConsumeError, topic)
 
-        def pages(cursor: int) -> Iterator[list[Message]]:
+        def pages(cursor: int) -> Generator[list[Message], None, None]:
             request = smq_pb2.SubscribeRequest(topic=topic, offset=cursor, max_messages=page_size)
             with self._stream("Subscribe", request) as call:
                 for response in call:
                     yield [Message(m.message, m.offset) for m in response.messages]
 
-        return self._resuming(pages, max(from_offset, 0), op, None if reconnect else 0, True,
-                              consumer, topic, self.timeout)
-
-    # -- durable named consumers ------------------------------------------------------------
-
-    def commit_offset(self, consumer: str, topic: str, offset: int, *,
-                      timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Record, in the server's database, that `consumer` has processed `topic` up to
-        and including `offset`; it resumes at `offset + 1` (commit 0 to start from the
-        beginning). Committing is allowed even where remote writes are disabled.
-        Raises NotFound (no topic), OffsetOutOfRange (above the latest), InvalidArgument
-        (bad consumer name: as for topics)."""
-        request = smq_pb2.CommitOffsetRequest(consumer=consumer, topic=topic, offset=offset)
-        self._call("CommitOffset", request, timeout,
-                   Op(f"commit offset {offset} of {topic!r} for consumer {consumer!r}", None, topic),
-                   idempotent=True)
-
-    def committed_offset(self, consumer: str, topic: str, *,
-                         timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
-        """The last offset `consumer` committed on `topic`. Raises NotFound if it has
-        committed none there (or the topic does not exist)."""
-        request = smq_pb2.GetCommittedOffsetRequest(consumer=consumer, topic=topic)
-        return self._call("GetCommittedOffset", request, timeout,
-                          Op(f"get the committed offset of consumer {consumer!r} on {topic!r}",
-                             None, topic), idempotent=True).offset
-
-    def resume_offset(self, consumer: str, topic: str, *,
-                      timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
-        """Where `consumer` goes on reading `topic`: its committed offset + 1, or 0 (the
-        earliest) if it has committed nothing there. Raises NotFound (no topic)."""
-        try:
-            return self.committed_offset(consumer, topic, timeout=timeout) + 1
-        except NotFound:
-            self.describe_topic(topic, timeout=timeout)  # NotFound if the topic is missing
-            return 0
-
-    def list_consumers(self, topic: str | None = None, *, consumer: str | None = None,
-                       timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ConsumerInfo]:
-        """Every committed offset of a named consumer, by consumer: all of them, or only
-        those on `topic` and/or of `consumer` (no match: an empty list). In pages, as
-        `list_topics`."""
-        request = smq_pb2.ListConsumersRequest(topic=topic or "", consumer=consumer or "")
-        pages = self._pages("ListConsumers", request, timeout, Op("list consumers", None, topic))
-        return [ConsumerInfo.from_proto(c) for page in pages for c in page.consumers]
-
-    def delete_consumer(self, consumer: str, topic: str | None = None, *,
-                        timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
-        """Forget `consumer`'s committed offset on `topic`, or on every topic. Not retried.
-        Raises NotFound if it had none there (or the topic does not exist)."""
-        where = f" on {topic!r}" if topic else ""
-        self._call("DeleteConsumer", smq_pb2.DeleteConsumerRequest(consumer=consumer, topic=topic or ""),
-                   timeout, Op(f"delete consumer {consumer!r}{where}", None, topic))
+        return self._resuming(
+            pages,
+            max(from_offset, 0),
+            op,
+            None if reconnect else 0,
+            True,
+            consumer,
+            topic,
+            self.timeout,
+        )

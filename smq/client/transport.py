@@ -6,6 +6,7 @@
   with the `pysmq` class of the operation where pysmq raises that one, and a message
   that says what failed and what to try. `smq.client` re-exports `ERROR_FOR_STATUS`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,20 +17,28 @@ import grpc
 
 from .. import tls
 from ..connection import channel_options
-from ..errors import (CLASS_FOR_STATUS, TRANSPORT_ERRORS, SMQError, error_class, reason_in,
-                      with_operation)
+from ..errors import (
+    CLASS_FOR_STATUS,
+    TRANSPORT_ERRORS,
+    SMQError,
+    error_class,
+    reason_in,
+    with_operation,
+)
 from .types import ClientTLSConfig
 
 #: Every gRPC status an SMQ call can end with, and the error class it raises (one-to-one).
-ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType({
-    code: CLASS_FOR_STATUS[code.name] for code in grpc.StatusCode if code.name in CLASS_FOR_STATUS})
+ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType(
+    {code: CLASS_FOR_STATUS[code.name] for code in grpc.StatusCode if code.name in CLASS_FOR_STATUS}
+)
 
 # Iterators reconnect after these: the server went away, or a page read timed out.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 _HINTS: Mapping[grpc.StatusCode, str] = {
-    grpc.StatusCode.PERMISSION_DENIED:
-        "write through the server's Unix socket, or start it with --allow-remote-writes=true",
+    grpc.StatusCode.PERMISSION_DENIED: (
+        "write through the server's Unix socket, or start it with --allow-remote-writes=true"
+    ),
     grpc.StatusCode.UNAUTHENTICATED: "check the client certificate and key",
     grpc.StatusCode.INTERNAL: "the server log has the details",
 }
@@ -39,57 +48,84 @@ _HINTS: Mapping[grpc.StatusCode, str] = {
 class Op:
     """What a call does, for error messages and classes: `action` completes
     "could not ...", `error_class` is the pysmq class for errors of this operation."""
+
     action: str
     error_class: type[SMQError] | None
     topic: str | None = None
     wrap_all: bool = False  # pysmq's consume_earliest/latest wrap even connection errors
 
 
-def error_for(exc: grpc.RpcError, op: Op, *, target: str, tls: bool,
-              timeout: float | None) -> SMQError:
+def error_for(
+    exc: grpc.RpcError, op: Op, *, target: str, tls: bool, timeout: float | None
+) -> SMQError:
     """The SMQError for a failed call to `target`: the status class (or the finer class
     of the reason the server sent), combined with the operation's pysmq class where pysmq
     raises that one. `timeout` is the call's budget (for the message of DEADLINE_EXCEEDED)."""
     code = exc.code()
     details = exc.details() or ""
-    status_class = error_class(code.name, reason_in(getattr(exc, "trailing_metadata", lambda: None)()))
+    status_class = error_class(
+        code.name, reason_in(getattr(exc, "trailing_metadata", lambda: None)())
+    )
     raised = status_class
-    if op.error_class is not None and (op.wrap_all or not issubclass(status_class, TRANSPORT_ERRORS)):
-        raised = with_operation(status_class, op.error_class)
+    if op.error_class is not None and (
+        op.wrap_all or not issubclass(status_class, TRANSPORT_ERRORS)
+    ):
+        # mypy (2.4) takes a class for an instance when checking that it is Hashable.
+        raised = with_operation(status_class, op.error_class)  # type: ignore[arg-type]
     if code == grpc.StatusCode.UNAVAILABLE:
-        message = f"the SMQ server at {target} is unavailable ({details}); " \
-                  "check that it is running and reachable there"
+        message = (
+            f"the SMQ server at {target} is unavailable ({details}); "
+            "check that it is running and reachable there"
+        )
         if tls:
             message += ", and that the certificates match (client, server name, CA)"
     elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
         waited = f" within {timeout:g} s" if timeout is not None else ""
-        message = f"no answer from {target}{waited} ({details}); " \
-                  "pass a larger timeout= or check the server"
+        message = (
+            f"no answer from {target}{waited} ({details}); "
+            "pass a larger timeout= or check the server"
+        )
     elif code == grpc.StatusCode.UNIMPLEMENTED:
-        message = f"the server at {target} does not support this call " \
-                  f"({details}); is it an older or the original SMQ?"
+        message = (
+            f"the server at {target} does not support this call "
+            f"({details}); is it an older or the original SMQ?"
+        )
     else:
         message = details or code.name
         if code in _HINTS:
             message += f"; {_HINTS[code]}"
-    return raised.from_status(f"could not {op.action}: {message}", code=code,
-                              details=details, original_error=exc, topic=op.topic)
+    return raised.from_status(
+        f"could not {op.action}: {message}",
+        code=code,
+        details=details,
+        original_error=exc,
+        topic=op.topic,
+    )
 
 
-def open_channel(target: str, tls_files: ClientTLSConfig | None, *, server_hostname: str | None,
-                 max_send_mb: int, max_receive_mb: int) -> grpc.Channel:
+def open_channel(
+    target: str,
+    tls_files: ClientTLSConfig | None,
+    *,
+    server_hostname: str | None,
+    max_send_mb: int,
+    max_receive_mb: int,
+) -> grpc.Channel:
     """A channel to `target` (plaintext without `tls_files`). Raises CertificateError (an
     SMQAuthenticationError) if a TLS file cannot be read or is not valid."""
     options = channel_options(_size_option(max_send_mb), _size_option(max_receive_mb))
     if tls_files is None:
         return grpc.insecure_channel(target, options=options)
-    files = tls.load(("client certificate (cert_file)", tls_files.cert_file),
-                     ("client key (key_file)", tls_files.key_file),
-                     ("CA certificate (ca_file)", tls_files.ca_file))
+    files = tls.load(
+        ("client certificate (cert_file)", tls_files.cert_file),
+        ("client key (key_file)", tls_files.key_file),
+        ("CA certificate (ca_file)", tls_files.ca_file),
+    )
     if server_hostname:
         options.append(("grpc.ssl_target_name_override", server_hostname))
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert)
+        root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
+    )
     return grpc.secure_channel(target, credentials, options=options)
 
 

@@ -1,6 +1,7 @@
 """`smq forward`: forward SMQ topics to a NATS JetStream stream (main.py: the command;
 config.py: its settings; engine.py: the forwarding; source.py: the SMQ side;
 jetstream.py: the NATS side)."""
+
 from __future__ import annotations
 
 from .main import main

@@ -1,4 +1,5 @@
 """`python -m smq.forward`: the same as `smq forward`."""
+
 import sys
 
 from .main import main

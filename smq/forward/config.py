@@ -7,6 +7,7 @@ CA_CERT); NATS uses the names of the `nats` command line tool (NATS_URL, NATS_CR
 NATS_USER, NATS_PASSWORD, NATS_CA, NATS_CERT, NATS_KEY, plus NATS_TOKEN); the rest is
 SMQ_FORWARD_*. `load()` raises ConfigError (one line, naming the setting and value).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,10 +20,20 @@ from typing import Any
 from .. import connection
 from ..domain import NAME_RULE, NAME_RULE_TEXT
 from ..errors import ConfigError
-from ..settings import (ENV_FILE, LOG_LEVEL, Setting, by_field, defaults, in_range, parse_bool,
-                        parse_choice, parse_duration, read_settings)
+from ..settings import (
+    ENV_FILE,
+    LOG_LEVEL,
+    Setting,
+    by_field,
+    defaults,
+    in_range,
+    parse_bool,
+    parse_choice,
+    parse_duration,
+    read_settings,
+)
 
-TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")     # a node name: one subject token, no dots
+TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a node name: one subject token, no dots
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 PREFIX_TOKEN = re.compile(r"[A-Za-z0-9_$-]+")
 
@@ -35,8 +46,10 @@ def parse_topics(text: str) -> tuple[str, ...]:
         if not NAME_RULE.fullmatch(topic):
             raise ValueError(f"topic {topic!r}: use {NAME_RULE_TEXT}")
         if "" in topic.split("."):
-            raise ValueError(f"topic {topic!r} cannot be part of a NATS subject "
-                             "(no leading, trailing or double dots)")
+            raise ValueError(
+                f"topic {topic!r} cannot be part of a NATS subject "
+                "(no leading, trailing or double dots)"
+            )
     return topics
 
 
@@ -49,8 +62,9 @@ def parse_node(text: str) -> str:
 def parse_prefix(text: str) -> str:
     prefix = text.strip()
     if not prefix or not all(PREFIX_TOKEN.fullmatch(t) for t in prefix.split(".")):
-        raise ValueError("expected subject tokens of A-Z a-z 0-9 _ - $ separated by dots, "
-                         "without wildcards")
+        raise ValueError(
+            "expected subject tokens of A-Z a-z 0-9 _ - $ separated by dots, without wildcards"
+        )
     return prefix
 
 
@@ -85,55 +99,173 @@ def parse_rate(text: str) -> float:
 
 SETTINGS: tuple[Setting, ...] = (
     # What and where.
-    Setting("topics", "--topics", "SMQ_FORWARD_TOPICS", parse_topics, "",
-            "SMQ topics to forward, separated by commas (required)", "forwarding", empty=()),
-    Setting("node", "--node", "SMQ_FORWARD_NODE", parse_node, "",
-            "this device's name in subjects and message ids [default: the host name up to its "
-            "first dot]", "forwarding"),
-    Setting("subject_prefix", "--subject-prefix", "SMQ_FORWARD_SUBJECT_PREFIX", parse_prefix, "smq",
-            "subjects are PREFIX.NODE.TOPIC", "forwarding"),
-    Setting("stream", "--stream", "SMQ_FORWARD_STREAM", parse_stream, "",
-            "JetStream stream to publish to [default: SMQ_NODE]", "forwarding"),
-    Setting("consumer", "--consumer", "SMQ_FORWARD_CONSUMER", parse_consumer, "",
-            "SMQ durable consumer whose offsets say what was forwarded [default: forward-NODE]",
-            "forwarding"),
-    Setting("start_from", "--start-from", "SMQ_FORWARD_START_FROM",
-            parse_choice(("earliest", "latest")), "earliest",
-            "where a topic that this consumer never committed starts: earliest, or only new "
-            "messages", "forwarding"),
-    Setting("window", "--window", "SMQ_FORWARD_WINDOW", in_range(int, 1, 10_000), "256",
-            "messages published and not yet acknowledged, at most", "forwarding"),
-    Setting("rate_limit", "--rate-limit", "SMQ_FORWARD_RATE_LIMIT", parse_rate, "0",
-            "messages per second, at most; 0: no limit", "forwarding"),
-    Setting("ack_timeout", "--ack-timeout", "SMQ_FORWARD_ACK_TIMEOUT",
-            in_range(parse_duration, 0.1, 600), "10s", "wait this long for JetStream's "
-            "acknowledgement of a message, then reconnect and resend", "forwarding"),
-    Setting("create_stream", "--create-stream", "SMQ_FORWARD_CREATE_STREAM", parse_bool, "false",
-            "create the stream (subjects PREFIX.NODE.>) if it does not exist", "forwarding"),
-    Setting("replicas", "--replicas", "SMQ_FORWARD_REPLICAS", in_range(int, 1, 5), "1",
-            "replicas of a stream that --create-stream creates", "forwarding"),
-    Setting("duplicate_window", "--duplicate-window", "SMQ_FORWARD_DUPLICATE_WINDOW",
-            in_range(parse_duration, 1, 7 * 86400), "2m",
-            "duplicate window of a stream that --create-stream creates", "forwarding"),
-    Setting("log_interval", "--log-interval", "SMQ_FORWARD_LOG_INTERVAL",
-            in_range(parse_duration, 0.1, 86400), "1m", "log the backlog this often", "forwarding"),
+    Setting(
+        "topics",
+        "--topics",
+        "SMQ_FORWARD_TOPICS",
+        parse_topics,
+        "",
+        "SMQ topics to forward, separated by commas (required)",
+        "forwarding",
+        empty=(),
+    ),
+    Setting(
+        "node",
+        "--node",
+        "SMQ_FORWARD_NODE",
+        parse_node,
+        "",
+        "this device's name in subjects and message ids [default: the host name up to its "
+        "first dot]",
+        "forwarding",
+    ),
+    Setting(
+        "subject_prefix",
+        "--subject-prefix",
+        "SMQ_FORWARD_SUBJECT_PREFIX",
+        parse_prefix,
+        "smq",
+        "subjects are PREFIX.NODE.TOPIC",
+        "forwarding",
+    ),
+    Setting(
+        "stream",
+        "--stream",
+        "SMQ_FORWARD_STREAM",
+        parse_stream,
+        "",
+        "JetStream stream to publish to [default: SMQ_NODE]",
+        "forwarding",
+    ),
+    Setting(
+        "consumer",
+        "--consumer",
+        "SMQ_FORWARD_CONSUMER",
+        parse_consumer,
+        "",
+        "SMQ durable consumer whose offsets say what was forwarded [default: forward-NODE]",
+        "forwarding",
+    ),
+    Setting(
+        "start_from",
+        "--start-from",
+        "SMQ_FORWARD_START_FROM",
+        parse_choice(("earliest", "latest")),
+        "earliest",
+        "where a topic that this consumer never committed starts: earliest, or only new messages",
+        "forwarding",
+    ),
+    Setting(
+        "window",
+        "--window",
+        "SMQ_FORWARD_WINDOW",
+        in_range(int, 1, 10_000),
+        "256",
+        "messages published and not yet acknowledged, at most",
+        "forwarding",
+    ),
+    Setting(
+        "rate_limit",
+        "--rate-limit",
+        "SMQ_FORWARD_RATE_LIMIT",
+        parse_rate,
+        "0",
+        "messages per second, at most; 0: no limit",
+        "forwarding",
+    ),
+    Setting(
+        "ack_timeout",
+        "--ack-timeout",
+        "SMQ_FORWARD_ACK_TIMEOUT",
+        in_range(parse_duration, 0.1, 600),
+        "10s",
+        "wait this long for JetStream's acknowledgement of a message, then reconnect and resend",
+        "forwarding",
+    ),
+    Setting(
+        "create_stream",
+        "--create-stream",
+        "SMQ_FORWARD_CREATE_STREAM",
+        parse_bool,
+        "false",
+        "create the stream (subjects PREFIX.NODE.>) if it does not exist",
+        "forwarding",
+    ),
+    Setting(
+        "replicas",
+        "--replicas",
+        "SMQ_FORWARD_REPLICAS",
+        in_range(int, 1, 5),
+        "1",
+        "replicas of a stream that --create-stream creates",
+        "forwarding",
+    ),
+    Setting(
+        "duplicate_window",
+        "--duplicate-window",
+        "SMQ_FORWARD_DUPLICATE_WINDOW",
+        in_range(parse_duration, 1, 7 * 86400),
+        "2m",
+        "duplicate window of a stream that --create-stream creates",
+        "forwarding",
+    ),
+    Setting(
+        "log_interval",
+        "--log-interval",
+        "SMQ_FORWARD_LOG_INTERVAL",
+        in_range(parse_duration, 0.1, 86400),
+        "1m",
+        "log the backlog this often",
+        "forwarding",
+    ),
     dataclasses.replace(LOG_LEVEL, group="forwarding"),
     dataclasses.replace(ENV_FILE, group="forwarding"),
     # The SMQ server (as for the other client commands).
-    *connection.described("SMQ server", host="SMQ server to read from",
-                          ca_cert="CA that signed the SMQ server's certificate"),
+    *connection.described(
+        "SMQ server",
+        host="SMQ server to read from",
+        ca_cert="CA that signed the SMQ server's certificate",
+    ),
     # NATS.
-    Setting("nats_servers", "--nats-servers", "NATS_URL", parse_servers, "nats://localhost:4222",
-            "NATS servers, separated by commas (nats://host:4222, tls://host:4222)", "NATS"),
-    Setting("nats_creds", "--nats-creds", "NATS_CREDS", str, "",
-            "credentials file (JWT and NKey; needs the nkeys package)", "NATS"),
+    Setting(
+        "nats_servers",
+        "--nats-servers",
+        "NATS_URL",
+        parse_servers,
+        "nats://localhost:4222",
+        "NATS servers, separated by commas (nats://host:4222, tls://host:4222)",
+        "NATS",
+    ),
+    Setting(
+        "nats_creds",
+        "--nats-creds",
+        "NATS_CREDS",
+        str,
+        "",
+        "credentials file (JWT and NKey; needs the nkeys package)",
+        "NATS",
+    ),
     Setting("nats_user", "--nats-user", "NATS_USER", str, "", "user name", "NATS"),
     Setting("nats_password", "--nats-password", "NATS_PASSWORD", str, "", "password", "NATS"),
     Setting("nats_token", "--nats-token", "NATS_TOKEN", str, "", "authentication token", "NATS"),
-    Setting("nats_ca", "--nats-ca", "NATS_CA", str, "", "CA that signed the NATS servers' "
-            "certificates (turns on TLS)", "NATS"),
-    Setting("nats_cert", "--nats-cert", "NATS_CERT", str, "", "client certificate for NATS (PEM)",
-            "NATS"),
+    Setting(
+        "nats_ca",
+        "--nats-ca",
+        "NATS_CA",
+        str,
+        "",
+        "CA that signed the NATS servers' certificates (turns on TLS)",
+        "NATS",
+    ),
+    Setting(
+        "nats_cert",
+        "--nats-cert",
+        "NATS_CERT",
+        str,
+        "",
+        "client certificate for NATS (PEM)",
+        "NATS",
+    ),
     Setting("nats_key", "--nats-key", "NATS_KEY", str, "", "its private key (PEM)", "NATS"),
 )
 SETTINGS_BY_FIELD = by_field(SETTINGS)
@@ -143,6 +275,7 @@ _DEFAULT = defaults(SETTINGS)
 @dataclasses.dataclass(frozen=True)
 class ForwardConfig:
     """Every setting of `smq forward`, parsed and validated."""
+
     topics: tuple[str, ...] = _DEFAULT["topics"]
     node: str = _DEFAULT["node"]
     subject_prefix: str = _DEFAULT["subject_prefix"]
@@ -180,20 +313,30 @@ class ForwardConfig:
             raise ConfigError(label("topics"), "", "required: the SMQ topics to forward")
         if self.enable_mtls:
             if self.unix_socket:
-                raise ConfigError(label("enable_mtls"), "true", "the Unix socket is plaintext, "
-                                  "for callers on the same device: use one or the other")
+                raise ConfigError(
+                    label("enable_mtls"),
+                    "true",
+                    "the Unix socket is plaintext, "
+                    "for callers on the same device: use one or the other",
+                )
             for name in ("client_cert", "client_key", "ca_cert"):
                 if not getattr(self, name):
                     raise ConfigError(label(name), "", "required with --enable-mtls")
-        if self.nats_cert and not self.nats_key or self.nats_key and not self.nats_cert:
-            raise ConfigError(label("nats_key" if self.nats_cert else "nats_cert"), "",
-                              "--nats-cert and --nats-key go together")
+        if (self.nats_cert and not self.nats_key) or (self.nats_key and not self.nats_cert):
+            raise ConfigError(
+                label("nats_key" if self.nats_cert else "nats_cert"),
+                "",
+                "--nats-cert and --nats-key go together",
+            )
         if self.nats_password and not self.nats_user:
             raise ConfigError(label("nats_user"), "", "required with --nats-password")
         methods = [f for f in ("nats_creds", "nats_user", "nats_token") if getattr(self, f)]
         if len(methods) > 1:
-            raise ConfigError(label(methods[1]), getattr(self, methods[1]),
-                              f"use one way to authenticate to NATS, not also {label(methods[0])}")
+            raise ConfigError(
+                label(methods[1]),
+                getattr(self, methods[1]),
+                f"use one way to authenticate to NATS, not also {label(methods[0])}",
+            )
         files = ["nats_creds", "nats_ca", "nats_cert", "nats_key"]
         if self.enable_mtls:
             files += ["client_cert", "client_key", "ca_cert"]
@@ -203,11 +346,11 @@ class ForwardConfig:
                 raise ConfigError(label(name), path, "no such file, or not readable")
         return self
 
-
     def connection(self) -> connection.ConnectionConfig:
         """Where the SMQ server is, and how to authenticate."""
-        return connection.ConnectionConfig(**{field: getattr(self, field)
-                                              for field in connection.SETTINGS_BY_FIELD})
+        return connection.ConnectionConfig(
+            **{field: getattr(self, field) for field in connection.SETTINGS_BY_FIELD}
+        )
 
 
 def label(field: str) -> str:
@@ -219,8 +362,11 @@ def default_node(hostname: str | None = None) -> str:
     return (hostname or socket.gethostname()).split(".")[0]
 
 
-def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-         hostname: str | None = None) -> ForwardConfig:
+def load(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    hostname: str | None = None,
+) -> ForwardConfig:
     """Build a ForwardConfig from flags given (strings or None), an environment and its
     .env file. Raises ConfigError."""
     values = read_settings(SETTINGS, flags, environ, number_reason="expected a number")

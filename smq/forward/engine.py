@@ -19,82 +19,28 @@ failures only make a reader reopen its stream where it stopped.
 
 The offset is committed in SMQ only after JetStream acknowledged the message.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
-from .source import SmqSource
 from ..errors import JetStreamError, NotFound, PublishFailed, SMQError, StreamMissing
-from .jetstream import (JetStream, pattern_within,
-                        subject_matches)
 from ..retry import backoff
+from .jetstream import JetStream, pattern_within, subject_matches
+from .plan import Plan, TopicState
+from .source import SmqSource
 
 log = logging.getLogger("smq.forward")
 
-COMMIT_INTERVAL = 0.5        # seconds: acknowledged offsets are committed at least this often
-STATUS_INTERVAL = 5.0        # seconds between status line updates (sd_notify STATUS=)
-TOPIC_POLL = 2.0             # seconds between looks for a topic that does not exist yet
+COMMIT_INTERVAL = 0.5  # seconds: acknowledged offsets are committed at least this often
+STATUS_INTERVAL = 5.0  # seconds between status line updates (sd_notify STATUS=)
+TOPIC_POLL = 2.0  # seconds between looks for a topic that does not exist yet
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0  # seconds between sessions: doubling, with jitter
-MAX_PAGE = 1000              # messages per Subscribe page
+MAX_PAGE = 1000  # messages per Subscribe page
 MAX_INFLIGHT_BYTES = 16 * 1024**2  # payload bytes in flight, at most (one message may exceed it)
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What to forward where, and how fast (the engine's part of the configuration)."""
-    topics: tuple[str, ...]
-    node: str
-    subject_prefix: str
-    stream: str
-    window: int = 256
-    rate_limit: float = 0.0          # messages per second; 0: no limit
-    ack_timeout: float = 10.0        # seconds
-    start_from: str = "earliest"     # where a topic without a committed offset starts
-    create_stream: bool = False
-    replicas: int = 1
-    duplicate_window: float = 120.0  # seconds, for a stream we create
-    log_interval: float = 60.0       # seconds between backlog lines in the log
-
-    def subject(self, topic: str) -> str:
-        return f"{self.subject_prefix}.{self.node}.{topic}"
-
-    @property
-    def subjects(self) -> str:
-        """The namespace this node publishes in (and a created stream takes)."""
-        return f"{self.subject_prefix}.{self.node}.>"
-
-    def id_prefix(self, topic: str) -> str:
-        """What the Nats-Msg-Id of each of topic's messages starts with (then its offset)."""
-        return f"{self.node}/{topic}/"
-
-
-@dataclasses.dataclass
-class TopicState:
-    """What the forwarder knows of one topic. Offsets are SMQ offsets."""
-    name: str
-    subject: str
-    id_prefix: str                 # Nats-Msg-Id without the offset
-    state: str = "starting"
-    committed: int | None = None   # the consumer's committed offset in SMQ
-    acked: int = 0                 # highest offset JetStream has stored (gap-free below)
-    earliest: int = 0              # SMQ's offsets, as last seen (0: no message)
-    latest: int = 0
-    forwarded: int = 0             # acknowledged by JetStream since start
-
-    @property
-    def backlog(self) -> int:
-        """SMQ's latest offset minus the committed one (or all it stores, before a commit)."""
-        done = self.committed if self.committed is not None else max(self.earliest - 1, 0)
-        return max(self.latest - done, 0)
-
-    def offset_of(self, msg_id: str | None) -> int | None:
-        if msg_id and msg_id.startswith(self.id_prefix) and msg_id[len(self.id_prefix):].isdigit():
-            return int(msg_id[len(self.id_prefix):])
-        return None
 
 
 class RateLimit:
@@ -143,9 +89,15 @@ class Forwarder:
     `on_ready(status)` is called once, when both sides answered and the stream was
     found; `on_status(status)` after each status refresh (every STATUS_INTERVAL)."""
 
-    def __init__(self, plan: Plan, source: SmqSource, upstream: JetStream, *,
-                 on_ready: Callable[[str], None] = lambda status: None,
-                 on_status: Callable[[str], None] = lambda status: None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        source: SmqSource,
+        upstream: JetStream,
+        *,
+        on_ready: Callable[[str], None] = lambda status: None,
+        on_status: Callable[[str], None] = lambda status: None,
+    ) -> None:
         self.plan = plan
         self.source = source
         self.upstream = upstream
@@ -157,7 +109,7 @@ class Forwarder:
         self._commit_now = asyncio.Event()
         self._stop = asyncio.Event()
         self.forwarded = 0
-        self.problem = "starting"   # why it is not forwarding ("" while it is)
+        self.problem = "starting"  # why it is not forwarding ("" while it is)
         self._warned: set[str] = set()
 
     # -- the outer loop ---------------------------------------------------------------
@@ -202,9 +154,15 @@ class Forwarder:
         if not upstream.connected:
             await self._wait_connected()
         if plan.create_stream and await upstream.create_stream(
-                [plan.subjects], plan.replicas, plan.duplicate_window):
-            log.info("created JetStream stream %r for %s (replicas %d, duplicate window %g s)",
-                     plan.stream, plan.subjects, plan.replicas, plan.duplicate_window)
+            [plan.subjects], plan.replicas, plan.duplicate_window
+        ):
+            log.info(
+                "created JetStream stream %r for %s (replicas %d, duplicate window %g s)",
+                plan.stream,
+                plan.subjects,
+                plan.replicas,
+                plan.duplicate_window,
+            )
         stream = await upstream.stream_state()
         self._check_stream(stream.subjects)
         upstream.begin_chain(stream.last_seq)
@@ -212,14 +170,20 @@ class Forwarder:
         if not self._ready:
             await self._refresh_latest(with_committed=True)
             self._ready = True
-            log.info("forwarding %s from SMQ at %s to JetStream stream %r at %s as %s",
-                     ", ".join(plan.topics), self.source.target.address, plan.stream,
-                     upstream.server, plan.subjects[:-2] + ".<topic>")
+            log.info(
+                "forwarding %s from SMQ at %s to JetStream stream %r at %s as %s",
+                ", ".join(plan.topics),
+                self.source.target.address,
+                plan.stream,
+                upstream.server,
+                plan.subjects[:-2] + ".<topic>",
+            )
             self._on_ready(self.status_line())
 
         queue: asyncio.Queue[tuple[TopicState, int, bytes]] = asyncio.Queue(maxsize=plan.window)
-        inflight: asyncio.Queue[tuple[TopicState, int, asyncio.Future, float, int] | None] = \
+        inflight: asyncio.Queue[tuple[TopicState, int, asyncio.Future, float, int] | None] = (
             asyncio.Queue()
+        )
         slots = _Budget(plan.window, MAX_INFLIGHT_BYTES)
         readers = [asyncio.create_task(self._read(topic, queue)) for topic in self.topics]
         publisher = asyncio.create_task(self._publish(queue, inflight, slots))
@@ -230,8 +194,14 @@ class Forwarder:
         failure: BaseException | None = None
         try:
             done, _ = await asyncio.wait([*working, stopping], return_when=asyncio.FIRST_COMPLETED)
-            failure = next((task.exception() for task in done
-                            if task is not stopping and task.exception() is not None), None)
+            failure = next(
+                (
+                    task.exception()
+                    for task in done
+                    if task is not stopping and task.exception() is not None
+                ),
+                None,
+            )
             await _cancel(*readers, publisher)
             if failure is None:  # stopping: let what is in flight be acknowledged
                 inflight.put_nowait(None)
@@ -256,25 +226,35 @@ class Forwarder:
     def _check_stream(self, patterns: Sequence[str]) -> None:
         for topic in self.topics:
             if not any(subject_matches(p, topic.subject) for p in patterns):
-                raise StreamMissing(f"JetStream stream {self.plan.stream!r} does not take subject "
-                                    f"{topic.subject!r} (its subjects: {', '.join(patterns)})")
+                raise StreamMissing(
+                    f"JetStream stream {self.plan.stream!r} does not take subject "
+                    f"{topic.subject!r} (its subjects: {', '.join(patterns)})"
+                )
         shared = [p for p in patterns if not pattern_within(p, self.plan.subjects)]
         if shared:
-            self._warn_once("shared", "stream %r also takes %s: other publishers there break "
-                            "this forwarder's chain, and it then has to start again; give each "
-                            "node a stream of its own (subjects %s)", self.plan.stream,
-                            ", ".join(shared), self.plan.subjects)
+            self._warn_once(
+                "shared",
+                "stream %r also takes %s: other publishers there break "
+                "this forwarder's chain, and it then has to start again; give each "
+                "node a stream of its own (subjects %s)",
+                self.plan.stream,
+                ", ".join(shared),
+                self.plan.subjects,
+            )
 
     # -- per topic: where to start, and reading -------------------------------------------
 
-    async def _read(self, topic: TopicState,
-                    queue: asyncio.Queue[tuple[TopicState, int, bytes]]) -> None:
+    async def _read(
+        self, topic: TopicState, queue: asyncio.Queue[tuple[TopicState, int, bytes]]
+    ) -> None:
         cursor, contiguous = await self._resume_point(topic)
         topic.state = "forwarding"
         failures = 0
         while True:
             try:
-                async for page in self.source.pages(topic.name, cursor, min(self.plan.window, MAX_PAGE)):
+                async for page in self.source.pages(
+                    topic.name, cursor, min(self.plan.window, MAX_PAGE)
+                ):
                     failures = 0
                     if topic.state != "forwarding":
                         log.info("reading %r again from offset %d", topic.name, cursor)
@@ -283,9 +263,14 @@ class Forwarder:
                         if offset < cursor:
                             continue
                         if offset > cursor and contiguous:
-                            log.warning("offsets %d to %d of %r were deleted from SMQ before they "
-                                        "were forwarded (set keep_uncommitted on the topic to "
-                                        "prevent this)", cursor, offset - 1, topic.name)
+                            log.warning(
+                                "offsets %d to %d of %r were deleted from SMQ before they "
+                                "were forwarded (set keep_uncommitted on the topic to "
+                                "prevent this)",
+                                cursor,
+                                offset - 1,
+                                topic.name,
+                            )
                         contiguous = True
                         topic.latest = max(topic.latest, offset)
                         await queue.put((topic, offset, payload))
@@ -309,8 +294,11 @@ class Forwarder:
                 offsets = await self.source.offsets(topic.name)
                 if offsets is None:
                     topic.state = "waiting for the topic to be created"
-                    self._warn_once(f"missing {topic.name}", "topic %r does not exist in SMQ yet; "
-                                    "waiting for it", topic.name)
+                    self._warn_once(
+                        f"missing {topic.name}",
+                        "topic %r does not exist in SMQ yet; waiting for it",
+                        topic.name,
+                    )
                     await asyncio.sleep(TOPIC_POLL)
                     continue
                 committed = await self.source.committed(topic.name)
@@ -323,19 +311,33 @@ class Forwarder:
         last_id = await self.upstream.last_msg_id(topic.subject)
         stored = topic.offset_of(last_id)
         if last_id and stored is None:
-            self._warn_once(f"foreign {topic.name}", "the last message on %r has id %r, not "
-                            "one of this forwarder's: resuming from the committed offset",
-                            topic.subject, last_id)
+            self._warn_once(
+                f"foreign {topic.name}",
+                "the last message on %r has id %r, not "
+                "one of this forwarder's: resuming from the committed offset",
+                topic.subject,
+                last_id,
+            )
         if stored is not None and stored >= offsets.next_offset:
-            log.error("JetStream holds offset %d of %r but SMQ's next offset is %d: was the SMQ "
-                      "database replaced, or does another node use the name %r? Offsets up to "
-                      "%d are not forwarded again", stored, topic.name, offsets.next_offset,
-                      self.plan.node, stored)
+            log.error(
+                "JetStream holds offset %d of %r but SMQ's next offset is %d: was the SMQ "
+                "database replaced, or does another node use the name %r? Offsets up to "
+                "%d are not forwarded again",
+                stored,
+                topic.name,
+                offsets.next_offset,
+                self.plan.node,
+                stored,
+            )
         elif stored is not None and stored > (committed or 0):
             # Stored upstream, but the commit did not happen (a crash, a lost connection).
-            log.info("JetStream already holds %r up to offset %d (committed: %s): committing it, "
-                     "not sending it again", topic.name, stored,
-                     committed if committed is not None else "none")
+            log.info(
+                "JetStream already holds %r up to offset %d (committed: %s): committing it, "
+                "not sending it again",
+                topic.name,
+                stored,
+                committed if committed is not None else "none",
+            )
             await self._commit(topic, stored)
             committed = stored
         topic.committed = committed
@@ -350,16 +352,23 @@ class Forwarder:
 
     # -- publishing, acknowledging, committing ------------------------------------------------
 
-    async def _publish(self, queue: asyncio.Queue[tuple[TopicState, int, bytes]],
-                       inflight: asyncio.Queue, slots: _Budget) -> None:
+    async def _publish(
+        self,
+        queue: asyncio.Queue[tuple[TopicState, int, bytes]],
+        inflight: asyncio.Queue,
+        slots: _Budget,
+    ) -> None:
         loop = asyncio.get_running_loop()
         while True:
             topic, offset, payload = await queue.get()
             await slots.acquire(len(payload))
             await self._rate.acquire()
-            future = await self.upstream.publish(topic.subject, payload, topic.id_prefix + str(offset))
-            inflight.put_nowait((topic, offset, future, loop.time() + self.plan.ack_timeout,
-                                 len(payload)))
+            future = await self.upstream.publish(
+                topic.subject, payload, topic.id_prefix + str(offset)
+            )
+            inflight.put_nowait(
+                (topic, offset, future, loop.time() + self.plan.ack_timeout, len(payload))
+            )
 
     async def _acknowledge(self, inflight: asyncio.Queue, slots: _Budget) -> None:
         """Waits for each acknowledgement, in publishing order."""
@@ -373,8 +382,10 @@ class Forwarder:
                     await future
             except TimeoutError:
                 self.upstream.forget(future)
-                raise PublishFailed(f"no acknowledgement from JetStream for "
-                                    f"{topic.id_prefix}{offset} within {self.plan.ack_timeout:g} s") from None
+                raise PublishFailed(
+                    f"no acknowledgement from JetStream for "
+                    f"{topic.id_prefix}{offset} within {self.plan.ack_timeout:g} s"
+                ) from None
             except PublishFailed as exc:
                 raise PublishFailed(f"{topic.id_prefix}{offset}: {exc}", exc.err_code) from None
             finally:
@@ -415,8 +426,11 @@ class Forwarder:
     def status_line(self) -> str:
         topics = ", ".join(f"{t.name} {t.backlog}" for t in self.topics)
         total = sum(t.backlog for t in self.topics)
-        head = (f"forwarding to {self.plan.stream} at {self.upstream.server}" if not self.problem
-                else f"not forwarding: {self.problem}")
+        head = (
+            f"forwarding to {self.plan.stream} at {self.upstream.server}"
+            if not self.problem
+            else f"not forwarding: {self.problem}"
+        )
         waiting = [t.name for t in self.topics if t.state.startswith("waiting")]
         tail = f"; waiting for topic {', '.join(waiting)}" if waiting else ""
         return f"{head}; backlog {total} ({topics}); forwarded {self.forwarded}{tail}"

@@ -15,6 +15,7 @@ message), which is where forwarding resumes.
 
 Failures raise smq.errors' JetStreamError: NotConnected, StreamMissing, PublishFailed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,9 +34,9 @@ from ..errors import JetStreamError, MissingDependency, NotConnected, PublishFai
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install nats-py (a dependency of smq; the PEX carries it)"
-CONNECT_TIMEOUT = 5.0       # seconds per server for a connection attempt
-API_TIMEOUT = 5.0           # seconds for a JetStream API request (stream info, get message)
-RECONNECT_WAIT = 1.0        # seconds between reconnect attempts to the same server
+CONNECT_TIMEOUT = 5.0  # seconds per server for a connection attempt
+API_TIMEOUT = 5.0  # seconds for a JetStream API request (stream info, get message)
+RECONNECT_WAIT = 1.0  # seconds between reconnect attempts to the same server
 PENDING_BYTES = 8 * 1024**2  # what nats-py may buffer while it reconnects
 ERR_STREAM_NOT_FOUND = 10059
 ERR_NO_MESSAGE = 10037
@@ -45,23 +46,25 @@ def import_nats() -> Any:
     """The nats package, or MissingDependency with a one-line hint."""
     try:
         import nats
-        import nats.js.api  # noqa: F401  (the stream config classes)
+        import nats.js.api  # the stream config classes
     except ImportError as exc:
-        raise MissingDependency(f"forwarding to NATS needs nats-py, which is not installed: "
-                                f"{INSTALL_HINT}") from exc
+        raise MissingDependency(
+            f"forwarding to NATS needs nats-py, which is not installed: {INSTALL_HINT}"
+        ) from exc
     return nats
 
 
 @dataclasses.dataclass(frozen=True)
 class NatsOptions:
     """How to reach NATS: servers and credentials. Empty strings mean "not used"."""
+
     servers: tuple[str, ...]
-    creds: str = ""        # a .creds file (JWT and NKey seed; needs the nkeys package)
+    creds: str = ""  # a .creds file (JWT and NKey seed; needs the nkeys package)
     user: str = ""
     password: str = ""
     token: str = ""
-    ca: str = ""           # CA to verify the servers with (else the system's)
-    cert: str = ""         # client certificate and key, for servers that verify clients
+    ca: str = ""  # CA to verify the servers with (else the system's)
+    cert: str = ""  # client certificate and key, for servers that verify clients
     key: str = ""
     name: str = "smq-forward"
 
@@ -105,7 +108,8 @@ def pattern_within(pattern: str, namespace: str) -> bool:
     """Whether every subject `pattern` matches lies under `namespace` (`a.b.>`)."""
     base = namespace[:-2]  # without ".>"
     return pattern.startswith(base + ".") and not any(
-        token in ("*", ">") for token in base.split("."))
+        token in ("*", ">") for token in base.split(".")
+    )
 
 
 class JetStream:
@@ -134,11 +138,19 @@ class JetStream:
             return
         options = self.options
         kwargs: dict[str, Any] = dict(
-            servers=list(options.servers), name=options.name, allow_reconnect=True,
-            max_reconnect_attempts=-1, reconnect_time_wait=RECONNECT_WAIT,
-            connect_timeout=CONNECT_TIMEOUT, ping_interval=10, max_outstanding_pings=2,
-            pending_size=PENDING_BYTES, error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected, reconnected_cb=self._on_reconnected)
+            servers=list(options.servers),
+            name=options.name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=RECONNECT_WAIT,
+            connect_timeout=CONNECT_TIMEOUT,
+            ping_interval=10,
+            max_outstanding_pings=2,
+            pending_size=PENDING_BYTES,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+            reconnected_cb=self._on_reconnected,
+        )
         if options.tls:
             kwargs["tls"] = options.tls_context()
         if options.creds:
@@ -157,10 +169,14 @@ class JetStream:
         except Exception as exc:  # nats-py raises many kinds; all mean "not now"
             with contextlib.suppress(Exception):
                 await nc.close()
-            reason = self._last_error if isinstance(exc, TimeoutError) and self._last_error \
+            reason = (
+                self._last_error
+                if isinstance(exc, TimeoutError) and self._last_error
                 else describe(exc)
-            raise NotConnected(f"cannot connect to NATS at {', '.join(options.servers)}: "
-                               f"{reason}") from exc
+            )
+            raise NotConnected(
+                f"cannot connect to NATS at {', '.join(options.servers)}: {reason}"
+            ) from exc
         self._inbox = nc.new_inbox()
         await nc.subscribe(self._inbox + ".*", cb=self._on_reply)
         self._nc = nc
@@ -212,26 +228,35 @@ class JetStream:
             info = await js.stream_info(self.stream)
         except Exception as exc:
             if getattr(exc, "err_code", None) == ERR_STREAM_NOT_FOUND:
-                raise StreamMissing(f"JetStream stream {self.stream!r} does not exist "
-                                    "(create it, or pass --create-stream)") from exc
+                raise StreamMissing(
+                    f"JetStream stream {self.stream!r} does not exist "
+                    "(create it, or pass --create-stream)"
+                ) from exc
             raise JetStreamError(f"cannot read stream {self.stream!r}: {describe(exc)}") from exc
         config = info.config
         return StreamState(tuple(config.subjects or ()), info.state.last_seq)
 
-    async def create_stream(self, subjects: Sequence[str], replicas: int,
-                            duplicate_window: float) -> bool:
+    async def create_stream(
+        self, subjects: Sequence[str], replicas: int, duplicate_window: float
+    ) -> bool:
         """Create the stream (file storage); True if created, False if it existed."""
         api = self._nats.js.api
         js = self._require().jetstream(timeout=API_TIMEOUT)
-        config = api.StreamConfig(name=self.stream, subjects=list(subjects),
-                                  storage=api.StorageType.FILE, num_replicas=replicas,
-                                  duplicate_window=duplicate_window)
+        config = api.StreamConfig(
+            name=self.stream,
+            subjects=list(subjects),
+            storage=api.StorageType.FILE,
+            num_replicas=replicas,
+            duplicate_window=duplicate_window,
+        )
         try:
             await js.stream_info(self.stream)
             return False
         except Exception as exc:
             if getattr(exc, "err_code", None) != ERR_STREAM_NOT_FOUND:
-                raise JetStreamError(f"cannot read stream {self.stream!r}: {describe(exc)}") from exc
+                raise JetStreamError(
+                    f"cannot read stream {self.stream!r}: {describe(exc)}"
+                ) from exc
         try:
             await js.add_stream(config)
         except Exception as exc:
@@ -247,8 +272,9 @@ class JetStream:
         except Exception as exc:
             if getattr(exc, "err_code", None) == ERR_NO_MESSAGE:
                 return None
-            raise JetStreamError(f"cannot read the last message of {subject!r}: "
-                                 f"{describe(exc)}") from exc
+            raise JetStreamError(
+                f"cannot read the last message of {subject!r}: {describe(exc)}"
+            ) from exc
         return (message.headers or {}).get("Nats-Msg-Id")
 
     # -- publishing ---------------------------------------------------------------------
@@ -273,9 +299,11 @@ class JetStream:
             raise RuntimeError("begin_chain() first")
         size = len(payload) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
         if size > nc.max_payload:
-            raise PublishFailed(f"{msg_id} is {len(payload)} bytes, more than the NATS server "
-                                f"takes (max_payload {nc.max_payload}): raise max_payload on the "
-                                "NATS servers; this topic cannot go on until then")
+            raise PublishFailed(
+                f"{msg_id} is {len(payload)} bytes, more than the NATS server "
+                f"takes (max_payload {nc.max_payload}): raise max_payload on the "
+                "NATS servers; this topic cannot go on until then"
+            )
         token = str(next(self._tokens))
         future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
         self._pending[token] = future
@@ -302,8 +330,12 @@ class JetStream:
             return
         status = (msg.headers or {}).get("Status")
         if status == "503":
-            _fail(future, PublishFailed(
-                f"no stream answered (no JetStream leader for {self.stream!r} right now?)"))
+            _fail(
+                future,
+                PublishFailed(
+                    f"no stream answered (no JetStream leader for {self.stream!r} right now?)"
+                ),
+            )
             return
         try:
             reply = json.loads(msg.data)
@@ -312,9 +344,13 @@ class JetStream:
             return
         error = reply.get("error")
         if error:
-            _fail(future, PublishFailed(
-                f"JetStream refused the message: {error.get('description', error)}",
-                error.get("err_code")))
+            _fail(
+                future,
+                PublishFailed(
+                    f"JetStream refused the message: {error.get('description', error)}",
+                    error.get("err_code"),
+                ),
+            )
             return
         seq = int(reply.get("seq") or 0)
         duplicate = bool(reply.get("duplicate"))
@@ -342,7 +378,7 @@ def describe(exc: BaseException) -> str:
     """One line for an exception from nats-py (many of its messages are empty)."""
     text = str(exc).strip()
     if text.startswith("nats: "):
-        text = text[len("nats: "):]
+        text = text[len("nats: ") :]
     name = type(exc).__name__
     text = re.sub(r"\s+", " ", text)
     return f"{name}: {text}" if text and name not in text else (text or name)

@@ -10,6 +10,7 @@ engine, smq.forward.jetstream the NATS side.
 Exit codes: 0 after SIGTERM or SIGINT (in-flight messages acknowledged and committed),
 2 for a bad setting or a missing nats-py (one line on stderr).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,12 @@ Settings come from flags, then environment variables, then the .env file, then d
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     for group in dict.fromkeys(setting.group for setting in SETTINGS):
         add_flags(parser.add_argument_group(group), [s for s in SETTINGS if s.group == group])
     return parser
@@ -62,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from .jetstream import import_nats
+
     try:
         import_nats()
     except StartupError as exc:
@@ -71,8 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import nkeys  # noqa: F401  (nats-py signs with it)
         except ImportError:
-            print(f"{PROG}: error: --nats-creds needs the nkeys package: pip install nkeys",
-                  file=sys.stderr)
+            print(
+                f"{PROG}: error: --nats-creds needs the nkeys package: pip install nkeys",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     try:
         nats_options(config).tls_context()  # unreadable or mismatched files: say so now
@@ -87,18 +95,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def nats_options(config: ForwardConfig) -> NatsOptions:
     from .jetstream import NatsOptions
+
     return NatsOptions(
-        servers=config.nats_servers, creds=config.nats_creds, user=config.nats_user,
-        password=config.nats_password, token=config.nats_token, ca=config.nats_ca,
-        cert=config.nats_cert, key=config.nats_key, name=f"smq-forward {config.node}")
+        servers=config.nats_servers,
+        creds=config.nats_creds,
+        user=config.nats_user,
+        password=config.nats_password,
+        token=config.nats_token,
+        ca=config.nats_ca,
+        cert=config.nats_cert,
+        key=config.nats_key,
+        name=f"smq-forward {config.node}",
+    )
 
 
 async def forward(config: ForwardConfig) -> int:
     """Run the forwarder until a signal; returns the exit code."""
-    from .source import SmqSource
+    from ..systemd import Notifier
     from .engine import Forwarder, Plan
     from .jetstream import JetStream
-    from ..systemd import Notifier
+    from .source import SmqSource
 
     log = logging.getLogger("smq.forward")
     notifier = Notifier()
@@ -107,11 +123,20 @@ async def forward(config: ForwardConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)  # only a flag: the loop does the work
 
-    plan = Plan(topics=config.topics, node=config.node, subject_prefix=config.subject_prefix,
-                stream=config.stream, window=config.window, rate_limit=config.rate_limit,
-                ack_timeout=config.ack_timeout, start_from=config.start_from,
-                create_stream=config.create_stream, replicas=config.replicas,
-                duplicate_window=config.duplicate_window, log_interval=config.log_interval)
+    plan = Plan(
+        topics=config.topics,
+        node=config.node,
+        subject_prefix=config.subject_prefix,
+        stream=config.stream,
+        window=config.window,
+        rate_limit=config.rate_limit,
+        ack_timeout=config.ack_timeout,
+        start_from=config.start_from,
+        create_stream=config.create_stream,
+        replicas=config.replicas,
+        duplicate_window=config.duplicate_window,
+        log_interval=config.log_interval,
+    )
     source = SmqSource(config.connection(), config.consumer)
     upstream = JetStream(nats_options(config), config.stream)
 
@@ -121,8 +146,12 @@ async def forward(config: ForwardConfig) -> int:
             notifier.watchdog()  # the event loop is alive and the status fresh
 
     forwarder = Forwarder(plan, source, upstream, on_ready=notifier.ready, on_status=on_status)
-    log.info("smq forward starting: topics %s, consumer %r, node %r", ",".join(config.topics),
-             config.consumer, config.node)
+    log.info(
+        "smq forward starting: topics %s, consumer %r, node %r",
+        ",".join(config.topics),
+        config.consumer,
+        config.node,
+    )
     try:
         await forwarder.run(stop)
     finally:
@@ -130,7 +159,10 @@ async def forward(config: ForwardConfig) -> int:
         await upstream.close()
         await source.close()
         for topic in forwarder.topics:
-            log.info("stopped: %r forwarded up to offset %s, committed %s", topic.name,
-                     topic.acked or "-", topic.committed if topic.committed is not None else "-")
+            log.info(
+                "stopped: %r forwarded up to offset %s, committed %s",
+                topic.name,
+                topic.acked or "-",
+                topic.committed if topic.committed is not None else "-",
+            )
     return EXIT_OK
-

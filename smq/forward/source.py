@@ -5,6 +5,7 @@ consumer's offset, and follow a topic in pages with the Subscribe stream.
 Every failed call raises the SMQError class of its status (and reason), with one line
 that says what failed. Runs in the forwarder's event loop.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,16 @@ import grpc.aio
 
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..connection import ConnectionConfig, channel_options
-from ..errors import (DeadlineExceeded, NoCommittedOffset, NotFound, SMQError, TopicNotFound,
-                      Unavailable, error_class, reason_in)
+from ..errors import (
+    DeadlineExceeded,
+    NoCommittedOffset,
+    NotFound,
+    SMQError,
+    TopicNotFound,
+    Unavailable,
+    error_class,
+    reason_in,
+)
 
 CALL_TIMEOUT = 10.0  # seconds for each unary call
 # A Subscribe stream that brings nothing, not even a heartbeat (the server sends one
@@ -30,7 +39,7 @@ MAX_RECEIVE = 64 * 1024**2 + 1024**2  # the largest page or message a server may
 @dataclasses.dataclass(frozen=True)
 class TopicOffsets:
     earliest: int  # 0 while the topic stores no message
-    latest: int    # 0 while the topic stores no message
+    latest: int  # 0 while the topic stores no message
     next_offset: int
 
 
@@ -45,7 +54,8 @@ class SmqSource:
         if target.tls:
             files = target.tls_files()
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert)
+                root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
+            )
             self._channel = grpc.aio.secure_channel(target.address, credentials, options)
         else:
             self._channel = grpc.aio.insecure_channel(target.address, options)
@@ -60,8 +70,11 @@ class SmqSource:
     async def offsets(self, topic: str) -> TopicOffsets | None:
         """The topic's offsets; None if it does not exist."""
         try:
-            reply = await self._call("DescribeTopic", smq_pb2.DescribeTopicRequest(topic=topic),
-                                     f"describe topic {topic!r}")
+            reply = await self._call(
+                "DescribeTopic",
+                smq_pb2.DescribeTopicRequest(topic=topic),
+                f"describe topic {topic!r}",
+            )
         except NotFound:
             return None
         info = reply.topic
@@ -73,7 +86,8 @@ class SmqSource:
             reply = await self._call(
                 "GetCommittedOffset",
                 smq_pb2.GetCommittedOffsetRequest(consumer=self.consumer, topic=topic),
-                f"read the committed offset of {self.consumer!r} on {topic!r}")
+                f"read the committed offset of {self.consumer!r} on {topic!r}",
+            )
         except NoCommittedOffset:
             return None
         except TopicNotFound:
@@ -83,16 +97,20 @@ class SmqSource:
         return reply.offset
 
     async def commit(self, topic: str, offset: int) -> None:
-        await self._call("CommitOffset", smq_pb2.CommitOffsetRequest(
-            consumer=self.consumer, topic=topic, offset=offset),
-            f"commit offset {offset} of {topic!r} for {self.consumer!r}")
+        await self._call(
+            "CommitOffset",
+            smq_pb2.CommitOffsetRequest(consumer=self.consumer, topic=topic, offset=offset),
+            f"commit offset {offset} of {topic!r} for {self.consumer!r}",
+        )
 
-    async def pages(self, topic: str, offset: int, page_size: int
-                    ) -> AsyncIterator[list[tuple[int, bytes]]]:
+    async def pages(
+        self, topic: str, offset: int, page_size: int
+    ) -> AsyncIterator[list[tuple[int, bytes]]]:
         """Pages of (offset, payload) from `offset` (or the earliest), stored ones first,
         then each new commit; an empty page is a heartbeat. Never ends by itself."""
-        call = self._stub.Subscribe(smq_pb2.SubscribeRequest(
-            topic=topic, offset=offset, max_messages=page_size))
+        call = self._stub.Subscribe(
+            smq_pb2.SubscribeRequest(topic=topic, offset=offset, max_messages=page_size)
+        )
         replies = call.__aiter__()
         try:
             while True:
@@ -102,8 +120,10 @@ class SmqSource:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    raise DeadlineExceeded(f"no message nor heartbeat from {self.target.address} "
-                                           f"on {topic!r} for {IDLE_TIMEOUT:g} s") from None
+                    raise DeadlineExceeded(
+                        f"no message nor heartbeat from {self.target.address} "
+                        f"on {topic!r} for {IDLE_TIMEOUT:g} s"
+                    ) from None
                 yield [(m.offset, m.message) for m in reply.messages]
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, f"follow topic {topic!r}") from None
@@ -121,4 +141,7 @@ class SmqSource:
         details = " ".join((exc.details() or exc.code().name).split())
         return error_class(exc.code().name, reason_in(exc.trailing_metadata())).from_status(
             f"could not {action} at {self.target.address}: {exc.code().name}: {details}",
-            code=exc.code(), details=exc.details() or "", original_error=exc)
+            code=exc.code(),
+            details=exc.details() or "",
+            original_error=exc,
+        )

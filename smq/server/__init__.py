@@ -7,6 +7,7 @@
 
 `Server` and `create_server` load grpc and apsw; `ServerConfig` does not.
 """
+
 from __future__ import annotations
 
 import importlib

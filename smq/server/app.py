@@ -11,6 +11,7 @@ database is touched; `Server` opens the database, starts the writer, the memory 
 and the liveness check, serves, and drains on `stop()`. Called from the main thread
 (embedders: the thread that owns the Server).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,17 +42,23 @@ log = logging.getLogger(__name__)
 ENVELOPE_BYTES = 64 * 1024  # room for the topic name and framing around a payload
 QUEUED_CALLS_PER_WORKER = 4  # calls that may wait for a thread before RESOURCE_EXHAUSTED
 
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     """mTLS credentials, or None for plaintext. Refuses missing, unreadable or invalid files."""
     if not config.server_enable_mtls:
         return None
     try:
-        files = tls.load(("--server-cert", config.server_cert), ("--server-key", config.server_key),
-                         ("--server-ca-cert", config.server_ca_cert), server_side=True)
+        files = tls.load(
+            ("--server-cert", config.server_cert),
+            ("--server-key", config.server_key),
+            ("--server-ca-cert", config.server_ca_cert),
+            server_side=True,
+        )
     except CertificateError as exc:
         raise StartupError(f"mTLS is enabled but {exc}") from None
-    return grpc.ssl_server_credentials([(files.key, files.cert)], root_certificates=files.ca,
-                                       require_client_auth=True)
+    return grpc.ssl_server_credentials(
+        [(files.key, files.cert)], root_certificates=files.ca, require_client_auth=True
+    )
 
 
 def send_limit(config: ServerConfig) -> int:
@@ -59,18 +66,23 @@ def send_limit(config: ServerConfig) -> int:
     return max(config.max_message_size, PAGE_BYTES) + ENVELOPE_BYTES
 
 
-def create_server(config: ServerConfig, credentials: grpc.ServerCredentials | None) -> tuple[grpc.Server, int]:
+def create_server(
+    config: ServerConfig, credentials: grpc.ServerCredentials | None
+) -> tuple[grpc.Server, int]:
     """A grpc.Server bound to TCP with `credentials` (None: plaintext) and to the Unix
     socket, with no services yet and not started. Returns it and the TCP port (useful
     with port 0). Binding first means a busy port is refused before the database is touched."""
     threads = config.workers + config.max_streams
     server = grpc.server(
-        FairPool(threads, receive_slots=config.workers),
+        # grpc only submits to its executor; the stubs ask for a ThreadPoolExecutor.
+        FairPool(threads, receive_slots=config.workers),  # type: ignore[arg-type]
         maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-            ("grpc.max_receive_message_length",
-             max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES),
+            (
+                "grpc.max_receive_message_length",
+                max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES,
+            ),
             ("grpc.max_send_message_length", send_limit(config)),
             # One connection may not hold every thread: a client that opens calls and
             # never sends their requests would otherwise lock everyone else out.
@@ -81,7 +93,8 @@ def create_server(config: ServerConfig, credentials: grpc.ServerCredentials | No
             # 64 KiB unread beyond the message its handler asked for (with it, 60
             # StreamProduce streams of 1 MiB messages took 250 MiB before a handler saw them).
             ("grpc.http2.bdp_probe", 0),
-        ])
+        ],
+    )
     address = tcp_address(config.bind, config.port)
     try:
         if credentials is None:
@@ -89,7 +102,9 @@ def create_server(config: ServerConfig, credentials: grpc.ServerCredentials | No
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {address}: {exc} (is another server using it?)") from None
+        raise StartupError(
+            f"cannot listen on {address}: {exc} (is another server using it?)"
+        ) from None
     if port == 0:
         raise StartupError(f"cannot listen on {address} (is another server using it?)")
     if config.unix_socket:
@@ -119,19 +134,35 @@ def _bind_unix_socket(server: grpc.Server, path: str, group: str) -> None:
         os.chmod(path, 0o660 if group else 0o600)
     except OSError as exc:
         to_group = f" to group {group!r} (the server's user must belong to it)" if group else ""
-        raise StartupError(f"cannot give the Unix socket {path!r}{to_group}: {exc.strerror}") from None
+        raise StartupError(
+            f"cannot give the Unix socket {path!r}{to_group}: {exc.strerror}"
+        ) from None
 
 
-def add_services(server: grpc.Server, config: ServerConfig, service: QueueService,
-                 health_servicer: health.HealthServicer, budget: MemoryBudget) -> None:
+def add_services(
+    server: grpc.Server,
+    config: ServerConfig,
+    service: QueueService,
+    health_servicer: health.HealthServicer,
+    budget: MemoryBudget,
+) -> None:
     """SMQ, health and reflection on one server; SMQ's calls charge `budget`."""
-    servicer = Servicer(service, config.heartbeat_interval, config.durability,
-                        send_limit(config), budget)
+    servicer = Servicer(
+        service, config.heartbeat_interval, config.durability, send_limit(config), budget
+    )
     server.add_generic_rpc_handlers((lenient_handler(servicer, budget=budget),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(Reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), service), server)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        Reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            service,
+        ),
+        server,
+    )
 
 
 def _remove_stale_socket(path: str) -> None:
@@ -146,9 +177,12 @@ def check_memory_budget(config: ServerConfig) -> None:
     """The budget must hold the largest request the server accepts; ConfigError if not."""
     largest = max(config.max_message_size, MAX_BATCH_BYTES) + ENVELOPE_BYTES
     if config.memory_budget < minimum_limit(largest):
-        raise ConfigError("--memory-budget (SMQ_MEMORY_BUDGET)", str(config.memory_budget),
-                          f"too small for requests of {largest} bytes (--max-message-size "
-                          f"{config.max_message_size}): at least {minimum_limit(largest)}")
+        raise ConfigError(
+            "--memory-budget (SMQ_MEMORY_BUDGET)",
+            str(config.memory_budget),
+            f"too small for requests of {largest} bytes (--max-message-size "
+            f"{config.max_message_size}): at least {minimum_limit(largest)}",
+        )
 
 
 class Server:
@@ -158,25 +192,42 @@ class Server:
         self.config = config
         check_memory_budget(config)
         malloc.tune()  # before the threads (gRPC's, the writer) first allocate
-        self.budget = MemoryBudget(config.memory_budget, stall_seconds=config.stall_timeout,
-                                   on_tick=malloc.Trimmer().tick)
+        self.budget = MemoryBudget(
+            config.memory_budget, stall_seconds=config.stall_timeout, on_tick=malloc.Trimmer().tick
+        )
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self.health = health.HealthServicer()
         self._serving: bool | None = None
         service: QueueService | None = None
         try:
-            storage = Storage(config.dbpath, StorageOptions(
-                durability=config.durability, readers=min(config.workers, 8),
-                startup_check=config.startup_check, on_corrupt=config.on_corrupt,
-                max_db_size=config.max_db_size, min_free_space=config.min_free_space))
-            service = QueueService(storage, Limits(
-                max_message_size=config.max_message_size, max_streams=config.max_streams,
-                allow_remote_writes=config.allow_remote_writes,
-                max_consumers_per_topic=config.max_consumers_per_topic,
-                topic_defaults=TopicPolicy(
-                    config.retention_max_messages, config.retention_max_bytes,
-                    math.ceil(config.retention_max_age), config.on_full, keep_uncommitted=False)))
+            storage = Storage(
+                config.dbpath,
+                StorageOptions(
+                    durability=config.durability,
+                    readers=min(config.workers, 8),
+                    startup_check=config.startup_check,
+                    on_corrupt=config.on_corrupt,
+                    max_db_size=config.max_db_size,
+                    min_free_space=config.min_free_space,
+                ),
+            )
+            service = QueueService(
+                storage,
+                Limits(
+                    max_message_size=config.max_message_size,
+                    max_streams=config.max_streams,
+                    allow_remote_writes=config.allow_remote_writes,
+                    max_consumers_per_topic=config.max_consumers_per_topic,
+                    topic_defaults=TopicPolicy(
+                        config.retention_max_messages,
+                        config.retention_max_bytes,
+                        math.ceil(config.retention_max_age),
+                        config.on_full,
+                        keep_uncommitted=False,
+                    ),
+                ),
+            )
             self.service = service
             self.liveness = LivenessMonitor(service.liveness_problem, config.health_check_interval)
             self.liveness.add_listener(self._set_health)
@@ -190,18 +241,25 @@ class Server:
             raise
         self._stopped = threading.Event()
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self._grpc.start()
         self.budget.start()
         self._set_health(True)
         self.liveness.start()
-        log.info("serving on %s (%s, database %s, durability %s)", self.addresses(),
-                 "mTLS" if self.config.server_enable_mtls else "plaintext",
-                 self.config.dbpath, self.config.durability)
+        log.info(
+            "serving on %s (%s, database %s, durability %s)",
+            self.addresses(),
+            "mTLS" if self.config.server_enable_mtls else "plaintext",
+            self.config.dbpath,
+            self.config.durability,
+        )
         ignored = self.config.ignored_tls_settings()
         if ignored:
-            log.warning("%s given but --server-enable-mtls (SERVER_ENABLE_MTLS) is off: serving "
-                        "plaintext, the certificate files are not used", ", ".join(ignored))
+            log.warning(
+                "%s given but --server-enable-mtls (SERVER_ENABLE_MTLS) is off: serving "
+                "plaintext, the certificate files are not used",
+                ", ".join(ignored),
+            )
         return self
 
     def _set_health(self, serving: bool) -> None:
@@ -209,8 +267,11 @@ class Server:
         check. Draining overrides it (HealthServicer ignores this from then on)."""
         if serving != self._serving:  # each set() is sent to every Watch: only changes
             self._serving = serving
-            status = (health_pb2.HealthCheckResponse.SERVING if serving
-                      else health_pb2.HealthCheckResponse.NOT_SERVING)
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             for name in ("", SERVICE_NAME):
                 self.health.set(name, status)
 
@@ -224,8 +285,10 @@ class Server:
         """One line for `systemctl status`: where it listens and what it stores."""
         topics = self.service.topics()
         stored = sum(t.message_count for t in topics)
-        return (f"serving on {self.addresses()}; {plural(len(topics), 'topic')}, "
-                f"{plural(stored, 'message')} stored")
+        return (
+            f"serving on {self.addresses()}; {plural(len(topics), 'topic')}, "
+            f"{plural(stored, 'message')} stored"
+        )
 
     def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new calls, end streams with UNAVAILABLE, give in-flight calls
@@ -244,7 +307,7 @@ class Server:
             _remove_stale_socket(self.config.unix_socket)
         log.info("stopped")
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

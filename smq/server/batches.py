@@ -10,6 +10,7 @@ waits for, writes less.
 Rows stay below ROW_PAYLOAD_BYTES of payload (except a single larger message), so
 that reading one message never loads much more than it returns.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,8 +53,9 @@ def lengths(first: int, last: int, sizes: bytes | None, total: int) -> tuple[int
     return struct.unpack(f"<{last - first + 1}I", sizes)
 
 
-def unpack(first: int, last: int, payloads: bytes, sizes: bytes | None,
-           from_offset: int = 0) -> Iterator[tuple[int, bytes]]:
+def unpack(
+    first: int, last: int, payloads: bytes, sizes: bytes | None, from_offset: int = 0
+) -> Iterator[tuple[int, bytes]]:
     """(offset, payload) of the row's messages with offset >= from_offset, ascending."""
     if last < from_offset:
         return
@@ -68,7 +70,9 @@ def unpack(first: int, last: int, payloads: bytes, sizes: bytes | None,
         start = end
 
 
-def message(first: int, last: int, payloads: bytes, sizes: bytes | None, offset: int) -> bytes | None:
+def message(
+    first: int, last: int, payloads: bytes, sizes: bytes | None, offset: int
+) -> bytes | None:
     """The payload at offset, or None if the row does not hold it."""
     if not first <= offset <= last:
         return None

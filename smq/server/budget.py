@@ -40,6 +40,7 @@ Who calls what:
   `on_tick` whether the budget has drained after a burst (the server then gives freed
   memory back to the system, see smq/server/malloc.py).
 """
+
 from __future__ import annotations
 
 import collections
@@ -90,16 +91,25 @@ def held_page_cost(page: Sequence[tuple[int, bytes]]) -> int:
     """What a page of (offset, payload) pairs holds while a stream sends it message by
     message: the pairs, and the message in flight with gRPC's copy of it."""
     largest = max((len(payload) for _, payload in page), default=0)
-    return (sum(len(payload) for _, payload in page) + MESSAGE_OBJECT_BYTES * len(page)
-            + REPLY_COPIES * largest)
+    return (
+        sum(len(payload) for _, payload in page)
+        + MESSAGE_OBJECT_BYTES * len(page)
+        + REPLY_COPIES * largest
+    )
 
 
 class MemoryBudget:
     """The server's memory budget (see the module's docstring)."""
 
-    def __init__(self, limit: int, *, stall_seconds: float = STALL_SECONDS,
-                 wait_seconds: float = WAIT_SECONDS, builders: int = BUILDERS,
-                 on_tick: Callable[[bool, float], object] = lambda drained, now: None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        *,
+        stall_seconds: float = STALL_SECONDS,
+        wait_seconds: float = WAIT_SECONDS,
+        builders: int = BUILDERS,
+        on_tick: Callable[[bool, float], object] = lambda drained, now: None,
+    ) -> None:
         self.limit = limit
         self.reply_share = limit * 3 // 4
         self.call_share = limit // 4
@@ -142,7 +152,7 @@ class MemoryBudget:
 
     # -- calls with replies ----------------------------------------------------------
 
-    def open_call(self, connection: str | None, end: Callable[[], None]) -> CallMemory:
+    def open_call(self, connection: str | None, end: Callable[[], object]) -> CallMemory:
         """The memory of one call. `connection`: its peer (None: not limited per
         connection, e.g. the Unix socket's callers, who all share one peer name);
         `end`: cancels the call (used when its reply stalls)."""
@@ -192,10 +202,12 @@ class MemoryBudget:
 
     def refusal(self, want: int) -> str:
         """Why `want` more bytes are refused now."""
-        return (f"server memory budget exhausted: {self._used / MIB:.1f} of "
-                f"{self.limit / MIB:.0f} MiB held for replies not yet taken by clients and "
-                f"requests in progress, {want / MIB:.1f} MiB more wanted; retry later "
-                "(or raise --memory-budget)")
+        return (
+            f"server memory budget exhausted: {self._used / MIB:.1f} of "
+            f"{self.limit / MIB:.0f} MiB held for replies not yet taken by clients and "
+            f"requests in progress, {want / MIB:.1f} MiB more wanted; retry later "
+            "(or raise --memory-budget)"
+        )
 
     def _add(self, call: CallMemory | None, size: int) -> None:
         self._used += size
@@ -289,9 +301,12 @@ class MemoryBudget:
         """Log ended stalled calls at most once a minute (a hostile client makes many)."""
         self._stalled_ended += count
         if now - self._stalled_logged_at >= 60:
-            log.info("ended %d call(s) whose client took no reply for %gs while the server "
-                     "held it in memory (since the last such line)",
-                     self._stalled_ended, self.stall_seconds)
+            log.info(
+                "ended %d call(s) whose client took no reply for %gs while the server "
+                "held it in memory (since the last such line)",
+                self._stalled_ended,
+                self.stall_seconds,
+            )
             self._stalled_ended, self._stalled_logged_at = 0, now
 
     def drained(self) -> bool:
@@ -326,10 +341,12 @@ class CallMemory:
     """What one call holds of the budget. Close it when the call ends (it is also a
     context manager); every method may be called after that and then holds nothing."""
 
-    def __init__(self, budget: MemoryBudget, connection: str | None, end: Callable[[], None]) -> None:
+    def __init__(
+        self, budget: MemoryBudget, connection: str | None, end: Callable[[], object]
+    ) -> None:
         self._budget = budget
         self.connection = connection
-        self._end: Callable[[], None] | None = end
+        self._end: Callable[[], object] | None = end
         self.held = 0
         self.waiting_since: float | None = None
         self.building = False  # holds one of the budget's build slots

@@ -25,6 +25,7 @@ growing and messages still expire.
 The writer owns a MessageClock and calls it under its commit lock; tests pass their
 own time sources.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,7 @@ from collections.abc import Callable
 
 STEP_SECONDS = 2  # smaller changes are reading jitter or NTP's slewing (0.5 ms a second)
 # No SMQ of this version ran before this day: an earlier time means an unset clock.
-RELEASED = int(datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc).timestamp())
+RELEASED = int(datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp())
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 
@@ -54,6 +55,7 @@ def _boot_id() -> str:
 class ClockState:
     """What the database keeps of message time: `offset` (message time minus wall time,
     seconds), and the kernel boot and the wall-minus-boot difference it was set in."""
+
     offset: int = 0
     boot_id: str = ""
     wall_minus_boot: float = 0.0
@@ -63,9 +65,12 @@ class MessageClock:
     """Message time for the writer: `tick()` once per transaction, then `now` (whole
     seconds) for every time that transaction stores or compares."""
 
-    def __init__(self, wall: Callable[[], float] = time.time,
-                 boot: Callable[[], float] = _boot_clock,
-                 boot_id: Callable[[], str] = _boot_id) -> None:
+    def __init__(
+        self,
+        wall: Callable[[], float] = time.time,
+        boot: Callable[[], float] = _boot_clock,
+        boot_id: Callable[[], str] = _boot_id,
+    ) -> None:
         self._wall = wall
         self._boot = boot
         self._boot_id = boot_id()
@@ -84,20 +89,26 @@ class MessageClock:
             step = round(self._wall_minus_boot - stored.wall_minus_boot)
             if abs(step) >= STEP_SECONDS:
                 self.offset -= step
-                notes.append(f"the wall clock stepped {describe_shift(step)} while SMQ was stopped: "
-                             "message time goes on without the step")
+                notes.append(
+                    f"the wall clock stepped {describe_shift(step)} while SMQ was stopped: "
+                    "message time goes on without the step"
+                )
         now = int(wall) + self.offset
         if newest is not None and newest > now + STEP_SECONDS:
             self.offset += newest - now
-            notes.append(f"the wall clock ({_utc(int(wall))}) is behind the newest stored message "
-                         f"time ({_utc(newest)}): it was set back, or is not set yet (no real-time "
-                         "clock before NTP); message time resumes from the newest stored time, so "
-                         "the time SMQ was stopped does not count")
+            notes.append(
+                f"the wall clock ({_utc(int(wall))}) is behind the newest stored message "
+                f"time ({_utc(newest)}): it was set back, or is not set yet (no real-time "
+                "clock before NTP); message time resumes from the newest stored time, so "
+                "the time SMQ was stopped does not count"
+            )
         elif self.offset == 0 and newest is not None and newest < RELEASED <= now:
             self.offset -= now - newest
-            notes.append(f"the newest stored message time ({_utc(newest)}) is from before this "
-                         "release: it was written before the clock was set; message time resumes "
-                         "from it, so the time since does not count")
+            notes.append(
+                f"the newest stored message time ({_utc(newest)}) is from before this "
+                "release: it was written before the clock was set; message time resumes "
+                "from it, so the time since does not count"
+            )
         self.now = int(wall) + self.offset
         return notes
 

@@ -13,6 +13,7 @@ about 40% less time and no second copy of every payload in protobuf's arena, and
 server keeps nothing but the finished bytes while a reply waits for its client.
 tests/test_encoding.py checks every byte against protobuf's own encoding.
 """
+
 from __future__ import annotations
 
 import operator
@@ -67,7 +68,7 @@ def entry_size(offset: int, length: int) -> int:
 MAX_FRAMING = 23
 
 
-def fit(page: Page, max_bytes: int) -> Page:
+def fit(page: list[tuple[int, bytes]], max_bytes: int) -> list[tuple[int, bytes]]:
     """The longest head of `page` whose entries weigh at most `max_bytes` on the wire,
     but always at least one message (a message larger than that travels alone)."""
     payloads = sum(map(len, map(operator.itemgetter(1), page)))  # in C: most pages fit

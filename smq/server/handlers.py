@@ -11,6 +11,7 @@ Replies: a handler may return bytes it encoded itself (smq/server/encoding.py), 
 wrapped in Encoded; the serializer passes them through, so that gRPC holds no second
 Python copy of a page.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from .._proto import smq_pb2
-from .budget import REQUEST_COPIES, Charge, MemoryBudget
 from ..errors import InvalidArgument, Overloaded
+from .budget import REQUEST_COPIES, Charge, MemoryBudget
 from .pool import RECEIVES_REQUEST, request_arrived
 
 
@@ -100,14 +101,11 @@ def charge(request: Any) -> Charge | None:
     return request.charge if isinstance(request, ChargedRequest) else None
 
 
-def deserializer(parse: Callable[[bytes], Any], budget: MemoryBudget | None) -> Callable[[bytes], Any]:
+def deserializer(
+    parse: Callable[[bytes], Any], budget: MemoryBudget | None
+) -> Callable[[bytes], Any]:
     """Runs on gRPC's polling thread: with a budget, charges and leaves the parsing to
     the handler's thread; without, parses at once."""
-    def charge_and_keep(data: bytes) -> Any:
-        taken = budget.take_request(len(data))
-        if taken is None:
-            return RefusedRequest(budget.refusal(REQUEST_COPIES * len(data)))
-        return ChargedRequest(data, parse, taken)
 
     def parse_at_once(data: bytes) -> Any:
         try:
@@ -115,7 +113,16 @@ def deserializer(parse: Callable[[bytes], Any], budget: MemoryBudget | None) -> 
         except DecodeError as exc:
             return UndecodableRequest(exc)
 
-    return parse_at_once if budget is None else charge_and_keep
+    if budget is None:
+        return parse_at_once
+
+    def charge_and_keep(data: bytes) -> Any:
+        taken = budget.take_request(len(data))
+        if taken is None:
+            return RefusedRequest(budget.refusal(REQUEST_COPIES * len(data)))
+        return ChargedRequest(data, parse, taken)
+
+    return charge_and_keep
 
 
 def serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -125,6 +132,7 @@ def serializer(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
         if isinstance(reply, Encoded):
             return reply.take()
         return serialize(reply)
+
     return pass_bytes_through
 
 
@@ -132,22 +140,27 @@ def receiving(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
     """A handler of a method with one request, which gRPC receives in the pool's thread
     before it runs the handler: marked for the pool, which bounds such receives, and
     telling it when the request is in."""
+
     def handle(request: Any, context: Any) -> Any:
         request_arrived()
         return behavior(request, context)
+
     setattr(handle, RECEIVES_REQUEST, True)
     return handle
 
 
-def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue",
-                    budget: MemoryBudget | None = None) -> grpc.GenericRpcHandler:
+def lenient_handler(
+    servicer: Any, service_name: str = "SuhaibMessageQueue", budget: MemoryBudget | None = None
+) -> grpc.GenericRpcHandler:
     """The service's method handlers, as the generated add_*_to_server builds them, but
     with the deserializers and serializers above (requests charged to `budget`, if any)."""
     service = smq_pb2.DESCRIPTOR.services_by_name[service_name]
-    kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
-             (False, True): grpc.unary_stream_rpc_method_handler,
-             (True, False): grpc.stream_unary_rpc_method_handler,
-             (True, True): grpc.stream_stream_rpc_method_handler}
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
     handlers = {}
     for method in service.methods:
         make = kinds[(method.client_streaming, method.server_streaming)]
@@ -155,7 +168,10 @@ def lenient_handler(servicer: Any, service_name: str = "SuhaibMessageQueue",
         handlers[method.name] = make(
             behavior if method.client_streaming else receiving(behavior),
             request_deserializer=deserializer(
-                getattr(smq_pb2, method.input_type.name).FromString, budget),
+                getattr(smq_pb2, method.input_type.name).FromString, budget
+            ),
             response_serializer=serializer(
-                getattr(smq_pb2, method.output_type.name).SerializeToString))
+                getattr(smq_pb2, method.output_type.name).SerializeToString
+            ),
+        )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -9,6 +9,7 @@ list, or ListTooLarge when it would not fit one answer: never a silently cut lis
 
 A token is the last entry's sort key, its names joined by "/" (names never hold one).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -18,29 +19,32 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import Message
 
-from ..errors import InvalidArgument, ListTooLarge
 from ..domain import check_name
+from ..errors import InvalidArgument, ListTooLarge
 
 MAX_PAGE_SIZE = 10_000
 TOKEN_SEPARATOR = "/"
 
 Entry = TypeVar("Entry")
+Reply = TypeVar("Reply", bound=Message)  # the message that carries an entry
 Key = tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class Listing(Generic[Entry]):
+class Listing(Generic[Entry, Reply]):
     """A kind of list: what it holds (for messages), the sort key of an entry (its
     names, `parts` of them) and the message that carries an entry."""
+
     what: str
     parts: int
     key: Callable[[Entry], Key]
-    message: Callable[[Entry], Message]
+    message: Callable[[Entry], Reply]
 
 
 @dataclasses.dataclass(frozen=True)
 class PageRequest:
     """What the request asks: `size` entries at most (0: not said), after `token`."""
+
     size: int = 0
     token: str = ""
 
@@ -50,8 +54,8 @@ class PageRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class Page:
-    messages: list[Message]
+class Page(Generic[Reply]):
+    messages: list[Reply]
     next_token: str  # "" after the last page
 
 
@@ -65,20 +69,23 @@ def _varint_size(value: int) -> int:
     return max(1, (value.bit_length() + 6) // 7)
 
 
-def page_of(listing: Listing[Entry], entries: Sequence[Entry], request: PageRequest,
-            limit: int) -> Page:
+def page_of(
+    listing: Listing[Entry, Reply], entries: Sequence[Entry], request: PageRequest, limit: int
+) -> Page[Reply]:
     """The page of `entries` (sorted by `listing.key`) that `request` asks for, within
     `limit` encoded bytes. Raises InvalidArgument for a bad request, ListTooLarge for a
     whole list that does not fit."""
     if request.size < 0:
-        raise InvalidArgument(f"page_size must be 0 (the server's maximum) or more, not {request.size}")
+        raise InvalidArgument(
+            f"page_size must be 0 (the server's maximum) or more, not {request.size}"
+        )
     start = 0
     if request.token:
         start = bisect.bisect_right(entries, _key_of(request.token, listing.parts), key=listing.key)
     most = min(request.size or MAX_PAGE_SIZE, MAX_PAGE_SIZE) if request.paged else len(entries)
-    page: list[Message] = []
+    page: list[Reply] = []
     size = 0
-    for entry in entries[start:start + most]:
+    for entry in entries[start : start + most]:
         message = listing.message(entry)
         cost = field_size(message.ByteSize())
         # The answer is the entries (field 1) and the token (field 2), nothing else; keep
@@ -92,7 +99,8 @@ def page_of(listing: Listing[Entry], entries: Sequence[Entry], request: PageRequ
         raise ListTooLarge(
             f"the {len(entries)} {listing.what} do not fit one answer of at most {limit} bytes "
             "(the server's send limit): ask for pages with page_size and page_token "
-            "(smq.client and the smq command do)")
+            "(smq.client and the smq command do)"
+        )
     return Page(page, _token(listing.key(entries[start + len(page) - 1])) if remaining else "")
 
 
@@ -109,6 +117,8 @@ def _key_of(token: str, parts: int) -> Key:
             check_name(name, "name")
     except InvalidArgument:
         shown = token if len(token) <= 60 else token[:57] + "..."
-        raise InvalidArgument(f"invalid page_token {shown!r}: pass the next_page_token of the "
-                              "previous page, or none for the first page") from None
+        raise InvalidArgument(
+            f"invalid page_token {shown!r}: pass the next_page_token of the "
+            "previous page, or none for the first page"
+        ) from None
     return key

@@ -6,6 +6,7 @@ interval) and tells each listener whether it passed. The server's health service
 answers NOT_SERVING while it fails; under systemd the watchdog gets no ping then
 (systemd.Supervisor). Failing and passing again are logged once each.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,5 +61,8 @@ class LivenessMonitor:
         if problem is None:
             log.info("liveness check passes again: health is SERVING")
         else:
-            log.error("liveness check failed (%s): health is NOT_SERVING and the systemd "
-                      "watchdog, if any, gets no ping until it passes", problem)
+            log.error(
+                "liveness check failed (%s): health is NOT_SERVING and the systemd "
+                "watchdog, if any, gets no ping until it passes",
+                problem,
+            )

@@ -15,6 +15,7 @@ pages, 1 MiB messages) is freed:
 Elsewhere than glibc each of these does nothing. MALLOC_ARENA_MAX or
 MALLOC_MMAP_THRESHOLD_ set in the environment win over ours.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -2,6 +2,7 @@
 transaction, in the writer's thread (or a lone caller's, under the commit lock), and
 whose caller waits in its own thread for the commit.
 """
+
 from __future__ import annotations
 
 import threading
@@ -9,8 +10,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..domain import TopicPolicy
-from ..errors import (InvalidArgument, SMQError, StorageFull, TooManyConsumers, TopicNotFound,
-                      Unavailable)
+from ..errors import (
+    InvalidArgument,
+    SMQError,
+    StorageFull,
+    TooManyConsumers,
+    TopicNotFound,
+    Unavailable,
+)
 from .storage import TopicState
 
 if TYPE_CHECKING:
@@ -135,8 +142,9 @@ class Append(WriteOp):
                 break
         self.result = (first, last)
 
-    def _append_run(self, writer: GroupCommitWriter, topic: TopicState, payloads: list[bytes],
-                    size: int) -> tuple[int, StorageFull | None]:
+    def _append_run(
+        self, writer: GroupCommitWriter, topic: TopicState, payloads: list[bytes], size: int
+    ) -> tuple[int, StorageFull | None]:
         """Append a run of payloads; (offset of the first appended or 0, the refusal if
         the disk budget took only part). An atomic append raises instead, and fails
         whole; otherwise what fits before the budget is reached stays (StreamProduce's
@@ -180,7 +188,8 @@ def _larger_than_max_bytes(policy: TopicPolicy, payloads: list[bytes]) -> int | 
 def _too_large_for(topic: TopicState, payload: bytes, policy: TopicPolicy) -> InvalidArgument:
     return InvalidArgument(
         f"message of {len(payload)} bytes is larger than topic {topic.name!r}'s max_bytes of "
-        f"{policy.max_bytes}: retention would delete it as soon as it is stored")
+        f"{policy.max_bytes}: retention would delete it as soon as it is stored"
+    )
 
 
 class StreamAppend(Append):
@@ -239,7 +248,9 @@ class Trim(WriteOp):
         if self._from is None:
             self._from = topic.earliest or topic.next_offset
         deleted = writer.trim(topic, writer.trim_step_end(topic, self.until))
-        self.unfinished = bool(deleted) and topic.earliest is not None and topic.earliest <= self.until
+        self.unfinished = (
+            bool(deleted) and topic.earliest is not None and topic.earliest <= self.until
+        )
         # Trims remove a prefix: what they took is the distance the earliest moved.
         self.result = (topic.earliest or topic.next_offset) - self._from
 
@@ -256,8 +267,11 @@ class DeleteTopic(WriteOp):
         if topic is None:
             self.error = TopicNotFound(self.name)
             return
-        if (topic.latest is not None and topic.stored_bytes > writer.storage.trim_step
-                and writer.trim(topic, writer.trim_step_end(topic, topic.latest))):
+        if (
+            topic.latest is not None
+            and topic.stored_bytes > writer.storage.trim_step
+            and writer.trim(topic, writer.trim_step_end(topic, topic.latest))
+        ):
             self.unfinished = True  # its messages go first, in steps as for a large Trim
             return
         del writer.topics[self.name]
@@ -306,7 +320,8 @@ class CommitOffset(WriteOp):
                 self.error = TooManyConsumers(
                     f"topic {self.name!r} has {self.max_consumers} named consumers, the most "
                     f"this server allows (--max-consumers-per-topic): delete one it no longer "
-                    f"needs (smq consumer delete NAME --topic {self.name}), or raise the limit")
+                    f"needs (smq consumer delete NAME --topic {self.name}), or raise the limit"
+                )
                 return
             storage.insert_consumer(self.consumer, topic, self.offset)
         writer.touched.add(self.name)
@@ -338,8 +353,9 @@ class EnforceAge(WriteOp):
             if max_age and topic.earliest is not None:
                 until = writer.storage.offset_older_than(topic, now - max_age)
                 deleted = writer.retention_trim(topic, writer.trim_step_end(topic, until))
-                self.unfinished |= (bool(deleted) and topic.earliest is not None
-                                    and topic.earliest <= until)
+                self.unfinished |= (
+                    bool(deleted) and topic.earliest is not None and topic.earliest <= until
+                )
 
 
 class Barrier(WriteOp):
@@ -347,5 +363,3 @@ class Barrier(WriteOp):
 
     def apply(self, writer: GroupCommitWriter) -> None:
         self.result = True
-
-

@@ -25,6 +25,7 @@ those arguments. If a gRPC version passed them otherwise, calls would still run,
 arrival order and without the receive bound: tests/test_pool.py, which drives a real
 gRPC server, would fail.
 """
+
 from __future__ import annotations
 
 import collections
@@ -47,7 +48,7 @@ def request_arrived() -> None:
 
 
 class _Item:
-    __slots__ = ("future", "fn", "args", "kwargs", "key", "receives")
+    __slots__ = ("args", "fn", "future", "key", "kwargs", "receives")
 
     def __init__(self, future: Future, fn: Callable, args: tuple, kwargs: dict) -> None:
         self.future, self.fn, self.args, self.kwargs = future, fn, args, kwargs
@@ -61,7 +62,7 @@ def _connection(args: tuple) -> Any:
         if call is not None and hasattr(call, "peer"):
             try:
                 return call.peer()
-            except Exception:  # noqa: BLE001 - a call already gone: any key will do
+            except Exception:  # a call already gone: any key will do
                 return None
     return None
 
@@ -69,7 +70,9 @@ def _connection(args: tuple) -> Any:
 class FairPool(Executor):
     """A thread pool for grpc.server (see the module's docstring)."""
 
-    def __init__(self, threads: int, receive_slots: int, thread_name_prefix: str = "smq-rpc") -> None:
+    def __init__(
+        self, threads: int, receive_slots: int, thread_name_prefix: str = "smq-rpc"
+    ) -> None:
         self.receive_slots = receive_slots
         self.connection_slots = max(receive_slots // 2, 1)
         self._changed = threading.Condition()
@@ -77,8 +80,10 @@ class FairPool(Executor):
         self._receiving = 0
         self._receiving_by: collections.Counter = collections.Counter()
         self._shutdown = False
-        self._threads = [threading.Thread(target=self._work, name=f"{thread_name_prefix}_{n}",
-                                          daemon=True) for n in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{thread_name_prefix}_{n}", daemon=True)
+            for n in range(threads)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -103,8 +108,10 @@ class FairPool(Executor):
         earliest in turn among equals."""
         chosen, least = None, None  # (a key may be None: a call of unknown connection)
         for key, queue in self._queues.items():
-            if queue[0].receives and (self._receiving >= self.receive_slots
-                                      or self._receiving_by[key] >= self.connection_slots):
+            if queue[0].receives and (
+                self._receiving >= self.receive_slots
+                or self._receiving_by[key] >= self.connection_slots
+            ):
                 continue
             asks = len(queue) + self._receiving_by[key]
             if least is None or asks < least:
@@ -146,7 +153,7 @@ class FairPool(Executor):
             if item.future.set_running_or_notify_cancel():
                 try:
                     item.future.set_result(item.fn(*item.args, **item.kwargs))
-                except BaseException as exc:  # noqa: BLE001 - handed to the future
+                except BaseException as exc:  # handed to the future
                     item.future.set_exception(exc)
         finally:
             request_arrived()  # the handler never began (cancelled, no request): free it

@@ -3,6 +3,7 @@ count, size and age limits per topic (TopicPolicy over the server's defaults), t
 steps, the room left for new messages, and drop-oldest. A part of GroupCommitWriter
 (a mixin), called under its commit lock only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import time
 from ..domain import TopicPolicy
 from ..errors import SMQError, StorageFull
 from ..logs import Throttled
+from .clock import MessageClock
 from .storage import Storage, TopicState
 
 log = logging.getLogger("smq.server.writer")
@@ -28,6 +30,7 @@ class Retention:
     """The writer's retention and disk-budget state and methods."""
 
     storage: Storage
+    clock: MessageClock
     defaults: TopicPolicy
     topics: dict[str, TopicState]
     touched: set[str]
@@ -36,7 +39,9 @@ class Retention:
         self._room: int | None = None  # the disk budget left, see reserve_space
         self._room_measured = 0.0
         self._first_written: dict[str, int] = {}  # per topic, the first offset of this transaction
-        self._dropped: dict[str, int] = {}  # messages drop-oldest trimmed, per topic, not yet logged
+        self._dropped: dict[
+            str, int
+        ] = {}  # messages drop-oldest trimmed, per topic, not yet logged
         self._dropped_logged = float("-inf")
         self._upkeep_logged = Throttled(log)
         self.space_to_give_back = True  # a previous run may have left free pages
@@ -84,14 +89,18 @@ class Retention:
         and two pragmas per commit were a measurable part of a small one. At the budget,
         a drop-oldest topic makes room by trimming its own oldest messages."""
         now = time.monotonic()
-        if self._room is None or (self._room >= ROOM_TRUSTED_ABOVE
-                                  and now - self._room_measured >= ROOM_SECONDS):
+        if self._room is None or (
+            self._room >= ROOM_TRUSTED_ABOVE and now - self._room_measured >= ROOM_SECONDS
+        ):
             self._measure_room()
+        assert self._room is not None  # measured just above
         if size > self._room and self.policy_of(topic).on_full == "drop-oldest":
             self._drop_oldest(topic, size)
         if size > self._room:
-            raise StorageFull("disk budget reached: free space or --max-db-size exhausted; "
-                              "trim or delete messages, or raise the limits")
+            raise StorageFull(
+                "disk budget reached: free space or --max-db-size exhausted; "
+                "trim or delete messages, or raise the limits"
+            )
         self._room -= size
 
     def _measure_room(self) -> None:
@@ -104,10 +113,15 @@ class Retention:
         messages committed before this transaction: none is dropped in the commit that
         acknowledges it. If that is not enough, every trim is undone (a savepoint), and
         the caller refuses the write having dropped nothing."""
+        assert self._room is not None  # reserve_space measured it
         committed_until = self._first_written.get(topic.name, topic.next_offset) - 1
         before, dropped_before = topic.snapshot(), dict(self._dropped)
         with self.storage.savepoint() as undo:
-            while size > self._room and topic.earliest is not None and topic.earliest <= committed_until:
+            while (
+                size > self._room
+                and topic.earliest is not None
+                and topic.earliest <= committed_until
+            ):
                 until = min(self.storage.offset_freeing(topic, size - self._room), committed_until)
                 dropped = self.retention_trim(topic, until)
                 if not dropped:
@@ -131,8 +145,9 @@ class Retention:
             if policy.max_messages and topic.message_count > policy.max_messages:
                 until = topic.next_offset - 1 - policy.max_messages
             if policy.max_bytes and topic.stored_bytes > policy.max_bytes:
-                until = max(until, self.storage.offset_freeing(
-                    topic, topic.stored_bytes - policy.max_bytes))
+                until = max(
+                    until, self.storage.offset_freeing(topic, topic.stored_bytes - policy.max_bytes)
+                )
             if until:
                 self.retention_trim(topic, until)
 
@@ -148,10 +163,12 @@ class Retention:
         drops at every write)."""
         now = time.monotonic()
         if self._dropped and now - self._dropped_logged >= DROPPED_LOG_SECONDS:
-            log.warning("disk budget reached: dropped the oldest messages of drop-oldest topics "
-                        "to make room (%s; logged at most every %ds)",
-                        ", ".join(f"{n} of {t!r}" for t, n in sorted(self._dropped.items())),
-                        DROPPED_LOG_SECONDS)
+            log.warning(
+                "disk budget reached: dropped the oldest messages of drop-oldest topics "
+                "to make room (%s; logged at most every %ds)",
+                ", ".join(f"{n} of {t!r}" for t, n in sorted(self._dropped.items())),
+                DROPPED_LOG_SECONDS,
+            )
             self._dropped.clear()
             self._dropped_logged = now
 

@@ -4,8 +4,10 @@ DatabaseFile opens one SMQ database: locks it against a second server, refuses f
 that are not SMQ's, newer than this SMQ, damaged or truncated (or moves them aside),
 switches to WAL mode, sets the durability, migrates older formats forward, and sizes
 the WAL and the reserve from the disk budget. Called once at start-up (main thread);
-storage.Storage owns what it opened.
+storage.Storage owns what it opened. Also `storage_errors`, the one translation of apsw
+errors into the SMQ error tree, used around every read and write.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +17,11 @@ import fcntl
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import apsw
 
-from ..errors import StartupError
+from ..errors import SMQError, StartupError, StorageFailure, StorageFull
 
 log = logging.getLogger("smq.server.storage")
 
@@ -81,9 +84,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "DROP TABLE messages",
     ),
     # Small facts about the database as a whole, such as message time's offset (clock.py).
-    3: (
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
-    ),
+    3: ("CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",),
 }
 
 DURABILITY_PRAGMAS = {
@@ -106,14 +107,16 @@ DELETE_RESERVE_MAX = 8 * 1024**2
 # eighth of the budget within these bounds, and that much is set aside for it.
 WAL_SHARE_MIN = 64 * 1024
 DEFAULT_AUTOCHECKPOINT_PAGES = 1000  # SQLite's; small budgets checkpoint more often
+
+
 @dataclasses.dataclass(frozen=True)
 class StorageOptions:
-    durability: str = "full"     # a key of DURABILITY_PRAGMAS
-    readers: int = 4             # read connections in the pool
+    durability: str = "full"  # a key of DURABILITY_PRAGMAS
+    readers: int = 4  # read connections in the pool
     startup_check: str = "quick"  # 'quick': PRAGMA quick_check on open; 'off'
-    on_corrupt: str = "refuse"   # 'refuse' or 'move-aside' (rename it, start fresh)
-    max_db_size: int = 0         # bytes; 0: no limit (SQLite's max_page_count enforces it)
-    min_free_space: int = 0      # bytes that must stay free on the filesystem
+    on_corrupt: str = "refuse"  # 'refuse' or 'move-aside' (rename it, start fresh)
+    max_db_size: int = 0  # bytes; 0: no limit (SQLite's max_page_count enforces it)
+    min_free_space: int = 0  # bytes that must stay free on the filesystem
 
 
 class DamagedDatabase(StartupError):
@@ -143,8 +146,12 @@ class DatabaseFile:
                 self._leave_as_found(found)
                 raise
             moved = self._move_aside()
-            log.error("DATABASE DAMAGED: %s; moved it to %s and starting with an EMPTY "
-                      "database (--on-corrupt=move-aside)", exc, moved)
+            log.error(
+                "DATABASE DAMAGED: %s; moved it to %s and starting with an EMPTY "
+                "database (--on-corrupt=move-aside)",
+                exc,
+                moved,
+            )
             self._unlock_database()
             self.lock_fd = self._lock_database()
             self.writer = self._open_writer(existed=False)
@@ -173,18 +180,24 @@ class DatabaseFile:
             if version > SCHEMA_VERSION:
                 raise StartupError(
                     f"{where} has format {version}, written by a newer SMQ; this SMQ reads "
-                    f"formats up to {SCHEMA_VERSION}: upgrade SMQ, or point --dbpath at another file")
+                    f"formats up to {SCHEMA_VERSION}: upgrade SMQ, or point --dbpath at another "
+                    "file"
+                )
             if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").get:
                 raise StartupError(f"{where} is an SQLite database but not an SMQ one")
             if version == 0:
                 # Must be set before the first table exists; lets trims give space back.
                 conn.pragma("auto_vacuum", "INCREMENTAL")
             if conn.pragma("journal_mode", "WAL") != "wal":
-                raise StartupError(f"{where}: cannot switch to WAL mode (is the directory writable?)")
+                raise StartupError(
+                    f"{where}: cannot switch to WAL mode (is the directory writable?)"
+                )
             conn.pragma("synchronous", DURABILITY_PRAGMAS[self.options.durability])
             conn.pragma("journal_size_limit", self.wal_share)
-            conn.pragma("wal_autocheckpoint", min(self.wal_share // 2 // conn.pragma("page_size"),
-                                                  DEFAULT_AUTOCHECKPOINT_PAGES))
+            conn.pragma(
+                "wal_autocheckpoint",
+                min(self.wal_share // 2 // conn.pragma("page_size"), DEFAULT_AUTOCHECKPOINT_PAGES),
+            )
             if self.options.startup_check == "quick":
                 problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
                 if problems != ["ok"]:
@@ -212,24 +225,33 @@ class DatabaseFile:
         wal, shm = self.path + "-wal", self.path + "-shm"
         wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
         where = f"database {self.path!r}"
-        advice = ("restore it from a backup, or start with --on-corrupt move-aside to move "
-                  "these files aside and start with an empty database")
+        advice = (
+            "restore it from a backup, or start with --on-corrupt move-aside to move "
+            "these files aside and start with an empty database"
+        )
         if not existed:
             if wal_bytes:
-                raise DamagedDatabase(f"{where} is missing but its WAL {wal!r} holds {wal_bytes} "
-                                      f"bytes of it: {advice}")
+                raise DamagedDatabase(
+                    f"{where} is missing but its WAL {wal!r} holds {wal_bytes} "
+                    f"bytes of it: {advice}"
+                )
             return
         size = os.path.getsize(self.path)
         if size >= MIN_DATABASE_BYTES:
             return  # SQLite and quick_check judge the rest
         if size and not (os.path.exists(wal) or os.path.exists(shm)):
-            raise DamagedDatabase(f"{where} is {size} bytes long, too short for an SQLite "
-                                  f"database: {advice}")
+            raise DamagedDatabase(
+                f"{where} is {size} bytes long, too short for an SQLite database: {advice}"
+            )
         if os.path.exists(wal) or os.path.exists(shm):
-            evidence = (f"its WAL holds {wal_bytes} bytes" if wal_bytes
-                        else "the -wal/-shm files beside it show that it held one")
-            raise DamagedDatabase(f"{where} is {size} bytes long but {evidence}: it was "
-                                  f"truncated; {advice}")
+            evidence = (
+                f"its WAL holds {wal_bytes} bytes"
+                if wal_bytes
+                else "the -wal/-shm files beside it show that it held one"
+            )
+            raise DamagedDatabase(
+                f"{where} is {size} bytes long but {evidence}: it was truncated; {advice}"
+            )
 
     def _leave_as_found(self, found: dict[str, bool]) -> None:
         """After a refusal: remove the files that opening made (the empty database file
@@ -252,13 +274,16 @@ class DatabaseFile:
         except IsADirectoryError:
             raise StartupError(f"cannot open {where}: it is a directory") from None
         except OSError as exc:
-            raise StartupError(f"cannot open {where}: {_open_hint(self.path)} ({exc.strerror})") from None
+            raise StartupError(
+                f"cannot open {where}: {_open_hint(self.path)} ({exc.strerror})"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StartupError(f"{where} is in use by another SMQ server; "
-                               "stop it or choose another --dbpath") from None
+            raise StartupError(
+                f"{where} is in use by another SMQ server; stop it or choose another --dbpath"
+            ) from None
         return fd
 
     def _unlock_database(self) -> None:
@@ -285,7 +310,8 @@ class DatabaseFile:
                 raise StartupError(
                     f"database {self.path!r}: no room to migrate it to format {target} (it is "
                     "copied once: needs free space of about twice its size); the file is "
-                    "unchanged: free some space and start again") from None
+                    "unchanged: free some space and start again"
+                ) from None
             log.info("database format migrated to %d", target)
         if version and version < SCHEMA_VERSION:
             # Migrations copy tables: give the old ones' pages back to the disk now (or,
@@ -321,10 +347,14 @@ def _keep_wal_files(conn: apsw.Connection) -> None:
 
 def _one_line(problems: list[str], limit: int = 200) -> str:
     """SQLite's multi-line integrity report, as one short line."""
-    lines = [line.strip() for p in problems for line in p.splitlines()
-             if line.strip() and not line.startswith("***")]
+    lines = [
+        line.strip()
+        for p in problems
+        for line in p.splitlines()
+        if line.strip() and not line.startswith("***")
+    ]
     text = "; ".join(lines)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _startup_error(where: str, path: str, exc: apsw.Error) -> StartupError:
@@ -346,3 +376,16 @@ def _open_hint(path: str) -> str:
     if not os.access(directory, os.W_OK):
         return f"directory {directory!r} is not writable"
     return "check the path and its permissions"
+
+
+@contextlib.contextmanager
+def storage_errors(action: str) -> Iterator[None]:
+    """Translate apsw errors raised inside the block into the SMQ error tree."""
+    try:
+        yield
+    except SMQError:
+        raise
+    except apsw.FullError as exc:
+        raise StorageFull(f"{action}: disk or database full") from exc
+    except apsw.Error as exc:
+        raise StorageFailure(f"{action}: {type(exc).__name__}: {exc}") from exc

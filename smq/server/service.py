@@ -8,6 +8,7 @@ stream wakes at once on a commit, on its own cancellation and on shutdown.
 Its view of the topics (`_topics`) is only ever updated after a commit, so anything
 it says exists can be read back from the database.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,17 +17,40 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..domain import ON_FULL_CHOICES, TopicPolicy, check_name
-from ..errors import (InvalidArgument, MessageTooLarge, NoCommittedOffset, NotFound, OffsetNotFound,
-                      OffsetOutOfRange,
-                      PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
+from ..errors import (
+    InvalidArgument,
+    MessageTooLarge,
+    NoCommittedOffset,
+    NotFound,
+    OffsetNotFound,
+    OffsetOutOfRange,
+    PermissionDenied,
+    SMQError,
+    TopicEmpty,
+    TopicNotFound,
+    Unavailable,
+)
 from . import encoding
+from .ops import (
+    STREAM_BYTES,
+    STREAM_SECONDS,
+    Append,
+    Barrier,
+    CommitOffset,
+    CreateTopic,
+    DeleteConsumer,
+    DeleteTopic,
+    SetPolicy,
+    StreamAppend,
+    Trim,
+    WriteOp,
+)
 from .storage import Storage, TopicState
-from .write_queue import SMALL_WRITE, WriteQueue
-from .ops import (STREAM_BYTES, STREAM_SECONDS, Append, Barrier, CommitOffset, CreateTopic,
-                  DeleteConsumer, DeleteTopic, SetPolicy, StreamAppend, Trim, WriteOp)
 from .streams import Follower, PageLimits, StreamPlaces, Unlimited
+from .write_queue import SMALL_WRITE, WriteQueue
 from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -66,6 +90,7 @@ class ConsumerState:
 class Totals:
     """What GetServerInfo reports: the writer's commits since start (transactions, the
     writes and messages they carried) and what is stored now."""
+
     commits: int
     committed_writes: int
     committed_messages: int
@@ -77,6 +102,7 @@ class Totals:
 @dataclasses.dataclass(frozen=True)
 class Page:
     """Messages read in one go: (offset, payload) pairs, ascending."""
+
     messages: list[tuple[int, bytes]]
     next_offset: int
 
@@ -94,8 +120,9 @@ class QueueService:
         # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
         self.streams = StreamPlaces(limits.max_streams)
         self.write_queue = WriteQueue()  # large writes, see smq/server/write_queue.py
-        self.writer = GroupCommitWriter(storage, on_commit=self._committed,
-                                        defaults=limits.topic_defaults)
+        self.writer = GroupCommitWriter(
+            storage, on_commit=self._committed, defaults=limits.topic_defaults
+        )
         self._committed(self.writer.committed_topics())
 
     # -- lifecycle --------------------------------------------------------------
@@ -135,10 +162,14 @@ class QueueService:
 
     def totals(self) -> Totals:
         topics = self.topics()
-        return Totals(commits=self.writer.commits, committed_writes=self.writer.committed_ops,
-                      committed_messages=self.writer.committed_messages, topics=len(topics),
-                      stored_messages=sum(t.message_count for t in topics),
-                      stored_bytes=sum(t.stored_bytes for t in topics))
+        return Totals(
+            commits=self.writer.commits,
+            committed_writes=self.writer.committed_ops,
+            committed_messages=self.writer.committed_messages,
+            topics=len(topics),
+            stored_messages=sum(t.message_count for t in topics),
+            stored_bytes=sum(t.stored_bytes for t in topics),
+        )
 
     def describe(self, name: str) -> TopicState:
         return self._topic(name)
@@ -157,8 +188,9 @@ class QueueService:
             if value is not None and value < 0:
                 raise InvalidArgument(f"{field} must be 0 (no limit) or more, not {value}")
         if policy.on_full is not None and policy.on_full not in ON_FULL_CHOICES:
-            raise InvalidArgument(f"on_full must be one of {', '.join(ON_FULL_CHOICES)}, "
-                                  f"not {policy.on_full!r}")
+            raise InvalidArgument(
+                f"on_full must be one of {', '.join(ON_FULL_CHOICES)}, not {policy.on_full!r}"
+            )
         self._write(SetPolicy(name, policy))
         return self.policy(name)
 
@@ -169,16 +201,22 @@ class QueueService:
         check_name(consumer, "consumer name")
         topic = self._topic(name)
         if offset < 0:
-            raise InvalidArgument(f"offset {offset} is negative: commit 0 to start from the beginning")
+            raise InvalidArgument(
+                f"offset {offset} is negative: commit 0 to start from the beginning"
+            )
         if offset >= topic.next_offset:
-            raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
+            raise OffsetOutOfRange(
+                f"offset {offset} is above the latest offset {topic.next_offset - 1}"
+            )
         self._write(CommitOffset(consumer, name, offset, self.limits.max_consumers_per_topic))
 
     def committed_offset(self, consumer: str, name: str) -> int:
         check_name(consumer, "consumer name")
         offset = self.storage.committed_offset(consumer, self._topic(name).id)
         if offset is None:
-            raise NoCommittedOffset(f"consumer {consumer!r} has no committed offset on topic {name!r}")
+            raise NoCommittedOffset(
+                f"consumer {consumer!r} has no committed offset on topic {name!r}"
+            )
         return offset
 
     def consumers(self, topic: str = "", consumer: str = "") -> list[ConsumerState]:
@@ -201,8 +239,10 @@ class QueueService:
         if topic:
             self._topic(topic)
         if not self._write(DeleteConsumer(consumer, [topic] if topic else None)):
-            raise NotFound(f"consumer {consumer!r} has no committed offset"
-                           + (f" on topic {topic!r}" if topic else ""))
+            raise NotFound(
+                f"consumer {consumer!r} has no committed offset"
+                + (f" on topic {topic!r}" if topic else "")
+            )
         return 1
 
     def delete_topic(self, name: str) -> None:
@@ -242,8 +282,11 @@ class QueueService:
         with self.write_queue.room(len(payload)):
             return self._write(Append.to_topic(name, [payload]))[1]
 
-    def produce_stream(self, messages: Iterable[tuple[str, bytes]],
-                       committed: Callable[[int], None] = lambda count: None) -> int:
+    def produce_stream(
+        self,
+        messages: Iterable[tuple[str, bytes]],
+        committed: Callable[[int], None] = lambda count: None,
+    ) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
         `committed(n)` is called each time the next n messages are committed.
 
@@ -316,9 +359,10 @@ class QueueService:
         if len(payload) > self.limits.max_message_size:
             raise MessageTooLarge(
                 f"message of {len(payload)} bytes is larger than the server's maximum "
-                f"of {self.limits.max_message_size} bytes")
+                f"of {self.limits.max_message_size} bytes"
+            )
 
-    def _write(self, op: WriteOp):
+    def _write(self, op: WriteOp) -> Any:
         return self.writer.execute(op, WRITE_TIMEOUT)
 
     # -- reading ------------------------------------------------------------------
@@ -329,13 +373,17 @@ class QueueService:
         if offset < 1:
             raise OffsetNotFound(f"offset {offset} is below 1: offsets start at 1")
         if offset >= topic.next_offset:
-            raise OffsetOutOfRange(f"offset {offset} is above the latest offset {topic.next_offset - 1}")
+            raise OffsetOutOfRange(
+                f"offset {offset} is above the latest offset {topic.next_offset - 1}"
+            )
         payload = self.storage.read_one(topic.id, offset)
         if payload is None:
             topic = self._topic(name)  # as of now: a trim may have come since the read began
             if topic.earliest is None:
-                raise OffsetNotFound(f"offset {offset} was deleted; the topic is empty "
-                                     f"(the next message gets offset {topic.next_offset})")
+                raise OffsetNotFound(
+                    f"offset {offset} was deleted; the topic is empty "
+                    f"(the next message gets offset {topic.next_offset})"
+                )
             raise OffsetNotFound(f"offset {offset} was deleted; the earliest is {topic.earliest}")
         return payload
 
@@ -346,8 +394,9 @@ class QueueService:
         messages = self._read_page(topic, max(start_offset, 1), page_messages(limit), max_bytes)
         return Page(messages, messages[-1][0] + 1 if messages else start_offset)
 
-    def _read_page(self, topic: TopicState, start: int, count: int,
-                   max_bytes: int) -> list[tuple[int, bytes]]:
+    def _read_page(
+        self, topic: TopicState, start: int, count: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
         """Up to `count` messages from `start` whose encoded size fits `max_bytes`, at
         least one. The storage counts payloads only, never more than their encoding, so
         the page it returns holds the one wanted."""
@@ -355,24 +404,32 @@ class QueueService:
 
     # -- streams --------------------------------------------------------------------
 
-    def stream_slot(self, owner: tuple[str, str] | None = None,
-                    end: Callable[[], None] = lambda: None) -> contextlib.AbstractContextManager[None]:
+    def stream_slot(
+        self, owner: tuple[str, str] | None = None, end: Callable[[], object] = lambda: None
+    ) -> contextlib.AbstractContextManager[None]:
         """Hold one of the --max-streams places for the duration of a stream (see
         StreamPlaces.slot); none while the server shuts down."""
         if self._closing:
             raise Unavailable("server is shutting down")
         return self.streams.slot(owner, end)
 
-    def follow(self, name: str, from_offset: int, heartbeat: float,
-               page_messages: int = MAX_PAGE_MESSAGES, page_bytes: int = PAGE_BYTES,
-               limits: PageLimits | None = None) -> Follower:
+    def follow(
+        self,
+        name: str,
+        from_offset: int,
+        heartbeat: float,
+        page_messages: int = MAX_PAGE_MESSAGES,
+        page_bytes: int = PAGE_BYTES,
+        limits: PageLimits | None = None,
+    ) -> Follower:
         """A stream's reader of pages from max(from_offset, earliest), then of each new
         commit, each of at most `page_messages` messages (<= 0: the maximum) and
         `page_bytes` encoded bytes, as `limits` allows; see Follower.next_page."""
         self._topic(name)
         size = MAX_PAGE_MESSAGES if page_messages <= 0 else min(page_messages, MAX_PAGE_MESSAGES)
-        return Follower(self, name, max(from_offset, 1), heartbeat, (page_bytes, size),
-                        limits or Unlimited())
+        return Follower(
+            self, name, max(from_offset, 1), heartbeat, (page_bytes, size), limits or Unlimited()
+        )
 
     def _wait_for_offset(self, name: str, offset: int, timeout: float, follower: Follower) -> bool:
         """Wait until `offset` is committed in the topic. False on timeout or cancel."""
@@ -381,8 +438,13 @@ class QueueService:
             if condition is None:
                 condition = self._changed[name] = threading.Condition(self._lock)
             return condition.wait_for(
-                lambda: self._closing or follower.cancelled
-                or self._topic_locked(name).next_offset > offset, timeout)
+                lambda: (
+                    self._closing
+                    or follower.cancelled
+                    or self._topic_locked(name).next_offset > offset
+                ),
+                timeout,
+            )
 
     def _wake(self, name: str) -> None:
         with self._lock:

@@ -2,11 +2,13 @@
 calls the service and packs the reply (errors: status.py; memory: budget.py). Called by
 the threads that run calls.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
@@ -20,8 +22,15 @@ from . import encoding
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
 from .handlers import Encoded, charge, decoded
 from .lists import Listing, PageRequest, page_of
-from .service import (PAGE_BYTES, STREAM_PAGE_BYTES, STREAM_PAGE_MESSAGES, ConsumerState, Follower,
-                      QueueService, page_messages)
+from .service import (
+    PAGE_BYTES,
+    STREAM_PAGE_BYTES,
+    STREAM_PAGE_MESSAGES,
+    ConsumerState,
+    Follower,
+    QueueService,
+    page_messages,
+)
 from .status import rpc, streaming_rpc
 from .storage import TopicState
 
@@ -29,6 +38,7 @@ SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_na
 HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=HEARTBEAT_OFFSET).SerializeToString()
 MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
 MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty ones is a weapon)
+
 
 def is_local(context: grpc.ServicerContext) -> bool:
     """True for callers on the Unix socket."""
@@ -38,8 +48,14 @@ def is_local(context: grpc.ServicerContext) -> bool:
 class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
-    def __init__(self, service: QueueService, heartbeat_interval: float, durability: str,
-                 send_limit: int, budget: MemoryBudget) -> None:
+    def __init__(
+        self,
+        service: QueueService,
+        heartbeat_interval: float,
+        durability: str,
+        send_limit: int,
+        budget: MemoryBudget,
+    ) -> None:
         self.service = service
         self.budget = budget
         self.heartbeat_interval = heartbeat_interval
@@ -48,45 +64,68 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self.started = time.monotonic()
 
     @rpc
-    def Connect(self, request, context):
+    def Connect(
+        self, request: smq_pb2.ConnectRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.ConnectResponse:
         return smq_pb2.ConnectResponse()
 
     @rpc
-    def CreateTopic(self, request, context):
+    def CreateTopic(
+        self, request: smq_pb2.CreateTopicRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.CreateTopicResponse:
         self.service.check_may_write(is_local(context))
         return smq_pb2.CreateTopicResponse(created=self.service.create_topic(request.topic))
 
     @rpc
-    def GetEarliestOffset(self, request, context):
+    def GetEarliestOffset(
+        self, request: smq_pb2.GetEarliestOffsetRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.GetEarliestOffsetResponse:
         return smq_pb2.GetEarliestOffsetResponse(offset=self.service.earliest_offset(request.topic))
 
     @rpc
-    def GetLatestOffset(self, request, context):
+    def GetLatestOffset(
+        self, request: smq_pb2.GetLatestOffsetRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.GetLatestOffsetResponse:
         return smq_pb2.GetLatestOffsetResponse(offset=self.service.latest_offset(request.topic))
 
     @rpc
-    def Produce(self, request, context):
+    def Produce(
+        self, request: smq_pb2.ProduceRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
         return smq_pb2.ProduceResponse(offset=self.service.produce(request.topic, request.message))
 
     @rpc
-    def StreamProduce(self, request_iterator, context):
+    def StreamProduce(
+        self, request_iterator: Iterator[smq_pb2.ProduceRequest], context: grpc.ServicerContext
+    ) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
         with self.service.stream_slot(), Writes() as writes:
-            last = self.service.produce_stream(_messages(request_iterator, writes),
-                                               committed=writes.committed)
+            last = self.service.produce_stream(
+                _messages(request_iterator, writes), committed=writes.committed
+            )
         return smq_pb2.ProduceResponse(offset=last)
 
     @rpc
-    def Consume(self, request, context):
+    def Consume(
+        self, request: smq_pb2.ConsumeRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.ConsumeResponse:
         payload = self.service.consume(request.topic, request.offset)
         return smq_pb2.ConsumeResponse(message=payload, offset=request.offset)
 
     @streaming_rpc
-    def StreamConsume(self, request, context):
+    def StreamConsume(
+        self, request: smq_pb2.ConsumeRequest, context: grpc.ServicerContext
+    ) -> Iterator[smq_pb2.ConsumeResponse]:
         with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
-            follower = self._follow(context, request.topic, request.offset, memory,
-                                    STREAM_PAGE_MESSAGES, STREAM_PAGE_BYTES)
+            follower = self._follow(
+                context,
+                request.topic,
+                request.offset,
+                memory,
+                STREAM_PAGE_MESSAGES,
+                STREAM_PAGE_BYTES,
+            )
             while not follower.cancelled:
                 yield from self._consume_replies(follower, memory)
 
@@ -106,7 +145,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
             memory.sent()
         memory.taken()
 
-    def _consumer_slot(self, context: grpc.ServicerContext, topic: str):
+    def _consumer_slot(
+        self, context: grpc.ServicerContext, topic: str
+    ) -> AbstractContextManager[None]:
         """A stream place owned by this connection and topic (see QueueService.stream_slot).
         Unix-socket callers all share one peer name, so none of them is ever evicted.
         A stream for a missing topic fails here, before it could end another one."""
@@ -124,36 +165,53 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
             memory.close()  # the call already ended
         return memory
 
-    def _follow(self, context: grpc.ServicerContext, topic: str, offset: int, memory: CallMemory,
-                page_messages: int = 0, page_bytes: int = PAGE_BYTES) -> Follower:
+    def _follow(
+        self,
+        context: grpc.ServicerContext,
+        topic: str,
+        offset: int,
+        memory: CallMemory,
+        page_messages: int = 0,
+        page_bytes: int = PAGE_BYTES,
+    ) -> Follower:
         """A follower that the end of the call (cancel, deadline, disconnect) wakes and ends,
         reading pages as large as the memory budget lets this call build."""
-        follower = self.service.follow(topic, offset, self.heartbeat_interval, page_messages,
-                                       page_bytes, memory)
+        follower = self.service.follow(
+            topic, offset, self.heartbeat_interval, page_messages, page_bytes, memory
+        )
         if not context.add_callback(follower.cancel):
             follower.cancel()  # the call already ended: nothing would wake it later
         return follower
 
     @rpc
-    def DeleteUntilOffset(self, request, context):
+    def DeleteUntilOffset(
+        self, request: smq_pb2.DeleteUntilOffsetRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.DeleteUntilOffsetResponse:
         self.service.check_may_write(is_local(context))
         self.service.trim(request.topic, request.offset)
         return smq_pb2.DeleteUntilOffsetResponse()
 
     @rpc
-    def ProduceBatch(self, request, context):
+    def ProduceBatch(
+        self, request: smq_pb2.ProduceBatchRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.ProduceBatchResponse:
         self.service.check_may_write(is_local(context))
         if len(request.messages) > MAX_BATCH_MESSAGES:  # before a Python object per message
-            raise ResourceExhausted(f"a batch holds at most {MAX_BATCH_MESSAGES} messages, "
-                                    f"not {len(request.messages)}: split it")
+            raise ResourceExhausted(
+                f"a batch holds at most {MAX_BATCH_MESSAGES} messages, "
+                f"not {len(request.messages)}: split it"
+            )
         first, last = self.service.produce_batch(request.topic, list(request.messages))
         return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
 
     @streaming_rpc
-    def Subscribe(self, request, context):
+    def Subscribe(
+        self, request: smq_pb2.SubscribeRequest, context: grpc.ServicerContext
+    ) -> Iterator[Encoded]:
         with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
-            follower = self._follow(context, request.topic, request.offset, memory,
-                                    request.max_messages)
+            follower = self._follow(
+                context, request.topic, request.offset, memory, request.max_messages
+            )
             while True:
                 reply = self._subscribe_reply(follower, memory)
                 if reply is None:
@@ -173,62 +231,94 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return Encoded(reply)
 
     @rpc
-    def ListTopics(self, request, context):
+    def ListTopics(
+        self, request: smq_pb2.ListTopicsRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.ListTopicsResponse:
         page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
         return smq_pb2.ListTopicsResponse(topics=page.messages, next_page_token=page.next_token)
 
     @rpc
-    def DescribeTopic(self, request, context):
+    def DescribeTopic(
+        self, request: smq_pb2.DescribeTopicRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.DescribeTopicResponse:
         return smq_pb2.DescribeTopicResponse(topic=topic_info(self.service.describe(request.topic)))
 
     @rpc
-    def DeleteTopic(self, request, context):
+    def DeleteTopic(
+        self, request: smq_pb2.DeleteTopicRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.DeleteTopicResponse:
         self.service.check_may_write(is_local(context))
         self.service.delete_topic(request.topic)
         return smq_pb2.DeleteTopicResponse()
 
     @rpc
-    def SetTopicPolicy(self, request, context):
+    def SetTopicPolicy(
+        self, request: smq_pb2.SetTopicPolicyRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.TopicPolicyResponse:
         self.service.check_may_write(is_local(context))
-        return policy_reply(*self.service.set_policy(request.topic, TopicPolicy.from_proto(request.policy)))
+        return policy_reply(
+            *self.service.set_policy(request.topic, TopicPolicy.from_proto(request.policy))
+        )
 
     @rpc
-    def GetTopicPolicy(self, request, context):
+    def GetTopicPolicy(
+        self, request: smq_pb2.GetTopicPolicyRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.TopicPolicyResponse:
         return policy_reply(*self.service.policy(request.topic))
 
     @rpc
-    def CommitOffset(self, request, context):
+    def CommitOffset(
+        self, request: smq_pb2.CommitOffsetRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.CommitOffsetResponse:
         self.service.commit_offset(request.consumer, request.topic, request.offset)
         return smq_pb2.CommitOffsetResponse()
 
     @rpc
-    def GetCommittedOffset(self, request, context):
+    def GetCommittedOffset(
+        self, request: smq_pb2.GetCommittedOffsetRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.GetCommittedOffsetResponse:
         return smq_pb2.GetCommittedOffsetResponse(
-            offset=self.service.committed_offset(request.consumer, request.topic))
+            offset=self.service.committed_offset(request.consumer, request.topic)
+        )
 
     @rpc
-    def ListConsumers(self, request, context):
-        page = page_of(CONSUMERS, self.service.consumers(request.topic, request.consumer),
-                       page_request(request), self.send_limit)
-        return smq_pb2.ListConsumersResponse(consumers=page.messages,
-                                             next_page_token=page.next_token)
+    def ListConsumers(
+        self, request: smq_pb2.ListConsumersRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.ListConsumersResponse:
+        page = page_of(
+            CONSUMERS,
+            self.service.consumers(request.topic, request.consumer),
+            page_request(request),
+            self.send_limit,
+        )
+        return smq_pb2.ListConsumersResponse(
+            consumers=page.messages, next_page_token=page.next_token
+        )
 
     @rpc
-    def DeleteConsumer(self, request, context):
+    def DeleteConsumer(
+        self, request: smq_pb2.DeleteConsumerRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.DeleteConsumerResponse:
         self.service.check_may_write(is_local(context))
         self.service.delete_consumer(request.consumer, request.topic)
         return smq_pb2.DeleteConsumerResponse()
 
     @rpc
-    def GetServerInfo(self, request, context):
+    def GetServerInfo(
+        self, request: smq_pb2.GetServerInfoRequest, context: grpc.ServicerContext
+    ) -> smq_pb2.GetServerInfoResponse:
         return smq_pb2.GetServerInfoResponse(
-            version=__version__, durability=self.durability,
+            version=__version__,
+            durability=self.durability,
             max_message_size=self.service.limits.max_message_size,
             uptime_seconds=time.monotonic() - self.started,
-            **dataclasses.asdict(self.service.totals()))
+            **dataclasses.asdict(self.service.totals()),
+        )
 
     @rpc
-    def BulkRetrieve(self, request, context):
+    def BulkRetrieve(
+        self, request: smq_pb2.BulkRetrieveRequest, context: grpc.ServicerContext
+    ) -> bytes:  # encoded
         memory = self._reply_memory(context)
         max_bytes, count = memory.take_page(PAGE_BYTES, page_messages(request.limit))
         reply = self._bulk_retrieve_reply(request, count, max_bytes)
@@ -256,16 +346,24 @@ def _messages(requests: Iterator[Any], writes: Writes) -> Iterator[tuple[str, by
 
 def topic_info(topic: TopicState) -> smq_pb2.TopicInfo:
     return smq_pb2.TopicInfo(
-        name=topic.name, earliest_offset=topic.earliest or 0, latest_offset=topic.latest or 0,
-        message_count=topic.message_count, stored_bytes=topic.stored_bytes,
-        next_offset=topic.next_offset, created_at=topic.created_at)
+        name=topic.name,
+        earliest_offset=topic.earliest or 0,
+        latest_offset=topic.latest or 0,
+        message_count=topic.message_count,
+        stored_bytes=topic.stored_bytes,
+        next_offset=topic.next_offset,
+        created_at=topic.created_at,
+    )
 
 
 def consumer_info(consumer: ConsumerState) -> smq_pb2.ConsumerInfo:
     return smq_pb2.ConsumerInfo(
-        consumer=consumer.consumer, topic=consumer.topic,
-        committed_offset=consumer.committed_offset, lag=consumer.lag,
-        updated_at=consumer.updated_at)
+        consumer=consumer.consumer,
+        topic=consumer.topic,
+        committed_offset=consumer.committed_offset,
+        lag=consumer.lag,
+        updated_at=consumer.updated_at,
+    )
 
 
 TOPICS = Listing("topics", 1, lambda t: (t.name,), topic_info)
@@ -277,8 +375,10 @@ def page_request(request: smq_pb2.ListTopicsRequest | smq_pb2.ListConsumersReque
 
 
 def policy_reply(overrides: TopicPolicy, effective: TopicPolicy) -> smq_pb2.TopicPolicyResponse:
-    return smq_pb2.TopicPolicyResponse(overrides=smq_pb2.TopicPolicy(**overrides.to_proto_fields()),
-                                       effective=smq_pb2.TopicPolicy(**effective.to_proto_fields()))
+    return smq_pb2.TopicPolicyResponse(
+        overrides=smq_pb2.TopicPolicy(**overrides.to_proto_fields()),
+        effective=smq_pb2.TopicPolicy(**effective.to_proto_fields()),
+    )
 
 
 class Reflection(reflection.ReflectionServicer):
@@ -290,8 +390,8 @@ class Reflection(reflection.ReflectionServicer):
         self.service = service
 
     @streaming_rpc
-    def ServerReflectionInfo(self, request_iterator, context):
+    def ServerReflectionInfo(
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> Iterator[Any]:
         with self.service.stream_slot():
             yield from super().ServerReflectionInfo(request_iterator, context)
-
-

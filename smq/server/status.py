@@ -3,6 +3,7 @@ answer a raised SMQError with its status (`SMQError.code`) and text, anything el
 INTERNAL and a line in the log, never a traceback to the client. Called by the threads
 that run calls.
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,7 +18,8 @@ from .handlers import decoded, release
 
 log = logging.getLogger(__name__)
 
-STATUS_OF = {code.name: code for code in grpc.StatusCode}  # an SMQError's `code` -> status
+# An SMQError's `code` -> status (on the server, `code` is always the class's name).
+STATUS_OF: dict[str | grpc.StatusCode, grpc.StatusCode] = {c.name: c for c in grpc.StatusCode}
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -33,12 +35,13 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
         # call all the same, or grpc tries to send the handler's None as the reply and
         # logs a traceback.
         context.abort(grpc.StatusCode.CANCELLED, "the call was cancelled")
-    log.exception("unexpected error")
+    log.exception("unexpected error")  # noqa: LOG004 (called only in except blocks)
     context.abort(grpc.StatusCode.INTERNAL, "internal server error (see the server log)")
 
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
+
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
@@ -47,11 +50,13 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             _abort(context, exc)
         finally:
             release(request)  # the handler is done with it
+
     return handler
 
 
 def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     """The same for server-streaming handlers (generators)."""
+
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
@@ -60,6 +65,5 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
             yield from method(self, message, context)
         except Exception as exc:
             _abort(context, exc)
+
     return handler
-
-

@@ -8,8 +8,11 @@ Offsets are never reused: each topic row keeps `next_offset`, advanced by every
 append and left alone by trims, so a topic trimmed empty (or a restart) goes on
 from where it was. Topic names only ever reach SQL as bound parameters.
 
-apsw errors are translated into the SMQ error tree here and nowhere else.
+apsw errors are translated into the SMQ error tree by `storage_errors` (schema.py)
+and nowhere else. The consumers table's methods are in consumer_offsets.py, the disk
+budget's measure in disk_space.py (mixins of Storage).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,25 +23,30 @@ import os
 import queue
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
 
 import apsw
 
+from ..domain import TopicPolicy
+from ..errors import StorageFailure
 from . import batches
 from .clock import ClockState
-from ..domain import TopicPolicy
-from ..errors import SMQError, StorageFailure, StorageFull
-from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions
+from .consumer_offsets import ConsumerOffsets
+from .disk_space import DiskSpace
+from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions, storage_errors
 
 log = logging.getLogger(__name__)
 
 # The policy columns of a topic row, cleared when the topic is deleted.
-FORGET_POLICY = ("max_messages = NULL, max_bytes = NULL, max_age = NULL, on_full = NULL,"
-                 " keep_uncommitted = NULL")
+FORGET_POLICY = (
+    "max_messages = NULL, max_bytes = NULL, max_age = NULL, on_full = NULL, keep_uncommitted = NULL"
+)
 
 
 @dataclasses.dataclass
 class TopicState:
     """What the log knows of one topic. `earliest` is None when nothing is stored."""
+
     id: int
     name: str
     next_offset: int
@@ -68,20 +76,7 @@ class TopicState:
         return 0 if self.earliest is None else self.next_offset - self.earliest
 
 
-@contextlib.contextmanager
-def storage_errors(action: str) -> Iterator[None]:
-    """Translate apsw errors raised inside the block into the SMQ error tree."""
-    try:
-        yield
-    except SMQError:
-        raise
-    except apsw.FullError as exc:
-        raise StorageFull(f"{action}: disk or database full") from exc
-    except apsw.Error as exc:
-        raise StorageFailure(f"{action}: {type(exc).__name__}: {exc}") from exc
-
-
-class Storage:
+class Storage(ConsumerOffsets, DiskSpace):
     """The SQLite log. Write methods run only inside write_transaction()."""
 
     def __init__(self, path: str, options: StorageOptions = StorageOptions()) -> None:
@@ -120,32 +115,55 @@ class Storage:
                         (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id),
                         (SELECT min(committed_offset) FROM consumers WHERE topic_id = topics.id)
                  FROM topics WHERE NOT deleted"""
+        rows: list[Any]  # SQLite values, as the columns above hold them
         if conn is not None:
-            rows = conn.execute(sql).fetchall()
+            rows = cast(Any, conn.execute(sql).fetchall())
         else:
             with self._reader("load topics") as reader:
-                rows = reader.execute(sql).fetchall()
+                rows = cast(Any, reader.execute(sql).fetchall())
         topics = {}
-        for (tid, name, next_offset, stored_bytes, created_at, *policy,
-             earliest, last_mark, min_committed) in rows:
+        for (
+            tid,
+            name,
+            next_offset,
+            stored_bytes,
+            created_at,
+            *policy,
+            earliest,
+            last_mark,
+            min_committed,
+        ) in rows:
             if policy[4] is not None:
                 policy[4] = bool(policy[4])
-            topics[name] = TopicState(tid, name, next_offset, earliest, stored_bytes, created_at,
-                                      policy=TopicPolicy(*policy), last_mark=last_mark or 0,
-                                      min_committed=min_committed)
+            topics[name] = TopicState(
+                tid,
+                name,
+                next_offset,
+                earliest,
+                stored_bytes,
+                created_at,
+                policy=TopicPolicy(*policy),
+                last_mark=last_mark or 0,
+                min_committed=min_committed,
+            )
         return topics
 
     def read_one(self, topic_id: int, offset: int) -> bytes | None:
         """The payload at offset, or None if it is not stored."""
         with self._reader("read message") as conn:
-            row = conn.execute(
-                "SELECT first_offset, last_offset, payloads, sizes FROM batches"
-                " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
-                (topic_id, offset)).fetchone()
+            row = cast(
+                "batches.Row | None",
+                conn.execute(
+                    "SELECT first_offset, last_offset, payloads, sizes FROM batches"
+                    " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
+                    (topic_id, offset),
+                ).fetchone(),
+            )
         return None if row is None else batches.message(*row, offset)
 
-    def read_page(self, topic_id: int, from_offset: int, max_count: int,
-                  max_bytes: int) -> list[tuple[int, bytes]]:
+    def read_page(
+        self, topic_id: int, from_offset: int, max_count: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
         """Stored messages with offset >= from_offset, ascending, at most max_count of them,
         stopping before max_bytes is passed (but always at least one message)."""
         page: list[tuple[int, bytes]] = []
@@ -157,9 +175,12 @@ class Storage:
                 " WHERE topic_id = ?1 AND first_offset >= coalesce((SELECT first_offset"
                 "   FROM batches WHERE topic_id = ?1 AND first_offset <= ?2"
                 "   ORDER BY first_offset DESC LIMIT 1), ?2)"
-                " ORDER BY first_offset", (topic_id, from_offset))
+                " ORDER BY first_offset",
+                (topic_id, from_offset),
+            )
             for message in itertools.chain.from_iterable(
-                    batches.unpack(*row, from_offset) for row in cursor):
+                batches.unpack(*cast(batches.Row, row), from_offset) for row in cursor
+            ):
                 size += len(message[1])
                 if page and size > max_bytes:
                     break
@@ -182,8 +203,10 @@ class Storage:
         except OSError as exc:
             raise StorageFailure(f"{where}: {exc.strerror}") from None
         if (opened.st_dev, opened.st_ino) != (there.st_dev, there.st_ino):
-            raise StorageFailure(f"{where} is not the file this server opened any more "
-                                 "(moved, deleted or mounted over)")
+            raise StorageFailure(
+                f"{where} is not the file this server opened any more "
+                "(moved, deleted or mounted over)"
+            )
         if header != SQLITE_HEADER:
             raise StorageFailure(f"{where} no longer starts with an SQLite header")
         with self._reader("liveness check") as conn:
@@ -212,7 +235,7 @@ class Storage:
                 raise
 
     @contextlib.contextmanager
-    def savepoint(self) -> Iterator[Callable[[], None]]:
+    def savepoint(self) -> Iterator[Callable[[], object]]:
         """A savepoint inside the write transaction: the block may call what it yields to
         undo everything since. (If the block raises, the transaction's rollback ends it.)"""
         self._writer.execute("SAVEPOINT part")
@@ -228,11 +251,18 @@ class Storage:
         """Create a topic, or bring back a deleted one with its offsets going on (and
         nothing else of it: files of older SMQs may still hold its policy)."""
         now = int(time.time())
-        topic_id, next_offset = self._writer.execute(
-            "INSERT INTO topics (name, created_at) VALUES (?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
-            f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset", (name, now)).fetchall()[0]
-        return TopicState(topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now)
+        topic_id, next_offset = cast(
+            Any,
+            self._writer.execute(
+                "INSERT INTO topics (name, created_at) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
+                f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset",
+                (name, now),
+            ).fetchall()[0],
+        )
+        return TopicState(
+            topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now
+        )
 
     def delete_topic(self, topic: TopicState) -> None:
         """Delete the topic's messages, consumers and policy, and hide it; only its
@@ -241,14 +271,21 @@ class Storage:
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
         topic.min_committed = None
-        self._writer.execute(f"UPDATE topics SET deleted = 1, stored_bytes = 0, {FORGET_POLICY}"
-                             " WHERE id = ?", (topic.id,))
+        self._writer.execute(
+            f"UPDATE topics SET deleted = 1, stored_bytes = 0, {FORGET_POLICY} WHERE id = ?",
+            (topic.id,),
+        )
         topic.deleted = True
         topic.earliest = None
         topic.stored_bytes = 0
 
-    def append(self, topic: TopicState, payloads: Sequence[bytes], size: int | None = None,
-               now: int | None = None) -> int:
+    def append(
+        self,
+        topic: TopicState,
+        payloads: Sequence[bytes],
+        size: int | None = None,
+        now: int | None = None,
+    ) -> int:
         """Append payloads at topic.next_offset onwards and advance topic's counters in
         memory (save_counters stores them). `size`: their total length, if known; `now`:
         the unix second they are written at (default: the wall clock). Returns the count."""
@@ -261,7 +298,9 @@ class Storage:
         if now != topic.last_mark:
             self._writer.execute(
                 "INSERT OR REPLACE INTO time_marks (topic_id, first_offset, marked_at)"
-                " VALUES (?, ?, ?)", (topic.id, first, now))
+                " VALUES (?, ?, ?)",
+                (topic.id, first, now),
+            )
             topic.last_mark = now
         topic.next_offset = first + len(payloads)
         topic.stored_bytes += added
@@ -270,8 +309,10 @@ class Storage:
         return len(payloads)
 
     def _insert_rows(self, topic: TopicState, rows: list[batches.Row]) -> None:
-        sql = ("INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)"
-               " VALUES (?, ?, ?, ?, ?)")
+        sql = (
+            "INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)"
+            " VALUES (?, ?, ?, ?, ?)"
+        )
         if len(rows) == 1:
             self._writer.execute(sql, (topic.id, *rows[0]))
         else:
@@ -282,7 +323,8 @@ class Storage:
         not once per append)."""
         self._writer.executemany(
             "UPDATE topics SET next_offset = ?, stored_bytes = ? WHERE id = ?",
-            [(t.next_offset, t.stored_bytes, t.id) for t in topics])
+            [(t.next_offset, t.stored_bytes, t.id) for t in topics],
+        )
 
     def trim(self, topic: TopicState, until: int) -> int:
         """Delete every message with offset <= until (counters: as for append).
@@ -291,13 +333,24 @@ class Storage:
             return 0
         until = min(until, topic.next_offset - 1)  # also keeps until + 1 within int64
         whole = "topic_id = ? AND first_offset <= ? AND last_offset <= ?"
-        freed, count = self._writer.execute(
-            "SELECT coalesce(sum(length(payloads)), 0), coalesce(sum(last_offset - first_offset + 1), 0)"
-            f" FROM batches WHERE {whole}", (topic.id, until, until)).fetchall()[0]
+        freed, count = cast(
+            Any,
+            self._writer.execute(
+                "SELECT coalesce(sum(length(payloads)), 0),"
+                " coalesce(sum(last_offset - first_offset + 1), 0)"
+                f" FROM batches WHERE {whole}",
+                (topic.id, until, until),
+            ).fetchall()[0],
+        )
         self._writer.execute(f"DELETE FROM batches WHERE {whole}", (topic.id, until, until))
-        split = self._writer.execute(
-            "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
-            " RETURNING first_offset, last_offset, payloads, sizes", (topic.id, until)).fetchall()
+        split = cast(
+            list[batches.Row],
+            self._writer.execute(
+                "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
+                " RETURNING first_offset, last_offset, payloads, sizes",
+                (topic.id, until),
+            ).fetchall(),
+        )
         if split:  # the row holding until and later messages: store those again
             kept = [payload for _, payload in batches.unpack(*split[0], until + 1)]
             kept_bytes = sum(map(len, kept))
@@ -313,31 +366,50 @@ class Storage:
         """Drop the marks of trimmed messages; the first message left keeps its time."""
         row = self._writer.execute(
             "SELECT marked_at FROM time_marks WHERE topic_id = ? AND first_offset <= ?"
-            " ORDER BY first_offset DESC LIMIT 1", (topic.id, until + 1)).fetchone()
-        self._writer.execute("DELETE FROM time_marks WHERE topic_id = ? AND first_offset <= ?",
-                             (topic.id, until))
+            " ORDER BY first_offset DESC LIMIT 1",
+            (topic.id, until + 1),
+        ).fetchone()
+        self._writer.execute(
+            "DELETE FROM time_marks WHERE topic_id = ? AND first_offset <= ?", (topic.id, until)
+        )
         if row is not None and until + 1 < topic.next_offset:
             self._writer.execute(
                 "INSERT OR IGNORE INTO time_marks (topic_id, first_offset, marked_at)"
-                " VALUES (?, ?, ?)", (topic.id, until + 1, row[0]))
+                " VALUES (?, ?, ?)",
+                (topic.id, until + 1, row[0]),
+            )
 
     def clock_state(self) -> ClockState:
         """Message time's offset as last saved (writer thread)."""
-        values = dict(self._writer.execute(
-            "SELECT key, value FROM meta WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"))
-        return ClockState(int(values.get("clock_offset", 0)), str(values.get("boot_id", "")),
-                          float(values.get("wall_minus_boot", 0.0)))
+        values = dict(
+            self._writer.execute(
+                "SELECT key, value FROM meta"
+                " WHERE key IN ('clock_offset', 'boot_id', 'wall_minus_boot')"
+            )
+        )
+        return ClockState(
+            int(values.get("clock_offset", 0)),
+            str(values.get("boot_id", "")),
+            float(values.get("wall_minus_boot", 0.0)),
+        )
 
     def save_clock_state(self, state: ClockState) -> None:
-        self._writer.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (
-            ("clock_offset", state.offset), ("boot_id", state.boot_id),
-            ("wall_minus_boot", state.wall_minus_boot)))
+        self._writer.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (
+                ("clock_offset", state.offset),
+                ("boot_id", state.boot_id),
+                ("wall_minus_boot", state.wall_minus_boot),
+            ),
+        )
 
     def offset_older_than(self, topic: TopicState, cutoff: int) -> int:
         """The last offset written before unix second `cutoff` (0 if none)."""
         row = self._writer.execute(
             "SELECT first_offset FROM time_marks WHERE topic_id = ? AND marked_at >= ?"
-            " ORDER BY first_offset LIMIT 1", (topic.id, cutoff)).fetchone()
+            " ORDER BY first_offset LIMIT 1",
+            (topic.id, cutoff),
+        ).fetchone()
         return (row[0] if row is not None else topic.next_offset) - 1
 
     def offset_freeing(self, topic: TopicState, excess: int) -> int:
@@ -346,12 +418,16 @@ class Storage:
         freed = 0
         offset = 0
         for first, last, size, sizes in self._writer.execute(
-                "SELECT first_offset, last_offset, length(payloads), sizes FROM batches"
-                " WHERE topic_id = ? ORDER BY first_offset", (topic.id,)):
+            "SELECT first_offset, last_offset, length(payloads), sizes FROM batches"
+            " WHERE topic_id = ? ORDER BY first_offset",
+            (topic.id,),
+        ):
             if freed + size < excess:
                 freed, offset = freed + size, last
                 continue
-            for offset, length in zip(itertools.count(first), batches.lengths(first, last, sizes, size)):
+            for offset, length in zip(
+                itertools.count(first), batches.lengths(first, last, sizes, size)
+            ):
                 freed += length
                 if freed >= excess:
                     return offset
@@ -360,115 +436,20 @@ class Storage:
     def set_policy(self, topic: TopicState, policy: TopicPolicy) -> None:
         self._writer.execute(
             "UPDATE topics SET max_messages = ?, max_bytes = ?, max_age = ?, on_full = ?,"
-            " keep_uncommitted = ? WHERE id = ?", (*dataclasses.astuple(policy), topic.id))
+            " keep_uncommitted = ? WHERE id = ?",
+            (*dataclasses.astuple(policy), topic.id),
+        )
         topic.policy = policy
-
-    # -- durable consumers ------------------------------------------------------------
-
-    def update_committed(self, consumer: str, topic: TopicState, offset: int) -> bool:
-        """Store the committed offset of a consumer the topic has (writer thread).
-        False if it has no such consumer (insert_consumer adds one)."""
-        updated = self._writer.execute(
-            "UPDATE consumers SET committed_offset = ?, updated_at = ? WHERE name = ? AND topic_id = ?"
-            " RETURNING 1", (offset, int(time.time()), consumer, topic.id)).fetchall()
-        if updated:
-            self._refresh_min_committed(topic)
-        return bool(updated)
-
-    def insert_consumer(self, consumer: str, topic: TopicState, offset: int) -> None:
-        """Add a named consumer to the topic with its committed offset (writer thread)."""
-        self._writer.execute(
-            "INSERT INTO consumers (name, topic_id, committed_offset, updated_at) VALUES (?, ?, ?, ?)",
-            (consumer, topic.id, offset, int(time.time())))
-        if topic.consumer_count is not None:
-            topic.consumer_count += 1
-        self._refresh_min_committed(topic)
-
-    def consumer_count(self, topic: TopicState) -> int:
-        """How many named consumers the topic has (writer thread): counted once, then kept
-        by insert_consumer and delete_consumer (a reload after a rollback counts again)."""
-        if topic.consumer_count is None:
-            topic.consumer_count = self._writer.execute(
-                "SELECT count(*) FROM consumers WHERE topic_id = ?", (topic.id,)).get
-        return topic.consumer_count
-
-    def delete_consumer(self, consumer: str, topics: Iterable[TopicState]) -> int:
-        """Forget the consumer's offsets on these topics (writer thread). Returns how many."""
-        deleted = 0
-        for topic in topics:
-            found = len(self._writer.execute(
-                "DELETE FROM consumers WHERE name = ? AND topic_id = ? RETURNING 1",
-                (consumer, topic.id)).fetchall())
-            if found and topic.consumer_count is not None:
-                topic.consumer_count -= found
-            deleted += found
-            self._refresh_min_committed(topic)
-        return deleted
-
-    def _refresh_min_committed(self, topic: TopicState) -> None:
-        topic.min_committed = self._writer.execute(
-            "SELECT min(committed_offset) FROM consumers WHERE topic_id = ?", (topic.id,)).get
-
-    def committed_offset(self, consumer: str, topic_id: int) -> int | None:
-        with self._reader("read committed offset") as conn:
-            return conn.execute("SELECT committed_offset FROM consumers WHERE name = ? AND topic_id = ?",
-                                (consumer, topic_id)).get
-
-    def consumers(self) -> list[tuple[str, int, int, int]]:
-        """Every (consumer, topic id, committed offset, updated at), by consumer and topic."""
-        with self._reader("list consumers") as conn:
-            return conn.execute("SELECT name, topic_id, committed_offset, updated_at FROM consumers"
-                                " ORDER BY name, topic_id").fetchall()
-
-    def free_space(self) -> int:
-        """Bytes new messages can still take, less the reserve for trims and deletes.
-
-        On the filesystem: its free space above the --min-free-space floor, less what
-        the WAL may still grow by (up to its share) and what the database file grows by
-        when the WAL is checkpointed into it. Within --max-db-size: the budget less the
-        database (as the WAL will make it) and the WAL (its share, or more if it grew
-        beyond). Free pages inside the file count as room in both."""
-        with storage_errors("free space"):
-            stats = os.statvfs(self._file.directory)
-            database = self._writer.pragma("page_count") * self.page_size
-            reusable = self._writer.pragma("freelist_count") * self.page_size
-            wal = _file_size(self.path + "-wal")
-            room = (stats.f_bavail * stats.f_frsize - self.options.min_free_space
-                    - max(self._file.wal_share - wal, 0) - max(database - _file_size(self.path), 0))
-            if self.options.max_db_size:
-                room = min(room, self.options.max_db_size - database - max(wal, self._file.wal_share))
-            return room + reusable - self._file.reserve
-
-    def limit_wal(self) -> None:
-        """After a commit: a WAL grown past its share (readers kept checkpoints from
-        starting it over) is checkpointed in RESTART mode, which waits for those readers
-        to move on, so that the next write starts it over and journal_size_limit cuts it
-        back to its share."""
-        if _file_size(self.path + "-wal") > self._file.wal_share:
-            with storage_errors("checkpoint"):
-                self._writer.pragma("wal_checkpoint", "RESTART")
-
-    def give_back_space(self, max_pages: int = 2048) -> int:
-        """Return up to max_pages free pages to the filesystem (outside a transaction).
-        Returns how many free pages are left for next time."""
-        with storage_errors("incremental vacuum"):
-            # Each step of this pragma frees one page; fetching runs it to the end.
-            self._writer.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
-            return self._writer.pragma("freelist_count")
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0
 
 
 def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
     """Every stored (topic name, offset, payload), by topic and offset: for looking into
     a database file (tests, forensics) without a server."""
-    rows = conn.execute("SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
-                        " FROM batches b JOIN topics t ON t.id = b.topic_id"
-                        " ORDER BY b.topic_id, b.first_offset").fetchall()
-    return [(name, offset, payload) for name, *row in rows
-            for offset, payload in batches.unpack(*row)]
+    rows: list[Any] = conn.execute(
+        "SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
+        " FROM batches b JOIN topics t ON t.id = b.topic_id"
+        " ORDER BY b.topic_id, b.first_offset"
+    ).fetchall()
+    return [
+        (name, offset, payload) for name, *row in rows for offset, payload in batches.unpack(*row)
+    ]

@@ -7,6 +7,7 @@
   commit; it waits on the service's condition for the topic. The stream's thread reads;
   any thread may cancel.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,12 +34,13 @@ class StreamPlaces:
         self.max_streams = max_streams
         self._lock = threading.Lock()
         # Open streams, oldest first: their owner (connection, topic) or None, and how to end one.
-        self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], None]]] = {}
+        self._streams: dict[object, tuple[tuple[str, str] | None, Callable[[], object]]] = {}
         self._replaced, self._replaced_logged_at = 0, -float(REPLACEMENT_LOG_SECONDS)
 
     @contextlib.contextmanager
-    def slot(self, owner: tuple[str, str] | None = None,
-             end: Callable[[], None] = lambda: None) -> Iterator[None]:
+    def slot(
+        self, owner: tuple[str, str] | None = None, end: Callable[[], object] = lambda: None
+    ) -> Iterator[None]:
         """Hold one place for the duration of a stream.
 
         `owner`: the (connection, topic) of a consuming stream. When every place is taken,
@@ -50,8 +52,10 @@ class StreamPlaces:
             if len(self._streams) >= self.max_streams:
                 end_oldest = self._take_oldest_stream_of(owner)
                 if end_oldest is None:
-                    raise Overloaded(f"too many open streams (limit {self.max_streams}); "
-                                     "retry later or raise --max-streams")
+                    raise Overloaded(
+                        f"too many open streams (limit {self.max_streams}); "
+                        "retry later or raise --max-streams"
+                    )
                 self._report_replacement(owner)
             place = object()
             self._streams[place] = (owner, end)
@@ -70,16 +74,23 @@ class StreamPlaces:
         self._replaced += 1
         now = time.monotonic()
         if owner is not None and now - self._replaced_logged_at >= REPLACEMENT_LOG_SECONDS:
-            log.info("ended the oldest stream of %s on %r to make room for a new one of the same "
-                     "connection (--max-streams %d; %d such since the last such line)",
-                     owner[0], owner[1], self.max_streams, self._replaced)
+            log.info(
+                "ended the oldest stream of %s on %r to make room for a new one of the same "
+                "connection (--max-streams %d; %d such since the last such line)",
+                owner[0],
+                owner[1],
+                self.max_streams,
+                self._replaced,
+            )
             self._replaced, self._replaced_logged_at = 0, now
 
-    def _take_oldest_stream_of(self, owner: tuple[str, str] | None) -> Callable[[], None] | None:
+    def _take_oldest_stream_of(self, owner: tuple[str, str] | None) -> Callable[[], object] | None:
         """Forget the oldest open stream of `owner` and return how to end it; None if none."""
         if owner is None:
             return None
-        oldest = next((place for place, (held_by, _) in self._streams.items() if held_by == owner), None)
+        oldest = next(
+            (place for place, (held_by, _) in self._streams.items() if held_by == owner), None
+        )
         return None if oldest is None else self._streams.pop(oldest)[1]
 
 
@@ -106,8 +117,15 @@ class Unlimited:
 class Follower:
     """Reads a topic's pages for a stream; `cancel()` (any thread) ends it."""
 
-    def __init__(self, service: QueueService, name: str, cursor: int, heartbeat: float,
-                 page_size: tuple[int, int], limits: PageLimits) -> None:
+    def __init__(
+        self,
+        service: QueueService,
+        name: str,
+        cursor: int,
+        heartbeat: float,
+        page_size: tuple[int, int],
+        limits: PageLimits,
+    ) -> None:
         self._service = service
         self._name = name
         self.cursor = cursor
@@ -138,9 +156,9 @@ class Follower:
             # one was deleted: wait for that one (waiting for an offset that already went
             # by would return at once, forever, and never send a heartbeat).
             self.cursor = max(self.cursor, topic.next_offset)
-            if not service._wait_for_offset(self._name, self.cursor, self._heartbeat, self):
-                if not (self.cancelled or service.closing):
-                    return []
+            waited = service._wait_for_offset(self._name, self.cursor, self._heartbeat, self)
+            if not waited and not (self.cancelled or service.closing):
+                return []
         return None
 
     def _read(self, topic: TopicState) -> list[tuple[int, bytes]]:
@@ -149,5 +167,3 @@ class Follower:
         if not page:
             self._limits.give_back()
         return page
-
-

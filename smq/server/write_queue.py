@@ -17,6 +17,7 @@ larger than `limit` still goes, alone.
 
 Called by the threads that run calls (QueueService's produce methods).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,13 @@ class Done(Protocol):
 
 
 class WriteQueue:
-    def __init__(self, limit: int = WRITE_QUEUE_BYTES, max_waiting: int = 4,
-                 wait_seconds: float = WAIT_SECONDS,
-                 stream_wait_seconds: float = STREAM_WAIT_SECONDS) -> None:
+    def __init__(
+        self,
+        limit: int = WRITE_QUEUE_BYTES,
+        max_waiting: int = 4,
+        wait_seconds: float = WAIT_SECONDS,
+        stream_wait_seconds: float = STREAM_WAIT_SECONDS,
+    ) -> None:
         self.limit = limit
         self.max_waiting = max_waiting
         self.wait_seconds = wait_seconds
@@ -117,5 +122,7 @@ class WriteQueue:
         return queued == 0 or queued + size <= self.limit
 
     def _refusal(self) -> str:
-        return (f"too many large writes queued ({self._queued() / 1024**2:.1f} MiB waiting for "
-                "the disk, more waiting for room): retry later")
+        return (
+            f"too many large writes queued ({self._queued() / 1024**2:.1f} MiB waiting for "
+            "the disk, more waiting for room): retry later"
+        )

@@ -30,6 +30,7 @@ The writer owns the working topic counters (next offset, earliest, bytes). After
 commit it hands copies of the topics it changed to `on_commit`, which is how the
 rest of the server learns what readers may now see.
 """
+
 from __future__ import annotations
 
 import logging
@@ -69,10 +70,13 @@ class GroupCommitWriter(Retention):
     group changed, for `on_commit`.
     """
 
-    def __init__(self, storage: Storage,
-                 on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
-                 defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False),
-                 clock: MessageClock | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        on_commit: Callable[[list[TopicState]], None] = lambda topics: None,
+        defaults: TopicPolicy = TopicPolicy(0, 0, 0, "reject", False),
+        clock: MessageClock | None = None,
+    ) -> None:
         self.storage = storage
         self.defaults = defaults
         self.clock = clock or MessageClock()
@@ -113,7 +117,11 @@ class GroupCommitWriter(Retention):
         A lone writer (see the module's docstring) commits it in the calling thread."""
         if self._closed:
             raise Unavailable("server is shutting down")
-        if self._expected <= 1 and self._queue.empty() and self._commit_lock.acquire(blocking=False):
+        if (
+            self._expected <= 1
+            and self._queue.empty()
+            and self._commit_lock.acquire(blocking=False)
+        ):
             try:
                 if self._finished:
                     raise Unavailable("server is shutting down")
@@ -176,9 +184,11 @@ class GroupCommitWriter(Retention):
         once and its offset saved by the next transaction."""
         step = self.clock.tick()
         if step:
-            log.warning("the wall clock stepped %s: message time goes on without the step, so age "
-                        "retention counts each message's age from when it was written",
-                        describe_shift(step))
+            log.warning(
+                "the wall clock stepped %s: message time goes on without the step, so age "
+                "retention counts each message's age from when it was written",
+                describe_shift(step),
+            )
             self._clock_unsaved = True
 
     def _next_first(self) -> Any:
@@ -206,8 +216,9 @@ class GroupCommitWriter(Retention):
                     break
                 if deadline is None:
                     wait = GATHER_COMMITS * self._commit_seconds
-                    deadline = time.monotonic() + min(max(wait, GATHER_MIN_SECONDS),
-                                                      GATHER_MAX_SECONDS)
+                    deadline = time.monotonic() + min(
+                        max(wait, GATHER_MIN_SECONDS), GATHER_MAX_SECONDS
+                    )
                 try:
                     op = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
@@ -317,4 +328,3 @@ class GroupCommitWriter(Retention):
             self.touched.clear()
             self.deleted.clear()
             self._on_commit(changed)
-
