@@ -13,11 +13,13 @@ database (ClockState), so message time goes on where it was:
   takes the step back, so message time does not jump;
 - at start in the same boot as the last run (same kernel boot id), a step made while
   SMQ was stopped is seen the same way;
-- at start otherwise, a message time behind the newest stored one, or stored times
-  from before this version was released while the clock is past it (written before
-  the clock was set), cannot be trusted as the time that passed: message time resumes
-  from the newest stored time. The time SMQ was stopped then does not count, which
-  keeps messages longer, never shorter, and not forever.
+- at start in another boot, no clock spans the time between: a board whose clock was
+  wrong during the last boot (no real-time clock, NTP not synced) and right now looks
+  like one that was off for that long. So message time resumes from the newest stored
+  time, as it does in any boot when the clock is behind the newest stored time or
+  stored times are from before this version was released (written before the clock
+  was set). The time SMQ was stopped then does not count, which keeps messages longer,
+  never shorter, and not forever (their age grows while SMQ runs).
 
 Backward steps are taken back too: message time never goes back, so ages keep
 growing and messages still expire.
@@ -85,7 +87,8 @@ class MessageClock:
         self._wall_minus_boot = wall - boot
         self.offset = stored.offset
         notes = []
-        if stored.boot_id and stored.boot_id == self._boot_id:
+        same_boot = bool(stored.boot_id) and stored.boot_id == self._boot_id
+        if same_boot:
             step = round(self._wall_minus_boot - stored.wall_minus_boot)
             if abs(step) >= STEP_SECONDS:
                 self.offset -= step
@@ -109,6 +112,15 @@ class MessageClock:
                 "release: it was written before the clock was set; message time resumes "
                 "from it, so the time since does not count"
             )
+        elif not same_boot and newest is not None and now - newest >= STEP_SECONDS:
+            self.offset -= now - newest
+            notes.append(
+                f"started in a new boot, {describe_duration(now - newest)} after the newest "
+                f"stored message time ({_utc(newest)}) by the wall clock: no clock measures "
+                "time across a reboot, and a clock that was wrong before it (no real-time "
+                "clock, NTP not synced) looks the same, so that time does not count toward "
+                "age retention: messages are kept longer, never shorter"
+            )
         self.now = int(wall) + self.offset
         return notes
 
@@ -130,10 +142,14 @@ class MessageClock:
 def describe_shift(seconds: int) -> str:
     """'forward by 100d 0h 0m (8640000 s)', for the one log line a step gets."""
     way = "forward" if seconds > 0 else "back"
-    minutes = abs(seconds) // 60
-    hours, minutes = divmod(minutes, 60)
+    return f"{way} by {describe_duration(abs(seconds))}"
+
+
+def describe_duration(seconds: int) -> str:
+    """'100d 0h 0m (8640000 s)'."""
+    hours, minutes = divmod(seconds // 60, 60)
     days, hours = divmod(hours, 24)
-    return f"{way} by {days}d {hours}h {minutes}m ({abs(seconds)} s)"
+    return f"{days}d {hours}h {minutes}m ({seconds} s)"
 
 
 def _utc(unix: int) -> str:
