@@ -271,9 +271,12 @@ class Storage(ConsumerOffsets, DiskSpace):
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
         topic.min_committed = None
+        # next_offset too: appends earlier in this transaction advanced it in memory only,
+        # and a topic created again under this name goes on from it.
         self._writer.execute(
-            f"UPDATE topics SET deleted = 1, stored_bytes = 0, {FORGET_POLICY} WHERE id = ?",
-            (topic.id,),
+            "UPDATE topics SET deleted = 1, stored_bytes = 0, next_offset = ?,"
+            f" {FORGET_POLICY} WHERE id = ?",
+            (topic.next_offset, topic.id),
         )
         topic.deleted = True
         topic.earliest = None
