@@ -202,3 +202,43 @@ def test_the_budget_returns_to_zero_when_the_server_stops_with_stalled_calls(tmp
         assert server.budget.used == 0
     finally:
         conn.close()
+
+
+def test_list_answers_are_built_one_at_a_time_and_charged(tmp_path, monkeypatch):
+    """The hostile run's case: 40 concurrent ListConsumers over 50,000 consumers took the
+    server to 413 MiB, building every list at once outside the budget. Now one list is
+    built at a time, and its answer is held in the budget until the client takes it."""
+    server = start(tmp_path)
+    try:
+        stub = stub_of(server)
+        for i in range(200):
+            stub.CommitOffset(smq_pb2.CommitOffsetRequest(consumer=f"c{i:04d}" + "x" * 200,
+                                                          topic="pages", offset=0), timeout=DEADLINE)
+        building, most = [0], [0]
+        lock = threading.Lock()
+        consumers = server.service.consumers
+
+        def slow_consumers(*args):
+            with lock:
+                building[0] += 1
+                most[0] = max(most[0], building[0])
+            time.sleep(0.05)  # a large list takes this long to read and sort
+            try:
+                return consumers(*args)
+            finally:
+                with lock:
+                    building[0] -= 1
+
+        monkeypatch.setattr(server.service, "consumers", slow_consumers)
+        sampler = UsedSampler(server)
+        calls = [threading.Thread(target=lambda: stub.ListConsumers(
+            smq_pb2.ListConsumersRequest(page_size=100), timeout=DEADLINE)) for _ in range(8)]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join()
+        assert most[0] == 1
+        assert sampler.stop() >= 2 * 100 * 200  # a page of 100 entries of 200+ bytes, twice
+        assert wait_for(lambda: server.budget.used == 0)
+    finally:
+        server.stop(0)

@@ -5,7 +5,9 @@ the threads that run calls.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -17,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from .. import __version__
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..domain import HEARTBEAT_OFFSET, TopicPolicy
-from ..errors import ResourceExhausted
+from ..errors import Overloaded, ResourceExhausted
 from . import encoding
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
 from .handlers import Encoded, charge, decoded
@@ -38,6 +40,11 @@ SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_na
 HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=HEARTBEAT_OFFSET).SerializeToString()
 MAX_BATCH_BYTES = 4 * 1024**2  # a ProduceBatch request may carry this much even with small messages
 MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty ones is a weapon)
+# List answers are built one at a time: building one holds every listed entry as Python
+# objects (~600 bytes each: 50,000 consumers took ~30 MiB), which the budget cannot see
+# beforehand; 40 at once took the server past its unit's MemoryMax. Others wait this long.
+LIST_BUILDS = 1
+LIST_WAIT_SECONDS = 10.0
 
 
 def is_local(context: grpc.ServicerContext) -> bool:
@@ -62,6 +69,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self.durability = durability
         self.send_limit = send_limit  # list pages fit it (see list_pages)
         self.started = time.monotonic()
+        self._list_builds = threading.BoundedSemaphore(LIST_BUILDS)
 
     @rpc
     def Connect(
@@ -234,8 +242,13 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def ListTopics(
         self, request: smq_pb2.ListTopicsRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ListTopicsResponse:
-        page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
-        return smq_pb2.ListTopicsResponse(topics=page.messages, next_page_token=page.next_token)
+        with self._building_list(context) as memory:
+            page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
+            reply = smq_pb2.ListTopicsResponse(
+                topics=page.messages, next_page_token=page.next_token
+            )
+            memory.hold(REPLY_COPIES * reply.ByteSize())  # until the client takes it
+        return reply
 
     @rpc
     def DescribeTopic(
@@ -285,15 +298,33 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def ListConsumers(
         self, request: smq_pb2.ListConsumersRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ListConsumersResponse:
-        page = page_of(
-            CONSUMERS,
-            self.service.consumers(request.topic, request.consumer),
-            page_request(request),
-            self.send_limit,
-        )
-        return smq_pb2.ListConsumersResponse(
-            consumers=page.messages, next_page_token=page.next_token
-        )
+        with self._building_list(context) as memory:
+            page = page_of(
+                CONSUMERS,
+                self.service.consumers(request.topic, request.consumer),
+                page_request(request),
+                self.send_limit,
+            )
+            reply = smq_pb2.ListConsumersResponse(
+                consumers=page.messages, next_page_token=page.next_token
+            )
+            memory.hold(REPLY_COPIES * reply.ByteSize())  # until the client takes it
+        return reply
+
+    @contextlib.contextmanager
+    def _building_list(self, context: grpc.ServicerContext) -> Iterator[CallMemory]:
+        """This call's turn to build a list answer (LIST_BUILDS), and its share of the
+        memory budget for the answer, held until the client takes it."""
+        memory = self._reply_memory(context)
+        if not self._list_builds.acquire(timeout=LIST_WAIT_SECONDS):
+            raise Overloaded(
+                f"other list calls have been building their answers for {LIST_WAIT_SECONDS:.0f} s; "
+                "retry later"
+            )
+        try:
+            yield memory
+        finally:
+            self._list_builds.release()
 
     @rpc
     def DeleteConsumer(
