@@ -27,7 +27,8 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from conftest import SERVER_COMMAND, ServerProcess, clean_env, ext4, make_topic, shut_down_ext4
+from conftest import (SERVER_COMMAND, ServerProcess, assert_one_line_refusal, clean_env, ext4,
+                      make_topic, shut_down_ext4, start_and_fail)
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
 from smq.server.service import QueueService
 from smq.server.storage import Storage
@@ -352,3 +353,25 @@ def test_unix_socket_group_by_number(start_server, socket_dir):
     path = socket_dir / "s.sock"
     start_server("--unix-socket", str(path), env=clean_env(SMQ_UNIX_SOCKET_GROUP="1"))
     assert mode_of(path) == 0o660 and path.stat().st_gid == 1
+
+
+def test_a_second_server_leaves_a_running_servers_socket_alone(start_server, tmp_path, socket_dir):
+    """The hostile run's case: a second server started by mistake (same database or
+    another) replaced the running one's socket, or removed it when it stopped."""
+    path = socket_dir / "s.sock"
+    first = start_server("--unix-socket", str(path))
+    for db in (tmp_path / "smq.db", tmp_path / "other.db"):  # same database, another
+        result = start_and_fail(tmp_path, "--unix-socket", str(path), "--dbpath", str(db))
+        assert_one_line_refusal(result, str(path), "in use by a running server")
+        assert unix_stub(path).Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
+    assert first.terminate() == 0
+    assert not path.exists()
+
+
+def test_a_socket_left_by_a_killed_server_is_replaced(start_server, socket_dir):
+    path = socket_dir / "s.sock"
+    start_server("--unix-socket", str(path)).kill()
+    assert path.exists()  # nobody listens on it now
+    second = start_server("--unix-socket", str(path))
+    assert unix_stub(path).Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
+    assert second.terminate() == 0

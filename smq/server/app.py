@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import stat
 import threading
 
@@ -166,11 +167,31 @@ def add_services(
 
 
 def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file that no server listens on any more (one killed left it).
+    StartupError if one does: a second server must not take a running one's socket."""
     try:
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
     except FileNotFoundError:
-        pass
+        return
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # refused: nobody listens
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"the Unix socket {path!r} is in use by a running server")
+
+
+def _socket_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def check_memory_budget(config: ServerConfig) -> None:
@@ -197,6 +218,7 @@ class Server:
         )
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
+        self._socket = _socket_identity(config.unix_socket) if config.unix_socket else None
         self.health = health.HealthServicer()
         self._serving: bool | None = None
         service: QueueService | None = None
@@ -238,8 +260,14 @@ class Server:
             elif "storage" in locals():
                 storage.close()
             self._grpc.stop(None)
+            self._remove_own_socket()
             raise
         self._stopped = threading.Event()
+
+    def _remove_own_socket(self) -> None:
+        path = self.config.unix_socket
+        if path and _socket_identity(path) == self._socket:
+            os.unlink(path)  # ours still: not one another server put there meanwhile
 
     def start(self) -> Server:
         self._grpc.start()
@@ -303,8 +331,7 @@ class Server:
         self._grpc.stop(grace).wait()
         self.budget.stop()
         self.service.close()
-        if self.config.unix_socket:
-            _remove_stale_socket(self.config.unix_socket)
+        self._remove_own_socket()
         log.info("stopped")
 
     def __enter__(self) -> Server:
