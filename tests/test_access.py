@@ -262,6 +262,18 @@ def test_reflection_lists_the_service(smq_server):
     assert {SERVICE, "grpc.health.v1.Health"} <= names
 
 
+def test_a_huge_reflection_request_is_refused_unparsed(smq_server):
+    """The hostile run's case: 30 streams of one 3.9 MiB request each took the server to
+    its unit's MemoryMax (parsing, and an error echoing the symbol name)."""
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="x" * 1024 * 1024)
+    with pytest.raises(grpc.RpcError) as caught:
+        reflect(smq_server, request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 64 KiB" in caught.value.details()
+    response = reflect(smq_server, reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert response.list_services_response.service  # the server goes on answering
+
+
 def test_reflection_describes_the_service_for_generic_clients(smq_server):
     response = reflect(smq_server, reflection_pb2.ServerReflectionRequest(
         file_containing_symbol=SERVICE))

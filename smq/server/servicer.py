@@ -14,12 +14,12 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .. import __version__
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..domain import HEARTBEAT_OFFSET, TopicPolicy
-from ..errors import Overloaded, ResourceExhausted
+from ..errors import InvalidArgument, Overloaded, ResourceExhausted
 from . import encoding
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
 from .handlers import Encoded, charge, decoded
@@ -44,6 +44,8 @@ MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty o
 # objects (~600 bytes each: 50,000 consumers took ~30 MiB), which the budget cannot see
 # beforehand; 40 at once took the server past its unit's MemoryMax. Others wait this long.
 LIST_BUILDS = 1
+MAX_REFLECTION_REQUEST = 64 * 1024  # a symbol or file name; real ones are far smaller
+TOO_LARGE = object()  # stands in for a reflection request over MAX_REFLECTION_REQUEST
 LIST_WAIT_SECONDS = 10.0
 
 
@@ -420,9 +422,27 @@ class Reflection(reflection.ReflectionServicer):
         super().__init__(service_names)
         self.service = service
 
+    @staticmethod
+    def request(data: bytes) -> Any:
+        """The request, or TOO_LARGE for one too large to be a real one (a symbol or file
+        name): refused unparsed, since parsing (and the error that echoes its name)
+        made copies of megabytes that the memory budget does not see."""
+        if len(data) > MAX_REFLECTION_REQUEST:
+            return TOO_LARGE  # not None: gRPC takes None for a failed deserializer
+        return reflection_pb2.ServerReflectionRequest.FromString(data)
+
     @streaming_rpc
     def ServerReflectionInfo(
         self, request_iterator: Iterator[Any], context: grpc.ServicerContext
     ) -> Iterator[Any]:
         with self.service.stream_slot():
-            yield from super().ServerReflectionInfo(request_iterator, context)
+            yield from super().ServerReflectionInfo(_checked(request_iterator), context)
+
+
+def _checked(requests: Iterator[Any]) -> Iterator[Any]:
+    for request in requests:
+        if request is TOO_LARGE:
+            raise InvalidArgument(
+                f"a reflection request is at most {MAX_REFLECTION_REQUEST // 1024} KiB"
+            )
+        yield request
