@@ -105,10 +105,15 @@ def in_range(parse: Callable[[str], Any], low: float, high: float) -> Callable[[
     def parse_bounded(text: str) -> Any:
         value = parse(text)
         if not low <= value <= high:
-            raise ValueError(f"expected a value from {low:g} to {high:g}")
+            raise ValueError(f"expected a value from {_number(low)} to {_number(high)}")
         return value
 
     return parse_bounded
+
+
+def _number(value: float) -> str:
+    """67108864, not 6.71089e+07; 0.5 as it is."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
 
 
 # -- the table -------------------------------------------------------------------------------

@@ -289,6 +289,7 @@ INVALID = [
     ("dbpath", ""), ("dbpath", "  "), ("dbpath", ":memory:"),
     ("memory_budget", "8MiB"), ("memory_budget", "lots"), ("memory_budget", "1TB"),
     ("stall_timeout", "0"), ("stall_timeout", "2h"),
+    ("max_db_size", "1"), ("max_db_size", "1KiB"),
 ]
 
 
@@ -299,6 +300,7 @@ def check_names_setting_and_value(exc: ConfigError, field: str, raw: str, source
     assert repr(raw) in message, message
     assert source in message, message
     assert "\n" not in message
+    assert "e+" not in message  # bounds as users write them: 67108864, not 6.71089e+07
     assert exc.value == raw
 
 

@@ -57,6 +57,16 @@ def group_id(text: str) -> int:
         raise ValueError("no such group on this system (give a group name or number)") from None
 
 
+MIN_DB_SIZE = 256 * 1024  # the schema, a first page of messages and the reserve for deletes
+
+
+def parse_disk_budget(text: str) -> int:
+    size = parse_size(text)
+    if 0 < size < MIN_DB_SIZE:
+        raise ValueError("expected 0 (no limit) or at least 256KiB")
+    return size
+
+
 def parse_group(text: str) -> str:
     group_id(text)
     return text.strip()
@@ -214,7 +224,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_db_size",
         "--max-db-size",
         "SMQ_MAX_DB_SIZE",
-        parse_size,
+        parse_disk_budget,
         "0",
         "disk budget of the database file and its WAL (e.g. 512MiB); 0: no limit",
     ),
