@@ -3,6 +3,12 @@
 `smq_server` starts `python -m smq` with a database in the test's temp dir and
 returns a ServerProcess; `start_server` starts more (or restarts on the same file).
 Every test gets a clean environment: no SMQ variable of the developer's leaks in.
+
+Markers (pyproject.toml): `slow` (left out unless asked for with -m slow) and
+`process`, which the tests that start processes (servers, the CLI as a program,
+nats-server, builds) carry; everything under tests/e2e/ and tests/system/ gets it
+here. The fast in-process layer is what remains:
+    ./dev test -m "not slow and not process"
 """
 from __future__ import annotations
 
@@ -13,6 +19,15 @@ import pytest
 
 from smq._proto import smq_pb2_grpc
 from support.servers import Run, ServerProcess
+
+HERE = Path(__file__).resolve().parent
+PROCESS_FOLDERS = (HERE / "e2e", HERE / "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(folder in item.path.parents for folder in PROCESS_FOLDERS):
+            item.add_marker(pytest.mark.process)
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ import pytest
 from support import ROOT
 from support.servers import Run, ServerProcess, clean_env, module_server, point_cli_at
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[ServerProcess]:

@@ -18,6 +18,8 @@ from support import ROOT
 from support.servers import Run, ServerProcess, clean_env, module_server, point_cli_at
 from smq.client import Client
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 POLICY_DEFAULTS = """\
 SETTING           OVERRIDE  EFFECTIVE
 max-messages      -         no limit

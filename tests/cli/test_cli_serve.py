@@ -14,6 +14,8 @@ from support.servers import ServerProcess, clean_env
 from smq._proto import smq_pb2
 from smq.server.config import SETTINGS, SETTINGS_BY_FIELD, ServerConfig as Config
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 TIMEOUT = 60
 
 

@@ -13,8 +13,11 @@ import pytest
 
 import smq
 from support import ROOT
+from support.poll import eventually
 from support.servers import ServerProcess, clean_env, module_server
 from smq.client import Client, Message, TopicInfo
+
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +187,7 @@ def test_close_ends_running_iterators_and_refuses_reuse(server: ServerProcess, t
     thread = threading.Thread(target=consume)
     thread.start()
     client.produce(topic, b"one")
-    deadline = time.monotonic() + 10
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: received, timeout=10, interval=0.02)
     client.close()
     assert done.wait(10), "subscribe() did not end when the client was closed"
     assert received == [(b"one", 1)] and client.closed

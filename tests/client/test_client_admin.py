@@ -12,6 +12,8 @@ import smq
 from support.servers import ServerProcess, module_server
 from smq.client import Client, ConsumerInfo, ServerInfo, TopicPolicy
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 WEEK = 7 * 86400
 
 

@@ -3,21 +3,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from smq.client import Client, Message
 from smq.retry import backoff
+from support.poll import eventually
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 
 
 @pytest.mark.parametrize("method", ["iter_messages", "subscribe"])
@@ -43,7 +37,8 @@ def test_follows_across_a_server_restart_without_gap_or_duplicate(
 
         consumer = threading.Thread(target=consume, daemon=True)
         consumer.start()
-        wait_for(lambda: len(received) >= 100)  # caught up, now following live
+        # caught up, now following live
+        eventually(lambda: len(received) >= 100, timeout=30, interval=0.02)
         client.produce_many("r", payloads[100:200], batch_size=10)
         server.terminate()  # mid-stream: some of 101..200 may not be delivered yet
         server = start_server("--heartbeat-interval", "0.2", db=db, port=str(port))

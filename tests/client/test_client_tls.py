@@ -14,6 +14,8 @@ from support.servers import ENV_NAMES, ServerProcess
 from smq import cli
 from smq.client import Client, ClientTLSConfig
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

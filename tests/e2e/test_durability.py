@@ -4,13 +4,13 @@ passes PRAGMA integrity_check afterwards."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import apsw
 import grpc
 import pytest
 
+from support.poll import eventually
 from smq._proto import smq_pb2, smq_pb2_grpc
 from smq.server.schema import StorageOptions
 from smq.server.storage import Storage
@@ -143,9 +143,8 @@ def test_kill_9_right_after_acks_loses_nothing_and_reuses_no_offset(durability: 
     threads = [threading.Thread(target=producer, args=(n,), daemon=True) for n in range(PRODUCERS)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 60
-    while len(acked) < 400 and time.monotonic() < deadline and all(t.is_alive() for t in threads):
-        time.sleep(0.01)
+    eventually(lambda: len(acked) >= 400 or not all(t.is_alive() for t in threads),
+               timeout=60, interval=0.01)
     assert len(acked) >= 400 and not failures, (len(acked), failures, server.log())
     server.proc.kill()  # SIGKILL while the producers are still producing
     server.kill()

@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from support import ROOT
+from support.poll import eventually
 from support.servers import ServerProcess, clean_env
 from smq._proto import smq_pb2
 
@@ -244,14 +245,17 @@ def cancel_all(streams) -> None:
 
 
 def wait_for_free_slots(server, topic: str, wanted: int, timeout: float = 60.0):
-    """Retry until `wanted` streams open (slots are freed asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """Retry until `wanted` streams open (slots are freed asynchronously): the streams
+    opened, and the code that refused the next one."""
+    def attempt():
         opened, code = open_streams_until_refused(server, topic)
-        if len(opened) >= wanted or time.monotonic() > deadline:
+        if len(opened) >= wanted:
             return opened, code
         cancel_all(opened)
-        time.sleep(1)
+        return None
+
+    return eventually(attempt, timeout=timeout, interval=1,
+                      message=f"fewer than {wanted} stream slots came free")
 
 
 def test_clients_that_vanish_free_their_stream_slots(server, stub):
@@ -437,13 +441,16 @@ def test_headers_only_stream_flood_does_not_starve_others(server):
         server.stub(own_connection=True).Connect(smq_pb2.ConnectRequest(), timeout=10)
     finally:
         sock.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the next tests need the server back
+
+        def answers() -> bool:
             try:
                 server.stub(own_connection=True).Connect(smq_pb2.ConnectRequest(), timeout=5)
-                break
+                return True
             except grpc.RpcError:
-                time.sleep(0.5)
+                return False
+
+        # The module's other tests use this server: it must answer again.
+        eventually(answers, timeout=60, interval=0.5, message="the server did not answer again")
 
 
 def test_produce_batch_of_a_million_empty_messages_keeps_memory_bounded(start_server):

@@ -34,6 +34,7 @@ from pathlib import Path
 import apsw
 import grpc
 
+from support.poll import eventually
 from smq._proto import smq_pb2, smq_pb2_grpc
 from smq.server.storage import stored_messages
 
@@ -340,14 +341,15 @@ def test_kill_9_under_load_loses_nothing_acknowledged(start_server, tmp_path, re
     cycle = Cycle(server.address)
     for consumer in consumers:
         cycle.spawn(consumer.run, ledger)
-    deadline = time.monotonic() + 120
-    while any(c.cursor <= final[c.topic] for c in consumers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    cycle.killed.set()
-    for call in cycle.calls:
-        call.cancel()
-    for thread in cycle.threads:
-        thread.join(CALL_TIMEOUT)
+    try:
+        eventually(lambda: all(c.cursor > final[c.topic] for c in consumers), timeout=120,
+                   interval=0.1, message="the consumers did not catch up")
+    finally:
+        cycle.killed.set()
+        for call in cycle.calls:
+            call.cancel()
+        for thread in cycle.threads:
+            thread.join(CALL_TIMEOUT)
     assert [c.cursor for c in consumers] == [final[c.topic] + 1 for c in consumers]
     assert not ledger.problems, "\n".join(ledger.problems[:20])
     assert server.terminate() == 0

@@ -12,6 +12,7 @@ import apsw
 import grpc
 import pytest
 
+from support.poll import eventually
 from support.disks import tmpfs
 from support.servers import assert_one_line_refusal, integrity, start_and_fail
 from smq.server import retention
@@ -161,10 +162,8 @@ def test_retention_by_age_trims_without_new_writes(start_server):
     stub.SetTopicPolicy(smq_pb2.SetTopicPolicyRequest(
         topic="aged", policy=smq_pb2.TopicPolicy(max_age_seconds=1)))
     produce(stub, "aged", 5)
-    deadline = time.monotonic() + 15
-    while offsets(stub, "aged") is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert offsets(stub, "aged") is None
+    eventually(lambda: offsets(stub, "aged") is None, timeout=15, interval=0.2,
+               message="the aged messages were not deleted")
     assert produce(stub, "aged", 1) == [6]  # offsets go on
 
 

@@ -98,6 +98,7 @@ def test_a_host_name_that_is_no_subject_token_asks_for_a_node():
 
 # -- the command line ---------------------------------------------------------------------------
 
+@pytest.mark.process
 def test_bad_settings_exit_2_with_one_line(tmp_path):
     code, out = run_forward("--topics", "t", "--window", "0", cwd=tmp_path)
     assert code == 2
@@ -107,6 +108,7 @@ def test_bad_settings_exit_2_with_one_line(tmp_path):
     assert code == 2 and len(out.splitlines()) == 1 and "SMQ_FORWARD_TOPICS" in out
 
 
+@pytest.mark.process
 def test_missing_nats_py_is_one_line_and_exit_2(tmp_path):
     code, out = run_forward("--topics", "t", cwd=tmp_path,
                             code="import sys; sys.modules['nats'] = None  # as if not installed")
@@ -115,6 +117,7 @@ def test_missing_nats_py_is_one_line_and_exit_2(tmp_path):
                    "pip install nats-py (a dependency of smq; the PEX carries it)\n")
 
 
+@pytest.mark.process
 def test_unusable_nats_tls_files_exit_2_with_one_line(tmp_path):
     bad = tmp_path / "not-a-cert.pem"
     bad.write_text("hello\n")
@@ -123,6 +126,7 @@ def test_unusable_nats_tls_files_exit_2_with_one_line(tmp_path):
     assert out.startswith("smq forward: error: the NATS TLS files cannot be used: ")
 
 
+@pytest.mark.process
 def test_help_lists_every_flag_with_its_environment_variable(tmp_path):
     code, out = run_forward("--help", cwd=tmp_path)
     assert code == 0
@@ -208,6 +212,7 @@ def test_unit_is_hardened_like_the_server_and_waits_for_ready():
     assert hardening(text) == hardening(SERVER_UNIT.read_text())
 
 
+@pytest.mark.process
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_unit_verifies_and_its_exposure_is_as_low_as_the_servers(tmp_path):
     exec_start = f"ExecStart={sys.executable} -m smq.forward"

@@ -38,7 +38,7 @@ SERVICE = "smq.SuhaibMessageQueue"
 WIRE_RPCS = {"Connect", "GetLatestOffset", "GetEarliestOffset", "CreateTopic", "Produce",
              "Consume", "StreamProduce", "StreamConsume", "DeleteUntilOffset", "BulkRetrieve"}
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 # The four writes, each on an existing topic "t" (CreateTopic also on a new one).
 WRITES: dict[str, Callable[[smq_pb2_grpc.SuhaibMessageQueueStub], object]] = {

@@ -16,6 +16,7 @@ from support.servers import assert_one_line_refusal, start_and_fail
 from smq.server.budget import (MIN_GRANT, REQUEST_COPIES, SMALL_REQUEST, Charge, MemoryBudget, Writes,
                         minimum_limit, page_cost)
 from smq.errors import Overloaded
+from support.poll import eventually
 
 MIB = 1024**2
 
@@ -188,12 +189,9 @@ def test_the_watcher_ends_stalled_calls_and_reports_drained_bursts():
     call.hold(16 * MIB)
     memory.start()
     try:
-        deadline = time.monotonic() + 10
-        while not calls and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: calls, timeout=10, message="the stalled call was not ended")
         call.close()
-        while True not in ticks and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: True in ticks, timeout=10, message="no drained tick")
     finally:
         memory.stop()
     assert calls == ["ended"] and True in ticks and memory.used == 0

@@ -11,8 +11,11 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from support.poll import eventually
 from support.servers import ServerProcess
 from smq._proto import smq_pb2
+
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 
 RPC_TIMEOUT = 60
 PRODUCERS, PER_PRODUCER, CONSUMERS = 4, 200, 3
@@ -183,18 +186,19 @@ def test_max_streams_refuses_streams_of_other_connections_and_topics(start_serve
     assert all(call.is_active() for call in open_calls)  # nobody else's stream was ended
 
     open_calls[0].cancel()  # frees a slot once the server notices the cancellation
-    deadline = time.monotonic() + 20
-    while True:
+
+    def slot_free() -> bool:
         retry = other.StreamConsume(smq_pb2.ConsumeRequest(topic="s", offset=0), timeout=RPC_TIMEOUT)
         try:
             assert first_reply(retry).offset == 1
-            break
+            return True
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert time.monotonic() < deadline, "the cancelled stream's slot was never freed"
-            time.sleep(0.05)
+            return False
         finally:
             retry.cancel()
+
+    eventually(slot_free, timeout=20, message="the cancelled stream's slot was never freed")
     open_calls[1].cancel()
 
 

@@ -8,6 +8,8 @@ import pytest
 from support.servers import make_topic
 from smq._proto import smq_pb2, smq_pb2_grpc
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 
 def stub_for(target):
     return smq_pb2_grpc.SuhaibMessageQueueStub(grpc.insecure_channel(target))

@@ -14,6 +14,7 @@ from smq.server.schema import StorageOptions
 from smq.server.storage import Storage
 from smq.server.ops import Append, CreateTopic, WriteOp
 from smq.server.writer import GroupCommitWriter
+from support.poll import eventually
 
 
 class Probe(WriteOp):
@@ -43,13 +44,6 @@ def writer(tmp_path):
     storage.close()
 
 
-def wait_until(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
-
-
 def test_a_lone_writer_commits_in_its_own_thread(writer):
     probe = Probe()
     assert writer.execute(probe, 10) is True
@@ -71,7 +65,7 @@ def test_writes_that_arrive_during_a_commit_share_the_next_one(writer):
         writer.execute(Append.to_topic("t", [b"x"]), 10))) for _ in range(5)]
     for thread in others:
         thread.start()
-    wait_until(lambda: len(queued) == 5)  # the commit lock is taken: all five queue up
+    eventually(lambda: len(queued) == 5, interval=0.001)  # the commit lock is taken: all five queue up
     commits = writer.commits
     hold.set()
     leader.join(10)

@@ -32,7 +32,7 @@ from smq.server.lists import MAX_PAGE_SIZE
 from smq.server.app import send_limit
 from smq.server.storage import Storage
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(300)]
 
 TIMEOUT = 60.0
 MANY = 45_000  # three times the 15,000

@@ -9,6 +9,8 @@ import pytest
 
 from support import ROOT
 
+pytestmark = pytest.mark.process  # runs fresh Python processes
+
 BURST = """
 import ctypes, sys
 from smq.server import malloc

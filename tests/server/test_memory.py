@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from support import ROOT
+from support.poll import eventually
 from smq._proto import smq_pb2, smq_pb2_grpc
 from smq.server.config import ServerConfig as Config
 from smq.server import Server
@@ -47,15 +48,6 @@ def stub_of(server: Server) -> smq_pb2_grpc.SuhaibMessageQueueStub:
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}",
                                     options=[("grpc.use_local_subchannel_pool", 1)])
     return smq_pb2_grpc.SuhaibMessageQueueStub(channel)
-
-
-def wait_for(condition, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 class UsedSampler:
@@ -90,7 +82,7 @@ def test_unread_bulk_replies_stay_within_the_budget_then_return_to_zero(server):
     try:
         time.sleep(0.2)
         calls = [conn.call("BulkRetrieve", BULK) for _ in range(40)]
-        assert wait_for(lambda: len(conn.statuses()) >= 20)  # the refused ones end at once
+        eventually(lambda: len(conn.statuses()) >= 20, timeout=15)  # the refused ones end at once
         time.sleep(0.5)
         held = server.budget.used
         statuses = conn.statuses()
@@ -100,7 +92,8 @@ def test_unread_bulk_replies_stay_within_the_budget_then_return_to_zero(server):
         assert reply.count > 0 and reply.next_offset == reply.count + 1
     finally:
         conn.close()
-    assert wait_for(lambda: server.budget.used == 0), server.budget.used
+    eventually(lambda: server.budget.used == 0, timeout=15,
+               message=lambda: f"{server.budget.used} bytes still held")
     most = sampler.stop()
     assert 0 < most <= server.budget.limit
     assert held >= 2 * 3 * MIB  # at least one full page (and gRPC's copy) was held for it
@@ -115,7 +108,7 @@ def test_past_the_budget_a_call_is_told_why(server):
         time.sleep(0.2)
         for _ in range(30):
             conn.call("BulkRetrieve", BULK)
-        assert wait_for(lambda: RESOURCE_EXHAUSTED in conn.statuses().values())
+        eventually(lambda: RESOURCE_EXHAUSTED in conn.statuses().values(), timeout=15)
         hog = server.budget.open_call(None, lambda: None)  # all the rest, reserve included
         hog.hold(server.budget.limit)
         with pytest.raises(grpc.RpcError) as refused:
@@ -127,7 +120,7 @@ def test_past_the_budget_a_call_is_told_why(server):
         assert "--memory-budget" in refused.value.details()
     finally:
         conn.close()
-    assert wait_for(lambda: server.budget.used == 0)
+    eventually(lambda: server.budget.used == 0, timeout=15)
 
 
 def test_large_requests_past_the_budget_are_refused_small_ones_not(server):
@@ -145,7 +138,7 @@ def test_large_requests_past_the_budget_are_refused_small_ones_not(server):
         hog.close()
     stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic="pages", messages=[b"b" * MIB] * 2),
                       timeout=DEADLINE)
-    assert wait_for(lambda: server.budget.used == 0)
+    eventually(lambda: server.budget.used == 0, timeout=15)
 
 
 def test_stream_produce_messages_are_held_until_committed_then_released(server):
@@ -153,7 +146,7 @@ def test_stream_produce_messages_are_held_until_committed_then_released(server):
     reply = stub.StreamProduce(iter([smq_pb2.ProduceRequest(topic="pages", message=b"s" * 100_000)]
                                     * 60), timeout=DEADLINE)
     assert reply.offset == 10_060
-    assert wait_for(lambda: server.budget.used == 0)
+    eventually(lambda: server.budget.used == 0, timeout=15)
     hog = server.budget.open_call(None, lambda: None)
     hog.hold(server.budget.limit - server.budget.reserve)  # room for small messages only
     try:  # no room for the next message: the stream ends, what came before stays
@@ -165,7 +158,7 @@ def test_stream_produce_messages_are_held_until_committed_then_released(server):
     finally:
         hog.close()
     assert stub.Consume(smq_pb2.ConsumeRequest(topic="pages", offset=10_061)).message == b"t" * 100
-    assert wait_for(lambda: server.budget.used == 0)
+    eventually(lambda: server.budget.used == 0, timeout=15)
 
 
 @pytest.mark.parametrize("method, request_bytes", [
@@ -178,10 +171,10 @@ def test_a_reader_that_stalls_is_ended_after_the_stall_timeout(tmp_path, method,
     try:
         time.sleep(0.2)
         stream = conn.call(method, request_bytes)
-        assert wait_for(lambda: server.budget.used > 0)
-        assert wait_for(lambda: conn.status(stream) is not None, timeout=10)
+        eventually(lambda: server.budget.used > 0, timeout=15)
+        eventually(lambda: conn.status(stream) is not None, timeout=10)
         assert conn.status(stream) == CANCELLED
-        assert wait_for(lambda: server.budget.used == 0)
+        eventually(lambda: server.budget.used == 0, timeout=15)
         assert stub_of(server).BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="pages", limit=5),
                                             timeout=DEADLINE).count == 5
     finally:
@@ -197,7 +190,7 @@ def test_the_budget_returns_to_zero_when_the_server_stops_with_stalled_calls(tmp
         for _ in range(5):
             conn.call("BulkRetrieve", BULK)
             conn.call("Subscribe", smq_pb2.SubscribeRequest(topic="pages").SerializeToString())
-        assert wait_for(lambda: server.budget.used > 6 * MIB)
+        eventually(lambda: server.budget.used > 6 * MIB, timeout=15)
         server.stop(1)
         assert server.budget.used == 0
     finally:

@@ -15,6 +15,8 @@ from support.certs import CertSet, make_certs
 from support.servers import ServerProcess, clean_env
 from smq._proto import smq_pb2, smq_pb2_grpc
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 RPC_TIMEOUT = 15
 
 

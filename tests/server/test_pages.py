@@ -15,6 +15,8 @@ import pytest
 from smq._proto import smq_pb2
 from smq.client import Client
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 COUNT = 30_000
 DEADLINE = 60.0
 

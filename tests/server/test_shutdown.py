@@ -6,7 +6,6 @@ from __future__ import annotations
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +14,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from support.poll import eventually
 from support.servers import ServerProcess
 from smq._proto import smq_pb2, smq_pb2_grpc
 from smq.server.config import ServerConfig as Config
 from smq.errors import StartupError
 from smq.server import Server
+
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 
 RPC_TIMEOUT = 30
 EXIT_TIMEOUT = 10  # well above --shutdown-grace 2, well below a hang
@@ -66,10 +68,9 @@ def test_sigterm_ends_streams_with_unavailable_and_exits_0(start_server, tmp_pat
         assert watcher.subscribed.wait(RPC_TIMEOUT)
     acked = [stub.Produce(smq_pb2.ProduceRequest(topic="live", message=f"m{i}".encode()),
                           timeout=RPC_TIMEOUT).offset for i in range(20)]
-    deadline = time.monotonic() + RPC_TIMEOUT
-    while any(len(w.received) < len(acked) for w in watchers):  # all pushed to every stream
-        assert time.monotonic() < deadline, [len(w.received) for w in watchers]
-        time.sleep(0.02)
+    eventually(lambda: all(len(w.received) >= len(acked) for w in watchers),  # pushed to all
+               timeout=RPC_TIMEOUT, interval=0.02,
+               message=lambda: str([len(w.received) for w in watchers]))
 
     code = signal_and_wait(server)
     assert code == 0, server.log()
@@ -112,10 +113,7 @@ def test_sigterm_during_concurrent_produce_keeps_every_ack(start_server, tmp_pat
     threads = [threading.Thread(target=producer, args=(n,), daemon=True) for n in range(4)]
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 60
-    while len(acked) < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(acked) >= 200, server.log()
+    eventually(lambda: len(acked) >= 200, timeout=60, interval=0.01, message=server.log)
     code = signal_and_wait(server)
     assert code == 0, server.log()
     for thread in threads:
@@ -140,16 +138,16 @@ def test_sigterm_during_concurrent_produce_keeps_every_ack(start_server, tmp_pat
 
 def wait_latest(stub: smq_pb2_grpc.SuhaibMessageQueueStub, topic: str, offset: int) -> None:
     """Poll until `offset` is committed in the topic (the server got that far)."""
-    deadline = time.monotonic() + RPC_TIMEOUT
-    while True:
+    def committed() -> bool:
         try:
-            if stub.GetLatestOffset(smq_pb2.GetLatestOffsetRequest(topic=topic),
-                                    timeout=RPC_TIMEOUT).offset >= offset:
-                return
+            return stub.GetLatestOffset(smq_pb2.GetLatestOffsetRequest(topic=topic),
+                                        timeout=RPC_TIMEOUT).offset >= offset
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION  # still empty
-        assert time.monotonic() < deadline, f"offset {offset} of {topic} never committed"
-        time.sleep(0.02)
+            return False
+
+    eventually(committed, timeout=RPC_TIMEOUT, interval=0.02,
+               message=f"offset {offset} of {topic} never committed")
 
 
 def unfinished_stream_produce(stub: smq_pb2_grpc.SuhaibMessageQueueStub, topic: str,
@@ -191,16 +189,16 @@ def test_client_cancelling_stream_produce_leaves_no_traceback(start_server):
         future.cancel()
     finally:
         never.set()
-    deadline = time.monotonic() + RPC_TIMEOUT
-    while True:  # the one stream slot comes back once the server has ended the call
+    def slot_back() -> bool:  # the one stream slot comes back once the server ended the call
         try:
             stub.StreamProduce(iter([smq_pb2.ProduceRequest(topic="gone", message=b"again")]),
                                timeout=RPC_TIMEOUT)
-            break
+            return True
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert time.monotonic() < deadline, "the cancelled stream was never ended"
-            time.sleep(0.05)
+            return False
+
+    eventually(slot_back, timeout=RPC_TIMEOUT, message="the cancelled stream was never ended")
     assert server.terminate() == 0  # the log is complete once the process is gone
     assert "Traceback" not in server.log() and "ERROR" not in server.log(), server.log()
 

@@ -17,6 +17,8 @@ from support.servers import assert_one_line_refusal, integrity, start_and_fail
 from smq._proto import smq_pb2
 from smq.server.storage import stored_messages
 
+pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
+
 KIB = 1024
 MIB = 1024 * KIB
 

@@ -139,6 +139,7 @@ def write_first_format(path: Path, messages: dict[str, list[bytes]]) -> None:
     db.close()
 
 
+@pytest.mark.process
 def test_a_first_format_database_is_migrated_with_nothing_lost(start_server, tmp_path: Path):
     db = tmp_path / "v1.db"
     old = {"alpha": [b"one", b"", b"three" * 1000], "beta": [b"b%d" % n for n in range(2000)]}
@@ -167,6 +168,7 @@ def test_a_first_format_database_is_migrated_with_nothing_lost(start_server, tmp
         conn.close()
 
 
+@pytest.mark.process
 def test_a_migration_short_of_space_refuses_to_start_and_keeps_the_old_file(tmp_path: Path):
     """The copy needs room; on a full disk the migration rolls back, the server says so
     in one line (exit 2), and the file is still format 1, whole and readable."""

@@ -16,6 +16,7 @@ import time
 import grpc
 import pytest
 
+from support.poll import eventually
 from support.servers import ServerProcess, make_topic
 from smq._proto import smq_pb2 as pb
 
@@ -23,7 +24,7 @@ TIMEOUT = 20.0  # for unary calls
 WAIT = 10.0     # for something a stream must deliver "promptly" (generous: shared machine)
 HEARTBEAT = pb.ConsumeResponse(message=b"", offset=-1)
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 
 class StreamReader:
@@ -313,16 +314,17 @@ def test_streams_on_different_topics_get_only_their_own(stub, readers):
 
 def open_stream_when_a_slot_is_free(stub, topic: str, readers, within: float = WAIT) -> StreamReader:
     """A stream that got a slot: retries RESOURCE_EXHAUSTED until `within` seconds pass."""
-    deadline = time.monotonic() + within
-    while True:
+    def opened() -> StreamReader | None:
         reader = readers(stub, topic, 0)
         try:
             reader.next()
             return reader
         except grpc.RpcError as error:
-            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+            if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise
-        time.sleep(0.05)  # spacing between attempts, not an assertion
+            return None
+
+    return eventually(opened, timeout=within, message=f"no stream slot on {topic!r}")
 
 
 def test_too_many_streams_then_cancel_frees_a_slot(start_server, readers):

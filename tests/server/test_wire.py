@@ -29,7 +29,7 @@ TIMEOUT = 20.0  # seconds for any one call: generous, the machine is shared
 MiB = 1024**2
 DEFAULT_MAX_MESSAGE_SIZE = MiB  # the server's --max-message-size default (WIRE.md: "server's maximum")
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 
 # -- fixtures and helpers -----------------------------------------------------------

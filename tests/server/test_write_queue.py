@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from support.poll import eventually
 from smq.errors import Overloaded
 from smq.server.write_queue import SMALL_WRITE, WriteQueue
 
@@ -120,12 +121,13 @@ def test_stream_writes_wait_longer_and_are_not_refused_for_waiting_unary_writes(
         waiters.append((thread, write))
     time.sleep(0.5)  # longer than a unary write would wait
     first.committed.set()
-    deadline = time.monotonic() + 10
-    while any(thread.is_alive() for thread, _ in waiters) and time.monotonic() < deadline:
+    def all_got_room() -> bool:
         for thread, write in waiters:  # each that got room is written, and the next goes
             if not thread.is_alive():
                 write.committed.set()
-        time.sleep(0.01)
+        return not any(thread.is_alive() for thread, _ in waiters)
+
+    eventually(all_got_room, timeout=10, interval=0.01)
     for thread, write in waiters:
         assert not thread.is_alive()
         write.committed.set()
