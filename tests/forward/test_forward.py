@@ -14,11 +14,12 @@ import pytest
 
 from support.certs import make_certs
 from support.servers import clean_env, make_topic
-from support.forwarding import (ForwarderProcess, NatsServer, check_exactly_once_in_order, forward_env,
-                        free_ports, read_stream, skip_without_nats, wait_for)
+from support.forwarding import (ForwarderProcess, NatsServer, check_exactly_once_in_order,
+                                forward_env, free_ports, read_stream)
+from support.poll import eventually
 from smq._proto import smq_pb2
 
-pytestmark = [skip_without_nats(), pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("needs_nats"), pytest.mark.timeout(120)]
 
 NODE = "edge"
 STREAM = "SMQ_edge"
@@ -67,8 +68,9 @@ def committed(stub, topic: str, consumer: str = f"forward-{NODE}") -> int | None
 
 
 def wait_committed(stub, expected: dict[str, list[bytes]], timeout: float = 30.0) -> None:
-    wait_for(lambda: all(committed(stub, t) == len(p) for t, p in expected.items()), timeout,
-             interval=0.1, what=f"commits up to {[len(p) for p in expected.values()]}")
+    eventually(lambda: all(committed(stub, t) == len(p) for t, p in expected.items()),
+               timeout=timeout, interval=0.1,
+               message=f"commits up to {[len(p) for p in expected.values()]}")
 
 
 def add_stream(url: str, name: str = STREAM, subjects: str = f"smq.{NODE}.>", **options) -> None:
@@ -133,8 +135,8 @@ def test_backlog_is_forwarded_at_start_with_subjects_ids_and_commits(
         assert "backlog 1400 (sensors 700, gps.fix 700)" in ready["STATUS"]
         final = (f"forwarding to {STREAM} at 127.0.0.1:{nats_server.port}; backlog 0 "
                  "(sensors 0, gps.fix 0); forwarded 1405")
-        wait_for(lambda: any(m.get("STATUS") == final for m in notify.messages), 15,
-                 what="a status line after the last message")
+        eventually(lambda: any(m.get("STATUS") == final for m in notify.messages), timeout=15,
+                   message="a status line after the last message")
         assert forwarder.terminate() == 0
         assert any(m.get("STOPPING") == "1" for m in notify.messages)
     finally:
@@ -221,9 +223,11 @@ def test_start_from_latest_and_a_named_consumer(smq_server, nats_server, forward
     produce(stub, "t", 30)
     forwarder = forward("--topics", "t", *smq_args(smq_server), "--nats-servers", nats_server.url,
                         "--create-stream", "--start-from", "latest", "--consumer", "cloud")
-    wait_for(lambda: committed(stub, "t", "cloud") == 30, 20, what="the latest offset committed")
+    eventually(lambda: committed(stub, "t", "cloud") == 30, timeout=20,
+               message="the latest offset committed")
     new = produce(stub, "t", 5, start=31)
-    wait_for(lambda: committed(stub, "t", "cloud") == 35, 20, what="the new messages")
+    eventually(lambda: committed(stub, "t", "cloud") == 35, timeout=20,
+               message="the new messages")
     assert forwarder.terminate() == 0
     stored = read_stream([nats_server.url], STREAM)
     assert [m.msg_id for m in stored] == [f"{NODE}/t/{o}" for o in range(31, 36)]
@@ -250,12 +254,12 @@ def test_messages_deleted_before_they_were_forwarded_are_reported(smq_server, na
     produce(stub, "t", 5)
     forwarder = forward("--topics", "t", *smq_args(smq_server), "--nats-servers", nats_server.url,
                         "--create-stream", "--ack-timeout", "1s")
-    wait_for(lambda: committed(stub, "t") == 5, 20, what="the first messages")
+    eventually(lambda: committed(stub, "t") == 5, timeout=20, message="the first messages")
     nats_server.stop()
     produce(stub, "t", 40, start=6)  # retention keeps offsets 36..45
     time.sleep(0.5)
     nats_server.start()
-    wait_for(lambda: committed(stub, "t") == 45, 30, what="the rest")
+    eventually(lambda: committed(stub, "t") == 45, timeout=30, message="the rest")
     assert forwarder.terminate() == 0
     assert "offsets 6 to 35 of 't' were deleted from SMQ before they were forwarded" in forwarder.log()
     stored = read_stream([nats_server.url], STREAM)
@@ -342,7 +346,8 @@ def test_a_message_larger_than_nats_takes_stops_its_topic_with_a_clear_error(
                             "--create-stream")
         forwarder.wait_log(r"edge/t/4 is 100000 bytes, more than the NATS server takes "
                            r"\(max_payload 65536\)")
-        wait_for(lambda: committed(stub, "t") == 3, 10, what="the messages before it")
+        eventually(lambda: committed(stub, "t") == 3, timeout=10,
+                   message="the messages before it")
         assert forwarder.terminate() == 0
     finally:
         nats_server.kill()

@@ -18,11 +18,12 @@ import time
 import pytest
 
 from support.servers import make_topic
-from support.forwarding import (ForwarderProcess, NatsCluster, check_exactly_once_in_order, forward_env,
-                        read_stream, skip_without_nats, wait_for)
+from support.forwarding import (ForwarderProcess, NatsCluster, check_exactly_once_in_order,
+                                forward_env, read_stream)
+from support.poll import eventually
 from smq._proto import smq_pb2
 
-pytestmark = [skip_without_nats(), pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.process, pytest.mark.usefixtures("needs_nats"), pytest.mark.timeout(240)]
 
 TOPICS = ("sensors", "logs", "gps.fix")
 TOTAL = 10_000
@@ -113,10 +114,11 @@ def test_ten_thousand_messages_exactly_once_in_order_through_failures(start_serv
             server.kill()
         time.sleep(4)
         cluster.start()
-        wait_for(lambda: "reconnected to NATS" in forwarders[0].log(), 30, what="a reconnect")
+        eventually(lambda: "reconnected to NATS" in forwarders[0].log(), timeout=30,
+                   message="a reconnect")
 
         # 2. The forwarder is killed in the middle of its work, and started again.
-        wait_for(lambda: all(committed(stub, t) > 0 for t in TOPICS), 30, what="commits")
+        eventually(lambda: all(committed(stub, t) > 0 for t in TOPICS), timeout=30, message="commits")
         time.sleep(2)
         forwarders[0].kill()
         time.sleep(1)
@@ -127,7 +129,7 @@ def test_ten_thousand_messages_exactly_once_in_order_through_failures(start_serv
         #    a burst at full speed (a whole window in flight).
         for _ in range(BURSTS):
             time.sleep(1.5)
-            wait_for(lambda: stream_leader(cluster.urls, "SMQ_edge"), 30, what="a leader")
+            eventually(lambda: stream_leader(cluster.urls, "SMQ_edge"), timeout=30, message="a leader")
             for topic in TOPICS:
                 produce_batch(topic, BURST // len(TOPICS))
             time.sleep(0.05)
@@ -135,13 +137,14 @@ def test_ten_thousand_messages_exactly_once_in_order_through_failures(start_serv
 
         # 4. The stream's leader is killed and stays down (the R3 stream keeps a quorum).
         time.sleep(1.5)
-        leader = wait_for(lambda: stream_leader(cluster.urls, "SMQ_edge"), 30, what="a leader")
+        leader = eventually(lambda: stream_leader(cluster.urls, "SMQ_edge"), timeout=30,
+                            message="a leader")
         victim = next(s for s in cluster.servers if s.name == leader)
         victim.kill()
 
         assert produced.wait(90), "the producer did not finish"
-        wait_for(lambda: all(committed(stub, t) == len(expected[t]) for t in TOPICS), 90,
-                 interval=0.25, what="every message committed")
+        eventually(lambda: all(committed(stub, t) == len(expected[t]) for t in TOPICS), timeout=90,
+                   interval=0.25, message="every message committed")
         assert forwarders[1].terminate() == 0
     finally:
         for forwarder in forwarders:
@@ -184,16 +187,21 @@ def test_leader_changes_under_a_full_window_keep_every_topic_in_order(start_serv
     try:
         forwarder.wait_log(r"forwarding .* to JetStream stream 'SMQ_edge'", timeout=60)
         step_downs = 0
-        deadline = time.monotonic() + 90
-        while not all(committed(stub, t) == len(expected[t]) for t in expected):
-            assert time.monotonic() < deadline, "not everything was forwarded in time"
+
+        def forwarded_all_while_stepping_down() -> bool:
+            nonlocal step_downs
+            if all(committed(stub, t) == len(expected[t]) for t in expected):
+                return True
             if step_downs < 8:
                 try:
                     step_down(cluster.urls, "SMQ_edge")
                     step_downs += 1
                 except Exception:
                     pass  # no leader right now
-            time.sleep(0.4)
+            return False
+
+        eventually(forwarded_all_while_stepping_down, timeout=90, interval=0.4,
+                   message="not everything was forwarded in time")
         assert forwarder.terminate() == 0
         stored = read_stream(cluster.urls, "SMQ_edge")
     finally:

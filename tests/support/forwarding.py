@@ -3,7 +3,8 @@
 forwarder as a child process (`python -m smq.forward`), and a reader of a whole stream.
 
 Debian's package installs the binary as /usr/sbin/nats-server (`apt-get install -y
-nats-server`); tests that need it skip with that hint when it is missing.
+nats-server`); tests that need it (the `needs_nats` fixture, tests/forward/conftest.py)
+skip with that hint when it is missing, or fail when SMQ_REQUIRE_NATS=1 (as .ci/run sets).
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+
+from support.poll import eventually
 
 INSTALL_HINT = "nats-server is not installed (CI: apt-get install -y nats-server)"
 
@@ -85,18 +88,18 @@ class NatsServer:
         return self
 
     def wait_listening(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"nats-server {self.name} exited {self.proc.returncode}:\n"
                                      f"{self.log_path.read_text()[-3000:]}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
+                return True
             except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"nats-server {self.name} did not listen in {timeout}s")
+                return False
+
+        eventually(listening, timeout=timeout, message=f"nats-server {self.name} did not listen")
 
     @property
     def running(self) -> bool:
@@ -147,18 +150,6 @@ class NatsCluster:
             server.kill()
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
-    """Poll `predicate()` until it returns something truthy; returns that value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
 class ForwarderProcess:
     """`python -m smq.forward ARGS` with output in a log file."""
 
@@ -178,7 +169,8 @@ class ForwarderProcess:
             if self.proc.poll() is not None and not re.search(pattern, self.log()):
                 raise AssertionError(f"forwarder exited {self.proc.returncode}:\n{self.log()}")
             return re.search(pattern, self.log())
-        return wait_for(found, timeout, what=f"{pattern!r} in the forwarder log")
+        return eventually(found, timeout=timeout, interval=0.1,
+                          message=f"{pattern!r} in the forwarder log")
 
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -269,6 +261,11 @@ def check_exactly_once_in_order(stored: list[StoredMessage], node: str,
         assert [m.data for m in messages] == expected[topic], f"{topic}: payloads differ"
 
 
-def skip_without_nats() -> Callable:
+def require_nats() -> None:
+    """Skip the test when nats-server is missing; fail it when SMQ_REQUIRE_NATS=1 (CI:
+    the forwarding tests must not go unnoticed, as SMQ_REQUIRE_GO does for Go)."""
     import pytest
-    return pytest.mark.skipif(nats_server_binary() is None, reason=INSTALL_HINT)
+    if nats_server_binary() is None:
+        if os.environ.get("SMQ_REQUIRE_NATS") == "1":
+            pytest.fail(f"{INSTALL_HINT}, and SMQ_REQUIRE_NATS=1 requires it")
+        pytest.skip(INSTALL_HINT)
