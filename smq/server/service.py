@@ -22,6 +22,7 @@ from ..errors import (InvalidArgument, MessageTooLarge, NoCommittedOffset, NotFo
                       OffsetOutOfRange,
                       PermissionDenied, SMQError, TopicEmpty, TopicNotFound, Unavailable)
 from . import encoding
+from .clock import MessageClock
 from .storage import Storage, TopicState
 from .write_queue import SMALL_WRITE, WriteQueue
 from .ops import (STREAM_BYTES, STREAM_SECONDS, Append, Barrier, CommitOffset, CreateTopic,
@@ -84,7 +85,9 @@ class Page:
 class QueueService:
     """Topics, offsets, produce, consume, follow and trim, as WIRE.md defines them."""
 
-    def __init__(self, storage: Storage, limits: Limits = Limits()) -> None:
+    def __init__(self, storage: Storage, limits: Limits = Limits(),
+                 clock: MessageClock | None = None) -> None:
+        """`clock`: the writer's message time (tests pass one they move)."""
         self.storage = storage
         self.limits = limits
         self._lock = threading.Lock()
@@ -95,7 +98,7 @@ class QueueService:
         self.streams = StreamPlaces(limits.max_streams)
         self.write_queue = WriteQueue()  # large writes, see smq/server/write_queue.py
         self.writer = GroupCommitWriter(storage, on_commit=self._committed,
-                                        defaults=limits.topic_defaults)
+                                        defaults=limits.topic_defaults, clock=clock)
         self._committed(self.writer.committed_topics())
 
     # -- lifecycle --------------------------------------------------------------
