@@ -41,6 +41,7 @@ EXAMPLES = int(os.environ.get("SMQ_FUZZ_EXAMPLES", "100"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 STATS: collections.Counter = collections.Counter()  # cases and calls, reported at the end
 SERVER: dict = {}
+CANARY_PAYLOADS: list[bytes] = []  # as the canary fixture wrote them
 
 
 def server_state() -> str:
@@ -65,12 +66,27 @@ def server(tmp_path_factory, request):
     proc.db = tmp / "smq.db"
     SERVER["pid"] = proc.proc.pid
     yield proc
+    # After every test of the module, in whatever order they ran: a clean stop, a sound
+    # file, and the canary (if the module wrote one) stored as it was written.
+    code = proc.terminate() if proc.proc.poll() is None else proc.proc.returncode
     proc.close()
     if STATS:
         capman = request.config.pluginmanager.getplugin("capturemanager")
         with capman.global_and_fixture_disabled():
             print(f"\n[fuzz] {STATS['cases']} fuzz cases ({STATS['calls']} RPC calls) ran; "
                   f"status codes seen: {dict(sorted((k, v) for k, v in STATS.items() if k.isupper()))}")
+    log = proc.log()
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert integrity(proc.db) == "ok"
+    if CANARY_PAYLOADS:
+        conn = apsw.Connection(str(proc.db))
+        try:
+            rows = [(offset, payload) for name, offset, payload in stored_messages(conn)
+                    if name == CANARY]
+        finally:
+            conn.close()
+        assert rows == list(enumerate(CANARY_PAYLOADS, 1))
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +239,7 @@ def canary(stub) -> list[bytes]:
     stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic=CANARY, messages=payloads[10:30]))
     stub.StreamProduce(iter([smq_pb2.ProduceRequest(topic=CANARY, message=p) for p in payloads[30:]]))
     assert stub.GetLatestOffset(smq_pb2.GetLatestOffsetRequest(topic=CANARY)).offset == len(payloads)
+    CANARY_PAYLOADS[:] = payloads
     return payloads
 
 
@@ -713,9 +730,11 @@ def test_model_based_call_sequences(stub):
         suppress_health_check=list(HealthCheck)))
 
 
-# -- last: the server survived, and the canary and the file are intact ----------------
+# -- the server survived, and the canary and the file are intact ------------------------
 
 def test_zz_server_survived_with_data_intact(server, stub, canary):
+    """After whatever ran before (this need not run last: the module's server fixture
+    stops the server at the end and checks the exit code, the file and the canary again)."""
     stub.Connect(smq_pb2.ConnectRequest(), timeout=DEADLINE)  # answers (raises otherwise)
     reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic=CANARY, start_offset=1, limit=1000))
     assert [(m.offset, m.message) for m in reply.messages] == list(enumerate(canary, 1))
@@ -724,7 +743,6 @@ def test_zz_server_survived_with_data_intact(server, stub, canary):
         1, len(canary), len(canary) + 1, sum(map(len, canary)))
     log = server.log()
     assert "Traceback" not in log and "unexpected error" not in log and "ERROR" not in log, log[-3000:]
-    assert server.terminate() == 0
     assert integrity(server.db) == "ok"
     conn = apsw.Connection(str(server.db))
     try:

@@ -19,13 +19,12 @@ import sys
 import threading
 import time
 
-import apsw
 import grpc
 import pytest
 
 from support import ROOT
 from support.poll import eventually
-from support.servers import ServerProcess, clean_env
+from support.servers import ServerProcess, clean_env, integrity
 from smq._proto import smq_pb2
 
 MAX_STREAMS = 250
@@ -86,8 +85,12 @@ def server(tmp_path_factory, request):
     proc.sampler = Sampler(proc.proc.pid)
     REPORT["RSS at start"] = memory(proc.proc.pid)["VmRSS"] / 1024
     yield proc
+    # After every test of the module, in whatever order they ran: the server stops
+    # cleanly and leaves a sound file.
+    code = None
     if proc.proc.poll() is None:
         REPORT["peak RSS (VmHWM)"] = memory(proc.proc.pid).get("VmHWM", 0) / 1024
+        code = proc.terminate()
     proc.sampler.stop()
     proc.close()
     capman = request.config.pluginmanager.getplugin("capturemanager")
@@ -95,6 +98,10 @@ def server(tmp_path_factory, request):
         print("\n[hostile] figures (memory in MiB of the module's server unless said):")
         for key, value in REPORT.items():
             print(f"[hostile]   {key}: {value:.1f}")
+    log = proc.log()
+    assert code == 0, f"the server exited {code}:\n{log[-3000:]}"
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+    assert integrity(proc.db) == "ok"
 
 
 @pytest.fixture(scope="module")
@@ -469,16 +476,12 @@ def test_produce_batch_of_a_million_empty_messages_keeps_memory_bounded(start_se
 
 
 def test_zz_server_survived_with_data_intact(server, stub, canary):
+    """Whatever ran before (this need not run last: the module's server fixture stops
+    the server at the end and checks the exit code and the file again)."""
     reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="canary", start_offset=1, limit=1000))
     assert [(m.offset, m.message) for m in reply.messages] == list(enumerate(canary, 1))
     serves_normally(server, "at-the-end")
-    REPORT["peak RSS (VmHWM)"] = memory(server.proc.pid)["VmHWM"] / 1024
     REPORT["highest sampled VmRSS"] = server.sampler.overall / 1024
     log = server.log()
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
-    assert server.terminate() == 0
-    conn = apsw.Connection(str(server.db))
-    try:
-        assert conn.execute("PRAGMA integrity_check").get == "ok"
-    finally:
-        conn.close()
+    assert integrity(server.db) == "ok"
