@@ -126,7 +126,10 @@ def test_smq_topic_list_prints_every_topic(many_topics, smq, monkeypatch, tmp_pa
 
 def test_smq_topic_create_does_not_list(many_topics, smq, monkeypatch, tmp_path):
     point_cli_at(many_topics, monkeypatch, tmp_path)
-    assert smq("topic", "create", "one-more") == (0, "created topic 'one-more'\n", "")
+    try:
+        assert smq("topic", "create", "one-more") == (0, "created topic 'one-more'\n", "")
+    finally:  # the module's other tests list exactly TOPIC_NAMES, in any order
+        many_topics.stub().DeleteTopic(pb.DeleteTopicRequest(topic="one-more"), timeout=TIMEOUT)
     assert smq("topic", "create", TOPIC_NAMES[7]) == \
         (0, f"topic {TOPIC_NAMES[7]!r} already exists\n", "")
 
@@ -181,10 +184,14 @@ def test_a_raised_bound_counts_the_stored_consumers(many_consumers):
                           timeout=TIMEOUT)
 
     commit("one-more")  # consumer number MANY + 1: the bound
-    error = error_of(lambda: commit("and-another"))
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert f"has {MANY + 1} named consumers" in error.details()
-    commit(CONSUMER_NAMES[5])  # an existing consumer may always commit
+    try:
+        error = error_of(lambda: commit("and-another"))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"has {MANY + 1} named consumers" in error.details()
+        commit(CONSUMER_NAMES[5])  # an existing consumer may always commit
+    finally:  # the module's other tests list exactly CONSUMER_NAMES, in any order
+        stub.DeleteConsumer(pb.DeleteConsumerRequest(consumer="one-more", topic=TOPIC),
+                            timeout=TIMEOUT)
 
 
 # -- pages and tokens, on a few topics --------------------------------------------------------
