@@ -73,7 +73,7 @@
           sdnotify
           nats-py
         ];
-      # requirements/dev.txt's test tools (pysmq is not in nixpkgs: tests/test_pysmq.py
+      # requirements/dev.txt's test tools (pysmq is not in nixpkgs: tests/e2e/test_pysmq.py
       # skips without it, outside CI).
       testDeps =
         ps: with ps; [
@@ -178,7 +178,7 @@
 
           devShell = pkgs.mkShell { packages = [ testPython ]; };
 
-          # The test suite against the packaged server (SMQ_TEST_SERVER, tests/conftest.py).
+          # The test suite against the packaged server (SMQ_TEST_SERVER, tests/support/servers.py).
           tests =
             pkgs.runCommand "smq-tests-${version}"
               {

@@ -12,7 +12,7 @@ Everything that shapes gRPC's cost is copied from smq/server.py's create_server:
 thread pool (workers + max streams), maximum_concurrent_rpcs and the message-size and
 keepalive options. It imports apsw and opens an in-memory database, so its idle RSS is
 the "bare grpcio + apsw server process" SMQ's is compared with; it deliberately imports
-nothing of smq but the generated stubs (tests/test_bench.py checks the copied constants).
+nothing of smq but the generated stubs (tests/e2e/test_bench.py checks the copied constants).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ import grpc
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "smq"))
 from _proto import smq_pb2, smq_pb2_grpc  # noqa: E402
 
-# Copied from smq (server.py, service.py, config.py); tests/test_bench.py keeps them equal.
+# Copied from smq (server.py, service.py, config.py); tests/e2e/test_bench.py keeps them equal.
 ENVELOPE_BYTES = 64 * 1024
 MAX_BATCH_BYTES = 4 * 1024**2
 QUEUED_CALLS_PER_WORKER = 4

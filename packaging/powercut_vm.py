@@ -6,7 +6,7 @@ ProduceBatch and a StreamProduce producer, through qemu's port forward), and kil
 at a random moment.
 The disk is opened with cache=none: qemu writes what the guest writes straight to the
 image, so killing it loses exactly what a power cut loses, the guest kernel's page
-cache, while a kill -9 of the server (tests/test_powercut.py) keeps it. After the last
+cache, while a kill -9 of the server (tests/e2e/test_powercut.py) keeps it. After the last
 cycle one more boot checks everything; the database is then read out of the image
 (debugfs) and SQLite's integrity_check runs on it here.
 

@@ -26,7 +26,7 @@ RSS in MiB from /proc/PID/status: idle (VmRSS before the abuse), peak (VmHWM), a
 
 With --port, the scenarios run one after the other against the server already
 listening there (on 127.0.0.1; its topics prepared first unless --skip-prepare), and
-each prints one JSON line of outcomes: tests/test_soak_memory.py runs it that way,
+each prints one JSON line of outcomes: tests/e2e/test_soak_memory.py runs it that way,
 beside normal clients, and measures the server itself.
 """
 from __future__ import annotations

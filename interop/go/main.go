@@ -1,7 +1,7 @@
 // Command smq-go-check drives an SMQ server the way the original SMQ's Go client does
 // (grpc-go, its dial options, timeouts and call patterns) and checks every answer.
 //
-// It is written for SMQ's interoperability test (tests/test_go_client.py); the
+// It is written for SMQ's interoperability test (tests/e2e/test_go_client.py); the
 // original client's code is not copied here. The stubs come from proto/smq.proto,
 // generated under the original's Go import path when the test builds this program.
 //

@@ -123,7 +123,10 @@ def serve(config: server_config.ServerConfig) -> int:
     server.start()
     notifier.ready(server.status_line())
     try:
-        while not stop.wait(timeout=3600):
+        # Python runs signal handlers in the main thread, but the kernel may deliver the
+        # signal to any thread (grpc's, the writer's): a long wait here then sleeps
+        # through it. Waking every second runs a handler that is waiting.
+        while not stop.wait(timeout=1.0):
             pass
     finally:
         supervisor.stop()

@@ -34,6 +34,7 @@ from ..errors import (
     Unavailable,
 )
 from . import encoding
+from .clock import MessageClock
 from .ops import (
     STREAM_BYTES,
     STREAM_SECONDS,
@@ -110,7 +111,10 @@ class Page:
 class QueueService:
     """Topics, offsets, produce, consume, follow and trim, as docs/wire.md defines them."""
 
-    def __init__(self, storage: Storage, limits: Limits = Limits()) -> None:
+    def __init__(
+        self, storage: Storage, limits: Limits = Limits(), clock: MessageClock | None = None
+    ) -> None:
+        """`clock`: the writer's message time (tests pass one they move)."""
         self.storage = storage
         self.limits = limits
         self._lock = threading.Lock()
@@ -121,7 +125,7 @@ class QueueService:
         self.streams = StreamPlaces(limits.max_streams)
         self.write_queue = WriteQueue()  # large writes, see smq/server/write_queue.py
         self.writer = GroupCommitWriter(
-            storage, on_commit=self._committed, defaults=limits.topic_defaults
+            storage, on_commit=self._committed, defaults=limits.topic_defaults, clock=clock
         )
         self._committed(self.writer.committed_topics())
 

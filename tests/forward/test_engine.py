@@ -1,0 +1,293 @@
+"""The Forwarder in-process (smq/forward/engine.py) with a fake SMQ source and a fake
+JetStream upstream, both in memory: what it sends, in which order, what it commits
+and when, how it resumes and how it starts over after an upstream failure. No
+processes, no sockets, no sleeps in the tests: they wait on what the fakes observe.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from smq.errors import PublishFailed, TopicNotFound, Unavailable
+from smq.forward import engine
+from smq.forward.engine import Forwarder, Plan
+from smq.forward.jetstream import PubAck, StreamState, subject_matches
+from smq.forward.source import TopicOffsets
+
+NODE = "edge"
+PLAN = Plan(topics=("a", "b"), node=NODE, subject_prefix="smq", stream="SMQ_edge", window=8)
+WAIT = 10.0  # seconds for anything the forwarder should do at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    address: str = "smq.test:8097"
+
+
+class FakeSource:
+    """An SMQ server's topics in memory, read by one durable consumer."""
+
+    def __init__(self, topics: dict[str, list[bytes]]) -> None:
+        self.target = Target()
+        self.messages = {name: list(payloads) for name, payloads in topics.items()}
+        self.earliest = {name: 1 for name in topics}
+        self.commits: dict[str, int] = {}
+        self.commit_log: list[tuple[str, int]] = []
+        self.changed = asyncio.Condition()
+
+    async def produce(self, topic: str, *payloads: bytes) -> None:
+        async with self.changed:
+            self.messages[topic].extend(payloads)
+            self.changed.notify_all()
+
+    async def ping(self) -> None:
+        pass
+
+    async def offsets(self, topic: str) -> TopicOffsets | None:
+        if topic not in self.messages:
+            return None
+        stored = self.messages[topic]
+        earliest = self.earliest[topic] if len(stored) >= self.earliest[topic] else 0
+        return TopicOffsets(earliest, len(stored) if earliest else 0, len(stored) + 1)
+
+    async def committed(self, topic: str) -> int | None:
+        if topic not in self.messages:
+            raise TopicNotFound(topic)
+        return self.commits.get(topic)
+
+    async def commit(self, topic: str, offset: int) -> None:
+        async with self.changed:
+            self.commits[topic] = offset
+            self.commit_log.append((topic, offset))
+            self.changed.notify_all()
+
+    async def pages(self, topic: str, offset: int,
+                    page_size: int) -> AsyncIterator[list[tuple[int, bytes]]]:
+        cursor = max(offset, self.earliest[topic])
+        while True:
+            async with self.changed:
+                await self.changed.wait_for(lambda: len(self.messages[topic]) >= cursor)
+                stored = self.messages[topic]
+                last = min(len(stored), cursor + page_size - 1)
+                page = [(o, stored[o - 1]) for o in range(cursor, last + 1)]
+            cursor = page[-1][0] + 1
+            yield page
+
+    async def wait(self, condition: Callable[[], bool]) -> None:
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(condition), WAIT)
+
+
+@dataclasses.dataclass
+class Options:
+    servers: tuple[str, ...] = ("nats://nats.test:4222",)
+
+
+class FakeJetStream:
+    """One JetStream stream in memory, with the chain rule of smq.forward.jetstream: a
+    publish is stored only right after its predecessor. `refuse` holds msg ids to
+    refuse once (as a leader change or a full stream would)."""
+
+    def __init__(self, subjects: tuple[str, ...] = ("smq.edge.>",)) -> None:
+        self.options = Options()
+        self.subjects = subjects
+        self.stored: list[tuple[str, str, bytes]] = []  # (subject, msg id, payload)
+        self.refuse: set[str] = set()
+        self.sessions = 0
+        self.connected = False
+        self._chain_ok = False
+
+    @property
+    def server(self) -> str:
+        return "nats.test:4222"
+
+    async def connect(self) -> None:
+        self.connected = True
+
+    async def create_stream(self, subjects, replicas: int, duplicate_window: float) -> bool:
+        return False
+
+    async def stream_state(self) -> StreamState:
+        return StreamState(self.subjects, len(self.stored))
+
+    async def last_msg_id(self, subject: str) -> str | None:
+        ids = [msg_id for s, msg_id, _ in self.stored if s == subject]
+        return ids[-1] if ids else None
+
+    def begin_chain(self, last_seq: int) -> None:
+        self.sessions += 1
+        self._chain_ok = last_seq == len(self.stored)
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[PubAck]:
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        if msg_id in self.refuse:
+            self.refuse.discard(msg_id)
+            self._chain_ok = False  # everything after it in this chain is refused too
+        if not self._chain_ok:
+            future.set_exception(PublishFailed("wrong last sequence"))
+            future.exception()
+            return future
+        assert any(subject_matches(p, subject) for p in self.subjects), subject
+        self.stored.append((subject, msg_id, payload))
+        future.set_result(PubAck(len(self.stored), False))
+        return future
+
+    def forget(self, future: asyncio.Future[PubAck]) -> None:
+        pass
+
+    def ids(self) -> list[str]:
+        return [msg_id for _, msg_id, _ in self.stored]
+
+
+@pytest.fixture(autouse=True)
+def quick_timers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own pauses (commit interval, backoff between sessions), short."""
+    monkeypatch.setattr(engine, "COMMIT_INTERVAL", 0.01)
+    monkeypatch.setattr(engine, "BACKOFF_FIRST", 0.01)
+    monkeypatch.setattr(engine, "BACKOFF_MAX", 0.05)
+
+
+def forwarding(source: FakeSource, upstream: FakeJetStream, plan: Plan = PLAN,
+               check: Callable[[Forwarder], Awaitable[None]] | None = None) -> Forwarder:
+    """Run a Forwarder until `check(forwarder)` returns, then stop it (it commits what
+    was acknowledged) and return it."""
+    async def main() -> Forwarder:
+        stop = asyncio.Event()
+        ready: list[str] = []
+        forwarder = Forwarder(plan, source, upstream, on_ready=ready.append)
+        running = asyncio.create_task(forwarder.run(stop))
+        try:
+            if check is not None:
+                await check(forwarder)
+        finally:
+            stop.set()
+            await asyncio.wait_for(running, WAIT)
+        forwarder.ready_lines = ready
+        return forwarder
+
+    return asyncio.run(main())
+
+
+def ids(topic: str, offsets) -> list[str]:
+    return [f"{NODE}/{topic}/{o}" for o in offsets]
+
+
+def test_the_backlog_then_new_messages_exactly_once_in_order_then_committed():
+    source = FakeSource({"a": [b"a%d" % i for i in range(1, 21)], "b": [b"b1"]})
+    upstream = FakeJetStream()
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits == {"a": 20, "b": 1})
+        await source.produce("b", b"b2", b"b3")
+        await source.wait(lambda: source.commits.get("b") == 3)
+
+    forwarder = forwarding(source, upstream, check=check)
+    stored = upstream.stored
+    assert [i for s, i, _ in stored if s == "smq.edge.a"] == ids("a", range(1, 21))
+    assert [i for s, i, _ in stored if s == "smq.edge.b"] == ids("b", range(1, 4))
+    assert [p for s, _, p in stored if s == "smq.edge.a"] == source.messages["a"]
+    assert forwarder.forwarded == 23
+    assert "backlog 21 (a 20, b 1)" in forwarder.ready_lines[0]
+    # Commits only ever go forward, and never past what JetStream acknowledged.
+    for topic in ("a", "b"):
+        offsets = [o for t, o in source.commit_log if t == topic]
+        assert offsets == sorted(offsets)
+
+
+def test_resumes_after_what_jetstream_holds_without_sending_it_again():
+    """A forwarder that died after JetStream's acks, before its commit."""
+    source = FakeSource({"a": [b"1", b"2", b"3", b"4", b"5"], "b": []})
+    source.commits["a"] = 1
+    upstream = FakeJetStream()
+    upstream.stored = [("smq.edge.a", i, b"") for i in ids("a", range(1, 4))]
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 5)
+
+    forwarding(source, upstream, check=check)
+    assert upstream.ids() == ids("a", range(1, 6))
+    assert ("a", 3) in source.commit_log  # what JetStream held, committed before sending
+
+
+def test_a_refused_publish_ends_the_session_and_the_next_goes_on_without_duplicates():
+    source = FakeSource({"a": [b"m%d" % i for i in range(1, 31)], "b": []})
+    upstream = FakeJetStream()
+    upstream.refuse = set(ids("a", [12]))
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 30)
+
+    forwarding(source, upstream, check=check)
+    assert upstream.sessions >= 2
+    assert upstream.ids() == ids("a", range(1, 31))
+
+
+def test_start_from_latest_skips_what_is_stored_before_the_first_run():
+    source = FakeSource({"a": [b"old"] * 5, "b": []})
+    upstream = FakeJetStream()
+    plan = dataclasses.replace(PLAN, start_from="latest")
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 5)
+        await source.produce("a", b"new")
+        await source.wait(lambda: source.commits.get("a") == 6)
+
+    forwarding(source, upstream, plan, check=check)
+    assert upstream.ids() == ids("a", [6])
+
+
+def test_messages_deleted_before_they_were_sent_are_skipped_and_reported(caplog):
+    source = FakeSource({"a": [b"1", b"2", b"3", b"4"], "b": []})
+    source.commits["a"] = 1
+    source.earliest["a"] = 3  # retention deleted offset 2 before it was forwarded
+    upstream = FakeJetStream()
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 4)
+
+    forwarding(source, upstream, check=check)
+    assert upstream.ids() == ids("a", [3, 4])
+    assert "offsets 2 to 2 of 'a' were deleted from SMQ before they were forwarded" in caplog.text
+
+
+def test_a_stream_that_does_not_take_the_subjects_is_a_problem_not_a_crash():
+    source = FakeSource({"a": [b"1"], "b": []})
+    upstream = FakeJetStream(subjects=("other.>",))
+    seen: list[str] = []
+
+    async def check(forwarder: Forwarder) -> None:
+        for _ in range(1000):  # a few sessions go by; each ends on the same problem
+            seen.append(forwarder.problem)
+            if upstream.sessions == 0 and "does not take subject" in forwarder.problem:
+                return
+            await asyncio.sleep(0)  # let the forwarder's task run (no time passes)
+        raise AssertionError(seen[-5:])
+
+    forwarder = forwarding(source, upstream, check=check)
+    assert upstream.stored == [] and source.commits == {}
+    assert "smq.edge.a" in forwarder.problem and forwarder.status_line().startswith("not forwarding")
+
+
+def test_smq_unavailable_while_reading_reopens_where_it_stopped(monkeypatch):
+    source = FakeSource({"a": [b"m%d" % i for i in range(1, 11)], "b": []})
+    pages = source.pages
+    failures = [Unavailable("the SMQ server went away")]
+
+    async def flaky_pages(topic: str, offset: int, page_size: int):
+        async for page in pages(topic, offset, min(page_size, 3)):
+            yield page
+            if topic == "a" and failures:
+                raise failures.pop()
+
+    monkeypatch.setattr(source, "pages", flaky_pages)
+    upstream = FakeJetStream()
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 10)
+
+    forwarding(source, upstream, check=check)
+    assert not failures and upstream.ids() == ids("a", range(1, 11))
+    assert upstream.sessions == 1  # an SMQ-side failure does not end the session

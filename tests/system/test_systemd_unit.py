@@ -1,0 +1,116 @@
+"""The unit file as systemd would load it, and the installer's staging tree."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support import ROOT
+from support.servers import SERVER_COMMAND
+from smq.server.config import SETTINGS
+
+UNIT = ROOT / "systemd" / "smq.service"
+MAX_EXPOSURE = 2.0
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None and not os.environ.get("CI"),
+    reason="systemd-analyze is not installed (CI installs it)")
+
+
+def unit_with_real_exec_start(tmp_path: Path) -> Path:
+    """The shipped unit, ExecStart pointed at a real built artifact: the server under
+    test (SMQ_TEST_SERVER, e.g. the PEX) or this environment's `smq` script."""
+    if os.environ.get("SMQ_TEST_SERVER"):
+        exec_start = " ".join(str(Path(p).resolve()) if i == 0 else p
+                              for i, p in enumerate(SERVER_COMMAND))
+    else:
+        exec_start = str(Path(sys.executable).with_name("smq"))
+    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={exec_start}", UNIT.read_text())
+    path = tmp_path / "smq.service"
+    path.write_text(text)
+    return path
+
+
+@needs_systemd_analyze
+def test_unit_verifies_cleanly(tmp_path):
+    result = subprocess.run(["systemd-analyze", "verify", str(unit_with_real_exec_start(tmp_path))],
+                            capture_output=True, text=True)
+    # verify exits 0 on some errors: any output on stderr is a failure.
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@needs_systemd_analyze
+def test_security_exposure_is_low(tmp_path):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager",
+         str(unit_with_real_exec_start(tmp_path))], capture_output=True, text=True)
+    match = re.search(r"Overall exposure level for smq.service: ([\d.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
+
+
+def test_unit_has_the_promised_settings():
+    text = UNIT.read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "DynamicUser=yes",
+                 "StateDirectory=smq", "CacheDirectory=smq", "EnvironmentFile=-/etc/smq/smq.env",
+                 "ProtectSystem=strict", "MemoryDenyWriteExecute=yes", "CapabilityBoundingSet=\n",
+                 "SystemCallFilter=@system-service", "UMask=0077",
+                 "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6"):
+        assert line in text, line
+    assert re.search(r"(?m)^WatchdogSec=\d+", text)
+    assert re.search(r"(?m)^Environment=.*PEX_ROOT=/var/cache/smq/", text)
+
+
+def test_env_example_lists_every_server_setting():
+    text = (ROOT / "systemd" / "smq.env").read_text()
+    for setting in SETTINGS:
+        if setting.field != "env_file":
+            assert f"#{setting.env}=" in text, setting.env
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ROOT / "packaging" / script), *args], capture_output=True, text=True)
+
+
+def test_install_and_uninstall_into_a_staging_root(tmp_path):
+    root = tmp_path / "root"
+    pex = tmp_path / "smq-test.pex"
+    pex.write_text("#!/bin/sh\necho smq\n")
+
+    result = run("install", "--root", str(root), "--pex", str(pex))
+    assert result.returncode == 0, result.stderr
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == ["etc/smq/forward.env", "etc/smq/forward.env.example",
+                     "etc/smq/smq.env", "etc/smq/smq.env.example",
+                     "etc/systemd/system/smq-forward.service",
+                     "etc/systemd/system/smq.service", "opt/smq/smq.pex"]
+    assert os.access(root / "opt/smq/smq.pex", os.X_OK)
+    assert (root / "etc/systemd/system/smq.service").read_text() == UNIT.read_text()
+
+    # An edited settings file survives a re-install (upgrade); the PEX is replaced.
+    (root / "etc/smq/smq.env").write_text("PORT=9000\n")
+    pex.write_text("#!/bin/sh\necho smq v2\n")
+    assert run("install", "--root", str(root), "--pex", str(pex)).returncode == 0
+    assert (root / "etc/smq/smq.env").read_text() == "PORT=9000\n"
+    assert "v2" in (root / "opt/smq/smq.pex").read_text()
+
+    # Uninstall keeps settings and data; --purge removes them.
+    (root / "var/lib/smq").mkdir(parents=True)
+    (root / "var/lib/smq/smq.db").write_text("data")
+    assert run("uninstall", "--root", str(root)).returncode == 0
+    assert not (root / "opt/smq/smq.pex").exists()
+    assert not (root / "etc/systemd/system/smq.service").exists()
+    assert not (root / "etc/systemd/system/smq-forward.service").exists()
+    assert (root / "etc/smq/smq.env").exists() and (root / "var/lib/smq/smq.db").exists()
+    assert run("uninstall", "--root", str(root), "--purge").returncode == 0
+    assert not (root / "etc/smq").exists() and not (root / "var/lib/smq").exists()
+
+
+def test_install_refuses_a_missing_pex(tmp_path):
+    result = run("install", "--root", str(tmp_path), "--pex", str(tmp_path / "nope.pex"))
+    assert result.returncode == 1 and "no such file" in result.stderr
