@@ -14,7 +14,7 @@ them come:
   commented out with its default.
 
 To change what a setting says, edit its table, then run this script;
-tests/test_docs.py fails while a generated file differs from what this script writes.
+tests/system/test_docs.py fails while a generated file differs from what this script writes.
 """
 from __future__ import annotations
 

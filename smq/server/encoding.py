@@ -11,7 +11,7 @@ The replies with pages (BulkRetrieveResponse, SubscribeResponse, ConsumeResponse
 encoded here rather than through protobuf objects: for a page of 10,000 messages that is
 about 40% less time and no second copy of every payload in protobuf's arena, and the
 server keeps nothing but the finished bytes while a reply waits for its client.
-tests/test_encoding.py checks every byte against protobuf's own encoding.
+tests/server/test_encoding.py checks every byte against protobuf's own encoding.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ calls behind them, and every thread may be receiving a 4 MB request at the same 
 gRPC calls `submit(context.run, in_pool_function, rpc_event, state, behavior, ...)`;
 the pool finds the connection (`rpc_event.call.peer()`) and the handler's mark among
 those arguments. If a gRPC version passed them otherwise, calls would still run, in
-arrival order and without the receive bound: tests/test_pool.py, which drives a real
+arrival order and without the receive bound: tests/server/test_pool.py, which drives a real
 gRPC server, would fail.
 """
 

@@ -5,7 +5,7 @@ list` and `smq topic create` (which listed first) all failed with RESOURCE_EXHAU
 the send limit by their encoded size, a client from before paging gets the whole list
 or a refusal that says to page (never a cut list), smq.client and the smq command page
 through (and still work with a server from before paging), `smq topic create` does not
-list (tests/test_consumers.py has the bound on consumers per topic).
+list (tests/server/test_consumers.py has the bound on consumers per topic).
 
 The big databases are filled by the real storage layer in one transaction (what 45,000
 CreateTopic calls leave behind, without their ~30 s of round trips), then served.

@@ -14,7 +14,7 @@ import pytest
 from support import ROOT
 from support.servers import clean_env
 
-MARKER = "<!-- transcript: tests/test_cli_readme.py replays it -->"
+MARKER = "<!-- transcript: tests/system/test_cli_readme.py replays it -->"
 # Each page with a session, and the fewest `$ ` steps it must have.
 SESSIONS = {"README.md": 4, "docs/cli.md": 10}
 

@@ -198,3 +198,13 @@ def test_nothing_cites_the_team_wire_file_outside_the_repository():
     for path in files:
         text = path.read_text(encoding="utf-8")
         assert not re.search(r"(?<![\w/])WIRE\.md", text), path.relative_to(ROOT)
+
+
+def test_every_test_file_the_docs_name_exists():
+    """Pages, README and docstrings name test files by path: they move with the tests."""
+    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "smq").rglob("*.py"),
+             *(ROOT / "scripts").glob("*.py"), ROOT / ".ci" / "run"]
+    missing = sorted({f"{path.relative_to(ROOT)}: {name}" for path in texts
+                      for name in re.findall(r"\btests/[\w/]+\.py", path.read_text())
+                      if not (ROOT / name).exists()})
+    assert not missing, missing

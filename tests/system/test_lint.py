@@ -7,7 +7,8 @@ import re
 import tomllib
 from pathlib import Path
 
-ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
+from support import ROOT
+
 REQUIREMENTS = ROOT / "requirements"
 
 
