@@ -47,21 +47,17 @@ from collections.abc import Generator, Iterable, Iterator
 import grpc
 
 from .._proto import smq_pb2, smq_pb2_grpc
-from ..domain import DEFAULT_HOST, DEFAULT_PORT, TopicPolicy, tcp_address
+from ..domain import DEFAULT_HOST, DEFAULT_PORT, tcp_address
 from ..errors import (
     NotFound,
-    SMQAuthenticationError,
     SMQConnectionError,
     SMQConsumeError,
-    SMQException,
     SMQOffsetError,
     SMQProduceError,
-    SMQTimeoutError,
-    SMQTopicCreationError,
 )
 from .admin import Admin
 from .resume import Resuming
-from .transport import ERROR_FOR_STATUS, Op, open_channel
+from .transport import Op, open_channel
 from .types import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_SIZE,
@@ -71,41 +67,16 @@ from .types import (
     DEFAULT_TIMEOUT,
     SMQ_SPECIAL_OFFSET_HEARTBEAT,
     USE_CLIENT_DEFAULT,
-    ClientConfig,
     ClientTLSConfig,
-    ConsumerInfo,
     Message,
     Payload,
     ServerInfo,
     Timeout,
-    TopicInfo,
     as_bytes,
     batches,
 )
 
-__all__ = [
-    "Client",
-    "ClientTLSConfig",
-    "ClientConfig",
-    "Message",
-    "TopicInfo",
-    "TopicPolicy",
-    "ConsumerInfo",
-    "ServerInfo",
-    "USE_CLIENT_DEFAULT",
-    "ERROR_FOR_STATUS",
-    "SMQ_SPECIAL_OFFSET_HEARTBEAT",
-    "DEFAULT_PORT",
-    "DEFAULT_TIMEOUT",
-    "SMQException",
-    "SMQConnectionError",
-    "SMQAuthenticationError",
-    "SMQProduceError",
-    "SMQConsumeError",
-    "SMQTopicCreationError",
-    "SMQOffsetError",
-    "SMQTimeoutError",
-]
+__all__ = ["Client"]  # the package (smq.client) exports the rest
 
 
 class Client(Resuming, Admin):
