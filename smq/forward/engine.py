@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from ..errors import JetStreamError, NotFound, PublishFailed, SMQError, StreamMissing
 from ..retry import backoff
 from .jetstream import JetStream, pattern_within, subject_matches
-from .plan import Plan, TopicState
+from .plan import ForwardedTopic, Plan
 from .source import SmqSource
 
 log = logging.getLogger("smq.forward")
@@ -101,7 +101,7 @@ class Forwarder:
         self.plan = plan
         self.source = source
         self.upstream = upstream
-        self.topics = [TopicState(t, plan.subject(t), plan.id_prefix(t)) for t in plan.topics]
+        self.topics = [ForwardedTopic(t, plan.subject(t), plan.id_prefix(t)) for t in plan.topics]
         self._on_ready = on_ready
         self._on_status = on_status
         self._ready = False
@@ -180,8 +180,8 @@ class Forwarder:
             )
             self._on_ready(self.status_line())
 
-        queue: asyncio.Queue[tuple[TopicState, int, bytes]] = asyncio.Queue(maxsize=plan.window)
-        inflight: asyncio.Queue[tuple[TopicState, int, asyncio.Future, float, int] | None] = (
+        queue: asyncio.Queue[tuple[ForwardedTopic, int, bytes]] = asyncio.Queue(maxsize=plan.window)
+        inflight: asyncio.Queue[tuple[ForwardedTopic, int, asyncio.Future, float, int] | None] = (
             asyncio.Queue()
         )
         slots = _Budget(plan.window, MAX_INFLIGHT_BYTES)
@@ -245,7 +245,7 @@ class Forwarder:
     # -- per topic: where to start, and reading -------------------------------------------
 
     async def _read(
-        self, topic: TopicState, queue: asyncio.Queue[tuple[TopicState, int, bytes]]
+        self, topic: ForwardedTopic, queue: asyncio.Queue[tuple[ForwardedTopic, int, bytes]]
     ) -> None:
         cursor, contiguous = await self._resume_point(topic)
         topic.state = "forwarding"
@@ -285,7 +285,7 @@ class Forwarder:
                 topic.state = f"SMQ unavailable: {exc}"
                 await asyncio.sleep(delay)
 
-    async def _resume_point(self, topic: TopicState) -> tuple[int, bool]:
+    async def _resume_point(self, topic: ForwardedTopic) -> tuple[int, bool]:
         """The first offset to send, and whether offsets before it were accounted for.
         Waits while the topic does not exist or SMQ does not answer."""
         failures = 0
@@ -354,7 +354,7 @@ class Forwarder:
 
     async def _publish(
         self,
-        queue: asyncio.Queue[tuple[TopicState, int, bytes]],
+        queue: asyncio.Queue[tuple[ForwardedTopic, int, bytes]],
         inflight: asyncio.Queue,
         slots: _Budget,
     ) -> None:
@@ -417,7 +417,7 @@ class Forwarder:
                     if final:
                         return
 
-    async def _commit(self, topic: TopicState, offset: int) -> None:
+    async def _commit(self, topic: ForwardedTopic, offset: int) -> None:
         await self.source.commit(topic.name, offset)
         topic.committed = offset
 

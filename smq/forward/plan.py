@@ -1,5 +1,5 @@
 """What the forwarding engine is told to do (Plan, from the configuration) and what it
-knows of each topic as it goes (TopicState). Plain data: made by smq.forward.main,
+knows of each topic as it goes (ForwardedTopic). Plain data: made by smq.forward.main,
 read and updated by the engine's tasks on the event loop's thread.
 """
 
@@ -39,7 +39,7 @@ class Plan:
 
 
 @dataclasses.dataclass
-class TopicState:
+class ForwardedTopic:
     """What the forwarder knows of one topic. Offsets are SMQ offsets."""
 
     name: str

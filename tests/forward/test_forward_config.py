@@ -16,7 +16,7 @@ from support import ROOT
 from support.forwarding import forward_env
 from smq.errors import ConfigError
 from smq.forward.config import SETTINGS, ForwardConfig, default_node, load
-from smq.forward.engine import RateLimit, TopicState
+from smq.forward.engine import RateLimit, ForwardedTopic
 from smq.forward.jetstream import describe, pattern_within, subject_matches
 
 UNIT = ROOT / "systemd" / "smq-forward.service"
@@ -168,7 +168,7 @@ def test_pattern_within_the_node_namespace():
 
 
 def test_topic_state_backlog_and_ids():
-    topic = TopicState("t", "smq.edge.t", "edge/t/")
+    topic = ForwardedTopic("t", "smq.edge.t", "edge/t/")
     topic.earliest, topic.latest = 5, 20
     assert topic.backlog == 16  # nothing committed: everything stored
     topic.committed = 18
