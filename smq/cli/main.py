@@ -175,9 +175,12 @@ def connect(parsed: argparse.Namespace) -> Client:
     if config.enable_mtls:
         missing = config.missing_tls_files()
         if missing:
+            variables = ", ".join(
+                connection.SETTINGS_BY_FIELD[name].env for name in connection.CLIENT_TLS_FILES
+            )
             raise UsageError(
                 f"--enable-mtls needs {', '.join(missing)} (or their environment "
-                "variables CLIENT_CERT, CLIENT_KEY, CA_CERT)"
+                f"variables {variables})"
             )
         try:
             config.tls_files()  # a bad file is named by its flag here, not by the client
