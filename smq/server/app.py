@@ -74,17 +74,10 @@ def create_server(
     socket, with no services yet and not started. Returns it and the TCP port (useful
     with port 0). Binding first means a busy port is refused before the database is touched."""
     threads = config.workers + config.max_streams
-    capacity = threads + QUEUED_CALLS_PER_WORKER * config.workers
-    pool = FairPool(
-        threads,
-        receive_slots=config.workers,
-        capacity=capacity,
-        receive_timeout=config.stall_timeout,
-    )
     server = grpc.server(
         # grpc only submits to its executor; the stubs ask for a ThreadPoolExecutor.
-        pool,  # type: ignore[arg-type]
-        maximum_concurrent_rpcs=capacity,
+        FairPool(threads, receive_slots=config.workers),  # type: ignore[arg-type]
+        maximum_concurrent_rpcs=threads + QUEUED_CALLS_PER_WORKER * config.workers,
         options=[
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
             (
