@@ -55,16 +55,23 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# Client names come from smq.client, loaded on first use.
-_LAZY = (
-    "Client",
-    "ClientTLSConfig",
-    "Message",
-    "TopicInfo",
-    "TopicPolicy",
-    "ConsumerInfo",
-    "ServerInfo",
-)
+# name -> (module, attribute), loaded on first use: the client's names, and the server's
+# settings as `Config`.
+_LAZY = {
+    "Config": (".server.config", "ServerConfig"),
+    **{
+        name: (".client", name)
+        for name in (
+            "Client",
+            "ClientTLSConfig",
+            "Message",
+            "TopicInfo",
+            "TopicPolicy",
+            "ConsumerInfo",
+            "ServerInfo",
+        )
+    },
+}
 
 __all__ = [
     "__version__",
@@ -107,15 +114,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Config":  # the server's settings (smq.server.ServerConfig)
-        value = importlib.import_module(".server.config", __name__).ServerConfig
-        globals()[name] = value
-        return value
-    if name in _LAZY:
-        value = getattr(importlib.import_module(".client", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

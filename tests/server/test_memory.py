@@ -224,12 +224,19 @@ def test_list_answers_are_built_one_at_a_time_and_charged(tmp_path, monkeypatch)
 
         monkeypatch.setattr(server.service, "consumers", slow_consumers)
         sampler = UsedSampler(server)
-        calls = [threading.Thread(target=lambda: stub.ListConsumers(
-            smq_pb2.ListConsumersRequest(page_size=100), timeout=DEADLINE)) for _ in range(8)]
+        pages: list[int] = []
+
+        def list_consumers() -> None:  # a failed call leaves no page: counted below
+            reply = stub.ListConsumers(smq_pb2.ListConsumersRequest(page_size=100),
+                                       timeout=DEADLINE)
+            pages.append(len(reply.consumers))
+
+        calls = [threading.Thread(target=list_consumers) for _ in range(8)]
         for call in calls:
             call.start()
         for call in calls:
             call.join()
+        assert pages == [100] * 8
         assert most[0] == 1
         assert sampler.stop() >= 2 * 100 * 200  # a page of 100 entries of 200+ bytes, twice
         eventually(lambda: server.budget.used == 0, timeout=15)
