@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench.py [--quick] [--repeat N] [--json FILE]
                                     [--sizes 100,10240] [--modes full,normal]
+                                    [--wear-only] [--wear-messages 3000,20000,20000]
 
 For every payload size it starts bench/raw_server.py (the same service over grpcio with
 no storage: the ceiling), and for every durability mode a fresh SMQ server (`python -m
@@ -24,6 +25,15 @@ idle VmRSS after start-up, VmHWM (peak) at the end, and CPU time per phase (repo
 server CPU microseconds per message). SMQ's GetServerInfo counters, taken around each
 write phase, give messages per commit.
 
+Flash wear: on another fresh SMQ server per mode, a fixed number of messages written
+(--wear-messages) one Produce at a time, over one StreamProduce and in ProduceBatch calls,
+each on a fresh topic and alone; the server's /proc/PID/io write_bytes, from a quiet
+moment before to a quiet moment after (0.5 s unchanged, at most 3 s: so the checkpoints
+the writes cause count), divided by the messages acknowledged: bytes written per message.
+With redis-server on PATH, the same figure for redis (AOF, appendfsync always and
+everysec) taking XADDs one at a time and --batch per pipelined round trip. --wear-only
+runs just these (fast, for iterating on the storage).
+
 It prints one table (figure, size, mode, SMQ median, raw median, ratio SMQ/raw, target,
 met?) and writes every sample to --json. Figures are medians over the repeats (the peak
 RSS is the maximum). The targets are those of the throughput issue, checked for 100-byte
@@ -35,12 +45,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import functools
+import itertools
 import json
 import multiprocessing
 import os
 import platform
 import re
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +80,12 @@ SERVER_ENV_NAMES = ("DB_PATH", "PORT", "SERVER_ENABLE_MTLS", "SERVER_CERT_FILE",
                     "WATCHDOG_PID")
 LATENCY_WARMUP = 10  # first messages of the latency phase, not counted
 MiB = 1024**2
+# Flash wear: the write patterns, and the most payload each writes (a cap on --wear-messages
+# for large messages: 10 KiB payloads get 1000, 3000, 3000 messages).
+WEAR_PATTERNS = ("unary", "stream", "batch")
+WEAR_PAYLOAD_CAP = {"unary": 10 * MiB, "stream": 30 * MiB, "batch": 30 * MiB}
+WEAR_QUIET_S, WEAR_SETTLE_MAX_S = 0.5, 3.0  # write_bytes unchanged this long; wait at most
+REDIS_FSYNC = ("always", "everysec")  # the AOF's appendfsync, one redis-server run each
 PR_SET_PDEATHSIG = 1
 try:  # looked up here, so that a freshly forked child only makes the call
     _prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -128,7 +148,18 @@ def figures(batch: int, bulk_limit: int, rate: int) -> list[Figure]:
         Figure("startup_s", "start-up (spawn -> Connect)", "s", False),
         Figure("idle_rss_mib", "idle RSS", "MiB", False),
         Figure("peak_rss_mib", "peak RSS (max over runs)", "MiB", False, aggregate="max"),
+        *wear_figures(batch),
     ]
+
+
+def wear_figures(batch: int) -> list[Figure]:
+    return [Figure(f"wear_{pattern}", f"bytes written per message, {wear_label(pattern, batch)}",
+                   "B/msg", False, smq_only=True) for pattern in WEAR_PATTERNS]
+
+
+def wear_label(pattern: str, batch: int) -> str:
+    return {"unary": "unary", "stream": "StreamProduce",
+            "batch": f"ProduceBatch ({batch}/call)"}[pattern]
 
 
 # The issue's targets: 100-byte payloads, default (full) durability.
@@ -154,7 +185,7 @@ IDLE_RSS_SLACK = 1.15  # idle RSS within 15% of the bare grpcio + apsw process
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "-"
-    if unit == "msg/s":
+    if unit in ("msg/s", "B/msg"):
         return f"{value:,.0f}"
     if unit in ("ms", "msg"):
         return f"{value:.2f}"
@@ -320,7 +351,182 @@ ROLES = {
 }
 
 
+# -- flash wear: fixed counts of messages, written from the benchmark's own process -----
+# Each returns the messages the server acknowledged (the topics are fresh: offsets from 1).
+
+def wear_unary(stub, topic: str, payload: bytes, count: int, batch: int) -> int:
+    request = smq_pb2.ProduceRequest(topic=topic, message=payload)
+    for _ in range(count):
+        stub.Produce(request, timeout=30)
+    return count
+
+
+def wear_stream(stub, topic: str, payload: bytes, count: int, batch: int) -> int:
+    request = smq_pb2.ProduceRequest(topic=topic, message=payload)
+    return stub.StreamProduce(itertools.repeat(request, count), timeout=count / 100 + 60).offset
+
+
+def wear_batch(stub, topic: str, payload: bytes, count: int, batch: int) -> int:
+    request = smq_pb2.ProduceBatchRequest(topic=topic, messages=[payload] * batch)
+    acked = 0
+    for _ in range(count // batch):
+        response = stub.ProduceBatch(request, timeout=60)
+        acked += response.last_offset - response.first_offset + 1
+    return acked
+
+
+WEAR_WRITERS = {"unary": wear_unary, "stream": wear_stream, "batch": wear_batch}
+
+
+class Resp:
+    """A tiny RESP2 client for the redis peer: commands out, replies in (PING, XADD)."""
+
+    def __init__(self, port: int, timeout: float = 30.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+
+    @staticmethod
+    def encode(*args: bytes | str) -> bytes:
+        parts = [b"*%d\r\n" % len(args)]
+        for arg in args:
+            data = arg.encode() if isinstance(arg, str) else arg
+            parts += [b"$%d\r\n" % len(data), data, b"\r\n"]
+        return b"".join(parts)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> Any:
+        line = self.reader.readline()
+        if not line.endswith(b"\r\n"):
+            raise ConnectionError("redis closed the connection")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"-":
+            raise RuntimeError(f"redis: {rest.decode(errors='replace')}")
+        if kind == b"+":
+            return rest
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            return None if int(rest) < 0 else self.reader.read(int(rest) + 2)[:-2]
+        if kind == b"*":
+            return None if int(rest) < 0 else [self.reply() for _ in range(int(rest))]
+        raise RuntimeError(f"redis: unexpected reply {line!r}")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def redis_xadd(conn: Resp, key: str, payload: bytes, count: int, per_trip: int) -> int:
+    """XADD `count` entries, `per_trip` commands per round trip (1: one at a time, no
+    pipelining); returns the entries redis acknowledged with an ID."""
+    command = Resp.encode("XADD", key, "*", "m", payload)
+    acked = 0
+    for _ in range(count // per_trip):
+        conn.send(command * per_trip)
+        acked += sum(1 for _ in range(per_trip) if conn.reply())
+    return acked
+
+
 # -- the server under test -------------------------------------------------------------
+
+def write_bytes(pid: int) -> int:
+    """The bytes a process (all its threads) caused to be sent to the storage layer: pages
+    it dirtied in files, counted once per page until written back (/proc/PID/io)."""
+    text = Path(f"/proc/{pid}/io").read_text()
+    return int(re.search(r"^write_bytes:\s+(\d+)", text, re.MULTILINE).group(1))
+
+
+def settled_write_bytes(pid: int) -> tuple[int, bool]:
+    """write_bytes once it has not changed for WEAR_QUIET_S (or after WEAR_SETTLE_MAX_S:
+    then False), so that what a phase's writes cause soon after (checkpoints) counts."""
+    start = since = time.monotonic()
+    last = write_bytes(pid)
+    while True:
+        time.sleep(0.05)
+        now, value = time.monotonic(), write_bytes(pid)
+        if value != last:
+            last, since = value, now
+        elif now - since >= WEAR_QUIET_S:
+            return value, True
+        if now - start >= WEAR_SETTLE_MAX_S:
+            return value, False
+
+
+def measure_wear(pid: int, size: int, write) -> dict:
+    """Bytes written per acknowledged message by `write()` (which returns the count),
+    from a quiet moment before it to a quiet moment after it."""
+    before, _ = settled_write_bytes(pid)
+    t0 = time.monotonic()
+    acked = write()
+    elapsed = time.monotonic() - t0
+    after, settled = settled_write_bytes(pid)
+    if not acked:
+        raise RuntimeError("no message acknowledged")
+    per_message = (after - before) / acked
+    return {"value": per_message, "bytes": after - before, "messages": acked,
+            "elapsed_s": elapsed, "settled": settled, "x_payload": per_message / size}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """redis-server with an append-only file and nothing else on disk, in `workdir`."""
+
+    def __init__(self, executable: str, fsync: str, workdir: Path) -> None:
+        self.port = free_port()
+        self.command = [executable, "--port", str(self.port), "--bind", "127.0.0.1",
+                        "--save", "", "--appendonly", "yes", "--appendfsync", fsync,
+                        "--dir", str(workdir), "--daemonize", "no"]
+        self.workdir = workdir
+        self.log_path = workdir / "redis.log"
+        self.proc: subprocess.Popen | None = None
+        self.conn: Resp | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.command, cwd=self.workdir, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.conn = self.ping()
+                return
+            except (OSError, RuntimeError) as exc:  # not listening yet, or -LOADING
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log_text = self.log_path.read_text(errors="replace")
+                    raise RuntimeError(
+                        f"redis-server did not start ({exc}):\n{log_text}") from exc
+                time.sleep(0.02)
+
+    def ping(self) -> Resp:
+        conn = Resp(self.port)
+        try:
+            conn.send(Resp.encode("PING"))
+            conn.reply()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def stop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
 
 class ServerProcess:
     """A server child process: started, measured through /proc, stopped."""
@@ -391,6 +597,13 @@ class ServerProcess:
 
 # -- phases ----------------------------------------------------------------------------
 
+def smq_command(mode: str) -> list[str]:
+    """A fresh SMQ server on bench.db in its working directory. Which checkout's smq it runs
+    is ServerProcess's `source`, put first on its PYTHONPATH."""
+    return [sys.executable, "-m", "smq", "--dbpath", "bench.db", "--port", "0",
+            "--bind", "127.0.0.1", "--durability", mode]
+
+
 @dataclasses.dataclass
 class Settings:
     repeat: int
@@ -406,9 +619,23 @@ class Settings:
     settle: float
     raw: bool
     baseline: Path | None = None  # another checkout's smq, measured alongside (A/B)
+    wear_messages: tuple[int, int, int] = (3000, 20000, 20000)  # unary, stream, batch
+    wear_only: bool = False
+    redis: str | None = None  # the redis-server executable of the peer, if any
 
     def catchup(self, size: int) -> int:
         return max(100, min(self.catchup_count, self.catchup_bytes // size))
+
+    def wear_count(self, pattern: str, size: int) -> int:
+        """Messages of a wear pattern: --wear-messages, at most WEAR_PAYLOAD_CAP of payload,
+        rounded down to hundreds (and to whole batches)."""
+        count = min(dict(zip(WEAR_PATTERNS, self.wear_messages))[pattern],
+                    WEAR_PAYLOAD_CAP[pattern] // size)
+        if count > 100:
+            count -= count % 100
+        if pattern == "batch":
+            return max(1, count // self.batch) * self.batch
+        return max(1, count)
 
 
 class Bench:
@@ -475,8 +702,7 @@ class Bench:
     def run_server(self, kind: str, size: int, mode: str, repeat: int) -> None:
         s = self.s
         if kind != "raw":
-            command = [sys.executable, "-m", "smq", "--dbpath", "bench.db", "--port", "0",
-                       "--bind", "127.0.0.1", "--durability", mode]
+            command = smq_command(mode)
         else:
             command = [sys.executable, str(RAW_SERVER), "--port", "0", "--bind", "127.0.0.1"]
         rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-{size}-{mode}-", dir=self.workdir))
@@ -567,15 +793,79 @@ class Bench:
             server.stop()
         print(f"  {label}: done in {time.monotonic() - t_phase:.1f}s", file=sys.stderr)
 
+    def run_wear(self, kind: str, size: int, mode: str, repeat: int) -> None:
+        """Flash wear: a fresh server; each pattern alone, on a fresh topic."""
+        rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-wear-{size}-{mode}-", dir=self.workdir))
+        server = ServerProcess(kind, smq_command(mode), rundir,
+                               self.s.baseline if kind == "base" else ROOT)
+        t0 = time.monotonic()
+        try:
+            server.start()
+            for pattern in WEAR_PATTERNS:
+                server.stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=f"wear-{pattern}"),
+                                        timeout=30)
+            for pattern in WEAR_PATTERNS:
+                write = functools.partial(
+                    WEAR_WRITERS[pattern], server.stub, f"wear-{pattern}", payload_of(size),
+                    self.s.wear_count(pattern, size), self.s.batch)
+                self.wear_phase(kind, size, mode, repeat, pattern, server.proc.pid, write)
+        except Exception as exc:
+            self.error(f"{kind} wear size={size} mode={mode} repeat={repeat}: {exc}")
+        finally:
+            server.stop()
+        print(f"  {kind} wear {size}B {mode} #{repeat + 1}: done in "
+              f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+    def run_redis(self, size: int, fsync: str, repeat: int) -> None:
+        """The peer's flash wear: XADD one at a time, and --batch per pipelined round trip."""
+        rundir = Path(tempfile.mkdtemp(prefix=f"redis-{size}-{fsync}-", dir=self.workdir))
+        server = RedisProcess(self.s.redis, fsync, rundir)
+        t0 = time.monotonic()
+        try:
+            server.start()
+            for pattern, per_trip in (("unary", 1), ("batch", self.s.batch)):
+                write = functools.partial(redis_xadd, server.conn, f"wear-{pattern}",
+                                          payload_of(size), self.s.wear_count(pattern, size),
+                                          per_trip)
+                self.wear_phase("redis", size, fsync, repeat, pattern, server.proc.pid, write,
+                                per_trip=per_trip)
+        except Exception as exc:
+            self.error(f"redis size={size} appendfsync={fsync} repeat={repeat}: {exc}")
+        finally:
+            server.stop()
+        print(f"  redis {size}B appendfsync {fsync} #{repeat + 1}: done in "
+              f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+    def wear_phase(self, server: str, size: int, mode: str, repeat: int, pattern: str,
+                   pid: int, write, **detail: Any) -> None:
+        figure = f"wear_{pattern}"
+        where = {"server": server, "size": size, "mode": mode, "repeat": repeat,
+                 "figure": figure}
+        try:
+            result = measure_wear(pid, size, write)
+        except Exception as exc:
+            self.error(f"{server} size={size} mode={mode} repeat={repeat} {figure}: {exc}")
+            self.samples.append({**where, "value": None, "error": str(exc)})
+            return
+        self.samples.append({**where, **result, **detail})
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+        print("  ERROR " + message.splitlines()[0], file=sys.stderr)
+
     def run(self) -> None:
         for repeat in range(self.s.repeat):
             for size in self.s.sizes:
-                if self.s.raw:
+                if self.s.raw and not self.s.wear_only:
                     self.run_server("raw", size, "-", repeat)
                 for mode in self.s.modes:
-                    self.run_server("smq", size, mode, repeat)
-                    if self.s.baseline:
-                        self.run_server("base", size, mode, repeat)
+                    for kind in ("smq", "base") if self.s.baseline else ("smq",):
+                        if not self.s.wear_only:
+                            self.run_server(kind, size, mode, repeat)
+                        self.run_wear(kind, size, mode, repeat)
+                if self.s.redis:
+                    for fsync in REDIS_FSYNC:
+                        self.run_redis(size, fsync, repeat)
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -602,6 +892,8 @@ def evaluate(settings: Settings, samples: list[dict], batch: int, bulk_limit: in
     for size in settings.sizes:
         for mode in settings.modes:
             for figure in figures(batch, bulk_limit, rate):
+                if settings.wear_only and not figure.key.startswith("wear_"):
+                    continue
                 smq = aggregate(samples, figure, "smq", size, mode)
                 raw = None if figure.smq_only else aggregate(samples, figure, "raw", size, mode)
                 ratio = smq / raw if smq is not None and raw else None
@@ -703,6 +995,73 @@ def print_memory_table(settings: Settings, samples: list[dict], out=sys.stdout) 
                     print(f"{server:6} {size:>5}B {mode:6} " + " ".join(cells), file=out)
 
 
+def wear_median(samples: list[dict], server: str, pattern: str, size: int,
+                mode: str) -> float | None:
+    values = [x["value"] for x in samples if x["figure"] == f"wear_{pattern}"
+              and x["server"] == server and x["size"] == size and x["mode"] == mode
+              and x["value"] is not None]
+    return statistics.median(values) if values else None
+
+
+def print_columns(lines: list[tuple[str, ...]], out) -> None:
+    """Aligned: the first column to the left, the others to the right."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for i, line in enumerate(lines):
+        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+                        for j, (cell, w) in enumerate(zip(line, widths))).rstrip(), file=out)
+        if i == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def print_wear_tables(settings: Settings, samples: list[dict], redis_skipped: str | None,
+                      out=sys.stdout) -> None:
+    """Bytes written per message as multiples of the payload, then beside redis's."""
+    smq = [(server, mode) for server in ("smq", "base") for mode in settings.modes
+           if any(x["server"] == server and x["figure"].startswith("wear_") for x in samples)]
+    labels = {pattern: wear_label(pattern, settings.batch) for pattern in WEAR_PATTERNS}
+    names = {"smq": "SMQ", "base": "base"}
+
+    def cell(server, pattern, size, mode, bytes_too=False):
+        value = wear_median(samples, server, pattern, size, mode)
+        if value is None:
+            return "-"
+        return f"{value:,.0f} ({value / size:.1f}x)" if bytes_too else f"{value / size:.1f}x"
+
+    print("\nbytes written per message (x payload): medians of the server's write_bytes "
+          "(/proc/PID/io) per message, checkpoints included", file=out)
+    lines = [("pattern", "size", *(f"{names[server]} {mode}" for server, mode in smq))]
+    for pattern in WEAR_PATTERNS:
+        for size in settings.sizes:
+            lines.append((labels[pattern], f"{size}B",
+                          *(cell(server, pattern, size, mode) for server, mode in smq)))
+    print_columns(lines, out)
+    values = [x["value"] for x in samples if x["figure"].startswith("wear_")
+              and x["server"] != "redis" and x["value"] is not None]
+    if values and not any(values):
+        print("  (no bytes written at all: is --workdir on tmpfs?)", file=out)
+    unsettled = sum(1 for x in samples if x["figure"].startswith("wear_")
+                    and x.get("settled") is False)
+    if unsettled:
+        print(f"  ({unsettled} measurement(s) still writing {WEAR_SETTLE_MAX_S:.0f} s after "
+              f"the phase: they may miss some writes; see 'settled' in --json)", file=out)
+
+    if redis_skipped:
+        print(f"\nbytes written per message: SMQ vs redis: the redis peer was skipped "
+              f"({redis_skipped})", file=out)
+        return
+    print(f"\nbytes written per message: SMQ vs redis [B/msg (x payload)], medians; redis: "
+          f"AOF, XADD one at a time (unary), {settings.batch} XADDs pipelined per round trip "
+          f"(ProduceBatch), no StreamProduce counterpart", file=out)
+    lines = [("pattern", "size", *(f"{names[server]} {mode}" for server, mode in smq),
+              *(f"redis {fsync}" for fsync in REDIS_FSYNC))]
+    for pattern in WEAR_PATTERNS:
+        for size in settings.sizes:
+            lines.append((labels[pattern], f"{size}B",
+                          *(cell(server, pattern, size, mode, True) for server, mode in smq),
+                          *(cell("redis", pattern, size, fsync, True) for fsync in REDIS_FSYNC)))
+    print_columns(lines, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -723,6 +1082,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure the smq package of another checkout (e.g. `git "
                              "archive main smq | tar -x -C DIR`), interleaved: an A/B comparison")
     parser.add_argument("--workdir", help="keep server databases and logs here (default: a temp dir)")
+    parser.add_argument("--wear-only", action="store_true",
+                        help="only the flash-wear phases: bytes written per message (fast)")
+    parser.add_argument("--wear-messages", metavar="U,S,B",
+                        help="messages per wear pattern: unary, StreamProduce, ProduceBatch "
+                             "(default 3000,20000,20000; quick 200,1000,1000), at most 10 MiB "
+                             "of payload for unary and 30 MiB for the others (10 KiB: "
+                             "1000,3000,3000)")
+    parser.add_argument("--no-redis", action="store_true",
+                        help="skip the redis peer of the wear phases (run when redis-server "
+                             "is on PATH)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     quick = args.quick
@@ -737,22 +1106,34 @@ def main(argv: list[str] | None = None) -> int:
         latency_rate=args.latency_rate,
         latency_seconds=args.latency_seconds or (0.3 if quick else 5.0),
         settle=0.2 if quick else 1.0, raw=not args.no_raw,
-        baseline=Path(args.baseline).resolve() if args.baseline else None)
+        baseline=Path(args.baseline).resolve() if args.baseline else None,
+        wear_messages=wear_messages(args.wear_messages, quick), wear_only=args.wear_only,
+        redis=None if args.no_redis else shutil.which("redis-server"))
+    redis_skipped = ("--no-redis" if args.no_redis
+                     else None if settings.redis else "redis-server is not on PATH")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="smq-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         bench = Bench(settings, workdir)
         print(f"SMQ benchmark: sizes {settings.sizes}, modes {settings.modes}, "
-              f"{settings.repeat} repeat(s), {settings.duration}s per write phase", file=sys.stderr)
+              f"{settings.repeat} repeat(s), "
+              + ("" if settings.wear_only else f"{settings.duration}s per write phase, ")
+              + f"wear messages {settings.wear_messages} (unary, stream, batch), redis peer "
+              + (settings.redis or f"skipped: {redis_skipped}"), file=sys.stderr)
         bench.run()
     rows = evaluate(settings, bench.samples, settings.batch, settings.bulk_limit,
                     settings.latency_rate)
-    print(f"\nSMQ vs raw grpcio (no storage), medians of {settings.repeat} run(s); ratio = SMQ/raw; "
-          f"targets for {TARGET_SIZE}B, {TARGET_MODE} durability")
+    if settings.wear_only:
+        print(f"\nSMQ flash wear, medians of {settings.repeat} run(s)")
+    else:
+        print(f"\nSMQ vs raw grpcio (no storage), medians of {settings.repeat} run(s); "
+              f"ratio = SMQ/raw; targets for {TARGET_SIZE}B, {TARGET_MODE} durability")
     print_table(rows)
-    print_cpu_table(settings, bench.samples)
-    print_memory_table(settings, bench.samples)
+    if not settings.wear_only:
+        print_cpu_table(settings, bench.samples)
+        print_memory_table(settings, bench.samples)
+    print_wear_tables(settings, bench.samples, redis_skipped)
     report = {
         "command": [sys.executable, *sys.argv] if argv is None else ["bench.py", *argv],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -761,6 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform(), "grpcio": grpc.__version__,
                     "loadavg_at_end": os.getloadavg()},
         "settings": dataclasses.asdict(settings), "rows": rows, "samples": bench.samples,
+        "redis": redis_version(settings.redis) if settings.redis else f"skipped: {redis_skipped}",
         "errors": bench.errors,
     }
     if args.json:
@@ -772,6 +1154,23 @@ def main(argv: list[str] | None = None) -> int:
             print("  " + error, file=sys.stderr)
         return 1
     return 0
+
+
+def wear_messages(option: str | None, quick: bool) -> tuple[int, int, int]:
+    if not option:
+        return (200, 1000, 1000) if quick else (3000, 20000, 20000)
+    counts = tuple(int(x) for x in option.split(","))
+    if len(counts) != 3 or min(counts) < 1:
+        raise SystemExit("--wear-messages: three positive counts, e.g. 3000,20000,20000")
+    return counts[0], counts[1], counts[2]
+
+
+def redis_version(executable: str) -> str:
+    try:
+        return subprocess.run([executable, "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{executable}: {exc}"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -48,4 +50,47 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         assert rows[figure]["smq"] is not None and rows[figure]["smq"] > 0, figure
         assert rows[figure]["raw"] is not None and rows[figure]["raw"] > 0, figure
     assert rows["msgs_per_commit_4"]["smq"] >= 1
-    assert {s["server"] for s in report["samples"]} == {"smq", "raw"}
+    assert_wear_reported(done.stdout, report, "full")
+    assert {s["server"] for s in report["samples"]} - {"redis"} == {"smq", "raw"}
+
+
+def test_wear_only_runs_just_the_wear_phases(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--wear-only", "--repeat", "1",
+         "--sizes", "100", "--modes", "normal", "--wear-messages", "100,300,300", "--no-redis",
+         "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert not report["errors"]
+    assert {row["figure"] for row in report["rows"]} == {"wear_unary", "wear_stream", "wear_batch"}
+    assert {s["server"] for s in report["samples"]} == {"smq"}
+    assert_wear_reported(done.stdout, report, "normal")
+    assert "redis peer was skipped (--no-redis)" in done.stdout
+
+
+WEAR_ROW = re.compile(r"^bytes written per message, (.+?) \[B/msg\]\s+100B\s+(\w+)\s+([\d,]+)\s",
+                      re.MULTILINE)
+
+
+def assert_wear_reported(stdout: str, report: dict, mode: str) -> None:
+    """The three wear rows are printed with positive figures (bytes written per message:
+    on tmpfs they would be 0), and beside redis's when redis-server is on PATH."""
+    printed = {label: int(value.replace(",", "")) for label, row_mode, value
+               in WEAR_ROW.findall(stdout) if row_mode == mode}
+    assert set(printed) == {"unary", "StreamProduce", "ProduceBatch (100/call)"}, stdout
+    assert all(value > 0 for value in printed.values()), printed
+    assert "bytes written per message (x payload)" in stdout
+    rows = {row["figure"]: row for row in report["rows"]}
+    for figure in ("wear_unary", "wear_stream", "wear_batch"):
+        assert rows[figure]["smq"] is not None and rows[figure]["smq"] > 0, figure
+    redis = [s for s in report["samples"] if s["server"] == "redis"]
+    if "--no-redis" in report["command"] or not shutil.which("redis-server"):
+        assert not redis and "redis peer was skipped" in stdout
+    else:
+        assert "bytes written per message: SMQ vs redis" in stdout
+        assert {(s["figure"], s["mode"]) for s in redis} == {
+            (figure, fsync) for figure in ("wear_unary", "wear_batch")
+            for fsync in ("always", "everysec")}
+        assert all(s["value"] > 0 for s in redis), redis
