@@ -25,11 +25,12 @@ idle VmRSS after start-up, VmHWM (peak) at the end, and CPU time per phase (repo
 server CPU microseconds per message). SMQ's GetServerInfo counters, taken around each
 write phase, give messages per commit.
 
-Flash wear: on another fresh SMQ server per mode, a fixed number of messages written
-(--wear-messages) one Produce at a time, over one StreamProduce and in ProduceBatch calls,
-each on a fresh topic and alone; the server's /proc/PID/io write_bytes, from a quiet
-moment before to a quiet moment after (0.5 s unchanged, at most 3 s: so the checkpoints
-the writes cause count), divided by the messages acknowledged: bytes written per message.
+Flash wear: per mode and write pattern, a fresh SMQ server takes a fixed number of
+messages (--wear-messages) one Produce at a time, over one StreamProduce or in
+ProduceBatch calls; the server's write_bytes (/proc/PID/io) from a quiet moment before
+them to its exit after them (SIGTERM; wait4's ru_oublock, the same count: so every
+checkpoint of what they wrote counts, the last one at the clean stop included), divided
+by the messages acknowledged: bytes written per message.
 With redis-server on PATH, the same figure for redis (AOF, appendfsync always and
 everysec) taking XADDs one at a time and --batch per pipelined round trip. --wear-only
 runs just these (fast, for iterating on the storage).
@@ -455,19 +456,30 @@ def settled_write_bytes(pid: int) -> tuple[int, bool]:
             return value, False
 
 
-def measure_wear(pid: int, size: int, write) -> dict:
-    """Bytes written per acknowledged message by `write()` (which returns the count),
-    from a quiet moment before it to a quiet moment after it."""
-    before, _ = settled_write_bytes(pid)
+def written_until_exit(proc: subprocess.Popen) -> int:
+    """Stop a server (SIGTERM) and return all it wrote in its life: the write_bytes of
+    the exited process, from wait4's ru_oublock (the same count, in 512-byte units), so
+    that what its last writes cause (the checkpoint at a clean stop) counts too."""
+    proc.send_signal(signal.SIGTERM)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_oublock * 512
+
+
+def measure_wear(proc: subprocess.Popen, size: int, write) -> dict:
+    """Bytes written per acknowledged message by `write()` (which returns the count):
+    from a quiet moment before it to the server's exit, which it is stopped for (so that
+    its checkpoints count, however many messages the WAL holds)."""
+    before, _ = settled_write_bytes(proc.pid)
     t0 = time.monotonic()
     acked = write()
     elapsed = time.monotonic() - t0
-    after, settled = settled_write_bytes(pid)
+    after = written_until_exit(proc)
     if not acked:
         raise RuntimeError("no message acknowledged")
     per_message = (after - before) / acked
     return {"value": per_message, "bytes": after - before, "messages": acked,
-            "elapsed_s": elapsed, "settled": settled, "x_payload": per_message / size}
+            "elapsed_s": elapsed, "settled": True, "x_payload": per_message / size}
 
 
 def free_port() -> int:
@@ -794,55 +806,56 @@ class Bench:
         print(f"  {label}: done in {time.monotonic() - t_phase:.1f}s", file=sys.stderr)
 
     def run_wear(self, kind: str, size: int, mode: str, repeat: int) -> None:
-        """Flash wear: a fresh server; each pattern alone, on a fresh topic."""
-        rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-wear-{size}-{mode}-", dir=self.workdir))
-        server = ServerProcess(kind, smq_command(mode), rundir,
-                               self.s.baseline if kind == "base" else ROOT)
+        """Flash wear: each pattern alone, on a fresh server and topic, until it stops."""
         t0 = time.monotonic()
-        try:
-            server.start()
-            for pattern in WEAR_PATTERNS:
+        for pattern in WEAR_PATTERNS:
+            rundir = Path(tempfile.mkdtemp(prefix=f"{kind}-wear-{pattern}-{size}-{mode}-",
+                                           dir=self.workdir))
+            server = ServerProcess(kind, smq_command(mode), rundir,
+                                   self.s.baseline if kind == "base" else ROOT)
+            try:
+                server.start()
                 server.stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=f"wear-{pattern}"),
                                         timeout=30)
-            for pattern in WEAR_PATTERNS:
                 write = functools.partial(
                     WEAR_WRITERS[pattern], server.stub, f"wear-{pattern}", payload_of(size),
                     self.s.wear_count(pattern, size), self.s.batch)
-                self.wear_phase(kind, size, mode, repeat, pattern, server.proc.pid, write)
-        except Exception as exc:
-            self.error(f"{kind} wear size={size} mode={mode} repeat={repeat}: {exc}")
-        finally:
-            server.stop()
+                self.wear_phase(kind, size, mode, repeat, pattern, server.proc, write)
+            except Exception as exc:
+                self.error(f"{kind} wear size={size} mode={mode} repeat={repeat}: {exc}")
+            finally:
+                server.stop()
         print(f"  {kind} wear {size}B {mode} #{repeat + 1}: done in "
               f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
 
     def run_redis(self, size: int, fsync: str, repeat: int) -> None:
         """The peer's flash wear: XADD one at a time, and --batch per pipelined round trip."""
         rundir = Path(tempfile.mkdtemp(prefix=f"redis-{size}-{fsync}-", dir=self.workdir))
-        server = RedisProcess(self.s.redis, fsync, rundir)
         t0 = time.monotonic()
-        try:
-            server.start()
-            for pattern, per_trip in (("unary", 1), ("batch", self.s.batch)):
+        for pattern, per_trip in (("unary", 1), ("batch", self.s.batch)):
+            (rundir / pattern).mkdir()
+            server = RedisProcess(self.s.redis, fsync, rundir / pattern)
+            try:
+                server.start()
                 write = functools.partial(redis_xadd, server.conn, f"wear-{pattern}",
                                           payload_of(size), self.s.wear_count(pattern, size),
                                           per_trip)
-                self.wear_phase("redis", size, fsync, repeat, pattern, server.proc.pid, write,
+                self.wear_phase("redis", size, fsync, repeat, pattern, server.proc, write,
                                 per_trip=per_trip)
-        except Exception as exc:
-            self.error(f"redis size={size} appendfsync={fsync} repeat={repeat}: {exc}")
-        finally:
-            server.stop()
+            except Exception as exc:
+                self.error(f"redis size={size} appendfsync={fsync} repeat={repeat}: {exc}")
+            finally:
+                server.stop()
         print(f"  redis {size}B appendfsync {fsync} #{repeat + 1}: done in "
               f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
 
     def wear_phase(self, server: str, size: int, mode: str, repeat: int, pattern: str,
-                   pid: int, write, **detail: Any) -> None:
+                   proc: subprocess.Popen, write, **detail: Any) -> None:
         figure = f"wear_{pattern}"
         where = {"server": server, "size": size, "mode": mode, "repeat": repeat,
                  "figure": figure}
         try:
-            result = measure_wear(pid, size, write)
+            result = measure_wear(proc, size, write)
         except Exception as exc:
             self.error(f"{server} size={size} mode={mode} repeat={repeat} {figure}: {exc}")
             self.samples.append({**where, "value": None, "error": str(exc)})

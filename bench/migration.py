@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """How long the first start of SMQ takes on a database of format 1 (one row per message),
-which it migrates to format 2 (consecutive messages share a row):
+which it migrates to the current format (format 4, rebuilt with 512-byte pages):
 
     .venv/bin/python bench/migration.py [--messages 1000000] [--size 100] [--topics 4]
 
@@ -22,7 +22,8 @@ from pathlib import Path
 import apsw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from smq.server.schema import MIGRATIONS, StorageOptions
+from smq.server.formats import MIGRATIONS
+from smq.server.schema import StorageOptions
 from smq.server.storage import Storage  # noqa: E402
 
 MiB = 1024**2

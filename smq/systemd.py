@@ -35,6 +35,11 @@ class Notifier:
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
 
+    def extend_startup(self, seconds: float, status: str) -> None:
+        """Ask for `seconds` more to start (a long step, such as a migration, would
+        otherwise outlast TimeoutStartSec and be killed, then begin again at each restart)."""
+        self._send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}\nSTATUS={status}")
+
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")
 

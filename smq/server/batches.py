@@ -1,11 +1,12 @@
 """How messages are laid out in the database: consecutive messages of a topic share a row.
 
-A row of the `batches` table holds the messages first_offset..last_offset of one
-topic: their payloads one after the other in `payloads`, and their lengths as
-little-endian uint32s in `sizes` (NULL when the row holds one message). Storing a
-ProduceBatch of 100 messages is then one row, one index entry and a few pages
-instead of 100 rows and 100 index entries: the commit, which is what a produce
-waits for, writes less.
+A row of the `message_rows` table (schema.py) holds the messages first_offset..
+last_offset of one topic: their payloads one after the other in `payloads`, and their
+lengths in `sizes` (NULL when the row holds one message) as little-endian unsigned
+integers of 1, 2 or 4 bytes each, the fewest that hold the longest (the width is the
+length of `sizes` over the number of messages; files of format 2 and 3 have 4). Storing
+a ProduceBatch of 100 messages is then one row and a few pages instead of 100 rows: the
+commit, which is what a produce waits for, writes less.
 
 Rows stay below ROW_PAYLOAD_BYTES of payload (except a single larger message), so
 that reading one message never loads much more than it returns.
@@ -39,10 +40,17 @@ def pack(first: int, payloads: Sequence[bytes], size: int) -> list[Row]:
     return rows
 
 
+# struct's code for the unsigned integer of each width
+SIZE_CODES = {1: "B", 2: "H", 4: "I"}
+
+
 def _row(first: int, payloads: Sequence[bytes]) -> Row:
     if len(payloads) == 1:
         return (first, first, payloads[0], None)
-    sizes = struct.pack(f"<{len(payloads)}I", *map(len, payloads))
+    lengths = list(map(len, payloads))
+    longest = max(lengths)
+    code = "B" if longest < 1 << 8 else "H" if longest < 1 << 16 else "I"
+    sizes = struct.pack(f"<{len(payloads)}{code}", *lengths)
     return (first, first + len(payloads) - 1, b"".join(payloads), sizes)
 
 
@@ -50,7 +58,8 @@ def lengths(first: int, last: int, sizes: bytes | None, total: int) -> tuple[int
     """The payload lengths of a row; total: the length of its payloads."""
     if sizes is None:
         return (total,)
-    return struct.unpack(f"<{last - first + 1}I", sizes)
+    count = last - first + 1
+    return struct.unpack(f"<{count}{SIZE_CODES[len(sizes) // count]}", sizes)
 
 
 def unpack(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 import apsw
 
 if TYPE_CHECKING:
-    from .storage import TopicState
+    from .topic_state import TopicState
 
 
 class ConsumerOffsets:

@@ -1,6 +1,7 @@
-"""The disk budget's measure and giving room back, on the writer thread: how much new
-messages can still take (free_space, for retention.Retention.reserve_space), a WAL kept
-to its share by checkpoints, free pages returned by incremental vacuum. Part of
+"""The disk budget's measure, on the writer thread: how much new messages can still
+take (free_space, for retention.Retention.reserve_space) and a WAL kept to its share by
+checkpoints. Pages freed by trims and deletes stay in the file, where new messages
+reuse them, and count as room (the file does not shrink: schema.py). Part of
 storage.Storage (a mixin, with storage.py's writer connection).
 """
 
@@ -55,14 +56,6 @@ class DiskSpace:
         if _file_size(self.path + "-wal") > self._file.wal_share:
             with storage_errors("checkpoint"):
                 self._writer.pragma("wal_checkpoint", "RESTART")
-
-    def give_back_space(self, max_pages: int = 2048) -> int:
-        """Return up to max_pages free pages to the filesystem (outside a transaction).
-        Returns how many free pages are left for next time."""
-        with storage_errors("incremental vacuum"):
-            # Each step of this pragma frees one page; fetching runs it to the end.
-            self._writer.execute(f"PRAGMA incremental_vacuum({int(max_pages)})").fetchall()
-            return self._writer.pragma("freelist_count")
 
 
 def _file_size(path: str) -> int:

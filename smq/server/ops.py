@@ -18,7 +18,7 @@ from ..errors import (
     TopicNotFound,
     Unavailable,
 )
-from .storage import TopicState
+from .topic_state import TopicState
 
 if TYPE_CHECKING:
     from .writer import GroupCommitWriter
@@ -277,7 +277,6 @@ class DeleteTopic(WriteOp):
         del writer.topics[self.name]
         writer.storage.delete_topic(topic)
         writer.deleted.append(topic)
-        writer.space_to_give_back = True
         self.result = True
 
 

@@ -13,7 +13,8 @@ from ..domain import TopicPolicy
 from ..errors import SMQError, StorageFull
 from ..logs import Throttled
 from .clock import MessageClock
-from .storage import Storage, TopicState
+from .storage import Storage
+from .topic_state import TopicState
 
 log = logging.getLogger("smq.server.writer")
 
@@ -44,7 +45,6 @@ class Retention:
         ] = {}  # messages drop-oldest trimmed, per topic, not yet logged
         self._dropped_logged = float("-inf")
         self._upkeep_logged = Throttled(log)
-        self.space_to_give_back = True  # a previous run may have left free pages
 
     def policy_of(self, topic: TopicState) -> TopicPolicy:
         return topic.policy.over(self.defaults)
@@ -54,7 +54,6 @@ class Retention:
         count = self.storage.trim(topic, until)
         if count:
             self.touched.add(topic.name)
-            self.space_to_give_back = True
         return count
 
     def trim_step_end(self, topic: TopicState, until: int) -> int:
@@ -171,12 +170,3 @@ class Retention:
             )
             self._dropped.clear()
             self._dropped_logged = now
-
-    def _give_space_back(self) -> None:
-        """Return free pages to the filesystem, a little at a time (every tick)."""
-        if not self.space_to_give_back:
-            return
-        try:
-            self.space_to_give_back = self.storage.give_back_space() > 0
-        except SMQError as exc:  # retried every tick: on a full disk, logged once a minute
-            self._upkeep_logged.log(logging.WARNING, "could not give free space back: %s", exc)

@@ -2,8 +2,9 @@
 
 DatabaseFile opens one SMQ database: locks it against a second server, refuses files
 that are not SMQ's, newer than this SMQ, damaged or truncated (or moves them aside),
-switches to WAL mode, sets the durability, migrates older formats forward, and sizes
-the WAL and the reserve from the disk budget. Called once at start-up (main thread);
+switches to WAL mode, sets the durability, migrates older formats forward (rebuilding
+the file when its page size changes: `_rebuild`), and sizes the WAL and the reserve
+from the disk budget. Called once at start-up (main thread);
 storage.Storage owns what it opened. Also `storage_errors`, the one translation of apsw
 errors into the SMQ error tree, used around every read and write.
 """
@@ -22,70 +23,10 @@ from collections.abc import Iterator
 import apsw
 
 from ..errors import SMQError, StartupError, StorageFailure, StorageFull
+from ..systemd import Notifier
+from .formats import AUTO_VACUUM_NONE, MIGRATIONS, PAGE_SIZE, SCHEMA_VERSION
 
 log = logging.getLogger("smq.server.storage")
-
-# Format of the database file, kept in PRAGMA user_version. Raise it with a
-# migration in MIGRATIONS whenever the schema changes; an older SMQ refuses a newer file.
-SCHEMA_VERSION = 3
-MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: (
-        """CREATE TABLE topics (
-               id           INTEGER PRIMARY KEY,
-               name         TEXT NOT NULL UNIQUE,
-               next_offset  INTEGER NOT NULL DEFAULT 1,  -- never goes back: offsets are not reused
-               stored_bytes INTEGER NOT NULL DEFAULT 0,  -- sum of payload sizes still stored
-               created_at   INTEGER NOT NULL,            -- unix seconds
-               deleted      INTEGER NOT NULL DEFAULT 0,  -- kept so a re-created topic goes on
-               -- per-topic overrides of the server's defaults; NULL: use the default
-               max_messages INTEGER,
-               max_bytes    INTEGER,
-               max_age      INTEGER,                     -- seconds
-               on_full      TEXT,                        -- 'reject' or 'drop-oldest'
-               keep_uncommitted INTEGER                  -- retention spares uncommitted messages
-           )""",
-        """CREATE TABLE messages (
-               topic_id   INTEGER NOT NULL,
-               msg_offset INTEGER NOT NULL,
-               payload    BLOB NOT NULL,
-               PRIMARY KEY (topic_id, msg_offset)
-           )""",
-        # When messages were written, coarsely: one row per topic per second of writing
-        # at most, (first offset written in that second, unix second). Age retention
-        # reads it instead of a timestamp per message.
-        """CREATE TABLE time_marks (
-               topic_id     INTEGER NOT NULL,
-               first_offset INTEGER NOT NULL,
-               marked_at    INTEGER NOT NULL,
-               PRIMARY KEY (topic_id, first_offset)
-           ) WITHOUT ROWID""",
-        # Durable named consumers: the last offset each has processed, per topic.
-        """CREATE TABLE consumers (
-               name             TEXT NOT NULL,
-               topic_id         INTEGER NOT NULL,
-               committed_offset INTEGER NOT NULL,
-               updated_at       INTEGER NOT NULL,
-               PRIMARY KEY (name, topic_id)
-           ) WITHOUT ROWID""",
-        "CREATE INDEX consumers_by_topic ON consumers (topic_id, committed_offset)",
-    ),
-    # Consecutive messages share a row (batches.py): a batch is one row, not one per message.
-    2: (
-        """CREATE TABLE batches (
-               topic_id     INTEGER NOT NULL,
-               first_offset INTEGER NOT NULL,
-               last_offset  INTEGER NOT NULL,
-               payloads     BLOB NOT NULL,  -- the payloads, one after the other
-               sizes        BLOB,           -- their lengths (uint32 LE); NULL for one message
-               PRIMARY KEY (topic_id, first_offset)
-           )""",
-        """INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)
-           SELECT topic_id, msg_offset, msg_offset, payload, NULL FROM messages""",
-        "DROP TABLE messages",
-    ),
-    # Small facts about the database as a whole, such as message time's offset (clock.py).
-    3: ("CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",),
-}
 
 DURABILITY_PRAGMAS = {
     # WAL + synchronous=FULL: the WAL is fsynced at every commit, so an ack survives power loss.
@@ -106,7 +47,15 @@ DELETE_RESERVE_MAX = 8 * 1024**2
 # The WAL counts in the budget: it is checkpointed and truncated to its share, an
 # eighth of the budget within these bounds, and that much is set aside for it.
 WAL_SHARE_MIN = 64 * 1024
-DEFAULT_AUTOCHECKPOINT_PAGES = 1000  # SQLite's; small budgets checkpoint more often
+# The WAL is checkpointed into the database when it holds this much (less for small
+# budgets: half the WAL's share): each checkpoint writes the pages changed since the
+# last one once, so fewer checkpoints write the pages that change often (the tree's
+# inner pages, the topics' rows) fewer times.
+CHECKPOINT_BYTES = 4 * 1024**2
+# A migration or rebuild copies the file: systemd is asked for this long, plus a second
+# per COPY_BYTES_PER_SECOND of the file (a slow SD card), beyond its start timeout.
+LONG_STEP_SECONDS = 60
+COPY_BYTES_PER_SECOND = 1024**2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +135,9 @@ class DatabaseFile:
             if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").get:
                 raise StartupError(f"{where} is an SQLite database but not an SMQ one")
             if version == 0:
-                # Must be set before the first table exists; lets trims give space back.
-                conn.pragma("auto_vacuum", "INCREMENTAL")
+                # Both must be set before the first table exists.
+                conn.pragma("page_size", PAGE_SIZE)
+                conn.pragma("auto_vacuum", AUTO_VACUUM_NONE)
             if conn.pragma("journal_mode", "WAL") != "wal":
                 raise StartupError(
                     f"{where}: cannot switch to WAL mode (is the directory writable?)"
@@ -196,13 +146,18 @@ class DatabaseFile:
             conn.pragma("journal_size_limit", self.wal_share)
             conn.pragma(
                 "wal_autocheckpoint",
-                min(self.wal_share // 2 // conn.pragma("page_size"), DEFAULT_AUTOCHECKPOINT_PAGES),
+                min(self.wal_share // 2, CHECKPOINT_BYTES) // conn.pragma("page_size"),
             )
             if self.options.startup_check == "quick":
                 problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
                 if problems != ["ok"]:
                     raise DamagedDatabase(f"{where} is damaged: {_one_line(problems)}")
             self._migrate(conn, version)
+            if (conn.pragma("page_size"), conn.pragma("auto_vacuum")) != (
+                PAGE_SIZE,
+                AUTO_VACUUM_NONE,
+            ):
+                conn = self._rebuild(conn)
             if self.options.max_db_size:
                 # SQLite's own hard limit: the budget less the WAL's share. SMQ's writes
                 # stop a reserve earlier (free_space), which trims and deletes may use.
@@ -299,12 +254,25 @@ class DatabaseFile:
                 os.replace(self.path + suffix, target + suffix)
         return target
 
+    def _long_step(self, what: str) -> None:
+        """Before a step that copies the database: ask systemd (if it started us) for the
+        time it may take, and say what it waits for in the status line. (The log says it
+        once the step is done: a refusal stays one line.)"""
+        seconds = LONG_STEP_SECONDS + os.path.getsize(self.path) / COPY_BYTES_PER_SECOND
+        Notifier().extend_startup(seconds, what)
+
     def _migrate(self, conn: apsw.Connection, version: int) -> None:
         for target in range(version + 1, SCHEMA_VERSION + 1):
+            migration = MIGRATIONS[target]
+            if version:  # an existing file, not a new one
+                self._long_step(f"migrating the database to format {target}")
             try:
                 with conn:
-                    for statement in MIGRATIONS[target]:
-                        conn.execute(statement)
+                    if callable(migration):
+                        migration(conn)
+                    else:
+                        for statement in migration:
+                            conn.execute(statement)
                     conn.pragma("user_version", target)
             except apsw.FullError:
                 raise StartupError(
@@ -322,12 +290,67 @@ class DatabaseFile:
             except apsw.FullError:
                 log.warning("no room to give the old format's pages back yet")
 
+    def _rebuild(self, conn: apsw.Connection) -> apsw.Connection:
+        """Write the database anew with PAGE_SIZE pages and no auto_vacuum (SQLite cannot
+        change a WAL database's page size in place), then put the new file in the old
+        one's place and open it. The old file stays whole until the new one, complete
+        and synced, replaces it in one rename; a stopped rebuild leaves only a
+        `.rebuild` file, removed by the next start."""
+        where = f"database {self.path!r}"
+        temporary = self.path + ".rebuild"
+        _remove(temporary)
+        _remove(temporary + "-journal")
+        # The whole database into the main file, so that the new one is all of it and
+        # the old WAL left beside it is empty (it must not be replayed into the new one).
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        if busy or os.path.getsize(self.path + "-wal"):
+            raise StartupError(f"{where}: cannot checkpoint it to change its page size")
+        self._long_step(f"rebuilding the database with {PAGE_SIZE}-byte pages")
+        try:
+            conn.pragma("page_size", PAGE_SIZE)
+            conn.pragma("auto_vacuum", AUTO_VACUUM_NONE)
+            conn.execute("VACUUM INTO ?", (temporary,))
+            new_fd = os.open(temporary, os.O_RDWR | os.O_CLOEXEC)
+        except apsw.FullError:
+            _remove(temporary)
+            raise StartupError(
+                f"{where}: no room to rebuild it with {PAGE_SIZE}-byte pages (it is "
+                "copied once: needs free space of about its size); the file is "
+                "unchanged: free some space and start again"
+            ) from None
+        except BaseException:
+            _remove(temporary)
+            raise
+        conn.close()
+        fcntl.flock(new_fd, fcntl.LOCK_EX)  # nobody else knows the file yet
+        os.fsync(new_fd)
+        os.replace(temporary, self.path)
+        _fsync_directory(self.directory)
+        _remove(self.path + "-shm")  # the old database's; SQLite makes a new one
+        self._unlock_database()
+        self.lock_fd = new_fd
+        log.info("database rebuilt with %d-byte pages", PAGE_SIZE)
+        return self._open_writer(existed=True)
+
     def close(self) -> None:
         """Checkpoint the WAL into the main file, close the writer's connection, unlock."""
         with contextlib.suppress(apsw.Error):
             self.writer.pragma("wal_checkpoint", "TRUNCATE")
         self.writer.close()
         self._unlock_database()
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _filesystem_size(directory: str) -> int:

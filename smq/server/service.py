@@ -49,8 +49,9 @@ from .ops import (
     Trim,
     WriteOp,
 )
-from .storage import Storage, TopicState
+from .storage import Storage
 from .streams import Follower, PageLimits, StreamPlaces, Unlimited
+from .topic_state import TopicState
 from .write_queue import SMALL_WRITE, WriteQueue
 from .writer import GroupCommitWriter
 
@@ -380,7 +381,7 @@ class QueueService:
             raise OffsetOutOfRange(
                 f"offset {offset} is above the latest offset {topic.next_offset - 1}"
             )
-        payload = self.storage.read_one(topic.id, offset)
+        payload = self.storage.read_one(topic.key_base, offset)
         if payload is None:
             topic = self._topic(name)  # as of now: a trim may have come since the read began
             if topic.earliest is None:
@@ -401,10 +402,10 @@ class QueueService:
     def _read_page(
         self, topic: TopicState, start: int, count: int, max_bytes: int
     ) -> list[tuple[int, bytes]]:
-        """Up to `count` messages from `start` whose encoded size fits `max_bytes`, at
-        least one. The storage counts payloads only, never more than their encoding, so
-        the page it returns holds the one wanted."""
-        return encoding.fit(self.storage.read_page(topic.id, start, count, max_bytes), max_bytes)
+        """Up to `count` messages from `start` whose encoded size fits `max_bytes`, at least
+        one (the storage counts payloads only, never more than their encoding)."""
+        page = self.storage.read_page(topic.key_base, start, count, max_bytes)
+        return encoding.fit(page, max_bytes)
 
     # -- streams --------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from .service import (
     page_messages,
 )
 from .status import rpc, streaming_rpc
-from .storage import TopicState
+from .topic_state import TopicState
 
 SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
 HEARTBEAT = smq_pb2.ConsumeResponse(message=b"", offset=HEARTBEAT_OFFSET).SerializeToString()

@@ -4,9 +4,16 @@ Writes go through one connection, used only by the writer thread (writer.py),
 inside `write_transaction()`. Reads use a small pool of other connections; in WAL
 mode they never wait for the writer and always see whole commits.
 
-Offsets are never reused: each topic row keeps `next_offset`, advanced by every
-append and left alone by trims, so a topic trimmed empty (or a restart) goes on
-from where it was. Topic names only ever reach SQL as bound parameters.
+Messages are rows of `message_rows`, keyed by one integer: the topic's slot and the
+row's first offset (schema.topic_keys), so that appending to a topic touches only the
+last page of its range of the table.
+
+Offsets are never reused: each topic row keeps `next_offset`, so a topic trimmed empty
+(or a restart) goes on from where it was. To keep a commit to as few pages as possible
+(flash wear, docs/flash-wear.md), appends do not write the topic row: its `next_offset`
+and `stored_bytes` are saved by trims, deletes and the writer's periodic upkeep, and
+loading adds what the rows appended after the last save hold (`_recover_counters`).
+Topic names only ever reach SQL as bound parameters.
 
 apsw errors are translated into the SMQ error tree by `storage_errors` (schema.py)
 and nowhere else. The consumers table's methods are in consumer_offsets.py, the disk
@@ -28,12 +35,19 @@ from typing import Any, cast
 import apsw
 
 from ..domain import TopicPolicy
-from ..errors import StorageFailure
+from ..errors import ResourceExhausted, StorageFailure
 from . import batches
 from .clock import ClockState
 from .consumer_offsets import ConsumerOffsets
 from .disk_space import DiskSpace
-from .schema import SQLITE_HEADER, DatabaseFile, StorageOptions, storage_errors
+from .formats import MAX_OFFSET, SLOTS, topic_keys
+from .schema import (
+    SQLITE_HEADER,
+    DatabaseFile,
+    StorageOptions,
+    storage_errors,
+)
+from .topic_state import TopicState, committed_topics, topic_keys_of
 
 log = logging.getLogger(__name__)
 
@@ -41,39 +55,6 @@ log = logging.getLogger(__name__)
 FORGET_POLICY = (
     "max_messages = NULL, max_bytes = NULL, max_age = NULL, on_full = NULL, keep_uncommitted = NULL"
 )
-
-
-@dataclasses.dataclass
-class TopicState:
-    """What the log knows of one topic. `earliest` is None when nothing is stored."""
-
-    id: int
-    name: str
-    next_offset: int
-    earliest: int | None
-    stored_bytes: int
-    created_at: int = 0
-    deleted: bool = False
-    policy: TopicPolicy = dataclasses.field(default_factory=lambda: TopicPolicy())
-    last_mark: int = 0  # unix second of the newest time mark
-    min_committed: int | None = None  # lowest offset committed by a named consumer
-    consumer_count: int | None = None  # named consumers; None: not counted yet (writer's own)
-
-    def snapshot(self) -> TopicState:
-        """A copy, for readers, of what the writer goes on changing (quicker than copy.copy)."""
-        copied = object.__new__(TopicState)
-        copied.__dict__.update(self.__dict__)
-        return copied
-
-    @property
-    def latest(self) -> int | None:
-        """Highest stored offset, or None when the topic is empty."""
-        return None if self.earliest is None else self.next_offset - 1
-
-    @property
-    def message_count(self) -> int:
-        # Offsets are contiguous: trims only ever remove a prefix.
-        return 0 if self.earliest is None else self.next_offset - self.earliest
 
 
 class Storage(ConsumerOffsets, DiskSpace):
@@ -109,74 +90,41 @@ class Storage(ConsumerOffsets, DiskSpace):
 
     def load_topics(self, conn: apsw.Connection | None = None) -> dict[str, TopicState]:
         """Every topic with its counters and policy, as committed."""
-        sql = """SELECT id, name, next_offset, stored_bytes, created_at,
-                        max_messages, max_bytes, max_age, on_full, keep_uncommitted,
-                        (SELECT min(first_offset) FROM batches WHERE topic_id = topics.id),
-                        (SELECT max(marked_at) FROM time_marks WHERE topic_id = topics.id),
-                        (SELECT min(committed_offset) FROM consumers WHERE topic_id = topics.id)
-                 FROM topics WHERE NOT deleted"""
-        rows: list[Any]  # SQLite values, as the columns above hold them
         if conn is not None:
-            rows = cast(Any, conn.execute(sql).fetchall())
-        else:
-            with self._reader("load topics") as reader:
-                rows = cast(Any, reader.execute(sql).fetchall())
-        topics = {}
-        for (
-            tid,
-            name,
-            next_offset,
-            stored_bytes,
-            created_at,
-            *policy,
-            earliest,
-            last_mark,
-            min_committed,
-        ) in rows:
-            if policy[4] is not None:
-                policy[4] = bool(policy[4])
-            topics[name] = TopicState(
-                tid,
-                name,
-                next_offset,
-                earliest,
-                stored_bytes,
-                created_at,
-                policy=TopicPolicy(*policy),
-                last_mark=last_mark or 0,
-                min_committed=min_committed,
-            )
-        return topics
+            return committed_topics(conn)
+        with self._reader("load topics") as reader:
+            return committed_topics(reader)
 
-    def read_one(self, topic_id: int, offset: int) -> bytes | None:
-        """The payload at offset, or None if it is not stored."""
+    def read_one(self, key_base: int, offset: int) -> bytes | None:
+        """The payload at offset of the topic whose rows start at key_base, or None if
+        it is not stored."""
         with self._reader("read message") as conn:
             row = cast(
                 "batches.Row | None",
                 conn.execute(
-                    "SELECT first_offset, last_offset, payloads, sizes FROM batches"
-                    " WHERE topic_id = ? AND first_offset <= ? ORDER BY first_offset DESC LIMIT 1",
-                    (topic_id, offset),
+                    "SELECT key - ?1, last_offset, payloads, sizes FROM message_rows"
+                    " WHERE key BETWEEN ?1 AND ?1 + ?2 ORDER BY key DESC LIMIT 1",
+                    (key_base, offset),
                 ).fetchone(),
             )
         return None if row is None else batches.message(*row, offset)
 
     def read_page(
-        self, topic_id: int, from_offset: int, max_count: int, max_bytes: int
+        self, key_base: int, from_offset: int, max_count: int, max_bytes: int
     ) -> list[tuple[int, bytes]]:
-        """Stored messages with offset >= from_offset, ascending, at most max_count of them,
-        stopping before max_bytes is passed (but always at least one message)."""
+        """Stored messages of the topic whose rows start at key_base with offset >=
+        from_offset, ascending, at most max_count of them, stopping before max_bytes is
+        passed (but always at least one message)."""
         page: list[tuple[int, bytes]] = []
         size = 0
         with self._reader("read messages") as conn:
             # From the row holding from_offset (if stored) onwards.
             cursor = conn.execute(
-                "SELECT first_offset, last_offset, payloads, sizes FROM batches"
-                " WHERE topic_id = ?1 AND first_offset >= coalesce((SELECT first_offset"
-                "   FROM batches WHERE topic_id = ?1 AND first_offset <= ?2"
-                "   ORDER BY first_offset DESC LIMIT 1), ?2)"
-                " ORDER BY first_offset",
-                (topic_id, from_offset),
+                "SELECT key - ?1, last_offset, payloads, sizes FROM message_rows"
+                " WHERE key BETWEEN coalesce((SELECT key FROM message_rows"
+                "   WHERE key BETWEEN ?1 AND ?1 + ?2 ORDER BY key DESC LIMIT 1), ?1 + ?2)"
+                " AND ?1 + ?3 ORDER BY key",
+                (key_base, max(from_offset, 0), MAX_OFFSET),
             )
             for message in itertools.chain.from_iterable(
                 batches.unpack(*cast(batches.Row, row), from_offset) for row in cursor
@@ -251,36 +199,63 @@ class Storage(ConsumerOffsets, DiskSpace):
         """Create a topic, or bring back a deleted one with its offsets going on (and
         nothing else of it: files of older SMQs may still hold its policy)."""
         now = int(time.time())
+        slot = self._free_slot()
         topic_id, next_offset = cast(
             Any,
             self._writer.execute(
-                "INSERT INTO topics (name, created_at) VALUES (?, ?)"
+                "INSERT INTO topics (name, created_at, slot) VALUES (?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET deleted = 0, created_at = excluded.created_at,"
-                f" stored_bytes = 0, {FORGET_POLICY} RETURNING id, next_offset",
-                (name, now),
+                f" stored_bytes = 0, slot = excluded.slot, {FORGET_POLICY}"
+                " RETURNING id, next_offset",
+                (name, now, slot),
             ).fetchall()[0],
         )
         return TopicState(
-            topic_id, name, next_offset, earliest=None, stored_bytes=0, created_at=now
+            topic_id,
+            name,
+            next_offset,
+            earliest=None,
+            stored_bytes=0,
+            created_at=now,
+            saved=(next_offset, 0),
+            key_base=topic_keys(slot)[0],
         )
+
+    def _free_slot(self) -> int:
+        """A slot no live topic holds: the one after the last given, so that a slot freed
+        by a deletion is given again only after all the others (a reader still holding
+        the deleted topic's keys finds nothing rather than another topic's messages)."""
+        start = int(self._writer.execute("SELECT value FROM meta WHERE key = 'next_slot'").get or 0)
+        slot = start % SLOTS
+        while self._writer.execute("SELECT 1 FROM topics WHERE slot = ?", (slot,)).get:
+            slot = (slot + 1) % SLOTS
+            if slot == start % SLOTS:
+                raise ResourceExhausted(f"the server holds {SLOTS} topics, the most it can")
+        self._writer.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_slot', ?)", (slot + 1,)
+        )
+        return slot
 
     def delete_topic(self, topic: TopicState) -> None:
         """Delete the topic's messages, consumers and policy, and hide it; only its
         next_offset is kept (offsets are never reused)."""
-        self._writer.execute("DELETE FROM batches WHERE topic_id = ?", (topic.id,))
+        self._writer.execute(
+            "DELETE FROM message_rows WHERE key BETWEEN ? AND ?", topic_keys_of(topic)
+        )
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
         topic.min_committed = None
         # next_offset too: appends earlier in this transaction advanced it in memory only,
         # and a topic created again under this name goes on from it.
         self._writer.execute(
-            "UPDATE topics SET deleted = 1, stored_bytes = 0, next_offset = ?,"
+            "UPDATE topics SET deleted = 1, stored_bytes = 0, next_offset = ?, slot = NULL,"
             f" {FORGET_POLICY} WHERE id = ?",
             (topic.next_offset, topic.id),
         )
         topic.deleted = True
         topic.earliest = None
         topic.stored_bytes = 0
+        topic.saved = (topic.next_offset, 0)
 
     def append(
         self,
@@ -290,11 +265,16 @@ class Storage(ConsumerOffsets, DiskSpace):
         now: int | None = None,
     ) -> int:
         """Append payloads at topic.next_offset onwards and advance topic's counters in
-        memory (save_counters stores them). `size`: their total length, if known; `now`:
-        the unix second they are written at (default: the wall clock). Returns the count."""
+        memory (saved later: see the module's docstring). `size`: their total length, if
+        known; `now`: the unix second they are written at (default: the wall clock).
+        Returns the count."""
         first = topic.next_offset
         if not payloads:
             return 0
+        if first + len(payloads) - 1 > MAX_OFFSET:
+            raise ResourceExhausted(
+                f"topic {topic.name!r} has reached offset {MAX_OFFSET}, the highest SMQ stores"
+            )
         added = sum(map(len, payloads)) if size is None else size
         self._insert_rows(topic, batches.pack(first, payloads, added))
         now = max(int(time.time()) if now is None else now, topic.last_mark)  # never back
@@ -312,22 +292,25 @@ class Storage(ConsumerOffsets, DiskSpace):
         return len(payloads)
 
     def _insert_rows(self, topic: TopicState, rows: list[batches.Row]) -> None:
-        sql = (
-            "INSERT INTO batches (topic_id, first_offset, last_offset, payloads, sizes)"
-            " VALUES (?, ?, ?, ?, ?)"
-        )
+        sql = "INSERT INTO message_rows (key, last_offset, payloads, sizes) VALUES (?, ?, ?, ?)"
+        base = topic.key_base
         if len(rows) == 1:
-            self._writer.execute(sql, (topic.id, *rows[0]))
+            first, *rest = rows[0]
+            self._writer.execute(sql, (base + first, *rest))
         else:
-            self._writer.executemany(sql, [(topic.id, *row) for row in rows])
+            self._writer.executemany(sql, [(base + first, *rest) for first, *rest in rows])
 
-    def save_counters(self, topics: Iterable[TopicState]) -> None:
-        """Store the counters of topics changed in this transaction (once per commit,
-        not once per append)."""
+    def save_counters(self, topics: Iterable[TopicState], every_change: bool = False) -> None:
+        """Store the counters of those topics that a trim changed in this transaction,
+        or (every_change) of all whose counters changed since they were last saved."""
+        due = [t for t in topics if t.must_save or (every_change and t.unsaved)]
         self._writer.executemany(
             "UPDATE topics SET next_offset = ?, stored_bytes = ? WHERE id = ?",
-            [(t.next_offset, t.stored_bytes, t.id) for t in topics],
+            [(t.next_offset, t.stored_bytes, t.id) for t in due],
         )
+        for topic in due:
+            topic.saved = (topic.next_offset, topic.stored_bytes)
+            topic.must_save = False
 
     def trim(self, topic: TopicState, until: int) -> int:
         """Delete every message with offset <= until (counters: as for append).
@@ -335,23 +318,25 @@ class Storage(ConsumerOffsets, DiskSpace):
         if topic.earliest is None or until < topic.earliest:
             return 0
         until = min(until, topic.next_offset - 1)  # also keeps until + 1 within int64
-        whole = "topic_id = ? AND first_offset <= ? AND last_offset <= ?"
+        # the topic's rows that start at or before `until` and those that also end there
+        rows = "key BETWEEN ?1 AND ?1 + ?2"
+        whole = f"{rows} AND last_offset <= ?2"
         freed, count = cast(
             Any,
             self._writer.execute(
                 "SELECT coalesce(sum(length(payloads)), 0),"
-                " coalesce(sum(last_offset - first_offset + 1), 0)"
-                f" FROM batches WHERE {whole}",
-                (topic.id, until, until),
+                " coalesce(sum(last_offset - (key - ?1) + 1), 0)"
+                f" FROM message_rows WHERE {whole}",
+                (topic.key_base, until),
             ).fetchall()[0],
         )
-        self._writer.execute(f"DELETE FROM batches WHERE {whole}", (topic.id, until, until))
+        self._writer.execute(f"DELETE FROM message_rows WHERE {whole}", (topic.key_base, until))
         split = cast(
             list[batches.Row],
             self._writer.execute(
-                "DELETE FROM batches WHERE topic_id = ? AND first_offset <= ?"
-                " RETURNING first_offset, last_offset, payloads, sizes",
-                (topic.id, until),
+                f"DELETE FROM message_rows WHERE {rows}"
+                " RETURNING key - ?1, last_offset, payloads, sizes",
+                (topic.key_base, until),
             ).fetchall(),
         )
         if split:  # the row holding until and later messages: store those again
@@ -361,6 +346,7 @@ class Storage(ConsumerOffsets, DiskSpace):
             count += until - split[0][0] + 1
             self._insert_rows(topic, batches.pack(until + 1, kept, kept_bytes))
         self._trim_time_marks(topic, until)
+        topic.must_save = True  # rows below the saved next_offset changed
         topic.stored_bytes -= freed
         topic.earliest = None if until >= topic.next_offset - 1 else until + 1
         return count
@@ -421,9 +407,9 @@ class Storage(ConsumerOffsets, DiskSpace):
         freed = 0
         offset = 0
         for first, last, size, sizes in self._writer.execute(
-            "SELECT first_offset, last_offset, length(payloads), sizes FROM batches"
-            " WHERE topic_id = ? ORDER BY first_offset",
-            (topic.id,),
+            "SELECT key - ?1, last_offset, length(payloads), sizes FROM message_rows"
+            " WHERE key BETWEEN ?1 AND ?2 ORDER BY key",
+            topic_keys_of(topic),
         ):
             if freed + size < excess:
                 freed, offset = freed + size, last
@@ -443,16 +429,3 @@ class Storage(ConsumerOffsets, DiskSpace):
             (*dataclasses.astuple(policy), topic.id),
         )
         topic.policy = policy
-
-
-def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
-    """Every stored (topic name, offset, payload), by topic and offset: for looking into
-    a database file (tests, forensics) without a server."""
-    rows: list[Any] = conn.execute(
-        "SELECT t.name, b.first_offset, b.last_offset, b.payloads, b.sizes"
-        " FROM batches b JOIN topics t ON t.id = b.topic_id"
-        " ORDER BY b.topic_id, b.first_offset"
-    ).fetchall()
-    return [
-        (name, offset, payload) for name, *row in rows for offset, payload in batches.unpack(*row)
-    ]

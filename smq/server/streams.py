@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import Overloaded, Unavailable
-from .storage import TopicState
+from .topic_state import TopicState
 
 if TYPE_CHECKING:
     from .service import QueueService

@@ -46,13 +46,17 @@ from ..logs import Throttled
 from .clock import MessageClock, describe_shift
 from .ops import STREAM_SECONDS, EnforceAge, WriteOp
 from .retention import ROOM_TRUSTED_ABOVE, Retention
-from .storage import Storage, TopicState
+from .storage import Storage
+from .topic_state import TopicState
 
 log = logging.getLogger(__name__)
 
 MAX_GROUP_MESSAGES = 20_000
 MAX_GROUP_BYTES = 32 * 1024**2
-TICK_SECONDS = 1.0  # age retention and giving space back run at most this often
+TICK_SECONDS = 1.0  # periodic upkeep (_tick) runs at most this often
+# Appends leave the topic rows alone (storage.py); their counters are saved this often,
+# so that loading them adds at most this long's appends.
+COUNTERS_SAVE_SECONDS = 60.0
 # How long a group waits for the writers it expects: twice the recent commit time
 # (fsync included), within these bounds. Measured with 2 and 4 unary producers.
 GATHER_MIN_SECONDS = 0.001
@@ -98,6 +102,10 @@ class GroupCommitWriter(Retention):
         self.commits = 0  # transactions committed, and the ops/messages they carried
         self.committed_ops = 0
         self.committed_messages = 0
+        self._counters_saved_at = time.monotonic()
+        # Each topic's next offset as last committed, by topic id: a reload after a failed
+        # write never goes back from it, even if rows went missing (offsets are not reused).
+        self._committed_next: dict[int, int] = {}
         self._thread = threading.Thread(target=self._run, name="smq-writer", daemon=True)
         self._thread.start()
 
@@ -164,12 +172,18 @@ class GroupCommitWriter(Retention):
                     next_tick = time.monotonic() + TICK_SECONDS
 
     def _tick(self) -> None:
-        """Periodic upkeep: age retention (and saving message time's offset after a step
-        of the wall clock), then giving free pages back to the disk."""
+        """Periodic upkeep: age retention, saving message time's offset after a step of
+        the wall clock, and saving the topics' counters (COUNTERS_SAVE_SECONDS)."""
         self._read_clock()
-        if self._clock_unsaved or any(self.policy_of(t).max_age for t in self.topics.values()):
+        if (
+            self._clock_unsaved
+            or any(self.policy_of(t).max_age for t in self.topics.values())
+            or (self._counters_due() and any(t.unsaved for t in self.topics.values()))
+        ):
             self._commit_group([EnforceAge()])
-        self._give_space_back()
+
+    def _counters_due(self) -> bool:
+        return time.monotonic() - self._counters_saved_at >= COUNTERS_SAVE_SECONDS
 
     def _start_clock(self) -> None:
         """Message time goes on from what the database kept (clock.py); saved by the first
@@ -280,8 +294,7 @@ class GroupCommitWriter(Retention):
         if self._room is not None and self._room < ROOM_TRUSTED_ABOVE:
             self._room = None
         if self._topics_stale:
-            self.topics = self.storage.reload_topics()
-            self._topics_stale = False
+            self._reload_topics()
         self._first_written.clear()
         dropped_before = dict(self._dropped)
         try:
@@ -294,10 +307,22 @@ class GroupCommitWriter(Retention):
                     op.error = None
                     op.apply(self)
                 self._enforce_retention()
-                self.storage.save_counters(self.topics[n] for n in self.touched if n in self.topics)
+                save_all = self._counters_due()
+                self.storage.save_counters(
+                    self.topics.values()
+                    if save_all
+                    else (self.topics[n] for n in self.touched if n in self.topics),
+                    every_change=save_all,
+                )
         except BaseException:
             self._dropped = dropped_before  # rolled back: nothing was dropped
             raise
+        if save_all:
+            self._counters_saved_at = time.monotonic()
+        for name in self.touched:
+            if name in self.topics:
+                topic = self.topics[name]
+                self._committed_next[topic.id] = topic.next_offset
         self._report_dropped()
         self._limit_wal()
         if clock_saved:
@@ -314,12 +339,28 @@ class GroupCommitWriter(Retention):
         self.deleted.clear()
         self._topics_stale = True
         try:
-            self.topics = self.storage.reload_topics()
-            self._topics_stale = False
+            self._reload_topics()
             self.touched = set(self.topics)
         except SMQError as exc:
             self.touched.clear()
             log.error("cannot reload topic counters after a failed write: %s", exc)
+
+    def _reload_topics(self) -> None:
+        """The topic counters as committed (after a rollback). A topic never goes back
+        from its next offset as last committed, even if rows went missing from the
+        database meanwhile: offsets are not reused."""
+        self.topics = self.storage.reload_topics()
+        self._topics_stale = False
+        for topic in self.topics.values():
+            committed = self._committed_next.get(topic.id, 0)
+            if committed > topic.next_offset:
+                log.error(
+                    "topic %r: the database lost messages before offset %d (its next "
+                    "offset as committed); new messages go on from there",
+                    topic.name,
+                    committed,
+                )
+                topic.next_offset, topic.must_save = committed, True
 
     def _publish(self) -> None:
         if self.touched or self.deleted:

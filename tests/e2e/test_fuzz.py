@@ -26,7 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_a
 
 from support.servers import ServerProcess, integrity
 from smq._proto import smq_pb2, smq_pb2_grpc
-from smq.server.storage import stored_messages
+from smq.server.topic_state import stored_messages
 
 MAX_MESSAGE = 16 * 1024
 HEARTBEAT = 0.3

@@ -36,7 +36,7 @@ import grpc
 
 from support.poll import eventually
 from smq._proto import smq_pb2, smq_pb2_grpc
-from smq.server.storage import stored_messages
+from smq.server.topic_state import committed_topics, stored_messages
 
 CYCLES = int(os.environ.get("SMQ_POWERCUT_CYCLES", "20"))
 SEED = int(os.environ.get("SMQ_POWERCUT_SEED", str(random.randrange(1 << 30))))
@@ -234,7 +234,8 @@ def read_copy(db: Path, scratch: Path) -> tuple[str, list[tuple[str, int, bytes]
     try:
         integrity = conn.execute("PRAGMA integrity_check").get
         rows = stored_messages(conn)
-        next_offsets = dict(conn.execute("SELECT name, next_offset FROM topics").fetchall())
+        # as the server loads them: the topic rows plus the rows appended since they were saved
+        next_offsets = {name: t.next_offset for name, t in committed_topics(conn).items()}
     finally:
         conn.close()
     return integrity, rows, next_offsets

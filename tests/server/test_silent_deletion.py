@@ -15,7 +15,7 @@ import pytest
 from support.disks import tmpfs
 from support.servers import assert_one_line_refusal, integrity, start_and_fail
 from smq._proto import smq_pb2
-from smq.server.storage import stored_messages
+from smq.server.topic_state import stored_messages
 
 pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 

@@ -58,7 +58,7 @@ def test_what_is_written_reads_back_also_after_reopening(path: str):
     runs = [[b"a", b"bb"], [b"c" * 70_000], [b"d", b"", b"e"]]
     topic = write(store, "t", *runs)
     expected = list(enumerate([p for run in runs for p in run], start=1))
-    assert store.read_page(topic.id, 1, 100, 10**9) == expected
+    assert store.read_page(topic.key_base, 1, 100, 10**9) == expected
     store.close()
 
     store = Storage(path)
@@ -66,10 +66,10 @@ def test_what_is_written_reads_back_also_after_reopening(path: str):
         [loaded] = store.load_topics().values()
         assert (loaded.name, loaded.earliest, loaded.next_offset, loaded.stored_bytes) == (
             "t", 1, 7, 3 + 70_000 + 2)
-        assert store.read_page(loaded.id, 3, 100, 10**9) == expected[2:]
-        assert store.read_one(loaded.id, 2) == b"bb"
-        assert store.read_one(loaded.id, 5) == b""
-        assert store.read_one(loaded.id, 7) is None
+        assert store.read_page(loaded.key_base, 3, 100, 10**9) == expected[2:]
+        assert store.read_one(loaded.key_base, 2) == b"bb"
+        assert store.read_one(loaded.key_base, 5) == b""
+        assert store.read_one(loaded.key_base, 7) is None
     finally:
         store.close()
 
@@ -78,10 +78,10 @@ def test_pages_stop_at_the_count_and_the_bytes_but_hold_one_message(path: str):
     store = Storage(path)
     try:
         topic = write(store, "t", [b"x" * 100] * 10)
-        assert [o for o, _ in store.read_page(topic.id, 1, 3, 10**9)] == [1, 2, 3]
-        assert [o for o, _ in store.read_page(topic.id, 4, 100, 250)] == [4, 5]
-        assert [o for o, _ in store.read_page(topic.id, 9, 100, 1)] == [9]  # at least one
-        assert store.read_page(topic.id, 11, 100, 10**9) == []
+        assert [o for o, _ in store.read_page(topic.key_base, 1, 3, 10**9)] == [1, 2, 3]
+        assert [o for o, _ in store.read_page(topic.key_base, 4, 100, 250)] == [4, 5]
+        assert [o for o, _ in store.read_page(topic.key_base, 9, 100, 1)] == [9]  # at least one
+        assert store.read_page(topic.key_base, 11, 100, 10**9) == []
     finally:
         store.close()
 
@@ -131,6 +131,6 @@ def test_a_failed_transaction_stores_nothing(path: str):
                 raise RuntimeError("the writer failed half-way")
         [loaded] = store.load_topics().values()
         assert (loaded.next_offset, loaded.stored_bytes) == (2, 1)
-        assert store.read_one(loaded.id, 2) is None
+        assert store.read_one(loaded.key_base, 2) is None
     finally:
         store.close()

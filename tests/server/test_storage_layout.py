@@ -11,13 +11,15 @@ from pathlib import Path
 
 import apsw
 import pytest
-
 from support.disks import tmpfs
 from support.servers import assert_one_line_refusal, start_and_fail
-from smq.server import batches
+
 from smq._proto import smq_pb2
-from smq.server.schema import MIGRATIONS, SCHEMA_VERSION, StorageOptions
-from smq.server.storage import Storage, stored_messages
+from smq.server import batches
+from smq.server.formats import MIGRATIONS, SCHEMA_VERSION
+from smq.server.schema import StorageOptions
+from smq.server.storage import Storage
+from smq.server.topic_state import stored_messages
 
 # Runs of payloads that end up as one row, several rows (more than ROW_PAYLOAD_BYTES),
 # single-message rows, one message larger than a row, and empty payloads.
@@ -62,18 +64,18 @@ def check_counters(store: Storage, topic, expected: dict[int, bytes]) -> None:
 def test_reads_see_every_message_whatever_the_rows(storage: Storage):
     topic, payloads = fill(storage, RUNS)
     expected = dict(enumerate(payloads, 1))
-    rows = storage._writer.execute("SELECT count(*) FROM batches").get
+    rows = storage._writer.execute("SELECT count(*) FROM message_rows").get
     assert 6 < rows < len(expected) / 10  # batched, and the big run was split
     assert storage._writer.execute(
-        "SELECT max(length(payloads)) FROM batches WHERE sizes IS NOT NULL").get <= batches.ROW_PAYLOAD_BYTES
+        "SELECT max(length(payloads)) FROM message_rows WHERE sizes IS NOT NULL").get <= batches.ROW_PAYLOAD_BYTES
     for offset in range(0, len(expected) + 3):
-        assert storage.read_one(topic.id, offset) == expected.get(offset), offset
+        assert storage.read_one(topic.key_base, offset) == expected.get(offset), offset
     rng = random.Random(7)
     starts = [rng.randrange(0, len(expected) + 3) for _ in range(300)]
     for start in [len(expected) + n for n in range(-2, 4)] + starts:  # and past the end
         count = rng.choice([1, 2, 5, 50, 10_000])
         max_bytes = rng.choice([1, 100, 5000, 10**9])
-        page = storage.read_page(topic.id, start, count, max_bytes)
+        page = storage.read_page(topic.key_base, start, count, max_bytes)
         want = [(o, expected[o]) for o in range(max(start, 1), len(expected) + 1)][:count]
         assert page == want[:len(page)]
         assert page or not want
@@ -103,8 +105,8 @@ def test_trims_anywhere_keep_the_rest_and_the_byte_counts(storage: Storage, seed
         assert [(o, p) for _, o, p in stored_messages(storage._writer)] == list(expected.items())
         if expected:
             first = min(expected)
-            assert storage.read_one(topic.id, first) == expected[first]
-            assert storage.read_one(topic.id, first - 1) is None
+            assert storage.read_one(topic.key_base, first) == expected[first]
+            assert storage.read_one(topic.key_base, first - 1) is None
     assert topic.next_offset == len(payloads) + 1  # trims never move offsets back
 
 

@@ -133,3 +133,21 @@ def test_status_line_counts_topics_and_messages(start_server, notify_socket):
                timeout=25, interval=0.2, message=lambda: str(notify_socket.messages))
     assert not any("WATCHDOG" in f for _, _, f in notify_socket.messages)
     assert server.terminate() == 0
+
+
+def test_a_migration_asks_systemd_for_more_time_to_start(start_server, notify_socket, tmp_path):
+    """Copying a large file on a slow card could outlast TimeoutStartSec: before each step
+    that copies the database, the server asks for time in proportion to its size."""
+    from support.formats import THIRD, write_third_format
+    db = tmp_path / "old.db"
+    write_third_format(db, THIRD, deleted="gone")
+    server = start_server(env=clean_env(NOTIFY_SOCKET=notify_socket.path), db=db)
+    notify_socket.wait_for("READY")
+    extensions = [(t, f) for t, _, f in notify_socket.messages if "EXTEND_TIMEOUT_USEC" in f]
+    steps = [f["STATUS"] for _, f in extensions]
+    assert steps == ["migrating the database to format 4",
+                     "rebuilding the database with 512-byte pages"], steps
+    assert all(int(f["EXTEND_TIMEOUT_USEC"]) >= 60_000_000 for _, f in extensions)
+    ready_at = notify_socket.wait_for("READY")[0]
+    assert all(t < ready_at for t, _ in extensions)
+    assert server.terminate() == 0

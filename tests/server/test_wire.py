@@ -23,7 +23,7 @@ import pytest
 from support.servers import SERVER_COMMAND, ServerProcess, clean_env, make_topic
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
 from smq.server.service import DEFAULT_PAGE_MESSAGES, MAX_PAGE_MESSAGES
-from smq.server.schema import MIGRATIONS
+from smq.server.formats import MESSAGE_ROWS
 
 TIMEOUT = 20.0  # seconds for any one call: generous, the machine is shared
 MiB = 1024**2
@@ -196,7 +196,7 @@ def test_invalid_names_leave_the_database_intact(shared_server, stub, topic):
     with contextlib.closing(sqlite3.connect(f"file:{dbpath}?mode=ro", uri=True)) as db:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
         names = {row[0] for row in db.execute("SELECT name FROM topics")}
-    assert {"topics", "batches", "time_marks", "consumers"} <= tables
+    assert {"topics", "message_rows", "time_marks", "consumers", "meta"} <= tables
     assert not names & set(INVALID_NAMES.values())
 
 
@@ -591,7 +591,7 @@ def test_storage_failure_is_internal_and_the_writer_survives(start_server, tmp_p
         with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as db:
             db.execute(statement)
 
-    sql("DROP TABLE batches")
+    sql("DROP TABLE message_rows")
     calls = {"Produce": lambda: produce(stub, "t", b"x"), "Consume": lambda: consume(stub, "t", 1),
              "BulkRetrieve": lambda: bulk(stub, "t", 0, 10),
              "StreamProduce": lambda: stream_produce(stub, [pb.ProduceRequest(topic="t", message=b"y")]),
@@ -600,10 +600,10 @@ def test_storage_failure_is_internal_and_the_writer_survives(start_server, tmp_p
         error = error_of(call)  # promptly (TIMEOUT), not after the server's own write timeout
         assert error.code() == grpc.StatusCode.INTERNAL, (name, error.code(), error.details())
         assert "Traceback" not in error.details() and 'File "' not in error.details()
-    assert "no such table: batches" in server.log()  # the details are in the server log
+    assert "no such table: message_rows" in server.log()  # the details are in the server log
     assert stub.Connect(pb.ConnectRequest(), timeout=TIMEOUT) == pb.ConnectResponse()
 
-    sql(MIGRATIONS[2][0])  # the storage comes back (empty): writes work again, offsets go on
+    sql(MESSAGE_ROWS)  # the storage comes back (empty): writes work again, offsets go on
     assert produce(stub, "t", b"back") == 3
     assert stored(stub, "t") == [(3, b"back")]
     assert server.terminate() == 0

@@ -20,7 +20,7 @@ import pytest
 from support import ROOT
 from support.servers import clean_env, mdwe_supported
 from smq import __version__
-from smq.server.schema import SCHEMA_VERSION
+from smq.server.formats import SCHEMA_VERSION
 
 PACKAGING = ROOT / "packaging"
 PLATFORMS = PACKAGING / "platforms"
