@@ -323,6 +323,8 @@ class GroupCommitWriter(Retention):
             if name in self.topics:
                 topic = self.topics[name]
                 self._committed_next[topic.id] = topic.next_offset
+        for topic in self.deleted:  # its row keeps its next offset now
+            self._committed_next.pop(topic.id, None)
         self._report_dropped()
         self._limit_wal()
         if clock_saved:
