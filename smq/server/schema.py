@@ -56,6 +56,7 @@ CHECKPOINT_BYTES = 4 * 1024**2
 # per COPY_BYTES_PER_SECOND of the file (a slow SD card), beyond its start timeout.
 LONG_STEP_SECONDS = 60
 COPY_BYTES_PER_SECOND = 1024**2
+MIGRATION_ROOM = 3  # free space a migration needs, in multiples of the database (+ WAL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,11 +213,13 @@ class DatabaseFile:
         """After a refusal: remove the files that opening made (the empty database file
         of _lock_database, SQLite's -wal and -shm), then unlock. A refused database is
         left as it was, and the -wal/-shm made here cannot later pass for evidence that
-        it held data (_refuse_truncated)."""
+        it held data (_refuse_truncated). A WAL that holds anything stays, even one made
+        here: what a migration committed before a later step failed is in it."""
         for suffix, existed in found.items():
-            if not existed:
+            path = self.path + suffix
+            if not existed and not (suffix == "-wal" and _size(path)):
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.path + suffix)
+                    os.unlink(path)
         self._unlock_database()
 
     def _lock_database(self) -> int:
@@ -262,23 +265,33 @@ class DatabaseFile:
         Notifier().extend_startup(seconds, what)
 
     def _migrate(self, conn: apsw.Connection, version: int) -> None:
+        if version and version < SCHEMA_VERSION:
+            self._check_room_to_migrate()
         for target in range(version + 1, SCHEMA_VERSION + 1):
             migration = MIGRATIONS[target]
             if version:  # an existing file, not a new one
                 self._long_step(f"migrating the database to format {target}")
             try:
-                with conn:
+                # Not `with conn`: after a FullError SQLite has rolled back already, and
+                # the context manager's ROLLBACK would raise over it.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
                     if callable(migration):
                         migration(conn)
                     else:
                         for statement in migration:
                             conn.execute(statement)
                     conn.pragma("user_version", target)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if not conn.getautocommit():
+                        conn.execute("ROLLBACK")
+                    raise
             except apsw.FullError:
                 raise StartupError(
-                    f"database {self.path!r}: no room to migrate it to format {target} (it is "
-                    "copied once: needs free space of about twice its size); the file is "
-                    "unchanged: free some space and start again"
+                    f"database {self.path!r}: no room to migrate it to format {target} (it needs "
+                    "free space of about three times its size); the file is unchanged: "
+                    "free some space and start again"
                 ) from None
             log.info("database format migrated to %d", target)
         if version and version < SCHEMA_VERSION:
@@ -290,6 +303,35 @@ class DatabaseFile:
             except apsw.FullError:
                 log.warning("no room to give the old format's pages back yet")
 
+    def _check_room_to_migrate(self) -> None:
+        """Before a file of an older format is touched: the directory must take new files
+        (the rebuild's copy) and the filesystem must have room for what the migration
+        and the rebuild write, about three times the database and its WAL (the rows
+        copied inside the file, their WAL, then the rebuilt copy); else refuse, with the
+        file unchanged."""
+        real = os.path.realpath(self.path)
+        probe = real + ".rebuild"
+        _remove(probe)
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            raise StartupError(
+                f"database {self.path!r} must be migrated to format {SCHEMA_VERSION}, which "
+                f"writes a new file beside it, but {probe!r} cannot be made ({exc.strerror}); "
+                "the file is unchanged"
+            ) from None
+        size = _size(real) + _size(real + "-wal")
+        stats = os.statvfs(os.path.dirname(real))
+        free = stats.f_bavail * stats.f_frsize
+        if free < MIGRATION_ROOM * size:
+            raise StartupError(
+                f"database {self.path!r}: no room to migrate it to format {SCHEMA_VERSION}: "
+                f"it needs about {MIGRATION_ROOM * size // 1024**2 + 1} MiB free (three times "
+                f"its size), the filesystem has {free // 1024**2} MiB; the file is unchanged: "
+                "free some space and start again"
+            )
+
     def _rebuild(self, conn: apsw.Connection) -> apsw.Connection:
         """Write the database anew with PAGE_SIZE pages and no auto_vacuum (SQLite cannot
         change a WAL database's page size in place), then put the new file in the old
@@ -297,36 +339,43 @@ class DatabaseFile:
         and synced, replaces it in one rename; a stopped rebuild leaves only a
         `.rebuild` file, removed by the next start."""
         where = f"database {self.path!r}"
-        temporary = self.path + ".rebuild"
-        _remove(temporary)
-        _remove(temporary + "-journal")
+        no_room = StartupError(
+            f"{where}: no room to rebuild it with {PAGE_SIZE}-byte pages (it is copied once: "
+            "needs free space of about its size); nothing is lost: free some space and "
+            "start again"
+        )
+        real = os.path.realpath(self.path)  # SQLite keeps the WAL beside a link's target
+        temporary = real + ".rebuild"
+        for leftover in (temporary, temporary + "-journal"):
+            _remove(leftover)
         # The whole database into the main file, so that the new one is all of it and
         # the old WAL left beside it is empty (it must not be replayed into the new one).
-        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
-        if busy or os.path.getsize(self.path + "-wal"):
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        except apsw.FullError:
+            raise no_room from None
+        if busy or _size(real + "-wal"):
             raise StartupError(f"{where}: cannot checkpoint it to change its page size")
         self._long_step(f"rebuilding the database with {PAGE_SIZE}-byte pages")
+        new_fd = None
         try:
+            new_fd = _create_like(temporary, real)  # its owner and mode, not the umask's
             conn.pragma("page_size", PAGE_SIZE)
             conn.pragma("auto_vacuum", AUTO_VACUUM_NONE)
             conn.execute("VACUUM INTO ?", (temporary,))
-            new_fd = os.open(temporary, os.O_RDWR | os.O_CLOEXEC)
-        except apsw.FullError:
+        except BaseException as exc:
+            if new_fd is not None:
+                os.close(new_fd)
             _remove(temporary)
-            raise StartupError(
-                f"{where}: no room to rebuild it with {PAGE_SIZE}-byte pages (it is "
-                "copied once: needs free space of about its size); the file is "
-                "unchanged: free some space and start again"
-            ) from None
-        except BaseException:
-            _remove(temporary)
+            if isinstance(exc, apsw.FullError):
+                raise no_room from None
             raise
         conn.close()
         fcntl.flock(new_fd, fcntl.LOCK_EX)  # nobody else knows the file yet
         os.fsync(new_fd)
-        os.replace(temporary, self.path)
-        _fsync_directory(self.directory)
-        _remove(self.path + "-shm")  # the old database's; SQLite makes a new one
+        os.replace(temporary, real)
+        _fsync_directory(os.path.dirname(real))
+        _remove(real + "-shm")  # the old database's; SQLite makes a new one
         self._unlock_database()
         self.lock_fd = new_fd
         log.info("database rebuilt with %d-byte pages", PAGE_SIZE)
@@ -341,8 +390,34 @@ class DatabaseFile:
 
 
 def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
+    """Remove a file SMQ made, if it is there; refuse to start if something else is."""
+    try:
         os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"{path!r} is in the way ({exc.strerror}): remove it") from None
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+def _create_like(path: str, model: str) -> int:
+    """Create an empty file with the owner and permissions of `model`; its descriptor."""
+    stat = os.stat(model)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        if os.geteuid() == 0:
+            os.fchown(fd, stat.st_uid, stat.st_gid)
+        os.fchmod(fd, stat.st_mode & 0o7777)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _fsync_directory(directory: str) -> None:

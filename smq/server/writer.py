@@ -44,7 +44,7 @@ from ..domain import TopicPolicy
 from ..errors import SMQError, StorageFailure, StorageFull, Unavailable
 from ..logs import Throttled
 from .clock import MessageClock, describe_shift
-from .ops import STREAM_SECONDS, EnforceAge, WriteOp
+from .ops import STREAM_SECONDS, Barrier, EnforceAge, WriteOp
 from .retention import ROOM_TRUSTED_ABOVE, Retention
 from .storage import Storage
 from .topic_state import TopicState
@@ -158,6 +158,7 @@ class GroupCommitWriter(Retention):
         while True:
             first = self._next_first()
             if first is _STOP:
+                self._save_counters_at_stop()
                 return
             wait = 0.0 if first is None else first.not_before - time.monotonic()
             if wait > 0:  # a busy stream's next chunk: let it fill (StreamAppend)
@@ -181,6 +182,13 @@ class GroupCommitWriter(Retention):
             or (self._counters_due() and any(t.unsaved for t in self.topics.values()))
         ):
             self._commit_group([EnforceAge()])
+
+    def _save_counters_at_stop(self) -> None:
+        """A clean stop saves the counters, so that the next start adds nothing up."""
+        if any(t.unsaved for t in self.topics.values()):
+            self._counters_saved_at = float("-inf")
+            with self._commit_lock:
+                self._commit_group([Barrier()])
 
     def _counters_due(self) -> bool:
         return time.monotonic() - self._counters_saved_at >= COUNTERS_SAVE_SECONDS

@@ -181,7 +181,7 @@ def test_a_migration_short_of_space_refuses_to_start_and_keeps_the_old_file(tmp_
         db = mount / "v1.db"
         shutil.copyfile(written, db)
         assert_one_line_refusal(start_and_fail(tmp_path, "--dbpath", str(db)),
-                                "no room to migrate it to format 2", "unchanged")
+                                "no room to migrate it to format 4", "unchanged")
         conn = apsw.Connection(str(db))
         try:
             assert conn.pragma("user_version") == 1
