@@ -482,6 +482,17 @@ def measure_wear(proc: subprocess.Popen, size: int, write) -> dict:
             "elapsed_s": elapsed, "settled": True, "x_payload": per_message / size}
 
 
+def terminate(proc: subprocess.Popen | None) -> None:
+    """Stop a child still running: SIGTERM, then SIGKILL after 30 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -531,13 +542,7 @@ class RedisProcess:
     def stop(self) -> None:
         if self.conn is not None:
             self.conn.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 class ServerProcess:
@@ -598,13 +603,7 @@ class ServerProcess:
     def stop(self) -> None:
         if self.channel is not None:
             self.channel.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
 
 # -- phases ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 
 import apsw
 
-from .schema import DatabaseFile, StorageOptions, storage_errors
+from .schema import DatabaseFile, StorageOptions, file_size, storage_errors
 
 
 class DiskSpace:
@@ -35,12 +35,12 @@ class DiskSpace:
             stats = os.statvfs(self._file.directory)
             database = self._writer.pragma("page_count") * self.page_size
             reusable = self._writer.pragma("freelist_count") * self.page_size
-            wal = _file_size(self.path + "-wal")
+            wal = file_size(self.path + "-wal")
             room = (
                 stats.f_bavail * stats.f_frsize
                 - self.options.min_free_space
                 - max(self._file.wal_share - wal, 0)
-                - max(database - _file_size(self.path), 0)
+                - max(database - file_size(self.path), 0)
             )
             if self.options.max_db_size:
                 room = min(
@@ -53,13 +53,6 @@ class DiskSpace:
         starting it over) is checkpointed in RESTART mode, which waits for those readers
         to move on, so that the next write starts it over and journal_size_limit cuts it
         back to its share."""
-        if _file_size(self.path + "-wal") > self._file.wal_share:
+        if file_size(self.path + "-wal") > self._file.wal_share:
             with storage_errors("checkpoint"):
                 self._writer.pragma("wal_checkpoint", "RESTART")
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except FileNotFoundError:
-        return 0

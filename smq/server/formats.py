@@ -31,17 +31,20 @@ SLOTS = 1 << (63 - OFFSET_BITS)
 # Consecutive messages of a topic share a row (batches.py). A commit of one message
 # rewrites the last page of its topic's range, and only that page until it is full.
 MESSAGE_ROWS = """CREATE TABLE message_rows (
-    key         INTEGER PRIMARY KEY,  -- topic_keys(slot)[0] + first_offset
+    key         INTEGER PRIMARY KEY,  -- key_base(slot) + first_offset
     last_offset INTEGER NOT NULL,
     payloads    BLOB NOT NULL,        -- the payloads, one after the other
     sizes       BLOB                  -- their lengths (batches.py); NULL for one message
 )"""
 
 
-def topic_keys(slot: int) -> tuple[int, int]:
-    """The keys of `message_rows` a topic in `slot` owns: the first is its key base
-    (a row's key is the base plus its first offset), the last is the base plus MAX_OFFSET."""
-    base = slot << OFFSET_BITS
+def key_base(slot: int) -> int:
+    """The key of offset 0 of the topic in `slot`: a row's key is this plus its first offset."""
+    return slot << OFFSET_BITS
+
+
+def key_range(base: int) -> tuple[int, int]:
+    """The first and last key of the topic whose rows start at `base`."""
     return base, base + MAX_OFFSET
 
 

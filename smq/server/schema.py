@@ -217,7 +217,7 @@ class DatabaseFile:
         here: what a migration committed before a later step failed is in it."""
         for suffix, existed in found.items():
             path = self.path + suffix
-            if not existed and not (suffix == "-wal" and _size(path)):
+            if not existed and not (suffix == "-wal" and file_size(path)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
         self._unlock_database()
@@ -303,14 +303,19 @@ class DatabaseFile:
             except apsw.FullError:
                 log.warning("no room to give the old format's pages back yet")
 
+    def _rebuild_paths(self) -> tuple[str, str]:
+        """The database file itself (SQLite keeps the WAL beside a symlink's target, and
+        the rebuilt file goes there too) and the rebuild's temporary file beside it."""
+        real = os.path.realpath(self.path)
+        return real, real + ".rebuild"
+
     def _check_room_to_migrate(self) -> None:
         """Before a file of an older format is touched: the directory must take new files
         (the rebuild's copy) and the filesystem must have room for what the migration
         and the rebuild write, about three times the database and its WAL (the rows
         copied inside the file, their WAL, then the rebuilt copy); else refuse, with the
         file unchanged."""
-        real = os.path.realpath(self.path)
-        probe = real + ".rebuild"
+        real, probe = self._rebuild_paths()
         _remove(probe)
         try:
             os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
@@ -321,7 +326,7 @@ class DatabaseFile:
                 f"writes a new file beside it, but {probe!r} cannot be made ({exc.strerror}); "
                 "the file is unchanged"
             ) from None
-        size = _size(real) + _size(real + "-wal")
+        size = file_size(real) + file_size(real + "-wal")
         stats = os.statvfs(os.path.dirname(real))
         free = stats.f_bavail * stats.f_frsize
         if free < MIGRATION_ROOM * size:
@@ -344,8 +349,7 @@ class DatabaseFile:
             "needs free space of about its size); nothing is lost: free some space and "
             "start again"
         )
-        real = os.path.realpath(self.path)  # SQLite keeps the WAL beside a link's target
-        temporary = real + ".rebuild"
+        real, temporary = self._rebuild_paths()
         for leftover in (temporary, temporary + "-journal"):
             _remove(leftover)
         # The whole database into the main file, so that the new one is all of it and
@@ -354,7 +358,7 @@ class DatabaseFile:
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
         except apsw.FullError:
             raise no_room from None
-        if busy or _size(real + "-wal"):
+        if busy or file_size(real + "-wal"):
             raise StartupError(f"{where}: cannot checkpoint it to change its page size")
         self._long_step(f"rebuilding the database with {PAGE_SIZE}-byte pages")
         new_fd = None
@@ -399,7 +403,8 @@ def _remove(path: str) -> None:
         raise StartupError(f"{path!r} is in the way ({exc.strerror}): remove it") from None
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
+    """The file's size; 0 if it is not there."""
     try:
         return os.path.getsize(path)
     except FileNotFoundError:

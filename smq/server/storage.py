@@ -5,7 +5,7 @@ inside `write_transaction()`. Reads use a small pool of other connections; in WA
 mode they never wait for the writer and always see whole commits.
 
 Messages are rows of `message_rows`, keyed by one integer: the topic's slot and the
-row's first offset (schema.topic_keys), so that appending to a topic touches only the
+row's first offset (formats.key_base), so that appending to a topic touches only the
 last page of its range of the table.
 
 Offsets are never reused: each topic row keeps `next_offset`, so a topic trimmed empty
@@ -40,14 +40,14 @@ from . import batches
 from .clock import ClockState
 from .consumer_offsets import ConsumerOffsets
 from .disk_space import DiskSpace
-from .formats import MAX_OFFSET, SLOTS, topic_keys
+from .formats import MAX_OFFSET, SLOTS, key_base, key_range
 from .schema import (
     SQLITE_HEADER,
     DatabaseFile,
     StorageOptions,
     storage_errors,
 )
-from .topic_state import TopicState, committed_topics, topic_keys_of
+from .topic_state import TopicState, committed_topics
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class Storage(ConsumerOffsets, DiskSpace):
             stored_bytes=0,
             created_at=now,
             saved=(next_offset, 0),
-            key_base=topic_keys(slot)[0],
+            key_base=key_base(slot),
         )
 
     def _free_slot(self) -> int:
@@ -240,7 +240,7 @@ class Storage(ConsumerOffsets, DiskSpace):
         """Delete the topic's messages, consumers and policy, and hide it; only its
         next_offset is kept (offsets are never reused)."""
         self._writer.execute(
-            "DELETE FROM message_rows WHERE key BETWEEN ? AND ?", topic_keys_of(topic)
+            "DELETE FROM message_rows WHERE key BETWEEN ? AND ?", key_range(topic.key_base)
         )
         self._writer.execute("DELETE FROM time_marks WHERE topic_id = ?", (topic.id,))
         self._writer.execute("DELETE FROM consumers WHERE topic_id = ?", (topic.id,))
@@ -409,7 +409,7 @@ class Storage(ConsumerOffsets, DiskSpace):
         for first, last, size, sizes in self._writer.execute(
             "SELECT key - ?1, last_offset, length(payloads), sizes FROM message_rows"
             " WHERE key BETWEEN ?1 AND ?2 ORDER BY key",
-            topic_keys_of(topic),
+            key_range(topic.key_base),
         ):
             if freed + size < excess:
                 freed, offset = freed + size, last

@@ -13,7 +13,7 @@ import apsw
 
 from ..domain import TopicPolicy
 from . import batches
-from .formats import MAX_OFFSET, topic_keys
+from .formats import key_base, key_range
 
 
 @dataclasses.dataclass
@@ -35,7 +35,7 @@ class TopicState:
     # saved in this transaction (a trim changed rows below the saved next_offset)
     saved: tuple[int, int] = (0, 0)
     must_save: bool = False
-    key_base: int = 0  # its rows' keys are key_base + first offset (schema.topic_keys)
+    key_base: int = 0  # its rows' keys are key_base + first offset (formats.key_base)
 
     def snapshot(self) -> TopicState:
         """A copy, for readers, of what the writer goes on changing (quicker than copy.copy)."""
@@ -66,7 +66,7 @@ def stored_messages(conn: apsw.Connection) -> list[tuple[str, int, bytes]]:
         "SELECT name, slot FROM topics WHERE NOT deleted ORDER BY id"
     ).fetchall()
     for name, slot in topics:
-        low, high = topic_keys(slot)
+        low, high = key_range(key_base(slot))
         rows = conn.execute(
             "SELECT key - ?1, last_offset, payloads, sizes FROM message_rows"
             " WHERE key BETWEEN ?1 AND ?2 ORDER BY key",
@@ -114,22 +114,17 @@ def committed_topics(conn: apsw.Connection) -> dict[str, TopicState]:
             last_mark=last_mark or 0,
             min_committed=min_committed,
             saved=(next_offset, stored_bytes),
-            key_base=topic_keys(slot)[0],
+            key_base=key_base(slot),
         )
         _recover_counters(conn, topic)
         topics[name] = topic
     return topics
 
 
-def topic_keys_of(topic: TopicState) -> tuple[int, int]:
-    """The first and last key of the topic's range of message_rows."""
-    return topic.key_base, topic.key_base + MAX_OFFSET
-
-
 def _recover_counters(conn: apsw.Connection, topic: TopicState) -> None:
     """Complete a topic's counters as loaded from its row with the rows appended since
     they were saved (at or after the saved next_offset), and find its earliest offset."""
-    low, high = topic_keys_of(topic)
+    low, high = key_range(topic.key_base)
     earliest, tail_last, appended = cast(
         Any,
         conn.execute(

@@ -21,7 +21,7 @@ from support.servers import assert_one_line_refusal, start_and_fail
 from smq._proto import smq_pb2
 from smq.errors import ResourceExhausted
 from smq.server import batches
-from smq.server.formats import MAX_OFFSET, PAGE_SIZE, SCHEMA_VERSION, SLOTS
+from smq.server.formats import MAX_OFFSET, OFFSET_BITS, PAGE_SIZE, SCHEMA_VERSION, SLOTS
 from smq.server.storage import Storage
 from smq.server.topic_state import stored_messages
 
@@ -107,12 +107,12 @@ def test_topics_in_any_slots_never_see_each_others_rows(tmp_path):
         wrapped = store.insert_topic("wrapped")  # slot 0 is taken: slot 1
         store.append(last, [b"l1"])
         store.append(wrapped, [b"w1", b"w2", b"w3"])
-    assert [t.key_base >> 44 for t in (keep, last, wrapped)] == [0, SLOTS - 1, 1]
+    assert [t.key_base >> OFFSET_BITS for t in (keep, last, wrapped)] == [0, SLOTS - 1, 1]
     with store.write_transaction():
         store.delete_topic(keep)
         again = store.insert_topic("keep")  # back, in the next free slot, empty
         store.append(again, [b"new"])
-    assert again.key_base >> 44 == 2 and again.next_offset == 4
+    assert again.key_base >> OFFSET_BITS == 2 and again.next_offset == 4
     assert stored_messages(store._writer) == [
         ("keep", 3, b"new"), ("last", 1, b"l1"),
         ("wrapped", 1, b"w1"), ("wrapped", 2, b"w2"), ("wrapped", 3, b"w3")]
