@@ -19,6 +19,12 @@ PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "smq" / "_proto"
 GENERATED = ("smq_pb2.py", "smq_pb2.pyi", "smq_pb2_grpc.py")
 INIT = '"""Generated gRPC code for proto/smq.proto. Never edit: run scripts/gen_proto.py."""\n'
+# The messages are built in a pool of their own, not protobuf's default one: pysmq's
+# generated code adds its own (older) "smq.proto" to the default pool, and a process could
+# not import both (TypeError: duplicate file name smq.proto). The wire does not change:
+# the file, package and message names stay the same.
+DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+OWN_POOL = "POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile("
 
 
 def generate(out_dir: pathlib.Path) -> None:
@@ -44,6 +50,11 @@ def generate(out_dir: pathlib.Path) -> None:
             alias = module.replace("_", "__")
             text = text.replace(f"import {module} as {alias}", f"from . import {module} as {alias}")
         path.write_text(text)
+    for path in out_dir.glob("*_pb2.py"):
+        text = path.read_text()
+        if DEFAULT_POOL not in text:
+            raise SystemExit(f"{path.name}: protoc's output no longer adds to the default pool as expected")
+        path.write_text(text.replace(DEFAULT_POOL, OWN_POOL))
     (out_dir / "__init__.py").write_text(INIT)
 
 

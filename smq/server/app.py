@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .. import tls
+from .._proto import smq_pb2
 from ..domain import TopicPolicy, plural, tcp_address
 from ..errors import CertificateError, ConfigError, StartupError
 from . import malloc
@@ -154,6 +155,7 @@ def add_services(
     server.add_generic_rpc_handlers((lenient_handler(servicer, budget=budget),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflecting = Reflection(
+        (smq_pb2.DESCRIPTOR, health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR),
         (
             SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

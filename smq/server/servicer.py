@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .. import __version__
@@ -418,8 +419,8 @@ class Reflection(reflection.ReflectionServicer):
     """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
     one holds a thread, and the unary calls' threads must stay theirs."""
 
-    def __init__(self, service_names: tuple[str, ...], service: QueueService) -> None:
-        super().__init__(service_names)
+    def __init__(self, files: tuple[Any, ...], service_names: tuple[str, ...], service: QueueService) -> None:
+        super().__init__(service_names, pool=_pool_of(files))
         self.service = service
 
     @staticmethod
@@ -437,6 +438,15 @@ class Reflection(reflection.ReflectionServicer):
     ) -> Iterator[Any]:
         with self.service.stream_slot():
             yield from super().ServerReflectionInfo(_checked(request_iterator), context)
+
+
+def _pool_of(files: tuple[Any, ...]) -> descriptor_pool.DescriptorPool:
+    """One pool with these files (FileDescriptors): smq.proto is not in protobuf's
+    default pool (see scripts/gen_proto.py), the health and reflection files are."""
+    pool = descriptor_pool.DescriptorPool()
+    for file in files:
+        pool.AddSerializedFile(file.serialized_pb)
+    return pool
 
 
 def _checked(requests: Iterator[Any]) -> Iterator[Any]:

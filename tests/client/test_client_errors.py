@@ -413,7 +413,7 @@ print(json.dumps(out))
 
 
 def run_program(flavour: str, port: int) -> dict:
-    # pysmq registers the same proto symbols as smq._proto: never both in one process.
+    # Each program in a fresh interpreter: the same source runs once per flavour.
     result = subprocess.run([sys.executable, "-c", PROGRAM, flavour, str(port)], cwd=ROOT,
                             env=clean_env(), capture_output=True,
                             text=True, timeout=60)

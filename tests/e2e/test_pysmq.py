@@ -1,7 +1,7 @@
 """The pysmq 1.0.8 client from PyPI works against this server unchanged.
 
-pysmq and smq._proto register the same protobuf symbols, so each flow runs in a
-subprocess (tests/support/pysmq_flows.py) that prints what it observed as JSON.
+Each flow runs in a subprocess with only pysmq imported (tests/support/pysmq_flows.py)
+that prints what it observed as JSON.
 pysmq's stream_produce is broken on the client side (1.0.8 calls a client-streaming
 RPC as if it were bidirectional); StreamProduce is covered with the raw stub in
 test_wire.py.

@@ -293,6 +293,14 @@ def test_reflection_describes_the_service_for_generic_clients(smq_server):
     assert [(f.name, f.number) for f in produce.field] == [("topic", 1), ("message", 2)]
 
 
+
+def test_reflection_answers_smq_proto_as_generated(smq_server):
+    """smq.proto lives in a descriptor pool of its own (scripts/gen_proto.py); reflection
+    still answers the file by name, byte for byte what protoc made of proto/smq.proto."""
+    from smq._proto import smq_pb2
+    response = reflect(smq_server, reflection_pb2.ServerReflectionRequest(file_by_filename="smq.proto"))
+    assert list(response.file_descriptor_response.file_descriptor_proto) == [smq_pb2.DESCRIPTOR.serialized_pb]
+
 # -- the Unix socket's permissions -------------------------------------------------------
 
 UMASK_000 = ["sh", "-c", 'umask 000 && exec "$@"', "sh", *SERVER_COMMAND]

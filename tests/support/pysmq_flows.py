@@ -2,9 +2,9 @@
 
     python tests/support/pysmq_flows.py PORT FLOW
 
-pysmq's generated module registers the same `smq.*` protobuf symbols as ours, so it
-cannot be imported next to `smq._proto`. Each flow prints one JSON object of what it
-observed; test_pysmq.py asserts on it. Never import smq here.
+Each flow runs in a fresh interpreter with only pysmq imported, as an application of
+the original would, and prints one JSON object of what it observed; test_pysmq.py asserts
+on it. (Both clients in one process: tests/client/test_coimport.py.)
 """
 from __future__ import annotations
 
