@@ -47,6 +47,8 @@ if TYPE_CHECKING:
         ClientTLSConfig,
         ConsumerInfo,
         Message,
+        Producer,
+        SentMessage,
         ServerInfo,
         TopicInfo,
         TopicPolicy,
@@ -63,6 +65,8 @@ _LAZY = {
         name: (".client", name)
         for name in (
             "Client",
+            "Producer",
+            "SentMessage",
             "ClientTLSConfig",
             "Message",
             "TopicInfo",
@@ -78,6 +82,8 @@ __all__ = [
     "Config",
     # client (smq.client)
     "Client",
+    "Producer",
+    "SentMessage",
     "ClientTLSConfig",
     "Message",
     "TopicInfo",

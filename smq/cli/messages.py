@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import os
@@ -157,20 +158,62 @@ def cmd_produce(client: Client, args: argparse.Namespace, out: Output) -> int:
         offset = client.produce(args.topic, stdin.read())
         report_produced(out, args.topic, [range(offset, offset + 1)])
         return EXIT_OK
-    ranges: list[range] = []
-    try:
-        for lines in read_lines(stdin):
-            ranges += client.produce_many(args.topic, lines, batch_size=args.batch_size)
-    except SMQError as exc:
-        appended = sum(len(r) for r in ranges)
-        if appended:  # earlier chunks were committed: say so, with the error
-            exc.args = (
-                f"{exc}\n({plural(appended, 'message')} of the input were "
-                f"appended before this failure, up to offset {ranges[-1][-1]})",
-            )
-        raise
-    report_produced(out, args.topic, ranges)
+    report_produced(
+        out, args.topic, produce_lines(client, args.topic, read_lines(stdin), args.batch_size)
+    )
     return EXIT_OK
+
+
+def produce_lines(
+    client: Client, topic: str, chunks: Iterator[list[bytes]], batch_size: int
+) -> list[range]:
+    """Send every line through a Producer (batches, several requests in flight); the
+    offsets, merged into ranges. Stops reading at the first failed batch and raises its
+    error, saying how many lines were appended before it (and after it, if any)."""
+    from ..client import Producer
+
+    ranges: list[range] = []
+    waiting: collections.deque[Any] = collections.deque()  # SentMessages in input order
+    error: SMQError | None = None
+    appended_after = 0
+
+    def settle(block: bool) -> None:
+        nonlocal error, appended_after
+        while waiting and (block or waiting[0].done()):
+            sent = waiting.popleft()
+            failure = sent.exception()
+            if failure is not None:
+                if error is None:
+                    error = failure if isinstance(failure, SMQError) else SMQError(str(failure))
+            elif error is not None:
+                appended_after += 1
+            elif ranges and ranges[-1].stop == sent.result():
+                ranges[-1] = range(ranges[-1].start, sent.result() + 1)
+            else:
+                ranges.append(range(sent.result(), sent.result() + 1))
+
+    with Producer(client, batch_size=batch_size) as producer:
+        for lines in chunks:
+            waiting.extend(producer.send(topic, line) for line in lines)
+            settle(block=False)
+            if error is not None:
+                break
+    settle(block=True)
+    if error is None:
+        return ranges
+    appended = sum(len(r) for r in ranges)
+    if appended or appended_after:  # other lines were committed: say so, with the error
+        where = f", up to offset {ranges[-1][-1]}" if ranges else ""
+        after = (
+            f"; {plural(appended_after, 'message')} sent after it were appended too"
+            if appended_after
+            else ""
+        )
+        error.args = (
+            f"{error}\n({plural(appended, 'message')} of the input were appended before this "
+            f"failure{where}{after})",
+        )
+    raise error
 
 
 def read_lines(stream: BinaryIO) -> Iterator[list[bytes]]:

@@ -28,6 +28,7 @@ from ..errors import (
 
 if TYPE_CHECKING:
     from ..domain import DEFAULT_PORT, TopicPolicy
+    from .producer import Producer, SentMessage
     from .sync import Client
     from .transport import ERROR_FOR_STATUS
     from .types import (
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 # name -> the module that defines it (loaded on first use)
 _LAZY = {
     "Client": "smq.client.sync",
+    "Producer": "smq.client.producer",
+    "SentMessage": "smq.client.producer",
     "ERROR_FOR_STATUS": "smq.client.transport",
     "DEFAULT_PORT": "smq.domain",
     "TopicPolicy": "smq.domain",
@@ -66,6 +69,8 @@ _LAZY = {
 
 __all__ = [
     "Client",
+    "Producer",
+    "SentMessage",
     "ClientTLSConfig",
     "ClientConfig",
     "Message",

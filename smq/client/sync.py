@@ -264,18 +264,31 @@ class Client(Resuming, Admin):
         ranges: list[range] = []
         appended = 0
         for batch in batches(messages, batch_size, max_batch_bytes):
-            action = f"produce a batch of {len(batch)} messages to {topic!r}"
-            if appended:
-                action += f" (the {appended} messages before it were appended)"
-            response = self._call(
-                "ProduceBatch",
-                smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
-                timeout,
-                Op(action, SMQProduceError, topic),
-            )
-            ranges.append(range(response.first_offset, response.last_offset + 1))
+            note = f" (the {appended} messages before it were appended)" if appended else ""
+            ranges.append(self._produce_batch(topic, batch, timeout, note))
             appended += len(batch)
         return ranges
+
+    def produce_batch(
+        self, topic: str, messages: list[Payload], timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> range:
+        """Append `messages` in one ProduceBatch request: all of them, at consecutive
+        offsets (returned as a range), or none. The request must fit the server's limits
+        (`produce_many` splits for you). Not retried. Raises SMQProduceError."""
+        return self._produce_batch(topic, [as_bytes(m) for m in messages], timeout, "")
+
+    def _produce_batch(self, topic: str, batch: list[bytes], timeout: Timeout, note: str) -> range:
+        response = self._call(
+            "ProduceBatch",
+            smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
+            timeout,
+            Op(
+                f"produce a batch of {len(batch)} messages to {topic!r}{note}",
+                SMQProduceError,
+                topic,
+            ),
+        )
+        return range(response.first_offset, response.last_offset + 1)
 
     # -- consuming ----------------------------------------------------------------------
 

@@ -63,6 +63,17 @@ def test_produce_many_lines_batches_them(smq: Run, topic: str) -> None:
     assert out == "4999\tline 4999\n5000\tline 5000\n"
 
 
+
+def test_produce_stops_at_a_failed_batch_and_says_what_was_appended(smq: Run, topic: str,
+                                                                    client) -> None:
+    limit = client.server_info().max_message_size
+    lines = b"a\nb\nc\n" + b"x" * (limit + 1) + b"\ne\nf\n"
+    code, out, err = smq("produce", topic, "--batch-size", "2", stdin=lines)
+    assert code != 0 and out == ""
+    assert "2 messages of the input were appended before this failure, up to offset 2" in err
+    assert "2 messages sent after it were appended too" in err  # sent before the failure was known
+    assert smq("consume", topic)[1] == "1\ta\n2\tb\n3\te\n4\tf\n"
+
 def test_whole_input_as_one_binary_message(smq: Run, topic: str) -> None:
     data = bytes(range(256)) * 4
     assert smq("produce", topic, "--whole", stdin=data)[0] == 0
