@@ -53,15 +53,15 @@ class _Batch:
     """Messages of one lane that go in one ProduceBatch; done once it is answered."""
 
     __slots__ = (
+        "born",
+        "callbacks",
+        "done",
+        "error",
+        "first_offset",
         "lane",
         "payloads",
         "size",
-        "born",
         "urgent",
-        "done",
-        "first_offset",
-        "error",
-        "callbacks",
     )
 
     def __init__(self, lane: Lane) -> None:
