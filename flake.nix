@@ -117,7 +117,7 @@
           testPython = python.withPackages (ps: runtimeDeps ps ++ testDeps ps);
 
           smq = python.pkgs.buildPythonApplication {
-            pname = "smq";
+            pname = "smq-queue"; # the distribution's name (pyproject.toml); the program is smq
             inherit version;
             pyproject = true;
             src = lib.sourceByRegex ./. [

@@ -33,7 +33,7 @@ def test_the_wheel_holds_every_tracked_module(tmp_path):
                                "backend.build_wheel(sys.argv[1])", str(tmp_path)],
         cwd=source, capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
-    [wheel] = tmp_path.glob("smq-*.whl")
+    [wheel] = tmp_path.glob("smq_queue-*.whl")
     tracked = {name for name in listed if name.startswith("smq/") and name.endswith((".py", ".pyi"))}
     with zipfile.ZipFile(wheel) as archive:
         packed = {name for name in archive.namelist() if name.startswith("smq/")}

@@ -110,7 +110,7 @@ def test_pex_is_a_reproducible_sh_boot_venv_zipapp(x86_pex: Path):
     for cp in ("cp311", "cp312", "cp313"):
         assert any(d.startswith("grpcio-") and f"-{cp}-" in d and "x86_64" in d for d in dists), cp
         assert any(d.startswith("apsw-") and f"-{cp}-" in d and "x86_64" in d for d in dists), cp
-    assert f"smq-{__version__}-py3-none-any.whl" in dists
+    assert f"smq_queue-{__version__}-py3-none-any.whl" in dists
 
 
 def test_pex_serves_produce_consume_restart_and_subcommands(x86_pex: Path, tmp_path: Path):
