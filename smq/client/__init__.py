@@ -1,4 +1,5 @@
-"""The SMQ client: `pysmq` 1.0.8's API and more (see `smq.client.sync`).
+"""The SMQ client: `pysmq` 1.0.8's API and more (see `smq.client.sync`), and the same
+for asyncio: `AsyncClient` (see `smq.client.aio`) with its batching `AsyncProducer`.
 
     from smq.client import Client
 
@@ -28,6 +29,8 @@ from ..errors import (
 
 if TYPE_CHECKING:
     from ..domain import DEFAULT_PORT, TopicPolicy
+    from .aio import AsyncClient
+    from .aio_producer import AsyncProducer
     from .sync import Client
     from .transport import ERROR_FOR_STATUS
     from .types import (
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 # name -> the module that defines it (loaded on first use)
 _LAZY = {
     "Client": "smq.client.sync",
+    "AsyncClient": "smq.client.aio",
+    "AsyncProducer": "smq.client.aio_producer",
     "ERROR_FOR_STATUS": "smq.client.transport",
     "DEFAULT_PORT": "smq.domain",
     "TopicPolicy": "smq.domain",
@@ -66,6 +71,8 @@ _LAZY = {
 
 __all__ = [
     "Client",
+    "AsyncClient",
+    "AsyncProducer",
     "ClientTLSConfig",
     "ClientConfig",
     "Message",

@@ -38,6 +38,16 @@ ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType(
 # Iterators reconnect after these: the server went away, or a page read timed out.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
+
+def refused_stream(exc: grpc.RpcError) -> bool:
+    """Whether the server refused the call's HTTP/2 stream (REFUSED_STREAM: more calls
+    at once on the connection than its `grpc.max_concurrent_streams`). Such a call was
+    never processed, so any call, a produce too, may be sent again. gRPC reports it as
+    UNAVAILABLE and names the HTTP/2 error code only in the details."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in (
+        exc.details() or ""
+    )
+
 _HINTS: Mapping[grpc.StatusCode, str] = {
     grpc.StatusCode.PERMISSION_DENIED: (
         "write through the server's Unix socket, or start it with --allow-remote-writes=true"

@@ -248,7 +248,7 @@ def test_import_smq_does_not_load_grpc_and_exports_the_client() -> None:
 
 def test_public_surface_is_pinned() -> None:
     assert set(smq.__all__) == {
-        "__version__", "Config", "Client", "ClientTLSConfig", "Message", "TopicInfo",
+        "__version__", "Config", "Client", "AsyncClient", "AsyncProducer", "ClientTLSConfig", "Message", "TopicInfo",
         "TopicPolicy", "ConsumerInfo", "ServerInfo",
         "SMQError", "SMQException", "SMQConnectionError", "SMQAuthenticationError",
         "SMQProduceError", "SMQConsumeError", "SMQTopicCreationError", "SMQOffsetError",
