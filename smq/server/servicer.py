@@ -419,7 +419,9 @@ class Reflection(reflection.ReflectionServicer):
     """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
     one holds a thread, and the unary calls' threads must stay theirs."""
 
-    def __init__(self, files: tuple[Any, ...], service_names: tuple[str, ...], service: QueueService) -> None:
+    def __init__(
+        self, files: tuple[Any, ...], service_names: tuple[str, ...], service: QueueService
+    ) -> None:
         super().__init__(service_names, pool=_pool_of(files))
         self.service = service
 
