@@ -71,6 +71,7 @@ def test_client_page_python_examples_run(start_server, tmp_path: Path) -> None:
     assert outputs[3].startswith("uploader is at 2501\nuploader: committed 2501, 0 behind\n")
     assert outputs[4].startswith("604800 0\nSMQ 0.1.0: 2501 messages, ")
     assert outputs[5].startswith("listening on ")  # the embedded server
+    assert outputs[6] == "100 alerts stored\nthe last ping is at 1100\n"  # the async client
 
 
 @pytest.mark.parametrize("page", SESSIONS)
