@@ -48,6 +48,7 @@ def refused_stream(exc: grpc.RpcError) -> bool:
         exc.details() or ""
     )
 
+
 _HINTS: Mapping[grpc.StatusCode, str] = {
     grpc.StatusCode.PERMISSION_DENIED: (
         "write through the server's Unix socket, or start it with --allow-remote-writes=true"
