@@ -1,8 +1,8 @@
 """SMQ: an ultra-light, durable, log-based message queue for small devices.
 
 Run `smq --help` for the server and the command line; embed the server with
-`smq.server.Server`; talk to one with `smq.Client` (see `smq.client`). Every error is
-an `smq.SMQError` (see `smq.errors`).
+`smq.server.Server`; talk to one with `smq.Client`, or `smq.AsyncClient` from asyncio
+(see `smq.client`). Every error is an `smq.SMQError` (see `smq.errors`).
 
 The client names and `Config` are loaded on first use, so that `import smq` (and `smq --help`)
 stays fast and does not load grpc (only `Client` does).
@@ -43,6 +43,8 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .client import (
+        AsyncClient,
+        AsyncProducer,
         Client,
         ClientTLSConfig,
         ConsumerInfo,
@@ -67,6 +69,8 @@ _LAZY = {
             "Client",
             "Producer",
             "SentMessage",
+            "AsyncClient",
+            "AsyncProducer",
             "ClientTLSConfig",
             "Message",
             "TopicInfo",
@@ -84,6 +88,8 @@ __all__ = [
     "Client",
     "Producer",
     "SentMessage",
+    "AsyncClient",
+    "AsyncProducer",
     "ClientTLSConfig",
     "Message",
     "TopicInfo",

@@ -1,4 +1,5 @@
-"""The SMQ client: `pysmq` 1.0.8's API and more (see `smq.client.sync`).
+"""The SMQ client: `pysmq` 1.0.8's API and more (see `smq.client.sync`), and the same
+for asyncio: `AsyncClient` (see `smq.client.aio`) with its batching `AsyncProducer`.
 
     from smq.client import Client
 
@@ -28,6 +29,8 @@ from ..errors import (
 
 if TYPE_CHECKING:
     from ..domain import DEFAULT_PORT, TopicPolicy
+    from .aio import AsyncClient
+    from .aio_producer import AsyncProducer
     from .producer import Producer, SentMessage
     from .sync import Client
     from .transport import ERROR_FOR_STATUS
@@ -48,6 +51,8 @@ _LAZY = {
     "Client": "smq.client.sync",
     "Producer": "smq.client.producer",
     "SentMessage": "smq.client.producer",
+    "AsyncClient": "smq.client.aio",
+    "AsyncProducer": "smq.client.aio_producer",
     "ERROR_FOR_STATUS": "smq.client.transport",
     "DEFAULT_PORT": "smq.domain",
     "TopicPolicy": "smq.domain",
@@ -71,6 +76,8 @@ __all__ = [
     "Client",
     "Producer",
     "SentMessage",
+    "AsyncClient",
+    "AsyncProducer",
     "ClientTLSConfig",
     "ClientConfig",
     "Message",

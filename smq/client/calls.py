@@ -12,19 +12,48 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from .._proto import smq_pb2_grpc
 from ..errors import SMQError
 from ..retry import backoff
-from .transport import Op, error_for
+from .rpcs import Listing, Rpc
+from .transport import Op, error_for, refused_stream
 from .types import DEFAULT_LIST_PAGE_SIZE, Timeout, _UseClientDefault
 
 log = logging.getLogger("smq.client")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds; doubled per attempt, with jitter
+R = TypeVar("R")
+
+
+def budget_of(timeout: Timeout, default: float | None) -> float | None:
+    """A call's `timeout=` in seconds: the client's `default` unless the call gave one."""
+    return default if isinstance(timeout, _UseClientDefault) else timeout
+
+
+def deadline_of(budget: float | None) -> float | None:
+    return None if budget is None else time.monotonic() + budget
+
+
+def remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def retry_delay(
+    code: grpc.StatusCode, idempotent: bool, attempt: int, retries: int, deadline: float | None
+) -> float | None:
+    """Seconds to wait before attempt `attempt + 1` of a call that failed with `code`;
+    None if it must not be retried: only idempotent calls, only while the server is
+    UNAVAILABLE, at most `retries` times, and only if the wait ends before the deadline."""
+    if not idempotent or code != grpc.StatusCode.UNAVAILABLE or attempt >= retries:
+        return None
+    delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX)
+    if deadline is not None and time.monotonic() + delay >= deadline:
+        return None
+    return delay
 
 
 class Calls:
@@ -75,20 +104,26 @@ class Calls:
             raise RuntimeError("this Client is closed; create a new one")
         return self._stub
 
-    def _pages(self, method: str, request: Any, timeout: Timeout, op: Op) -> Iterator[Any]:
-        """The answers of a paged list call, first page to last: each page's token asks
+    def _run(self, rpc: Rpc[R], timeout: Timeout) -> R:
+        """One unary call of `smq.client.rpcs`, its answer read."""
+        return rpc.read(self._call(rpc.method, rpc.request, timeout, rpc.op, rpc.idempotent))
+
+    def _list(self, listing: Listing[R], timeout: Timeout) -> list[R]:
+        """Every entry of a paged list call, first page to last: each page's token asks
         for the next one. A server from before paging ignores the page fields and answers
-        the whole list, with no token: one page."""
+        the whole list, with no token: one page. `timeout` applies per page."""
+        request = listing.request
         request.page_size = DEFAULT_LIST_PAGE_SIZE
+        entries: list[R] = []
         while True:
-            response = self._call(method, request, timeout, op, idempotent=True)
-            yield response
+            response = self._call(listing.method, request, timeout, listing.op, idempotent=True)
+            entries.extend(listing.items(response))
             if not response.next_page_token:
-                return
+                return entries
             request.page_token = response.next_page_token
 
     def _timeout_of(self, timeout: Timeout) -> float | None:
-        return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
+        return budget_of(timeout, self.timeout)
 
     def _call(
         self, method: str, request: Any, timeout: Timeout, op: Op, idempotent: bool = False
@@ -96,26 +131,23 @@ class Calls:
         """One unary (or client-streaming) call: deadline, retries, error translation."""
         call = getattr(self._stub_or_raise(), method)
         budget = self._timeout_of(timeout)
-        deadline = None if budget is None else time.monotonic() + budget
+        deadline = deadline_of(budget)
         attempt = 0
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                return call(request, timeout=remaining)
+                return call(request, timeout=remaining(deadline))
             except grpc.RpcError as exc:
-                if (
-                    idempotent
-                    and exc.code() == grpc.StatusCode.UNAVAILABLE
-                    and attempt < self.retries
-                    and not self.closed
-                ):
-                    delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX)
-                    if deadline is None or time.monotonic() + delay < deadline:
-                        attempt += 1
-                        log.debug("%s: unavailable, retry %d in %.2f s", op.action, attempt, delay)
-                        time.sleep(delay)
-                        continue
-                raise self._error(exc, op, budget) from exc
+                # A refused stream was never processed: any call may go again (not a
+                # client-streaming one, whose iterator has been read).
+                refused = refused_stream(exc) and not isinstance(request, Iterator)
+                delay = retry_delay(
+                    exc.code(), idempotent or refused, attempt, self.retries, deadline
+                )
+                if delay is None or self.closed:
+                    raise self._error(exc, op, budget) from exc
+                attempt += 1
+                log.debug("%s: unavailable, retry %d in %.2f s", op.action, attempt, delay)
+                time.sleep(delay)
 
     def _error(self, exc: grpc.RpcError, op: Op, timeout: float | None) -> SMQError:
         return error_for(exc, op, target=self.target, tls=self.tls, timeout=timeout)

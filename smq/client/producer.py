@@ -37,7 +37,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import SMQProduceError, SMQTimeoutError
-from .types import _MESSAGE_OVERHEAD, DEFAULT_BATCH_BYTES, DEFAULT_BATCH_SIZE, Payload, as_bytes
+from . import rpcs
+from .types import (
+    DEFAULT_BATCH_BYTES,
+    DEFAULT_BATCH_SIZE,
+    Payload,
+    as_bytes,
+    batch_full,
+    message_cost,
+)
 
 __all__ = ["Producer", "SentMessage"]
 
@@ -208,7 +216,7 @@ class Producer:
         Blocks while `max_pending` messages (or bytes) wait, up to `timeout` seconds
         (None: for ever), then raises SMQTimeoutError. RuntimeError once closed."""
         data = as_bytes(payload)
-        cost = len(data) + _MESSAGE_OVERHEAD
+        cost = message_cost(data)
         lane = (topic, threading.get_ident())
         with self._lock:
             if self._closing:
@@ -222,10 +230,8 @@ class Producer:
             if queue is None:
                 queue = self._lanes[lane] = deque()
             batch = queue[-1] if queue else None
-            if (
-                batch is None
-                or len(batch.payloads) >= self._batch_size
-                or (batch.size + cost > self._max_batch_bytes and batch.payloads)
+            if batch is None or batch_full(
+                len(batch.payloads), batch.size, cost, self._batch_size, self._max_batch_bytes
             ):
                 batch = _Batch(lane)
                 queue.append(batch)
@@ -338,7 +344,9 @@ class Producer:
 
     def _produce(self, batch: _Batch) -> tuple[int, BaseException | None]:
         try:
-            offsets = self._client._produce_batch(batch.lane[0], batch.payloads, self._timeout, "")
+            offsets = self._client._run(
+                rpcs.produce_batch(batch.lane[0], batch.payloads), self._timeout
+            )
         except Exception as exc:  # an SMQError, or a closed client: the futures must not hang
             return 0, exc
         if len(offsets) != len(batch.payloads):

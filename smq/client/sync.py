@@ -47,17 +47,12 @@ from collections.abc import Generator, Iterable, Iterator
 import grpc
 
 from .._proto import smq_pb2, smq_pb2_grpc
-from ..domain import DEFAULT_HOST, DEFAULT_PORT, tcp_address
-from ..errors import (
-    NotFound,
-    SMQConnectionError,
-    SMQConsumeError,
-    SMQOffsetError,
-    SMQProduceError,
-)
+from ..domain import DEFAULT_HOST, DEFAULT_PORT
+from ..errors import NotFound
+from . import rpcs
 from .admin import Admin
 from .resume import Resuming
-from .transport import Op, open_channel
+from .transport import channel_setup, client_target, open_channel
 from .types import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_SIZE,
@@ -110,29 +105,26 @@ class Client(Resuming, Admin):
         server_hostname: str | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
-        if retries < 0:
-            raise ValueError(f"retries must be 0 or more, not {retries}")
-        if tls_config is not None and unix_socket:
-            raise ValueError(
-                "tls_config cannot be used with unix_socket: the server's "
-                "socket is plaintext, for callers on the same device"
-            )
+        self.target = client_target(
+            host,
+            port,
+            tls_config,
+            unix_socket=unix_socket,
+            retries=retries,
+            channel_given=channel is not None,
+        )
         self.timeout = timeout
         self.retries = retries
         self.tls = tls_config is not None and channel is None
-        if channel is not None:
-            self.target = "(given channel)"
-        elif unix_socket:
-            self.target = f"unix:{unix_socket}"
-        else:
-            self.target = tcp_address(host, port)
         if channel is None:
             channel = open_channel(
-                self.target,
-                tls_config,
-                server_hostname=server_hostname,
-                max_send_mb=max_send_message_size_mb,
-                max_receive_mb=max_receive_message_size_mb,
+                channel_setup(
+                    self.target,
+                    tls_config,
+                    server_hostname=server_hostname,
+                    max_send_mb=max_send_message_size_mb,
+                    max_receive_mb=max_receive_message_size_mb,
+                )
             )
         self._channel: grpc.Channel | None = channel
         self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
@@ -141,13 +133,7 @@ class Client(Resuming, Admin):
         """Check that the server answers (the channel itself connects lazily).
 
         Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
-        self._call(
-            "Connect",
-            smq_pb2.ConnectRequest(),
-            timeout,
-            Op(f"connect to {self.target}", SMQConnectionError),
-            idempotent=True,
-        )
+        self._run(rpcs.connect(self.target), timeout)
 
     def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Like `connect`, and return the round trip time in seconds."""
@@ -158,49 +144,24 @@ class Client(Resuming, Admin):
     def server_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """The server's version, durability, maximum message size, uptime, commit
         counters and storage totals (not in the original SMQ: Unimplemented there)."""
-        response = self._call(
-            "GetServerInfo",
-            smq_pb2.GetServerInfoRequest(),
-            timeout,
-            Op("get the server's info", None),
-            idempotent=True,
-        )
-        return ServerInfo.from_proto(response)
+        return self._run(rpcs.server_info(), timeout)
 
     # -- offsets ----------------------------------------------------------------------
 
     def get_earliest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The lowest offset still stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
-        return self._call(
-            "GetEarliestOffset",
-            smq_pb2.GetEarliestOffsetRequest(topic=topic),
-            timeout,
-            Op(f"get the earliest offset of {topic!r}", SMQOffsetError, topic),
-            idempotent=True,
-        ).offset
+        return self._run(rpcs.earliest_offset(topic), timeout)
 
     def get_latest_offset(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> int:
         """The highest offset stored. Raises SMQOffsetError: TopicEmpty, NotFound."""
-        return self._call(
-            "GetLatestOffset",
-            smq_pb2.GetLatestOffsetRequest(topic=topic),
-            timeout,
-            Op(f"get the latest offset of {topic!r}", SMQOffsetError, topic),
-            idempotent=True,
-        ).offset
+        return self._run(rpcs.latest_offset(topic), timeout)
 
     def delete_until_offset(
         self, topic: str, offset: int, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> None:
         """Delete every message with offset <= `offset` (idempotent; offsets are never
         reused). Raises SMQOffsetError: NotFound, PermissionDenied."""
-        self._call(
-            "DeleteUntilOffset",
-            smq_pb2.DeleteUntilOffsetRequest(topic=topic, offset=offset),
-            timeout,
-            Op(f"delete messages of {topic!r} up to offset {offset}", SMQOffsetError, topic),
-            idempotent=True,
-        )
+        self._run(rpcs.delete_until_offset(topic, offset), timeout)
 
     # -- producing ----------------------------------------------------------------------
 
@@ -208,10 +169,7 @@ class Client(Resuming, Admin):
         """Append one message (bytes, or str sent as UTF-8); returns its offset once it
         is committed. Not retried. Raises SMQProduceError: NotFound, InvalidArgument,
         PermissionDenied, ResourceExhausted (too large, disk full, overloaded)."""
-        request = smq_pb2.ProduceRequest(topic=topic, message=as_bytes(message))
-        return self._call(
-            "Produce", request, timeout, Op(f"produce to {topic!r}", SMQProduceError, topic)
-        ).offset
+        return self._run(rpcs.produce(topic, as_bytes(message)), timeout)
 
     def stream_produce(
         self, topic: str, messages: Iterable[Payload], *, timeout: float | None = None
@@ -235,7 +193,7 @@ class Client(Resuming, Admin):
                 "StreamProduce",
                 requests(),
                 timeout,
-                Op(f"stream-produce to {topic!r}", SMQProduceError, topic),
+                rpcs.stream_produce_op(topic),
             ).offset
         finally:
             if failure:
@@ -264,8 +222,7 @@ class Client(Resuming, Admin):
         ranges: list[range] = []
         appended = 0
         for batch in batches(messages, batch_size, max_batch_bytes):
-            note = f" (the {appended} messages before it were appended)" if appended else ""
-            ranges.append(self._produce_batch(topic, batch, timeout, note))
+            ranges.append(self._run(rpcs.produce_batch(topic, batch, appended), timeout))
             appended += len(batch)
         return ranges
 
@@ -275,59 +232,32 @@ class Client(Resuming, Admin):
         """Append `messages` in one ProduceBatch request: all of them, at consecutive
         offsets (returned as a range), or none. The request must fit the server's limits
         (`produce_many` splits for you). Not retried. Raises SMQProduceError."""
-        return self._produce_batch(topic, [as_bytes(m) for m in messages], timeout, "")
-
-    def _produce_batch(self, topic: str, batch: list[bytes], timeout: Timeout, note: str) -> range:
-        response = self._call(
-            "ProduceBatch",
-            smq_pb2.ProduceBatchRequest(topic=topic, messages=batch),
-            timeout,
-            Op(
-                f"produce a batch of {len(batch)} messages to {topic!r}{note}",
-                SMQProduceError,
-                topic,
-            ),
-        )
-        return range(response.first_offset, response.last_offset + 1)
+        return self._run(rpcs.produce_batch(topic, [as_bytes(m) for m in messages]), timeout)
 
     # -- consuming ----------------------------------------------------------------------
 
     def consume(self, topic: str, offset: int, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
         """The message at `offset`, as (payload, offset). Raises SMQConsumeError:
         OffsetOutOfRange (not produced yet), NotFound (deleted, below 1, or no topic)."""
-        return self._consume(topic, offset, timeout, wrap_all=False)
-
-    def _consume(self, topic: str, offset: int, timeout: Timeout, wrap_all: bool) -> Message:
-        response = self._call(
-            "Consume",
-            smq_pb2.ConsumeRequest(topic=topic, offset=offset),
-            timeout,
-            Op(f"consume offset {offset} of {topic!r}", SMQConsumeError, topic, wrap_all),
-            idempotent=True,
-        )
-        return Message(response.message, response.offset)
+        return self._run(rpcs.consume(topic, offset), timeout)
 
     def consume_earliest(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
         """The earliest stored message. Raises SMQConsumeError (TopicEmpty, ...)."""
-        return self._consume_at_end(topic, "GetEarliestOffset", "earliest", timeout)
+        return self._consume_at_end(topic, "earliest", timeout)
 
     def consume_latest(self, topic: str, timeout: Timeout = USE_CLIENT_DEFAULT) -> Message:
         """The latest message. Raises SMQConsumeError (TopicEmpty, ...)."""
-        return self._consume_at_end(topic, "GetLatestOffset", "latest", timeout)
+        return self._consume_at_end(topic, "latest", timeout)
 
-    def _consume_at_end(self, topic: str, method: str, which: str, timeout: Timeout) -> Message:
-        request_class = getattr(smq_pb2, f"{method}Request")
-        op = Op(f"consume the {which} message of {topic!r}", SMQConsumeError, topic, wrap_all=True)
-        attempt = 0
+    def _consume_at_end(self, topic: str, which: str, timeout: Timeout) -> Message:
+        lookups = 0
         while True:
-            offset = self._call(
-                method, request_class(topic=topic), timeout, op, idempotent=True
-            ).offset
+            offset = self._run(rpcs.end_offset(topic, which), timeout)
             try:
-                return self._consume(topic, offset, timeout, wrap_all=True)
+                return self._run(rpcs.consume(topic, offset, wrap_all=True), timeout)
             except NotFound:  # trimmed between the two calls: look again, twice at most
-                attempt += 1
-                if attempt > 2:
+                lookups += 1
+                if lookups > rpcs.END_LOOKUPS_AGAIN:
                     raise
 
     def bulk_retrieve(
@@ -337,20 +267,13 @@ class Client(Resuming, Admin):
         response message: `.messages` (each `.message`, `.offset`), `.count`,
         `.next_offset` (feed it back for the next page). `limit <= 0`: server default.
         Pages are also capped by the server. Raises SMQConsumeError."""
-        request = smq_pb2.BulkRetrieveRequest(topic=topic, start_offset=start_offset, limit=limit)
-        return self._call(
-            "BulkRetrieve",
-            request,
-            timeout,
-            Op(f"retrieve messages of {topic!r}", SMQConsumeError, topic),
-            idempotent=True,
-        )
+        return self._run(rpcs.bulk_retrieve(topic, start_offset, limit), timeout)
 
     def stream_consume(self, topic: str, start_offset: int) -> Iterator[Message]:
         """Every message from `start_offset` (or the earliest), then each new one as it
         is committed; never ends by itself. Heartbeats are skipped. As in pysmq, a lost
         connection raises SMQConnectionError: `iter_messages` resumes instead."""
-        op = Op(f"stream messages of {topic!r}", SMQConsumeError, topic)
+        op = rpcs.stream_consume_op(topic)
         try:
             with self._stream(
                 "StreamConsume", smq_pb2.ConsumeRequest(topic=topic, offset=start_offset)
@@ -393,7 +316,7 @@ class Client(Resuming, Admin):
         Followed messages come one per page here; `subscribe` commits fewer, larger pages.
         A loop that stops early leaves its current page uncommitted: call
         `commit_offset` with the last offset it handled."""
-        op = Op(f"read messages of {topic!r}", SMQConsumeError, topic)
+        op = rpcs.iter_messages_op(topic)
 
         def pages(cursor: int) -> Generator[list[Message], None, None]:
             while True:
@@ -443,7 +366,7 @@ class Client(Resuming, Admin):
         (0: the server's maximum). Resumes after a reconnect like `iter_messages`, and
         with `consumer=NAME` starts after its committed offset and commits each page
         (the server sends what one commit appended as one page) as `iter_messages` does."""
-        op = Op(f"subscribe to {topic!r}", SMQConsumeError, topic)
+        op = rpcs.subscribe_op(topic)
 
         def pages(cursor: int) -> Generator[list[Message], None, None]:
             request = smq_pb2.SubscribeRequest(topic=topic, offset=cursor, max_messages=page_size)

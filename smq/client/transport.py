@@ -1,6 +1,8 @@
 """The client's gRPC edge: the channel it talks over, and what a failed call becomes.
 
-- `open_channel` opens a plaintext or mutual-TLS channel with the client's options.
+- `client_target` checks a client's options and names its target; `channel_setup`
+  gathers a plaintext or mutual-TLS channel's options and credentials, which
+  `open_channel` (and the async client, with grpc.aio) opens.
 - `ERROR_FOR_STATUS` maps every status code to its own `smq.errors` class (one-to-one,
   tested); `error_for` builds the error a `Client` method raises: that class, combined
   with the `pysmq` class of the operation where pysmq raises that one, and a message
@@ -17,6 +19,7 @@ import grpc
 
 from .. import tls
 from ..connection import channel_options
+from ..domain import tcp_address
 from ..errors import (
     CLASS_FOR_STATUS,
     TRANSPORT_ERRORS,
@@ -34,6 +37,17 @@ ERROR_FOR_STATUS: Mapping[grpc.StatusCode, type[SMQError]] = MappingProxyType(
 
 # Iterators reconnect after these: the server went away, or a page read timed out.
 RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def refused_stream(exc: grpc.RpcError) -> bool:
+    """Whether the server refused the call's HTTP/2 stream (REFUSED_STREAM: more calls
+    at once on the connection than its `grpc.max_concurrent_streams`). Such a call was
+    never processed, so any call, a produce too, may be sent again. gRPC reports it as
+    UNAVAILABLE and names the HTTP/2 error code only in the details."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and "RST_STREAM with error code 7" in (
+        exc.details() or ""
+    )
+
 
 _HINTS: Mapping[grpc.StatusCode, str] = {
     grpc.StatusCode.PERMISSION_DENIED: (
@@ -103,19 +117,54 @@ def error_for(
     )
 
 
-def open_channel(
+@dataclasses.dataclass(frozen=True)
+class ChannelSetup:
+    """What a channel to the server is opened with, by grpc or grpc.aio alike."""
+
+    target: str
+    options: list[tuple[str, int | str]]
+    credentials: grpc.ChannelCredentials | None  # None: plaintext
+
+
+def client_target(
+    host: str,
+    port: int,
+    tls_config: ClientTLSConfig | None,
+    *,
+    unix_socket: str | None,
+    retries: int,
+    channel_given: bool,
+) -> str:
+    """The target a client's options name (for messages and channels); checks that the
+    options go together (ValueError if not)."""
+    if retries < 0:
+        raise ValueError(f"retries must be 0 or more, not {retries}")
+    if tls_config is not None and unix_socket:
+        raise ValueError(
+            "tls_config cannot be used with unix_socket: the server's "
+            "socket is plaintext, for callers on the same device"
+        )
+    if channel_given:
+        return "(given channel)"
+    if unix_socket:
+        return f"unix:{unix_socket}"
+    return tcp_address(host, port)
+
+
+def channel_setup(
     target: str,
     tls_files: ClientTLSConfig | None,
     *,
     server_hostname: str | None,
     max_send_mb: int,
     max_receive_mb: int,
-) -> grpc.Channel:
-    """A channel to `target` (plaintext without `tls_files`). Raises CertificateError (an
-    SMQAuthenticationError) if a TLS file cannot be read or is not valid."""
+) -> ChannelSetup:
+    """The options and credentials of a channel to `target` (plaintext without
+    `tls_files`). Raises CertificateError (an SMQAuthenticationError) if a TLS file
+    cannot be read or is not valid."""
     options = channel_options(_size_option(max_send_mb), _size_option(max_receive_mb))
     if tls_files is None:
-        return grpc.insecure_channel(target, options=options)
+        return ChannelSetup(target, options, None)
     files = tls.load(
         ("client certificate (cert_file)", tls_files.cert_file),
         ("client key (key_file)", tls_files.key_file),
@@ -126,7 +175,14 @@ def open_channel(
     credentials = grpc.ssl_channel_credentials(
         root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
     )
-    return grpc.secure_channel(target, credentials, options=options)
+    return ChannelSetup(target, options, credentials)
+
+
+def open_channel(setup: ChannelSetup) -> grpc.Channel:
+    """A (blocking) grpc channel as `setup` says."""
+    if setup.credentials is None:
+        return grpc.insecure_channel(setup.target, options=setup.options)
+    return grpc.secure_channel(setup.target, setup.credentials, options=setup.options)
 
 
 def _size_option(megabytes: int) -> int:

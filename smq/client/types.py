@@ -178,6 +178,17 @@ def as_bytes(payload: Payload) -> bytes:
     raise TypeError(f"a message must be bytes or str, not {type(payload).__name__}")
 
 
+def message_cost(payload: bytes) -> int:
+    """What a message takes of a batch's `max_batch_bytes`: its payload and framing."""
+    return len(payload) + _MESSAGE_OVERHEAD
+
+
+def batch_full(count: int, size: int, cost: int, max_count: int, max_bytes: int) -> bool:
+    """Whether a batch of `count` messages costing `size` has no room for one more of
+    `cost`. An empty batch always has room: a message larger than max_bytes goes alone."""
+    return count > 0 and (count >= max_count or size + cost > max_bytes)
+
+
 def batches(messages: Iterable[Payload], max_count: int, max_bytes: int) -> Iterator[list[bytes]]:
     """Group messages into lists of at most max_count messages and max_bytes bytes
     (counting framing); a message larger than max_bytes forms a batch alone."""
@@ -185,8 +196,8 @@ def batches(messages: Iterable[Payload], max_count: int, max_bytes: int) -> Iter
     size = 0
     for message in messages:
         payload = as_bytes(message)
-        cost = len(payload) + _MESSAGE_OVERHEAD
-        if batch and (len(batch) >= max_count or size + cost > max_bytes):
+        cost = message_cost(payload)
+        if batch_full(len(batch), size, cost, max_count, max_bytes):
             yield batch
             batch, size = [], 0
         batch.append(payload)

@@ -67,10 +67,12 @@ def test_client_page_python_examples_run(start_server, tmp_path: Path) -> None:
     examples = python_examples("docs/client.md")
     assert len(examples) >= 6
     outputs = run_examples(examples, server.port, tmp_path)
-    assert "read up to 2501" in outputs[2]
-    assert outputs[3].startswith("uploader is at 2501\nuploader: committed 2501, 0 behind\n")
-    assert outputs[4].startswith("604800 0\nSMQ 0.1.0: 2501 messages, ")
-    assert outputs[5].startswith("listening on ")  # the embedded server
+    assert outputs[1] == "the last at offset 1000\n"  # the Producer, on a topic of its own
+    assert "read up to 2501" in outputs[3]
+    assert outputs[4].startswith("uploader is at 2501\nuploader: committed 2501, 0 behind\n")
+    assert outputs[5].startswith("604800 0\nSMQ 0.1.0: 3501 messages, ")
+    assert outputs[6].startswith("listening on ")  # the embedded server
+    assert outputs[7] == "100 alerts stored\nthe last ping is at 1100\n"  # the async client
 
 
 @pytest.mark.parametrize("page", SESSIONS)
