@@ -1,6 +1,7 @@
 """The plumbing under every Client call: the channel's lifecycle, deadlines, retries of
 idempotent calls while the server is UNAVAILABLE, list pages, streams that cancel when
-left, and the translation of gRPC errors into `smq.errors` classes.
+left, and the translation of gRPC errors into `smq.errors` classes (with a probe of the
+server's address when no connection could be made: smq.client.probe).
 
 Used from any thread: the stub is grpc's, which is thread-safe; `close()` may race a
 call, which then fails as on a closed channel.
@@ -19,12 +20,14 @@ import grpc
 from .._proto import smq_pb2_grpc
 from ..errors import SMQError
 from ..retry import backoff
-from .transport import Op, error_for
-from .types import DEFAULT_LIST_PAGE_SIZE, Timeout, _UseClientDefault
+from .probe import Diagnosis, diagnose
+from .transport import Op, connect_failed, error_for
+from .types import DEFAULT_LIST_PAGE_SIZE, ClientTLSConfig, Timeout, _UseClientDefault
 
 log = logging.getLogger("smq.client")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 2.0  # seconds; doubled per attempt, with jitter
+PROBE_TIMEOUT = 2.0  # seconds at most for the probe of an address that cannot be reached
 
 
 class Calls:
@@ -34,6 +37,8 @@ class Calls:
     retries: int
     tls: bool
     target: str
+    _tls_config: ClientTLSConfig | None  # what the probe connects with
+    _server_hostname: str | None
     _channel: grpc.Channel | None
     _stub: smq_pb2_grpc.SuhaibMessageQueueStub
 
@@ -91,18 +96,33 @@ class Calls:
         return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
 
     def _call(
-        self, method: str, request: Any, timeout: Timeout, op: Op, idempotent: bool = False
+        self,
+        method: str,
+        request: Any,
+        timeout: Timeout,
+        op: Op,
+        idempotent: bool = False,
+        retry_for: float | None = None,
     ) -> Any:
-        """One unary (or client-streaming) call: deadline, retries, error translation."""
+        """One unary (or client-streaming) call: deadline, retries, error translation.
+
+        An idempotent call is retried while the server is UNAVAILABLE, within the timeout
+        (and `retry_for` seconds, if given), unless a probe finds a lasting cause (a
+        certificate refused: trying again cannot help)."""
         call = getattr(self._stub_or_raise(), method)
         budget = self._timeout_of(timeout)
-        deadline = None if budget is None else time.monotonic() + budget
+        started = time.monotonic()
+        deadline = None if budget is None else started + budget
+        give_up = None if retry_for is None else started + retry_for
         attempt = 0
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return call(request, timeout=remaining)
             except grpc.RpcError as exc:
+                diagnosis = self._diagnose(exc, deadline)
+                if diagnosis is not None and diagnosis.lasting:
+                    raise self._translated(exc, op, budget, diagnosis) from exc
                 if (
                     idempotent
                     and exc.code() == grpc.StatusCode.UNAVAILABLE
@@ -110,12 +130,32 @@ class Calls:
                     and not self.closed
                 ):
                     delay = backoff(attempt, BACKOFF_FIRST, BACKOFF_MAX)
-                    if deadline is None or time.monotonic() + delay < deadline:
+                    until = min(t for t in (deadline, give_up, float("inf")) if t is not None)
+                    if time.monotonic() + delay < until:
                         attempt += 1
                         log.debug("%s: unavailable, retry %d in %.2f s", op.action, attempt, delay)
                         time.sleep(delay)
                         continue
-                raise self._error(exc, op, budget) from exc
+                raise self._translated(exc, op, budget, diagnosis) from exc
+
+    def _diagnose(self, exc: grpc.RpcError, deadline: float | None = None) -> Diagnosis | None:
+        """Why no connection could be made, if that is how `exc` failed (probe.py)."""
+        if self.closed or not connect_failed(exc) or self.target.startswith("("):  # a channel given
+            return None
+        seconds = PROBE_TIMEOUT
+        if deadline is not None:
+            seconds = min(seconds, max(deadline - time.monotonic(), 0.5))
+        return diagnose(
+            self.target, self._tls_config, server_hostname=self._server_hostname, timeout=seconds
+        )
 
     def _error(self, exc: grpc.RpcError, op: Op, timeout: float | None) -> SMQError:
-        return error_for(exc, op, target=self.target, tls=self.tls, timeout=timeout)
+        """The error to raise for `exc` (after a probe if no connection could be made)."""
+        return self._translated(exc, op, timeout, self._diagnose(exc))
+
+    def _translated(
+        self, exc: grpc.RpcError, op: Op, timeout: float | None, diagnosis: Diagnosis | None
+    ) -> SMQError:
+        return error_for(
+            exc, op, target=self.target, tls=self.tls, timeout=timeout, diagnosis=diagnosis
+        )

@@ -93,7 +93,8 @@ class Client(Resuming, Admin):
       differs from `host` (e.g. connecting by IP address).
     - `channel`: a ready `grpc.Channel` to use instead (tests, custom setups).
 
-    Raises SMQAuthenticationError if a TLS file cannot be read.
+    Raises SMQAuthenticationError (CertificateError) if a TLS file cannot be read, is
+    not PEM, or the key is not the certificate's.
     """
 
     def __init__(
@@ -120,6 +121,8 @@ class Client(Resuming, Admin):
         self.timeout = timeout
         self.retries = retries
         self.tls = tls_config is not None and channel is None
+        self._tls_config = tls_config
+        self._server_hostname = server_hostname
         if channel is not None:
             self.target = "(given channel)"
         elif unix_socket:
@@ -137,16 +140,23 @@ class Client(Resuming, Admin):
         self._channel: grpc.Channel | None = channel
         self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
 
-    def connect(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    def connect(
+        self, timeout: Timeout = USE_CLIENT_DEFAULT, *, unreachable_for: float | None = None
+    ) -> None:
         """Check that the server answers (the channel itself connects lazily).
 
-        Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
+        Raises SMQConnectionError if it cannot be reached in time: Unavailable (nothing
+        listening, ...), SMQAuthenticationError (certificates refused, TLS on one side
+        only). `unreachable_for`: give up once connections have failed for this many
+        seconds (a program's quick "is it there?"), while a server that takes the
+        connection still has the whole `timeout` to answer."""
         self._call(
             "Connect",
             smq_pb2.ConnectRequest(),
             timeout,
             Op(f"connect to {self.target}", SMQConnectionError),
             idempotent=True,
+            retry_for=unreachable_for,
         )
 
     def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
