@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.certs import CertSet, make_certs
+from support.servers import ServerProcess, free_port, module_server, mtls_server
 
 import smq
 from smq import errors
-from support.certs import CertSet, make_certs
-from support.servers import ServerProcess, free_port, module_server, mtls_server
 from smq.client import Client, ClientTLSConfig
 
 pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
@@ -48,9 +48,9 @@ def tls(certs: CertSet, client: str = "client", ca: str = "ca_cert", key: str | 
 
 def failure(host: str, port: int, config: ClientTLSConfig | None, **options) -> smq.SMQError:
     """The error of server_info() (retries as by default: a lasting cause is not retried)."""
-    with Client(host, port, config, timeout=5, **options) as client:
-        with pytest.raises(smq.SMQError) as caught:
-            client.server_info()
+    with Client(host, port, config, timeout=5, **options) as client, \
+            pytest.raises(smq.SMQError) as caught:
+        client.server_info()
     error = caught.value
     assert "\n" not in str(error) and "failed to connect" not in str(error), str(error)
     assert error.details, "gRPC's text is kept in .details"
@@ -155,9 +155,9 @@ def test_server_that_takes_the_connection_and_never_answers() -> None:
         accepted: list[socket.socket] = []
         threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
         port = listener.getsockname()[1]
-        with Client("127.0.0.1", port, timeout=1) as client:
-            with pytest.raises(smq.SMQError) as caught:
-                client.connect(unreachable_for=0.2)  # taken connections get the whole timeout
+        with Client("127.0.0.1", port, timeout=1) as client, \
+                pytest.raises(smq.SMQError) as caught:
+            client.connect(unreachable_for=0.2)  # a taken connection gets the whole timeout
         for sock in accepted:
             sock.close()
     assert isinstance(caught.value, smq.DeadlineExceeded | smq.Unavailable), caught.value
