@@ -65,7 +65,12 @@ raises them the same way for every call), except in `consume_earliest` and
 `consume_latest`, where pysmq turns every error into an `SMQConsumeError`.
 
 On an error raised by the client, `code` is the `grpc.StatusCode` received, `details`
-the server's text and `original_error` the `grpc.RpcError`.
+the server's text (or gRPC's, which can be long: it stays out of the message) and
+`original_error` the `grpc.RpcError`; the message is "could not `action`: `problem`".
+When no connection could be made, the client probes the address (smq.client.probe) and
+`cause` says why: "refused", "tls-expected", "client-cert-refused", ... A cause that
+trying again cannot fix (a certificate problem, TLS on one side only) raises
+SMQAuthenticationError, the others Unavailable.
 """
 
 from __future__ import annotations
@@ -89,6 +94,11 @@ class SMQError(Exception):
 
     code: str | grpc.StatusCode = "UNKNOWN"
     details: str = ""
+    # Set by the client: what it was doing ("produce to 't'"), what went wrong (the
+    # message after "could not ACTION: "), and why no connection could be made, if so.
+    action: str = ""
+    problem: str = ""
+    cause: str = ""
     # A finer cause than the status, where clients act on it: the server sends it in the
     # trailing metadata REASON_KEY, and the client raises the class that has it.
     reason: str = ""

@@ -29,21 +29,31 @@ def load(
     """Read and check (what, path) for each file: readable, the certificate and key a
     matching PEM pair (the key unencrypted), the CA a PEM certificate."""
     contents = {what: _read(what, path) for what, path in (cert, key, ca)}
+    _check_certificate(cert, contents[cert[0]])
+    _check_certificate(ca, contents[ca[0]])
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     try:
         context.load_cert_chain(cert[1], key[1], password=lambda: "")
     except (ssl.SSLError, ValueError) as exc:
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise CertificateError(
+                f"{key[0]} {key[1]!r} is not the key of {cert[0]} {cert[1]!r} "
+                "(their public keys differ): give the key made with that certificate"
+            ) from None
         raise CertificateError(
-            f"{cert[0]} {cert[1]!r} and {key[0]} {key[1]!r} are not a valid "
-            f"matching PEM certificate and unencrypted key ({exc})"
-        ) from None
-    try:
-        context.load_verify_locations(cafile=ca[1])
-    except (ssl.SSLError, ValueError) as exc:
-        raise CertificateError(
-            f"{ca[0]} {ca[1]!r} is not a valid PEM CA certificate ({exc})"
+            f"{key[0]} {key[1]!r} is not a PEM private key, or it is encrypted "
+            f"(it must be an unencrypted key for {cert[0]} {cert[1]!r})"
         ) from None
     return TLSFiles(contents[cert[0]], contents[key[0]], contents[ca[0]])
+
+
+def _check_certificate(file: tuple[str, str], content: bytes) -> None:
+    """Raise CertificateError unless `content` holds a PEM certificate."""
+    try:
+        text = content.decode("ascii")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=text)
+    except (ssl.SSLError, ValueError):
+        raise CertificateError(f"{file[0]} {file[1]!r} is not a PEM certificate") from None
 
 
 def _read(what: str, path: str) -> bytes:

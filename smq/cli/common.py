@@ -200,8 +200,21 @@ def common_flags() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"give up on a call after this long [default {DEFAULT_TIMEOUT:g}]",
     )
+    group.add_argument(
+        "--server-hostname",
+        metavar="NAME",
+        default=None,
+        help="mTLS: the name to verify in the server's certificate, when --host is not "
+        "one of its names (e.g. an IP address)",
+    )
     parent.add_argument(
         "--json", action="store_true", help="print one JSON object per line, for programs"
+    )
+    parent.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="on an error, also print gRPC's own text (the details)",
     )
     return parent
 
@@ -213,8 +226,11 @@ def add_command(
     help_text: str,
     run: Callable[..., int],
     epilog: str,
+    doing: str,
 ) -> argparse.ArgumentParser:
-    """A (sub)command with the common flags; `run` is what it does."""
+    """A (sub)command with the common flags; `run` is what it does. `doing` completes
+    "could not ..." in its error messages, formatted with its arguments ("read
+    messages of {topic!r}"): a command names its own action, whichever call failed."""
     sub = subparsers.add_parser(
         name,
         parents=[parent],
@@ -223,5 +239,5 @@ def add_command(
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub.set_defaults(run=run)
+    sub.set_defaults(run=run, doing=doing)
     return sub

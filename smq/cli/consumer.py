@@ -58,17 +58,34 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
     actions = consumer.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    def add(name: str, help_text: str, run: Callable[..., int]) -> argparse.ArgumentParser:
-        return add_command(actions, parent, name, help_text, run, EXAMPLES[f"consumer {name}"])
+    def add(
+        name: str, help_text: str, run: Callable[..., int], doing: str
+    ) -> argparse.ArgumentParser:
+        return add_command(
+            actions, parent, name, help_text, run, EXAMPLES[f"consumer {name}"], doing
+        )
 
-    listing = add("list", "list consumers with their committed offsets and lag", cmd_consumer_list)
+    listing = add(
+        "list",
+        "list consumers with their committed offsets and lag",
+        cmd_consumer_list,
+        "list consumers",
+    )
     listing.add_argument("name", metavar="NAME", nargs="?", help="only this consumer")
     listing.add_argument("--topic", metavar="TOPIC", help="only consumers of this topic")
-    get = add("get", "show a consumer's committed offset on a topic", cmd_consumer_get)
+    get = add(
+        "get",
+        "show a consumer's committed offset on a topic",
+        cmd_consumer_get,
+        "get the committed offset of consumer {name!r} on {topic!r}",
+    )
     get.add_argument("name", metavar="NAME")
     get.add_argument("topic", metavar="TOPIC")
     commit = add(
-        "commit", "commit an offset for a consumer (it resumes after it)", cmd_consumer_commit
+        "commit",
+        "commit an offset for a consumer (it resumes after it)",
+        cmd_consumer_commit,
+        "commit offset {offset} of {topic!r} for consumer {name!r}",
     )
     commit.add_argument("name", metavar="NAME", help=NAME_RULE_TEXT)
     commit.add_argument("topic", metavar="TOPIC")
@@ -78,7 +95,12 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         type=offset_int,
         help="the last offset processed; 0: start from the earliest",
     )
-    delete = add("delete", "forget a consumer's committed offsets", cmd_consumer_delete)
+    delete = add(
+        "delete",
+        "forget a consumer's committed offsets",
+        cmd_consumer_delete,
+        "delete consumer {name!r}",
+    )
     delete.add_argument("name", metavar="NAME")
     delete.add_argument("--topic", metavar="TOPIC", help="only on this topic [default: all]")
 

@@ -31,6 +31,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "check that the server answers, and how fast",
         cmd_ping,
         EXAMPLES["ping"],
+        "ping the server",
     )
     add_command(
         commands,
@@ -39,6 +40,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "show the server's version, settings and counters",
         cmd_info,
         EXAMPLES["info"],
+        "get the server's info",
     )
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING
 
 from .. import connection
@@ -41,6 +41,24 @@ if TYPE_CHECKING:  # grpc is only loaded by commands that need it
     from ..client import Client
 
 COMMAND_GROUPS = (info, topic, messages, consumer)
+
+# How long a command keeps trying to connect while connections fail (nothing listening,
+# a restart): a server that is down is reported at once, not after --timeout.
+UNREACHABLE_AFTER = 1.0  # seconds
+
+# What to change on this command line, by the cause the client found (smq.client.probe).
+CAUSE_HINTS = {
+    "tls-expected": "(this server uses mutual TLS: --enable-mtls --client-cert FILE "
+    "--client-key FILE --ca-cert FILE, or ENABLE_MTLS, CLIENT_CERT, CLIENT_KEY, CA_CERT)",
+    "not-tls": "(this server is plaintext: leave out --enable-mtls, or set ENABLE_MTLS=false)",
+    "client-cert-refused": "(give a certificate signed by the CA the server trusts: "
+    "--client-cert and --client-key, or CLIENT_CERT and CLIENT_KEY)",
+    "server-cert-untrusted": "(give the CA that signed the server's certificate: "
+    "--ca-cert, or CA_CERT)",
+    "server-cert-expired": "(the server needs a new certificate: its --server-cert)",
+    "hostname-mismatch": "(connect with --host set to a name in the server's certificate, "
+    "or give one with --server-hostname NAME)",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,10 +102,21 @@ def command_parser() -> argparse.ArgumentParser:
 def run_command(args: list[str]) -> int:
     """Parse and run a client command; map errors to messages and exit codes."""
     parsed = command_parser().parse_args(args)  # exits 2 on bad usage
+    quiet_grpc(os.environ)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     with client_warnings_on_stderr():
         return run_parsed(parsed)
+
+
+def quiet_grpc(environ: MutableMapping[str, str]) -> None:
+    """Keep gRPC's C core from logging to stderr (a TLS handshake failure is logged on
+    every attempt) what the command's error says in one line; a user who sets
+    GRPC_VERBOSITY or GRPC_TRACE gets what they set. Read when grpc is loaded: later
+    settings have no effect (commands load grpc only when they connect)."""
+    if "grpc" not in sys.modules:
+        environ.setdefault("GRPC_VERBOSITY", "NONE")
+        environ.setdefault("GRPC_TRACE", "")
 
 
 @contextlib.contextmanager
@@ -126,7 +155,7 @@ def run_parsed(parsed: argparse.Namespace) -> int:
         print(f"smq {parsed.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SMQError as exc:
-        print(f"smq: error: {exc}{hint(exc, parsed)}", file=sys.stderr)
+        print(error_text(exc, parsed), file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         # Ctrl-C is how a --follow ends; elsewhere it interrupted an operation.
@@ -137,8 +166,22 @@ def run_parsed(parsed: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def error_text(exc: SMQError, parsed: argparse.Namespace) -> str:
+    """`smq: error: could not ACTION: PROBLEM`, with the command's own action, then the
+    notes the command added, what to try next, and with --verbose gRPC's text."""
+    message = str(exc)
+    doing = getattr(parsed, "doing", "")
+    if exc.problem and doing:
+        message = f"could not {doing.format(**vars(parsed))}: {exc.problem}"
+    notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+    details = f"\n(gRPC: {exc.details})" if parsed.verbose and exc.details else ""
+    return f"smq: error: {message}{notes}{hint(exc, parsed)}{details}"
+
+
 def hint(exc: SMQError, parsed: argparse.Namespace) -> str:
     """What to try next, in terms of this command line."""
+    if exc.cause in CAUSE_HINTS:
+        return "\n" + CAUSE_HINTS[exc.cause]
     if isinstance(exc, NotFound) and parsed.command == "consumer":  # a consumer, or a topic
         return "\n(list consumers with: smq consumer list; topics with: smq topic list)"
     if isinstance(exc, NotFound):  # the other commands name only topics
@@ -148,9 +191,10 @@ def hint(exc: SMQError, parsed: argparse.Namespace) -> str:
     if isinstance(exc, SMQTimeoutError):
         return "\n(wait longer with --timeout SECONDS)"
     if isinstance(exc, SMQConnectionError):
+        mtls = "" if exc.cause else "; mTLS: --enable-mtls and the certificate flags"
         return (
             "\n(connect elsewhere with --host/--port or --unix-socket, or set "
-            "SMQ_HOST, PORT, SMQ_UNIX_SOCKET; mTLS: --enable-mtls and the certificate flags)"
+            f"SMQ_HOST, PORT, SMQ_UNIX_SOCKET{mtls})"
         )
     return ""
 
@@ -170,7 +214,7 @@ def connect(parsed: argparse.Namespace) -> Client:
         parsed.host is None and parsed.port is None and bool(config.unix_socket)
     )
     if use_socket:
-        return Client(unix_socket=config.unix_socket, timeout=parsed.timeout)
+        return reachable(Client(unix_socket=config.unix_socket, timeout=parsed.timeout))
     tls = None
     if config.enable_mtls:
         missing = config.missing_tls_files()
@@ -188,6 +232,25 @@ def connect(parsed: argparse.Namespace) -> Client:
             raise UsageError(str(exc)) from None
         tls = ClientTLSConfig(config.client_cert, config.client_key, config.ca_cert)
     try:
-        return Client(config.host, config.port, tls, timeout=parsed.timeout)
+        client = Client(
+            config.host,
+            config.port,
+            tls,
+            timeout=parsed.timeout,
+            server_hostname=parsed.server_hostname,
+        )
     except SMQAuthenticationError as exc:
         raise UsageError(str(exc)) from None
+    return reachable(client)
+
+
+def reachable(client: Client) -> Client:
+    """`client`, once its server answers: a server that is down, or refuses the
+    certificates, fails the command within about UNREACHABLE_AFTER seconds (one that
+    takes the connection and answers slowly still has --timeout)."""
+    try:
+        client.connect(unreachable_for=UNREACHABLE_AFTER)
+    except BaseException:
+        client.close()
+        raise
+    return client

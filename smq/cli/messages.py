@@ -63,7 +63,13 @@ EXAMPLES = {
 
 def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     produce = add_command(
-        commands, parent, "produce", "append messages to a topic", cmd_produce, EXAMPLES["produce"]
+        commands,
+        parent,
+        "produce",
+        "append messages to a topic",
+        cmd_produce,
+        EXAMPLES["produce"],
+        "produce to {topic!r}",
     )
     produce.add_argument("topic", metavar="TOPIC")
     produce.add_argument(
@@ -84,7 +90,13 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
 
     consume = add_command(
-        commands, parent, "consume", "print messages of a topic", cmd_consume, EXAMPLES["consume"]
+        commands,
+        parent,
+        "consume",
+        "print messages of a topic",
+        cmd_consume,
+        EXAMPLES["consume"],
+        "read messages of {topic!r}",
     )
     consume.add_argument("topic", metavar="TOPIC")
     consume.add_argument(
@@ -120,6 +132,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "show the earliest and latest offset of a topic",
         cmd_offsets,
         EXAMPLES["offsets"],
+        "get the offsets of {topic!r}",
     )
     offsets.add_argument("topic", metavar="TOPIC")
 
@@ -130,6 +143,7 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
         "delete the messages of a topic up to an offset",
         cmd_trim,
         EXAMPLES["trim"],
+        "delete the messages of {topic!r} up to offset {offset}",
     )
     trim.add_argument("topic", metavar="TOPIC")
     trim.add_argument(
@@ -209,9 +223,9 @@ def produce_lines(
             if appended_after
             else ""
         )
-        error.args = (
-            f"{error}\n({plural(appended, 'message')} of the input were appended before this "
-            f"failure{where}{after})",
+        error.add_note(
+            f"({plural(appended, 'message')} of the input were appended before this "
+            f"failure{where}{after})"
         )
     raise error
 
@@ -262,7 +276,7 @@ def report_produced(out: Output, topic: str, ranges: list[range]) -> None:
 
 
 def cmd_consume(client: Client, args: argparse.Namespace, out: Output) -> int:
-    info = client.describe_topic(args.topic)  # fails fast: no such topic, server down
+    info = client.describe_topic(args.topic)  # fails fast: no such topic
     if args.start in (None, "earliest"):
         start = 0
     elif args.start == "latest":

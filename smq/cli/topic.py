@@ -72,20 +72,33 @@ def add_commands(commands: Any, parent: argparse.ArgumentParser) -> None:
     )
     actions = topic.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    def add(name: str, help_text: str, run: Callable[..., int]) -> argparse.ArgumentParser:
-        return add_command(actions, parent, name, help_text, run, EXAMPLES[name])
+    def add(
+        name: str, help_text: str, run: Callable[..., int], doing: str
+    ) -> argparse.ArgumentParser:
+        return add_command(actions, parent, name, help_text, run, EXAMPLES[name], doing)
 
-    add("create", "create a topic (idempotent)", cmd_topic_create).add_argument(
-        "name", metavar="NAME", help=NAME_RULE_TEXT
+    add(
+        "create", "create a topic (idempotent)", cmd_topic_create, "create topic {name!r}"
+    ).add_argument("name", metavar="NAME", help=NAME_RULE_TEXT)
+    add("list", "list the topics with their offsets and sizes", cmd_topic_list, "list topics")
+    add(
+        "describe",
+        "show a topic's offsets, size and creation time",
+        cmd_topic_describe,
+        "describe topic {name!r}",
+    ).add_argument("name", metavar="NAME")
+    add(
+        "delete",
+        "delete a topic and all its messages (a remote write)",
+        cmd_topic_delete,
+        "delete topic {name!r}",
+    ).add_argument("name", metavar="NAME")
+    policy = add(
+        "policy",
+        "show or set a topic's retention and disk-full policy",
+        cmd_topic_policy,
+        "show or set the policy of topic {name!r}",
     )
-    add("list", "list the topics with their offsets and sizes", cmd_topic_list)
-    add(
-        "describe", "show a topic's offsets, size and creation time", cmd_topic_describe
-    ).add_argument("name", metavar="NAME")
-    add(
-        "delete", "delete a topic and all its messages (a remote write)", cmd_topic_delete
-    ).add_argument("name", metavar="NAME")
-    policy = add("policy", "show or set a topic's retention and disk-full policy", cmd_topic_policy)
     policy.add_argument("name", metavar="NAME")
     overrides = policy.add_argument_group(
         "overrides",

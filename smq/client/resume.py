@@ -66,11 +66,14 @@ class Resuming(Calls):
             except grpc.RpcError as exc:
                 if self.closed:
                     return
-                if exc.code() not in RESUMABLE or (
-                    max_failures is not None and failures >= max_failures
+                diagnosis = self._diagnose(exc)
+                if (
+                    exc.code() not in RESUMABLE
+                    or (max_failures is not None and failures >= max_failures)
+                    or (diagnosis is not None and diagnosis.lasting)  # reconnecting cannot help
                 ):
-                    raise self._error(exc, op, None) from exc
-                reason = exc.details() or "unavailable"
+                    raise self._translated(exc, op, None, diagnosis) from exc
+                reason = diagnosis.problem if diagnosis else exc.details() or "unavailable"
             delay = backoff(failures, BACKOFF_FIRST, RECONNECT_BACKOFF_MAX)
             failures += 1
             log.warning(

@@ -88,7 +88,8 @@ class Client(Resuming, Admin):
       differs from `host` (e.g. connecting by IP address).
     - `channel`: a ready `grpc.Channel` to use instead (tests, custom setups).
 
-    Raises SMQAuthenticationError if a TLS file cannot be read.
+    Raises SMQAuthenticationError (CertificateError) if a TLS file cannot be read, is
+    not PEM, or the key is not the certificate's.
     """
 
     def __init__(
@@ -116,6 +117,8 @@ class Client(Resuming, Admin):
         self.timeout = timeout
         self.retries = retries
         self.tls = tls_config is not None and channel is None
+        self._tls_config = tls_config
+        self._server_hostname = server_hostname
         if channel is None:
             channel = open_channel(
                 channel_setup(
@@ -129,11 +132,18 @@ class Client(Resuming, Admin):
         self._channel: grpc.Channel | None = channel
         self._stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
 
-    def connect(self, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
+    def connect(
+        self, timeout: Timeout = USE_CLIENT_DEFAULT, *, unreachable_for: float | None = None
+    ) -> None:
         """Check that the server answers (the channel itself connects lazily).
 
-        Raises SMQConnectionError (Unavailable) if it cannot be reached in time."""
-        self._run(rpcs.connect(self.target), timeout)
+        Raises SMQConnectionError if it cannot be reached in time: Unavailable (nothing
+        listening, ...), SMQAuthenticationError (certificates refused, TLS on one side
+        only). `unreachable_for`: give up once connections have failed for this many
+        seconds (a program's quick "is it there?"), while a server that takes the
+        connection still has the whole `timeout` to answer."""
+        rpc = rpcs.connect(self.target)
+        self._call(rpc.method, rpc.request, timeout, rpc.op, rpc.idempotent, unreachable_for)
 
     def ping(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> float:
         """Like `connect`, and return the round trip time in seconds."""

@@ -7,6 +7,9 @@
   tested); `error_for` builds the error a `Client` method raises: that class, combined
   with the `pysmq` class of the operation where pysmq raises that one, and a message
   that says what failed and what to try. `smq.client` re-exports `ERROR_FOR_STATUS`.
+- When no connection could be made (`connect_failed`), gRPC's text says little that a
+  person can act on: the caller probes the address (`smq.client.probe.diagnose`, which
+  blocks) and passes the Diagnosis to `error_for`, whose message and class it decides.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from ..errors import (
     reason_in,
     with_operation,
 )
+from . import probe
+from .probe import Diagnosis
 from .types import ClientTLSConfig
 
 #: Every gRPC status an SMQ call can end with, and the error class it raises (one-to-one).
@@ -69,24 +74,49 @@ class Op:
     wrap_all: bool = False  # pysmq's consume_earliest/latest wrap even connection errors
 
 
+def connect_failed(exc: grpc.RpcError) -> bool:
+    """Whether the call failed because no connection could be made (worth a probe)."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and probe.connect_failed(exc.details() or "")
+
+
 def error_for(
-    exc: grpc.RpcError, op: Op, *, target: str, tls: bool, timeout: float | None
+    exc: grpc.RpcError,
+    op: Op,
+    *,
+    target: str,
+    tls: bool,
+    timeout: float | None,
+    diagnosis: Diagnosis | None = None,
 ) -> SMQError:
     """The SMQError for a failed call to `target`: the status class (or the finer class
     of the reason the server sent), combined with the operation's pysmq class where pysmq
-    raises that one. `timeout` is the call's budget (for the message of DEADLINE_EXCEEDED)."""
+    raises that one. `timeout` is the call's budget (for the message of DEADLINE_EXCEEDED).
+    `diagnosis`: why no connection could be made, if the caller probed (its class and
+    line replace the status's; gRPC's text stays in `.details`)."""
     code = exc.code()
     details = exc.details() or ""
-    status_class = error_class(
-        code.name, reason_in(getattr(exc, "trailing_metadata", lambda: None)())
-    )
+    if diagnosis is not None:
+        status_class: type[SMQError] = diagnosis.error_class
+    else:
+        status_class = error_class(
+            code.name, reason_in(getattr(exc, "trailing_metadata", lambda: None)())
+        )
     raised = status_class
     if op.error_class is not None and (
         op.wrap_all or not issubclass(status_class, TRANSPORT_ERRORS)
     ):
         # mypy (2.4) takes a class for an instance when checking that it is Hashable.
         raised = with_operation(status_class, op.error_class)  # type: ignore[arg-type]
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if diagnosis is not None:
+        message = diagnosis.problem
+    elif code == grpc.StatusCode.UNAVAILABLE and connect_failed(exc):
+        # Not probed (or the probe found the server answering by now): no raw text here.
+        message = (
+            f"cannot reach the SMQ server at {target}; check that it is running and reachable there"
+        )
+        if tls:
+            message += ", and that the certificates match (client, server name, CA)"
+    elif code == grpc.StatusCode.UNAVAILABLE:
         message = (
             f"the SMQ server at {target} is unavailable ({details}); "
             "check that it is running and reachable there"
@@ -114,6 +144,9 @@ def error_for(
         details=details,
         original_error=exc,
         topic=op.topic,
+        action=op.action,
+        problem=message,
+        cause=diagnosis.cause if diagnosis is not None else "",
     )
 
 

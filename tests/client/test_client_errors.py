@@ -344,7 +344,8 @@ def test_server_shutting_down_and_down(start_server) -> None:
         assert isinstance(error, smq.Unavailable) and isinstance(error, smq.SMQConnectionError)
         error = raised(lambda: client.get_latest_offset("t"))
         assert isinstance(error, smq.Unavailable)
-        assert f"server at 127.0.0.1:{server.port} is unavailable" in str(error)
+        assert str(error).endswith(f"cannot reach the SMQ server at 127.0.0.1:{server.port}: "
+                                   "connection refused (is it running, on this port?)")
 
 
 def test_tls_is_not_for_the_unix_socket(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,3 +184,22 @@ def integrity(db: Path) -> str:
         return conn.execute("PRAGMA integrity_check").get
     finally:
         conn.close()
+
+
+# -- servers that cannot be reached ---------------------------------------------------
+
+def mtls_server(certs, directory: Path) -> ServerProcess:
+    """A server that requires client certificates signed by `certs.ca_cert` (a
+    support.certs.CertSet), on 127.0.0.1."""
+    return ServerProcess(["--dbpath", str(directory / "smq.db"), "--port", "0",
+                          "--bind", "127.0.0.1", *certs.server_flags()], directory).wait_serving()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+C_CORE_LINE = re.compile(r"^[EIWD]\d{4}|ssl_transport_security|handshaker", re.MULTILINE)
