@@ -192,3 +192,22 @@ def test_a_server_restart_in_the_middle_leaves_no_future_unanswered(
             failed += 1
     assert failed < len(futures)
     assert all(f.exception(timeout=0) is None for _, f in futures[-100:])  # after the restart
+
+
+def test_a_thread_per_message_leaves_no_lane_behind(client: Client, topic: str) -> None:
+    """Each sending thread gets a lane of its own; a web server's thread per request must
+    not grow the Producer's list of lanes for ever."""
+    with Producer(client) as producer:
+        sent: list[SentMessage] = []
+
+        def once(i: int) -> None:
+            sent.append(producer.send(topic, b"t%d" % i))
+
+        for i in range(300):
+            thread = threading.Thread(target=once, args=(i,))
+            thread.start()
+            thread.join()
+        producer.flush(timeout=30)
+        assert len({f.result() for f in sent}) == 300
+        producer.send(topic, b"wake the sender threads once more").result(timeout=30)
+        eventually(lambda: len(producer._lanes) <= 2, timeout=10)  # this thread's, at most
