@@ -20,8 +20,6 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-import dotenv
-
 from .errors import ConfigError
 
 TRUE_WORDS = frozenset({"1", "true", "t", "yes", "y", "on"})
@@ -225,6 +223,8 @@ def _read_env_file(path: str, required: bool) -> dict[str, str | None]:
         if required:
             raise ConfigError("--env-file (SMQ_ENV_FILE)", path, "no such file")
         return {}
+    import dotenv  # here: the client library (smq.client) goes without python-dotenv
+
     try:
         with open(path, encoding="utf-8") as stream:
             return dict(dotenv.dotenv_values(stream=stream))

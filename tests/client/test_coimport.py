@@ -64,3 +64,41 @@ def test_pysmq_and_smq_client_in_one_process(server: ServerProcess, first: str) 
     assert out["seen_by_old"] == out["seen_by_new"] == ["from pysmq", "from smq.client"]
     assert out["names"] == ["smq.ProduceRequest", "smq.ProduceRequest"]
     assert out["parsed"] == ["both-" + first, "m"]
+
+
+CLIENT_ONLY = """
+import asyncio, sys
+BLOCKED = {"apsw", "dotenv", "sdnotify", "nats"}  # the server's and the forwarder's only
+
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not installed (client-only install)")
+
+
+sys.meta_path.insert(0, Blocker())
+from smq.client import AsyncClient, Client, Producer
+port = int(sys.argv[1])
+with Client("127.0.0.1", port) as client, Producer(client) as producer:
+    client.create_topic("client-only")
+    first = producer.send("client-only", b"a").result(timeout=30)
+
+
+async def main():
+    async with AsyncClient("127.0.0.1", port) as client:
+        return await client.produce("client-only", b"b")
+
+
+print(first, asyncio.run(main()))
+"""
+
+
+def test_the_client_needs_only_grpcio_and_protobuf(server: ServerProcess) -> None:
+    """docs/client.md installs the wheel with --no-deps plus grpcio and protobuf for a
+    client-only application: the client must not import the server's dependencies."""
+    result = subprocess.run([sys.executable, "-c", CLIENT_ONLY, str(server.port)],
+                            capture_output=True, text=True, timeout=60, env=clean_env())
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = map(int, result.stdout.split())
+    assert second == first + 1
