@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ROOT
 from support.certs import CertSet, make_certs
 from support.servers import (
     C_CORE_LINE,
@@ -47,7 +46,7 @@ def smq(*args: str, cwd: Path) -> tuple[int, list[str], float]:
     """Run `python -m smq` from this checkout: (exit code, stderr lines, seconds)."""
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "smq", *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=60, env=clean_env(PYTHONPATH=str(ROOT)))
+                            text=True, timeout=60, env=clean_env())
     seconds = time.monotonic() - started
     assert not C_CORE_LINE.search(result.stderr), result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -161,5 +160,5 @@ def test_grpc_logs_when_asked(tls_server: ServerProcess, certs: CertSet, tmp_pat
     result = subprocess.run([sys.executable, "-m", "smq", "ping", *at(tls_server),
                              *mtls(certs, ca="other_ca_cert")], cwd=tmp_path, capture_output=True,
                             text=True, timeout=60,
-                            env=clean_env(PYTHONPATH=str(ROOT), GRPC_VERBOSITY="DEBUG"))
+                            env=clean_env(GRPC_VERBOSITY="DEBUG"))
     assert result.returncode == 1 and C_CORE_LINE.search(result.stderr)

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from support.poll import eventually_async
+from support.servers import ServerProcess, module_server
 
 import smq
 from smq.client import AsyncClient, AsyncProducer, Client, Message
-from support.poll import eventually_async
-from support.servers import ServerProcess, module_server
 
 pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 
@@ -358,7 +358,7 @@ def test_cancelling_or_closing_during_a_unary_call(small_server: ServerProcess) 
     async def main() -> None:
         async with AsyncClient("127.0.0.1", small_server.port, timeout=30) as aclient:
             await aclient.connect()
-            os.kill(small_server.proc.pid, signal.SIGSTOP)
+            small_server.stop_process()
             try:
                 call = asyncio.create_task(aclient.produce("a", b"never"))
                 await asyncio.sleep(0.2)

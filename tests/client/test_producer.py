@@ -10,11 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.poll import eventually
+from support.servers import ServerProcess, module_server
 
 from smq.client import Client, Producer, SentMessage
 from smq.errors import NotFound, SMQError, SMQProduceError, SMQTimeoutError
-from support.poll import eventually
-from support.servers import ServerProcess, module_server
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -89,7 +89,7 @@ def test_send_waits_for_room_then_times_out_and_memory_stays_bounded(
     with Client("127.0.0.1", server.port, timeout=60) as client:
         client.create_topic("slow")
         producer = Producer(client, max_pending=200, max_in_flight=2)
-        os.kill(server.proc.pid, signal.SIGSTOP)
+        server.stop_process()
         try:
             waiting = [producer.send("slow", b"m%d" % i) for i in range(200)]
             started = time.monotonic()

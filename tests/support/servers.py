@@ -24,7 +24,6 @@ import pytest
 
 from smq import cli
 from smq._proto import smq_pb2, smq_pb2_grpc
-from support import ROOT
 from support.poll import eventually
 
 # The server under test: `python -m smq` from this checkout, or a built artifact
@@ -104,6 +103,14 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
+
+    def stop_process(self) -> None:
+        """SIGSTOP, returning once the kernel reports the process stopped (the signal is
+        delivered asynchronously; a test that goes on at once may still be answered)."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        eventually(lambda: stat.read_text().rsplit(")", 1)[1].split()[0] == "T",
+                   timeout=10, interval=0.01)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
