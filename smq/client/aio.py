@@ -95,6 +95,7 @@ class AsyncClient(AsyncAdmin):
         self.retries = retries
         self.tls = tls_config is not None and channel is None
         self._closed = False
+        self._tls_config, self._server_hostname = tls_config, server_hostname  # for the probe
         self._channel = channel
         self._stub = None
         self._setup = None

@@ -24,11 +24,19 @@ import grpc.aio
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..errors import SMQError
 from ..retry import backoff
-from .calls import BACKOFF_FIRST, budget_of, deadline_of, remaining, retry_delay
+from .calls import (
+    BACKOFF_FIRST,
+    PROBE_TIMEOUT,
+    budget_of,
+    deadline_of,
+    remaining,
+    retry_delay,
+)
+from .probe import diagnose
 from .resume import RECONNECT_BACKOFF_MAX
 from .rpcs import Listing, Rpc
-from .transport import RESUMABLE, ChannelSetup, Op, error_for, refused_stream
-from .types import DEFAULT_LIST_PAGE_SIZE, Message, Timeout
+from .transport import RESUMABLE, ChannelSetup, Op, connect_failed, error_for, refused_stream
+from .types import DEFAULT_LIST_PAGE_SIZE, ClientTLSConfig, Message, Timeout
 
 log = logging.getLogger("smq.client")
 
@@ -57,6 +65,8 @@ class AsyncCalls:
     _channel: grpc.aio.Channel | None
     _stub: smq_pb2_grpc.SuhaibMessageQueueStub | None
     _closed: bool
+    _tls_config: ClientTLSConfig | None
+    _server_hostname: str | None
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -149,7 +159,7 @@ class AsyncCalls:
                     deadline,
                 )
                 if delay is None or self._closed:
-                    raise self._error(exc, op, budget) from exc
+                    raise await self._failure(exc, op, budget) from exc
             except asyncio.CancelledError:
                 call.cancel()
                 if self._closed_under_us():  # fail as the sync client does on close()
@@ -167,6 +177,23 @@ class AsyncCalls:
 
     def _error(self, exc: grpc.RpcError, op: Op, timeout: float | None) -> SMQError:
         return error_for(exc, op, target=self.target, tls=self.tls, timeout=timeout)
+
+    async def _failure(self, exc: grpc.RpcError, op: Op, timeout: float | None) -> SMQError:
+        """The error for a call that failed for good: when no connection could be made,
+        after the sync client's probe of the address (in a thread: it blocks), so that
+        both say why in the same words (refused, TLS expected, certificate refused, ...)."""
+        diagnosis = None
+        if not self._closed and connect_failed(exc) and not self.target.startswith("("):
+            diagnosis = await asyncio.to_thread(
+                diagnose,
+                self.target,
+                self._tls_config,
+                server_hostname=self._server_hostname,
+                timeout=PROBE_TIMEOUT,
+            )
+        return error_for(
+            exc, op, target=self.target, tls=self.tls, timeout=timeout, diagnosis=diagnosis
+        )
 
     @contextlib.contextmanager
     def _stream(self, method: str, request: Any) -> Iterator[Any]:

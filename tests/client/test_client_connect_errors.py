@@ -3,6 +3,7 @@ server with real certificates (support.certs), raises its class with one line th
 what to change. gRPC's own text stays in `.details`."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -162,3 +163,23 @@ def test_server_that_takes_the_connection_and_never_answers() -> None:
             sock.close()
     assert isinstance(caught.value, smq.DeadlineExceeded | smq.Unavailable), caught.value
     assert "\n" not in str(caught.value)
+
+
+def async_failure(host: str, port: int, config: ClientTLSConfig | None) -> smq.SMQError:
+    """The error of AsyncClient.server_info(), which must say what the sync client says."""
+    async def main() -> smq.SMQError:
+        async with smq.AsyncClient(host, port, config, timeout=5, retries=0) as client:
+            with pytest.raises(smq.SMQError) as caught:
+                await client.server_info()
+            return caught.value
+    return asyncio.run(main())
+
+
+def test_the_async_client_says_the_same(tls_server: ServerProcess, certs: CertSet) -> None:
+    refused = async_failure("localhost", tls_server.port, tls(certs, "other_client"))
+    assert type(refused) is smq.SMQAuthenticationError and refused.cause == "client-cert-refused"
+    assert str(refused) == str(failure("localhost", tls_server.port, tls(certs, "other_client")))
+    port = free_port()
+    down = async_failure("localhost", port, None)
+    assert isinstance(down, smq.Unavailable) and down.cause == "refused"
+    assert str(down) == str(failure("localhost", port, None, retries=0))
