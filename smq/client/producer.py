@@ -263,6 +263,8 @@ class Producer:
         ):
             self._wait_for_room(ticket, lane, cost, timeout)
         with lane.lock:
+            if self._closing:  # checked again under the lock close() takes to fail leftovers
+                raise RuntimeError("this Producer is closed; create a new one")
             batch = lane.filling
             moved = 0  # bytes of a full batch put in line
             if batch is not None and batch_full(
@@ -389,7 +391,10 @@ class Producer:
                 self._answered += len(batch.payloads)
                 self._queued_bytes -= batch.size
                 self._room.notify_all()
-                self._work.notify()  # the lane's next batch may go now
+                if self._closing:  # every sender thread must see whether anything is left
+                    self._work.notify_all()
+                else:
+                    self._work.notify()  # the lane's next batch may go now
             batch.finish(first, error)
 
     def _take_batch(self) -> _Batch | None:
@@ -415,6 +420,7 @@ class Producer:
             if self._closing and all(
                 lane.filling is None and not lane.full for lane in self._lanes
             ):
+                self._work.notify_all()  # the others waiting for a lane to free up: stop too
                 return None
             self._work.wait(None if wake_at is None else max(0.0, wake_at - now))
 

@@ -3,7 +3,9 @@ exactly their batch, back-pressure, flush/close, and a server restart in the mid
 from __future__ import annotations
 
 import os
+import random
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -211,3 +213,45 @@ def test_a_thread_per_message_leaves_no_lane_behind(client: Client, topic: str) 
         assert len({f.result() for f in sent}) == 300
         producer.send(topic, b"wake the sender threads once more").result(timeout=30)
         eventually(lambda: len(producer._lanes) <= 2, timeout=10)  # this thread's, at most
+
+
+def test_close_racing_sends_from_many_threads_returns_and_answers_every_message(
+        client: Client, topic: str) -> None:
+    """The hostile run's hang: sender threads that went back to waiting while a lane was
+    still busy were never woken once close() had nothing left, and close() joined them
+    for ever. Every SentMessage handed out must be answered too."""
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads change often: the races come within a few rounds
+    try:
+        close_while_sending(client, topic, rounds=40)
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def close_while_sending(client: Client, topic: str, rounds: int) -> None:
+    for _ in range(rounds):
+        producer = Producer(client, max_pending=random.choice([1, 2, 5, 1000]))
+        sent: list[SentMessage] = []
+        go = threading.Event()
+
+        def work() -> None:
+            go.wait()
+            for _ in range(100):
+                try:
+                    sent.append(producer.send(topic, b"race"))
+                except RuntimeError:  # closed
+                    return
+
+        threads = [threading.Thread(target=work) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        go.set()
+        time.sleep(random.uniform(0, 0.01))
+        closer = threading.Thread(target=producer.close)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), "close() hung"
+        for thread in threads:
+            thread.join(timeout=30)
+        for message in sent:
+            message.exception(timeout=10)  # answered: an offset or an error, never a hang
