@@ -36,6 +36,7 @@ from ..domain import DEFAULT_HOST, DEFAULT_PORT
 from ..errors import NotFound
 from . import rpcs
 from .aio_admin import AsyncAdmin
+from .producer import DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PENDING, DEFAULT_MAX_PENDING_BYTES
 from .transport import channel_setup, client_target
 from .types import (
     DEFAULT_BATCH_BYTES,
@@ -203,8 +204,9 @@ class AsyncClient(AsyncAdmin):
         linger: float = 0.0,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_batch_bytes: int = DEFAULT_BATCH_BYTES,
-        max_in_flight: int = 4,
-        max_pending: int = 100_000,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
     ) -> AsyncProducer:
         """An `AsyncProducer` on this client: `await send(topic, payload)` gives a future
         of the message's offset; sends are batched per topic (see smq.client.aio_producer)."""
@@ -217,6 +219,7 @@ class AsyncClient(AsyncAdmin):
             max_batch_bytes=max_batch_bytes,
             max_in_flight=max_in_flight,
             max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
         )
 
     # -- consuming ----------------------------------------------------------------------

@@ -4,8 +4,8 @@
         future = await producer.send("sensors", b'{"t": 21.5}')   # waits for room
         offset = await future                                     # once its batch commits
 
-- `send` waits while `max_pending` messages are pending (sent to the producer and not
-  yet answered): back-pressure, so memory stays bounded.
+- `send` waits while `max_pending` messages, or `max_pending_bytes` of them, are pending
+  (sent to the producer and not yet answered): back-pressure, so memory stays bounded.
 - Per topic, at most one batch is in flight, so offsets increase in send order; batches
   of different topics are in flight together, up to `max_in_flight`.
 - A batch leaves when a sender is free and it is full (`batch_size` messages or
@@ -78,6 +78,7 @@ class AsyncProducer:
         max_batch_bytes: int,
         max_in_flight: int,
         max_pending: int,
+        max_pending_bytes: int,
     ) -> None:
         if linger < 0:
             raise ValueError(f"linger must be 0 or more seconds, not {linger}")
@@ -86,6 +87,7 @@ class AsyncProducer:
             ("max_batch_bytes", max_batch_bytes),
             ("max_in_flight", max_in_flight),
             ("max_pending", max_pending),
+            ("max_pending_bytes", max_pending_bytes),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, not {value}")
@@ -95,11 +97,13 @@ class AsyncProducer:
         self.max_batch_bytes = max_batch_bytes
         self.max_in_flight = max_in_flight
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
         self._queues: dict[str, _TopicQueue] = {}  # in turn order: served first, first
         self._busy: set[str] = set()  # topics with a batch in flight
         # batches in flight: their task and their messages' futures
         self._senders: dict[asyncio.Task[None], list[asyncio.Future[int]]] = {}
         self._pending = 0  # messages sent to the producer, not answered yet
+        self._pending_bytes = 0  # their message_cost
         self._room = asyncio.Event()
         self._room.set()
         self._timer: asyncio.TimerHandle | None = None
@@ -122,10 +126,11 @@ class AsyncProducer:
         `max_pending` messages are pending. Returns a future of its offset, which raises
         its batch's SMQError if the batch fails. Raises RuntimeError once closed."""
         data = as_bytes(payload)
+        cost = message_cost(data)
         while True:
             if self._closed:
                 raise RuntimeError("this AsyncProducer is closed; create a new one")
-            if self._pending < self.max_pending:
+            if not self._full(cost):
                 break
             self._room.clear()
             await self._room.wait()
@@ -133,10 +138,18 @@ class AsyncProducer:
         pending = _Pending(data, loop.create_future(), loop.time())
         queue = self._queues.setdefault(topic, _TopicQueue())
         queue.items.append(pending)
-        queue.cost += message_cost(data)
+        queue.cost += cost
         self._pending += 1
+        self._pending_bytes += cost
         self._dispatch()
         return pending.future
+
+    def _full(self, cost: int) -> bool:
+        """Whether one more message of `cost` must wait: `max_pending` messages pending,
+        or `max_pending_bytes` (a larger message goes once nothing else is pending)."""
+        return self._pending >= self.max_pending or (
+            self._pending_bytes > 0 and self._pending_bytes + cost > self.max_pending_bytes
+        )
 
     async def flush(self) -> None:
         """Send every message pending now at once (no lingering) and wait until each has
@@ -216,11 +229,12 @@ class AsyncProducer:
                     p.future.set_result(offset)
         finally:
             self._pending -= len(batch)
+            self._pending_bytes -= sum(message_cost(p.payload) for p in batch)
             self._busy.discard(topic)
             task = asyncio.current_task()
             if task is not None:
                 self._senders.pop(task, None)
-            if self._pending < self.max_pending:
+            if not self._full(0):
                 self._room.set()
             if self._queues:
                 self._dispatch()

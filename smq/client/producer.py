@@ -112,12 +112,18 @@ class _Batch:
         self.error: BaseException | None = None
         self.callbacks: list[tuple[Callable[[SentMessage], Any], SentMessage]] | None = None
 
-    def finish(self, first_offset: int, error: BaseException | None) -> None:
+    def resolve(
+        self, first_offset: int, error: BaseException | None
+    ) -> list[tuple[Callable[[SentMessage], Any], SentMessage]]:
+        """Record the answer and mark the batch done; the callbacks to run now."""
         self.first_offset, self.error = first_offset, error
         with self.lane.lock:  # add_done_callback checks `done` under the same lock
             self.done.set()
             callbacks, self.callbacks = self.callbacks, None
-        for callback, message in callbacks or ():
+        return callbacks or []
+
+    def finish(self, first_offset: int, error: BaseException | None) -> None:
+        for callback, message in self.resolve(first_offset, error):
             _run_callback(callback, message)
 
 
@@ -148,7 +154,9 @@ class SentMessage:
         return self._batch.error
 
     def add_done_callback(self, callback: Callable[[SentMessage], Any]) -> None:
-        """Call `callback(self)` once done (at once if it is), from the Producer's thread."""
+        """Call `callback(self)` once done (at once if it is), from the Producer's thread.
+        It must not block: the Producer's next batches wait for that thread. A `send`
+        that would wait for room, or a `flush`, raises RuntimeError there instead."""
         batch = self._batch
         with batch.lane.lock:
             if not batch.done.is_set():
@@ -164,6 +172,12 @@ class SentMessage:
         if self._batch.error is not None:
             return f"<SentMessage failed: {type(self._batch.error).__name__}>"
         return f"<SentMessage offset={self.result()}>"
+
+
+_NO_WAIT_IN_CALLBACK = (
+    "{what} in a SentMessage callback, which runs on the Producer's own thread: the "
+    "batches it would wait for need that thread; do this from another thread"
+)
 
 
 class _NotDoneYet(SMQTimeoutError, TimeoutError):
@@ -304,6 +318,7 @@ class Producer:
 
     def _wait_for_room(self, ticket: int, lane: _Lane, cost: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        own_thread = self._on_own_thread()
         with self._lock:
             while True:
                 filling = lane.filling
@@ -317,11 +332,15 @@ class Producer:
                         each.filling.urgent = True
                 self._work.notify_all()
                 remaining = None if deadline is None else deadline - time.monotonic()
-                if self._closing or (remaining is not None and remaining <= 0):
+                if self._closing or own_thread or (remaining is not None and remaining <= 0):
                     self._answered += 1  # this ticket leaves the line unsent
                     self._room.notify_all()
                     if self._closing:
                         raise RuntimeError("this Producer is closed; create a new one")
+                    if own_thread:
+                        raise RuntimeError(
+                            _NO_WAIT_IN_CALLBACK.format(what="send() waited for room")
+                        )
                     raise SMQTimeoutError(
                         f"could not queue a message: {ticket - self._answered + 1} messages "
                         f"({queued} bytes) still wait after {timeout} s; "
@@ -333,6 +352,8 @@ class Producer:
         """Send what waits now and wait until every message sent before this call is
         answered (committed or failed: see each SentMessage). SMQTimeoutError after
         `timeout` seconds (None: for ever)."""
+        if self._on_own_thread():
+            raise RuntimeError(_NO_WAIT_IN_CALLBACK.format(what="flush()"))
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             batches = list(self._flying)
@@ -376,6 +397,10 @@ class Producer:
         for batch in unsent:
             batch.finish(0, error)
 
+    def _on_own_thread(self) -> bool:
+        """Whether this is one of the Producer's threads (in a done-callback)."""
+        return threading.current_thread() in self._threads
+
     # -- the Producer's threads ------------------------------------------------------------
 
     def _send_batches(self) -> None:
@@ -385,6 +410,8 @@ class Producer:
                 if batch is None:
                     return
             first, error = self._produce(batch)
+            # Done before it leaves _flying: a flush() in between must find it done.
+            callbacks = batch.resolve(first, error)
             with self._lock:
                 batch.lane.busy = False
                 self._flying.discard(batch)
@@ -395,7 +422,8 @@ class Producer:
                     self._work.notify_all()
                 else:
                     self._work.notify()  # the lane's next batch may go now
-            batch.finish(first, error)
+            for callback, message in callbacks:
+                _run_callback(callback, message)
 
     def _take_batch(self) -> _Batch | None:
         """The next batch to send (its lane then busy), waiting for one; None once closing

@@ -468,6 +468,26 @@ def test_producer_send_waits_while_max_pending_are_pending(server: ServerProcess
     run(main)
 
 
+def test_producer_send_waits_while_max_pending_bytes_are_pending(server: ServerProcess,
+                                                                 topic: str) -> None:
+    """The hostile run: 400 sends of 1 MiB to a stopped server were all taken (RSS +403
+    MiB); bytes are bounded too, as in the sync Producer."""
+    async def main() -> None:
+        async with AsyncClient("127.0.0.1", server.port) as aclient:
+            producer = aclient.producer(linger=3600, max_pending_bytes=3 * 1024 * 100)
+            futures = [await producer.send(topic, b"x" * 100 * 1024) for _ in range(2)]
+            third = asyncio.create_task(producer.send(topic, b"y" * 100 * 1024))
+            for _ in range(20):
+                await asyncio.sleep(0)
+            assert not third.done() and producer.pending == 2
+            await producer.flush()
+            future = await asyncio.wait_for(third, 10)
+            await producer.close()
+            assert [f.result() for f in futures] == [1, 2] and await future == 3
+
+    run(main)
+
+
 def test_producer_lingers_to_batch_and_closing_the_client_fails_its_futures(
         server: ServerProcess, topic: str) -> None:
     async def main() -> None:

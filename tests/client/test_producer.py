@@ -255,3 +255,27 @@ def close_while_sending(client: Client, topic: str, rounds: int) -> None:
             thread.join(timeout=30)
         for message in sent:
             message.exception(timeout=10)  # answered: an offset or an error, never a hang
+
+
+def test_a_callback_that_would_wait_raises_instead_of_stalling_the_producer(
+        client: Client, topic: str) -> None:
+    """The hostile run: callbacks run on the Producer's threads; one that sent into a
+    full Producer (or flushed) blocked the very thread that makes room, for ever."""
+    raised: list[str] = []
+
+    def follow_up(message: SentMessage) -> None:
+        producer.send(topic, b"follow-up")  # there is room for one: it goes
+        for action in (lambda: producer.send(topic, b"no room"), producer.flush):
+            try:
+                action()
+            except RuntimeError as exc:
+                raised.append(str(exc))
+
+    with Producer(client, max_pending=1, max_in_flight=1) as producer:
+        first = producer.send(topic, b"first")
+        first.add_done_callback(follow_up)
+        first.result(timeout=30)
+        eventually(lambda: len(raised) == 2, timeout=10)
+        assert producer.send(topic, b"after", timeout=10).result(timeout=30) > first.result()
+    assert "send() waited for room in a SentMessage callback" in raised[0]
+    assert "flush() in a SentMessage callback" in raised[1]
