@@ -206,12 +206,22 @@ def produce_lines(
             else:
                 ranges.append(range(sent.result(), sent.result() + 1))
 
-    with Producer(client, batch_size=batch_size) as producer:
-        for lines in chunks:
-            waiting.extend(producer.send(topic, line) for line in lines)
-            settle(block=False)
-            if error is not None:
-                break
+    try:
+        with Producer(client, batch_size=batch_size) as producer:
+            for lines in chunks:
+                waiting.extend(producer.send(topic, line) for line in lines)
+                settle(block=False)
+                if error is not None:
+                    break
+    except KeyboardInterrupt:  # say how far the input went in, so that it can be resumed
+        settle(block=True)
+        appended = sum(len(r) for r in ranges)
+        where = f", up to offset {ranges[-1][-1]}" if ranges else ""
+        print(
+            f"smq: interrupted: {plural(appended, 'message')} of the input were appended{where}",
+            file=sys.stderr,
+        )
+        raise
     settle(block=True)
     if error is None:
         return ranges

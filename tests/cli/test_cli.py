@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from support import ROOT
+from support.poll import eventually
 from support.servers import Run, ServerProcess, clean_env, module_server, point_cli_at
 
 pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
@@ -236,6 +237,21 @@ def test_ctrl_c_ends_follow_cleanly(server: ServerProcess, smq: Run, topic: str)
     out, err = follower.communicate(timeout=60)  # generous: CI machines can be loaded
     assert (follower.returncode, out, err) == (0, b"", b"")
 
+
+
+def test_ctrl_c_during_produce_says_how_far_the_input_went(server: ServerProcess, client,
+                                                          topic: str) -> None:
+    env = clean_env(PORT=str(server.port), SMQ_HOST="127.0.0.1")
+    producer = subprocess.Popen([sys.executable, "-m", "smq", "produce", topic], cwd=ROOT,
+                                env=env, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    producer.stdin.write(b"one\ntwo\nthree\n")
+    producer.stdin.flush()  # the pipe stays open: smq waits for more
+    eventually(lambda: client.describe_topic(topic).latest_offset == 3, timeout=30)
+    producer.send_signal(signal.SIGINT)
+    _, err = producer.communicate(timeout=60)
+    assert producer.returncode == 130
+    assert err.decode().splitlines() == [
+        "smq: interrupted: 3 messages of the input were appended, up to offset 3"]
 
 def test_a_closed_pipe_ends_follow_quietly(server: ServerProcess, smq: Run, topic: str) -> None:
     """`smq consume t --follow | head -n 1`: when the reader goes, smq goes, quietly."""
