@@ -489,7 +489,12 @@ def test_producer_send_waits_while_max_pending_bytes_are_pending(server: ServerP
 
 
 def test_producer_lingers_to_batch_and_closing_the_client_fails_its_futures(
-        server: ServerProcess, topic: str) -> None:
+        start_server) -> None:
+    server = start_server()  # its own: the commit counter below must see only this test
+    topic = "linger"
+    with Client("127.0.0.1", server.port) as sync:
+        sync.create_topic(topic)
+
     async def main() -> None:
         aclient = AsyncClient("127.0.0.1", server.port)
         writes = (await aclient.server_info()).committed_writes
