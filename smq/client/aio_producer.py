@@ -27,6 +27,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 from . import rpcs
+from .producer import check_settings
 from .types import USE_CLIENT_DEFAULT, Payload, as_bytes, batch_full, message_cost
 
 if TYPE_CHECKING:
@@ -80,17 +81,14 @@ class AsyncProducer:
         max_pending: int,
         max_pending_bytes: int,
     ) -> None:
-        if linger < 0:
-            raise ValueError(f"linger must be 0 or more seconds, not {linger}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_batch_bytes", max_batch_bytes),
-            ("max_in_flight", max_in_flight),
-            ("max_pending", max_pending),
-            ("max_pending_bytes", max_pending_bytes),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}")
+        check_settings(
+            linger,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            max_in_flight=max_in_flight,
+            max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
+        )
         self.client = client
         self.linger = linger
         self.batch_size = batch_size

@@ -61,10 +61,19 @@ DEFAULT_LINGER = 0.0  # seconds a batch may wait for more messages once a sender
 DEFAULT_MAX_IN_FLIGHT = 4  # ProduceBatch requests at once (the Producer's threads)
 # Messages per batch at most. Larger than produce_many's 1000: the Producer's threads wait
 # for the GIL behind the sending threads once per request, so fewer, larger requests
-# (8 threads, bench/clients.py: about 70,000 msg/s with 1000, 90,000-140,000 with 5000).
+# (compare with bench/clients.py and `Producer(client, batch_size=1000)`).
 DEFAULT_PRODUCER_BATCH = 5000
 DEFAULT_MAX_PENDING = 100_000  # messages waiting or in flight
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024**2  # their payload bytes
+
+
+def check_settings(linger: float, **limits: int) -> None:
+    """A Producer's (or AsyncProducer's) settings: ValueError naming the first bad one."""
+    if linger < 0:
+        raise ValueError(f"linger must be 0 or more seconds, not {linger}")
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, not {value}")
 
 
 class _Lane:
@@ -215,17 +224,14 @@ class Producer:
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         timeout: float | None = None,
     ) -> None:
-        if linger < 0:
-            raise ValueError(f"linger must be 0 or more seconds, not {linger}")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("max_batch_bytes", max_batch_bytes),
-            ("max_in_flight", max_in_flight),
-            ("max_pending", max_pending),
-            ("max_pending_bytes", max_pending_bytes),
-        ):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, not {value}")
+        check_settings(
+            linger,
+            batch_size=batch_size,
+            max_batch_bytes=max_batch_bytes,
+            max_in_flight=max_in_flight,
+            max_pending=max_pending,
+            max_pending_bytes=max_pending_bytes,
+        )
         self._client = client
         self._linger, self._batch_size, self._max_batch_bytes = linger, batch_size, max_batch_bytes
         self._max_pending, self._max_pending_bytes = max_pending, max_pending_bytes
@@ -312,8 +318,7 @@ class Producer:
             if not lane.busy:
                 self._work.notify()
         # Let a waiting sender thread have the GIL now: threads that only send would keep
-        # it for the whole switch interval (5 ms), and the requests would wait behind them
-        # (8 sending threads: about 120,000-157,000 msg/s with this, 85,000-120,000 without).
+        # it for the whole switch interval (5 ms), and the requests would wait behind them.
         time.sleep(0)
 
     def _wait_for_room(self, ticket: int, lane: _Lane, cost: int, timeout: float | None) -> None:

@@ -6,40 +6,19 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.certs import CertSet, make_certs
+from support.certs import CertSet
 from support.servers import (
     C_CORE_LINE,
     ServerProcess,
     clean_env,
     free_port,
-    module_server,
-    mtls_server,
 )
+from support.tls_servers import certs, plain_server, tls_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.process  # starts servers and commands (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def tls_server(certs: CertSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = mtls_server(certs, tmp_path_factory.mktemp("mtls"))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = module_server(tmp_path_factory, "plain")
-    yield server
-    server.close()
 
 
 def smq(*args: str, cwd: Path) -> tuple[int, list[str], float]:

@@ -7,37 +7,18 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.certs import CertSet, make_certs
-from support.servers import ServerProcess, free_port, module_server, mtls_server
+from support.certs import CertSet
+from support.servers import ServerProcess, free_port
+from support.tls_servers import certs, plain_server, tls_server  # noqa: F401 (fixtures)
 
 import smq
 from smq import errors
 from smq.client import Client, ClientTLSConfig
 
 pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSet:
-    return make_certs(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture(scope="module")
-def tls_server(certs: CertSet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = mtls_server(certs, tmp_path_factory.mktemp("mtls"))
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = module_server(tmp_path_factory, "plain")
-    yield server
-    server.close()
 
 
 def tls(certs: CertSet, client: str = "client", ca: str = "ca_cert", key: str | None = None
