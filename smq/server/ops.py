@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .writer import GroupCommitWriter
 
 STREAM_MESSAGES = 1_000  # a StreamAppend takes at most this many messages...
-STREAM_BYTES = 4 * 1024**2  # ...and bytes,
+STREAM_BYTES = 1024**2  # ...and bytes (a large write holds the writer: write_lanes.py),
 STREAM_SECONDS = 0.002  # and a stream commits at most this often while it is busy
 
 
@@ -49,6 +49,9 @@ class WriteOp:
 
     def apply(self, writer: GroupCommitWriter) -> None:
         raise NotImplementedError
+
+    def seal(self) -> None:
+        """Taken into a group: from now on its size is what it commits (StreamAppend)."""
 
     def done(self) -> bool:
         return not self._pending.locked()
@@ -221,9 +224,12 @@ class StreamAppend(Append):
             self.bytes += len(payload)
             return True
 
-    def apply(self, writer: GroupCommitWriter) -> None:
+    def seal(self) -> None:
         with self._lock:
             self._sealed = True
+
+    def apply(self, writer: GroupCommitWriter) -> None:
+        self.seal()
         super().apply(writer)
 
 

@@ -1,7 +1,7 @@
 """Group commit: one write transaction at a time, many writes per transaction.
 
-Callers (gRPC threads) submit WriteOps and wait. The writer thread takes the op at
-the head of the queue plus everything queued behind it (up to a size cap), applies
+Callers (gRPC threads) submit WriteOps and wait. The writer thread takes the ops
+queued (up to a size cap; small ones before large ones: write_lanes.py), applies
 them all in one transaction, commits once (one fsync in full durability), and only
 then releases every caller. While one commit is being fsynced, new ops pile up and
 form the next group: the more concurrent writers, the more each commit carries.
@@ -34,7 +34,6 @@ rest of the server learns what readers may now see.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -48,11 +47,10 @@ from .ops import STREAM_SECONDS, Barrier, EnforceAge, WriteOp
 from .retention import ROOM_TRUSTED_ABOVE, Retention
 from .storage import Storage
 from .topic_state import TopicState
+from .write_lanes import STOP, WriteLanes
 
 log = logging.getLogger(__name__)
 
-MAX_GROUP_MESSAGES = 20_000
-MAX_GROUP_BYTES = 32 * 1024**2
 TICK_SECONDS = 1.0  # periodic upkeep (_tick) runs at most this often
 # Appends leave the topic rows alone (storage.py); their counters are saved this often,
 # so that loading them adds at most this long's appends.
@@ -62,9 +60,6 @@ COUNTERS_SAVE_SECONDS = 60.0
 GATHER_MIN_SECONDS = 0.001
 GATHER_MAX_SECONDS = 0.002
 GATHER_COMMITS = 2.0
-
-
-_STOP = object()
 
 
 class GroupCommitWriter(Retention):
@@ -92,8 +87,7 @@ class GroupCommitWriter(Retention):
         self.deleted: list[TopicState] = []
         self._topics_stale = False  # True while `topics` may be ahead of the database
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._carry: WriteOp | None = None
+        self._lanes = WriteLanes()  # small writes before large ones: write_lanes.py
         self._closed = False
         self._commit_lock = threading.Lock()  # held while a group is applied and committed
         self._finished = False  # set by close() under the commit lock: no more commits
@@ -117,7 +111,7 @@ class GroupCommitWriter(Retention):
         """Queue op for the writer thread; `op.wait()` for its result."""
         if self._closed:
             raise Unavailable("server is shutting down")
-        self._queue.put(op)
+        self._lanes.put(op)
         return op
 
     def execute(self, op: WriteOp, timeout: float | None = None) -> Any:
@@ -127,7 +121,7 @@ class GroupCommitWriter(Retention):
             raise Unavailable("server is shutting down")
         if (
             self._expected <= 1
-            and self._queue.empty()
+            and self._lanes.empty()
             and self._commit_lock.acquire(blocking=False)
         ):
             try:
@@ -145,7 +139,7 @@ class GroupCommitWriter(Retention):
     def close(self, timeout: float | None = None) -> None:
         """Apply what is queued, then stop the thread (and wait for a caller's own commit)."""
         self._closed = True
-        self._queue.put(_STOP)
+        self._lanes.put(STOP)
         self._thread.join(timeout)
         if self._commit_lock.acquire(timeout=-1 if timeout is None else timeout):
             self._finished = True
@@ -156,18 +150,18 @@ class GroupCommitWriter(Retention):
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK_SECONDS
         while True:
-            first = self._next_first()
-            if first is _STOP:
+            has_work = self._lanes.wait_for_work(TICK_SECONDS)
+            if not has_work and self._lanes.stopping:
                 self._save_counters_at_stop()
                 return
-            wait = 0.0 if first is None else first.not_before - time.monotonic()
+            wait = self._lanes.leader().not_before - time.monotonic() if has_work else 0.0
             if wait > 0:  # a busy stream's next chunk: let it fill (StreamAppend)
                 time.sleep(min(wait, STREAM_SECONDS))
             with self._commit_lock:
-                if first is not None:
+                if has_work:
                     # Gathered under the lock: what arrives while a caller commits its
                     # own op joins this group rather than the next.
-                    self._commit_group(self._gather(first))
+                    self._commit_group(self._lanes.next_group(self._expected, self._gather_wait()))
                 if time.monotonic() >= next_tick:
                     self._tick()
                     next_tick = time.monotonic() + TICK_SECONDS
@@ -213,48 +207,10 @@ class GroupCommitWriter(Retention):
             )
             self._clock_unsaved = True
 
-    def _next_first(self) -> Any:
-        """The op that starts the next group; None after an idle tick; _STOP to stop."""
-        if self._carry is not None:
-            first, self._carry = self._carry, None
-            return first
-        try:
-            return self._queue.get(timeout=TICK_SECONDS)
-        except queue.Empty:
-            return None
-
-    def _gather(self, first: WriteOp) -> list[WriteOp]:
-        """`first` plus what is queued behind it, within the caps; when fewer ops than
-        were about at the last commit are there, wait a little for the rest (module
-        docstring)."""
-        group = [first]
-        messages, size = first.messages, first.bytes
-        deadline = None
-        while messages < MAX_GROUP_MESSAGES and size < MAX_GROUP_BYTES:
-            try:
-                op = self._queue.get_nowait()
-            except queue.Empty:
-                if len(group) >= self._expected:
-                    break
-                if deadline is None:
-                    wait = GATHER_COMMITS * self._commit_seconds
-                    deadline = time.monotonic() + min(
-                        max(wait, GATHER_MIN_SECONDS), GATHER_MAX_SECONDS
-                    )
-                try:
-                    op = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-            if op is _STOP:
-                self._queue.put(_STOP)  # finish this group, then stop
-                break
-            if messages + op.messages > MAX_GROUP_MESSAGES or size + op.bytes > MAX_GROUP_BYTES:
-                self._carry = op
-                break
-            group.append(op)
-            messages += op.messages
-            size += op.bytes
-        return group
+    def _gather_wait(self) -> float:
+        """How long a group waits for the writers it expects (module docstring)."""
+        wait = GATHER_COMMITS * self._commit_seconds
+        return min(max(wait, GATHER_MIN_SECONDS), GATHER_MAX_SECONDS)
 
     def _commit_group(self, group: list[WriteOp]) -> None:
         """Apply and commit group (under the commit lock), then release its callers; ops
@@ -271,7 +227,7 @@ class GroupCommitWriter(Retention):
             self._apply_in_one_transaction(group)
             self._commit_seconds += 0.25 * (time.monotonic() - started - self._commit_seconds)
             # The writers about: this group's, and those that queued up meanwhile.
-            self._expected = len(group) + self._queue.qsize()
+            self._expected = len(group) + self._lanes.small_waiting()
             unfinished = [op for op in group if op.unfinished and op.error is None]
         except SMQError as exc:
             self._forget_uncommitted()
