@@ -16,7 +16,11 @@ sampled every 0.1 s. Asserted:
 - no acknowledged message is lost: the consumer gets every one, in order, intact;
 - the normal clients' latency p99 (Produce calls, and produce-to-delivery) over the
   whole abuse is within 10x of their p99 in the quiet windows (measured in between,
-  so that a busy machine weighs on both alike); each scenario's p99 is printed;
+  so that a busy machine weighs on both alike), plus one large commit: a small write
+  may wait for the large one being committed (the writer takes small writes first,
+  smq/server/write_lanes.py, but a transaction cannot be cut short), and the abuse's
+  largest, a 4 MB ProduceBatch, takes 40-60 ms to commit alone on this 2-core machine
+  (timed before the abuse). Each scenario's p99 is printed;
 - RSS after the abuse returns to within AFTER_MIB of idle within AFTER_SECONDS
   (SQLite's page caches, now warm, and allocator slack).
 
@@ -178,6 +182,19 @@ def lowest_rss(pid: int, seconds: float) -> float:
     return lowest
 
 
+def one_large_commit(server) -> float:
+    """The time of one of the abuse's largest writes alone (the median of 3)."""
+    stub = server.stub(own_connection=True)
+    request = smq_pb2.ProduceBatchRequest(topic=abuse.WRITE_TOPIC,
+                                          messages=[b"q" * 1_000_000] * 4)
+    times = []
+    for _ in range(3):
+        started = time.monotonic()
+        stub.ProduceBatch(request, timeout=DEADLINE)
+        times.append(time.monotonic() - started)
+    return sorted(times)[1]
+
+
 def p99(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[min(int(len(ordered) * 0.99), len(ordered) - 1)]
@@ -187,6 +204,7 @@ def test_abuse_at_3x_with_normal_clients(start_server, request):
     server = start_server("--memory-budget", f"{BUDGET_MIB}MiB", "--heartbeat-interval", "1",
                           "--stall-timeout", f"{STALL_SECONDS}s")
     abuse.prepare(server.port)
+    large_commit = one_large_commit(server)
     normal = Normal(server)
     time.sleep(2)
     idle = abuse.rss(server.proc.pid)["VmRSS"]
@@ -220,6 +238,7 @@ def test_abuse_at_3x_with_normal_clients(start_server, request):
                                          f"{p99(normal.delivery['abuse']) * 1000:.1f}",
         "normal calls quiet / abuse": f"{len(normal.latency['quiet'])} / {len(normal.latency['abuse'])}",
         "normal retries (RESOURCE_EXHAUSTED)": dict(normal.retries),
+        "one large commit ms (4 MB ProduceBatch alone)": f"{large_commit * 1000:.1f}",
     }
     capman = request.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled():
@@ -239,6 +258,6 @@ def test_abuse_at_3x_with_normal_clients(start_server, request):
     assert [(o, got.get(o)) for o in acked] == [(o, normal.acked[o][0]) for o in acked]
     assert [o for o, _ in normal.delivered] == list(range(1, len(normal.delivered) + 1))
     for timings in (normal.latency, normal.delivery):
-        assert p99(timings["abuse"]) <= 10 * p99(timings["quiet"]), figures
+        assert p99(timings["abuse"]) <= 10 * p99(timings["quiet"]) + large_commit, figures
     assert after <= idle + AFTER_MIB, figures
     assert "Traceback" not in server.log()
