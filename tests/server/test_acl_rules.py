@@ -1,6 +1,7 @@
-"""The ACL file in-process (smq/server/acl.py): matching by right and pattern, the "*"
-and "@local" tables, every mistake reported as a one-line ConfigError naming the file
-and the line, random text and random structures never raising anything else."""
+"""The ACL file in-process (smq/server/acl.py) and the RPC table (smq/server/access.py):
+matching by right and pattern, the "*" and "@local" tables, every mistake reported as a
+one-line ConfigError naming the file and the line, random text and random structures
+never raising anything else, and a rule for every RPC of smq.proto."""
 from __future__ import annotations
 
 import re
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from smq.errors import ConfigError
-from smq.server import acl
+from smq.server import access, acl
 from smq.server.acl import ADMIN, CONSUME, PRODUCE, load_rules, parse_rules, rules_from
 
 PATH = "/etc/smq/acl.toml"
@@ -168,3 +169,20 @@ def test_valid_structures_match_as_fnmatchcase_does(document, topic: str):
         for right in acl.RIGHTS:
             expected = any(fnmatch.fnmatchcase(topic, p) for p in table.get(right, []))
             assert grant.allows(right, topic) == expected
+
+
+# -- the RPC table ------------------------------------------------------------------------
+
+def test_every_rpc_of_the_proto_has_a_rule_and_no_rule_is_left_over():
+    assert set(access.RULES) == access.service_methods()
+
+
+def test_every_rule_names_known_rights_and_a_real_topic_field():
+    from smq._proto import smq_pb2
+    service = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"]
+    for method in service.methods:
+        rule = access.RULES[method.name]
+        assert set(rule.rights) <= set(acl.RIGHTS), method.name
+        if rule.topic_field:
+            assert rule.topic_field in method.input_type.fields_by_name, method.name
+        assert rule.when_empty in ("", access.LISTED, access.EVERY), method.name
