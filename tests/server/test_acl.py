@@ -18,19 +18,13 @@ import pytest
 
 from smq._proto import smq_pb2 as pb, smq_pb2_grpc
 from smq.server import access
-from support.certs import CertSet, client_for, make_certs
+from support.acl_servers import TIMEOUT, AclServer
+from support.certs import CertSet, make_certs
 from support.poll import eventually
-from support.servers import (
-    SERVER_COMMAND,
-    ServerProcess,
-    assert_one_line_refusal,
-    clean_env,
-    start_and_fail,
-)
+from support.servers import SERVER_COMMAND, assert_one_line_refusal, clean_env, start_and_fail
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(300)]
 
-TIMEOUT = 15.0
 ACL = """\
 [identities."producer"]
 produce = ["sensors.*"]
@@ -139,64 +133,6 @@ CALLS: dict[str, Callable[[smq_pb2_grpc.SuhaibMessageQueueStub, str], object]] =
     "DeleteConsumer": lambda s, t: s.DeleteConsumer(
         pb.DeleteConsumerRequest(consumer="c", topic=t), timeout=TIMEOUT),
 }
-
-
-class AclServer:
-    """An mTLS server with an ACL file and a Unix socket; stubs per identity."""
-
-    def __init__(self, certs: CertSet, workdir: Path, acl: str, *flags: str) -> None:
-        self.certs = certs
-        self.acl_path = workdir / "acl.toml"
-        self.acl_path.write_text(acl)
-        self.socket = workdir / "s.sock"
-        self.process = ServerProcess(
-            ["--dbpath", str(workdir / "smq.db"), "--port", "0", "--bind", "127.0.0.1",
-             "--durability", "normal", "--heartbeat-interval", "0.2",
-             "--unix-socket", str(self.socket), *certs.server_flags(),
-             "--acl-file", str(self.acl_path), *flags], workdir).wait_serving()
-        self._stubs: dict[str | None, smq_pb2_grpc.SuhaibMessageQueueStub] = {}
-        self.local = smq_pb2_grpc.SuhaibMessageQueueStub(
-            grpc.insecure_channel(f"unix:{self.socket}"))
-
-    def stub(self, identity: str | None) -> smq_pb2_grpc.SuhaibMessageQueueStub:
-        """A stub whose client certificate has this CN (None: a certificate without one)."""
-        if identity not in self._stubs:
-            cert, key = client_for(self.certs, identity)
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=self.certs.read("ca_cert"), private_key=key.read_bytes(),
-                certificate_chain=cert.read_bytes())
-            self._stubs[identity] = smq_pb2_grpc.SuhaibMessageQueueStub(
-                grpc.secure_channel(f"localhost:{self.process.port}", credentials))
-        return self._stubs[identity]
-
-    def make_topic(self, topic: str, count: int = 3) -> None:
-        """Through the socket (full rights without an "@local" table)."""
-        self.local.CreateTopic(pb.CreateTopicRequest(topic=topic), timeout=TIMEOUT)
-        for i in range(1, count + 1):
-            self.local.Produce(pb.ProduceRequest(topic=topic, message=f"m{i}".encode()),
-                               timeout=TIMEOUT)
-
-    def state(self, topic: str) -> tuple | None:
-        """Everything a call could change about a topic, read through the socket."""
-        try:
-            info = self.local.DescribeTopic(pb.DescribeTopicRequest(topic=topic), timeout=TIMEOUT)
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.NOT_FOUND
-            return None
-        page = self.local.BulkRetrieve(
-            pb.BulkRetrieveRequest(topic=topic, start_offset=0, limit=1000), timeout=TIMEOUT)
-        policy = self.local.GetTopicPolicy(pb.GetTopicPolicyRequest(topic=topic), timeout=TIMEOUT)
-        consumers = self.local.ListConsumers(pb.ListConsumersRequest(topic=topic), timeout=TIMEOUT)
-        return (info.topic.next_offset, [(m.offset, m.message) for m in page.messages],
-                policy.overrides.SerializeToString(),
-                [(c.consumer, c.committed_offset) for c in consumers.consumers])
-
-    def reload(self, acl: str) -> None:
-        self.acl_path.write_text(acl)
-        self.process.proc.send_signal(signal.SIGHUP)
-
-    def close(self) -> None:
-        self.process.close()
 
 
 def denial(call: Callable[[], object]) -> str:

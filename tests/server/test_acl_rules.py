@@ -186,3 +186,26 @@ def test_every_rule_names_known_rights_and_a_real_topic_field():
         if rule.topic_field:
             assert rule.topic_field in method.input_type.fields_by_name, method.name
         assert rule.when_empty in ("", access.LISTED, access.EVERY), method.name
+
+
+# -- the denial log: once per identity and topic, with a bound on the keys kept --------------
+
+def test_denials_are_logged_once_per_key_and_invented_keys_share_one_line(caplog):
+    import logging
+
+    from smq.logs import ThrottledByKey
+    lines = ThrottledByKey(logging.getLogger("test.denials"), seconds=60, max_keys=2)
+    with caplog.at_level(logging.WARNING, logger="test.denials"):
+        for key in ("a", "a", "b", "b", "a", "c", "d", "e"):
+            lines.log(key, logging.WARNING, "denied %s", key)
+    assert [r.getMessage() for r in caplog.records] == ["denied a", "denied b", "denied c"]
+
+
+def test_keys_quiet_for_the_period_make_room():
+    import logging
+
+    from smq.logs import ThrottledByKey
+    lines = ThrottledByKey(logging.getLogger("test.denials"), seconds=0, max_keys=2)
+    for key in range(100):
+        lines.log(key, logging.DEBUG, "denied")
+    assert len(lines._lines) <= 2
