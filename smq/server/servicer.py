@@ -143,14 +143,18 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 STREAM_PAGE_BYTES,
             )
             while not follower.cancelled:
-                allowed(request.topic)  # the rules may have been reloaded meanwhile
-                yield from self._consume_replies(follower, memory)
+                yield from self._consume_replies(follower, memory, lambda: allowed(request.topic))
 
     @staticmethod
-    def _consume_replies(follower: Follower, memory: CallMemory) -> Iterator[Any]:
+    def _consume_replies(
+        follower: Follower, memory: CallMemory, still_allowed: Callable[[], None]
+    ) -> Iterator[Any]:
         """A heartbeat, or the next page's messages one by one: the page stays alive in
-        this generator only, charged until its last message is taken."""
+        this generator only, charged until its last message is taken. `still_allowed()`
+        raises if the access rules, reloaded while the page was awaited, deny it now."""
         page = follower.next_page()
+        if page is not None:
+            still_allowed()
         if page == []:
             yield HEARTBEAT
         if not page:
@@ -231,10 +235,10 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 context, request.topic, request.offset, memory, request.max_messages
             )
             while True:
-                allowed(request.topic)  # the rules may have been reloaded meanwhile
                 reply = self._subscribe_reply(follower, memory)
                 if reply is None:
                     return
+                allowed(request.topic)  # the rules may have been reloaded while it waited
                 yield reply
                 memory.taken()
 
