@@ -25,8 +25,8 @@ from ..connection import channel_options
 from ..domain import tcp_address
 from ..errors import (
     CLASS_FOR_STATUS,
-    AccessDenied,
     TRANSPORT_ERRORS,
+    AccessDenied,
     SMQError,
     error_class,
     reason_in,

@@ -14,7 +14,6 @@ page loses a right taken away while it is open.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -24,7 +23,17 @@ import grpc
 from .._proto import smq_pb2
 from ..errors import AccessDenied, ConfigError
 from ..logs import ThrottledByKey
-from .acl import ADMIN, CONSUME, LOCAL, PRODUCE, SETTING, AccessRules, Grant, load_rules
+from .acl import (
+    ADMIN,
+    CONSUME,
+    LOCAL,
+    PRODUCE,
+    SETTING,
+    AccessRules,
+    Grant,
+    load_rules,
+    quoted,
+)
 from .config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -118,8 +127,6 @@ class Gate:
         log.info("access rules reloaded from %s: %s", rules.path, _identities(rules))
 
     def caller(self, context: grpc.ServicerContext) -> Caller:
-        if self.rules is None:
-            return Caller(self, "", local=True)
         if is_local(context):
             return Caller(self, LOCAL, local=True, peer=context.peer())
         return Caller(self, common_name(context), local=False, peer=context.peer())
@@ -197,7 +204,7 @@ class Caller:
 
     def check(self, rights: tuple[str, ...], topic: str | None) -> None:
         if not self.may(rights, topic):
-            shown = "every topic" if topic is None else f"topic {_q(topic)}"
+            shown = "every topic" if topic is None else f"topic {quoted(topic)}"
             self.deny(f"{_verb(rights)} {shown}", topic or "every topic")
 
     def deny(self, what: str, topic: str) -> NoReturn:
@@ -213,7 +220,7 @@ class Caller:
     def _who(self) -> str:
         if not self.identity and not self.local:
             return "a client certificate without a subject CN"
-        return f"identity {_q(self.identity)}"
+        return f"identity {quoted(self.identity)}"
 
 
 def stream_checks(caller: Caller, rights: tuple[str, ...]) -> Callable[[str], None]:
@@ -259,10 +266,6 @@ def _identities(rules: AccessRules) -> str:
 
 def _verb(rights: tuple[str, ...]) -> str:
     return " or ".join(VERBS[right] for right in rights)
-
-
-def _q(name: str) -> str:
-    return json.dumps(name, ensure_ascii=False)
 
 
 def service_methods() -> set[str]:

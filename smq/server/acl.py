@@ -127,7 +127,9 @@ def rules_from(document: Mapping[str, Any], text: str, path: str) -> AccessRules
     """Check the parsed document; `text` is where the line of a mistake is looked up."""
     for key in document:
         if key != "identities":
-            _fail(path, _line_of_key(text, key), f'unknown key {_q(key)} (expected "identities")')
+            _fail(
+                path, _line_of_key(text, key), f'unknown key {quoted(key)} (expected "identities")'
+            )
     tables = document.get("identities", {})
     if not isinstance(tables, dict):
         _fail(path, _line_of_key(text, "identities"), '"identities" must be a table')
@@ -136,13 +138,13 @@ def rules_from(document: Mapping[str, Any], text: str, path: str) -> AccessRules
 
 
 def _grant(identity: str, table: Any, text: str, path: str) -> Grant:
-    where = f"[identities.{_q(identity)}]"
+    where = f"[identities.{quoted(identity)}]"
     if not identity or (identity.startswith("@") and identity != LOCAL):
         _fail(
             path,
             _line_of_identity(text, identity),
-            f"identity {_q(identity)}: expected a certificate's CN, {_q(ANY_IDENTITY)} or "
-            f'{_q(LOCAL)} (other names starting with "@" are reserved)',
+            f"identity {quoted(identity)}: expected a certificate's CN, {quoted(ANY_IDENTITY)} or "
+            f'{quoted(LOCAL)} (other names starting with "@" are reserved)',
         )
     if not isinstance(table, dict):
         _fail(path, _line_of_identity(text, identity), f"{where} must be a table")
@@ -150,7 +152,11 @@ def _grant(identity: str, table: Any, text: str, path: str) -> Grant:
     for right, value in table.items():
         line = _line_of_identity(text, identity, right)
         if right not in RIGHTS:
-            _fail(path, line, f"unknown right {_q(right)} in {where} (rights: {', '.join(RIGHTS)})")
+            _fail(
+                path,
+                line,
+                f"unknown right {quoted(right)} in {where} (rights: {', '.join(RIGHTS)})",
+            )
         patterns[right] = _patterns(value, f"{where} {right}", path, line)
     return Grant(patterns)
 
@@ -165,7 +171,7 @@ def _patterns(value: Any, where: str, path: str, line: int) -> tuple[str, ...]:
             _fail(
                 path,
                 line,
-                f"{where}: pattern {_q(pattern)} can never match a topic name "
+                f"{where}: pattern {quoted(pattern)} can never match a topic name "
                 "(A-Z a-z 0-9 . _ - and the wildcards * ? [ ] !)",
             )
     return tuple(value)
@@ -175,7 +181,7 @@ def _fail(path: str, line: int, what: str) -> NoReturn:
     raise ConfigError(SETTING, path, f"line {line}: {what}")
 
 
-def _q(name: str) -> str:
+def quoted(name: str) -> str:
     """A name as the file would quote it (control characters escaped: one line)."""
     return json.dumps(name, ensure_ascii=False)
 
@@ -205,7 +211,7 @@ def _one_line(message: str, before: re.Match[str] | None = None) -> str:
 
 def _key_pattern(name: str) -> str:
     """A regex for `name` as a TOML key: bare, "quoted" or 'literal'."""
-    forms = [re.escape(_q(name)), re.escape(f"'{name}'")]
+    forms = [re.escape(quoted(name)), re.escape(f"'{name}'")]
     if re.fullmatch(r"[A-Za-z0-9_-]+", name):
         forms.append(re.escape(name))
     return "(?:" + "|".join(forms) + ")"
