@@ -15,10 +15,8 @@ after the larger of the two, so messages that JetStream stored but whose commit 
 lost are not sent again, and the backlog is read from SMQ at once, whether or not new
 messages arrive. Any NATS-side failure (no acknowledgement in time, a refusal, a lost
 connection) ends the session; the next one starts over after a backoff. SMQ-side
-failures only make a reader reopen its stream where it stopped. A topic that SMQ's
-access rules deny (PermissionDenied: the server's --acl-file, read again on its SIGHUP)
-waits DENIED_RETRY seconds between tries, logged once per different denial, while the
-other topics go on.
+failures only make a reader reopen its stream where it stopped; a topic SMQ's access
+rules deny (its --acl-file) is tried every DENIED_RETRY seconds while the others go on.
 
 The offset is committed in SMQ only after JetStream acknowledged the message.
 """
@@ -301,8 +299,7 @@ class Forwarder:
                 await asyncio.sleep(delay)
 
     async def _denied(self, topic: ForwardedTopic, exc: PermissionDenied) -> None:
-        """SMQ's access rules deny this topic: wait DENIED_RETRY before the next try,
-        saying so once per different denial (not once a try)."""
+        """Wait DENIED_RETRY before the next try; said once per different denial."""
         state = f"access denied: {exc}"
         if topic.state != state:
             log.warning(
