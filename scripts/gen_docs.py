@@ -54,6 +54,7 @@ SEE_ALSO = {
     "unix_socket": "operations.md#remote-writes-and-the-unix-socket",
     "unix_socket_group": "operations.md#remote-writes-and-the-unix-socket",
     "allow_remote_writes": "operations.md#remote-writes-and-the-unix-socket",
+    "acl_file": "operations.md#access-control",
     "health_check_interval": "operations.md#health-and-monitoring",
 }
 

@@ -16,6 +16,7 @@
     ├── TopicEmpty                 FAILED_PRECONDITION  no stored message (earliest/latest)
     ├── OffsetOutOfRange           OUT_OF_RANGE       offset above the latest
     ├── PermissionDenied           PERMISSION_DENIED  remote writes are disabled
+    │   └── AccessDenied                         the server's ACL file denies this identity
     ├── ResourceExhausted          RESOURCE_EXHAUSTED
     │   ├── MessageTooLarge                      above the server's maximum
     │   ├── StorageFull                          disk full or quota reached
@@ -240,9 +241,17 @@ class OffsetOutOfRange(SMQError):
 
 
 class PermissionDenied(SMQError):
-    """Remote writes are disabled: write through the server's Unix socket instead."""
+    """Remote writes are disabled (write through the server's Unix socket instead), or
+    the server's access-control file denies the call (AccessDenied)."""
 
     code = "PERMISSION_DENIED"
+
+
+class AccessDenied(PermissionDenied):
+    """The server's access-control file (--acl-file) does not give the caller's identity
+    (its client certificate's CN) this right on this topic; the message names all three."""
+
+    reason = "access-denied"
 
 
 class ResourceExhausted(SMQError):
@@ -417,7 +426,9 @@ CLASS_FOR_STATUS: dict[str, type[SMQError]] = {
     "DATA_LOSS": DataLoss,
     "UNAUTHENTICATED": Unauthenticated,
 }
-_CLASS_FOR_REASON = {cls.reason: cls for cls in (TopicNotFound, OffsetNotFound, NoCommittedOffset)}
+_CLASS_FOR_REASON = {
+    cls.reason: cls for cls in (TopicNotFound, OffsetNotFound, NoCommittedOffset, AccessDenied)
+}
 
 
 def reason_in(trailing_metadata: Iterable[tuple[str, Any]] | None) -> str:

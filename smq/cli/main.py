@@ -22,6 +22,7 @@ from ..errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
+    AccessDenied,
     CertificateError,
     ConfigError,
     NotFound,
@@ -186,7 +187,8 @@ def hint(exc: SMQError, parsed: argparse.Namespace) -> str:
         return "\n(list consumers with: smq consumer list; topics with: smq topic list)"
     if isinstance(exc, NotFound):  # the other commands name only topics
         return "\n(list topics with: smq topic list; create one with: smq topic create NAME)"
-    if isinstance(exc, PermissionDenied):
+    if isinstance(exc, PermissionDenied) and not isinstance(exc, AccessDenied):
+        # remote writes disabled; an ACL's denial names identity, right and topic itself
         return "\n(on the server's device, use its socket: smq ... --unix-socket PATH)"
     if isinstance(exc, SMQTimeoutError):
         return "\n(wait longer with --timeout SECONDS)"

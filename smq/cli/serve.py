@@ -1,4 +1,5 @@
-"""`smq` with only flags, or `smq serve`: run the server until SIGTERM or SIGINT."""
+"""`smq` with only flags, or `smq serve`: run the server until SIGTERM or SIGINT; SIGHUP
+reloads the access-control file (--acl-file)."""
 
 from __future__ import annotations
 
@@ -102,20 +103,27 @@ def serve_parser() -> argparse.ArgumentParser:
 
 
 def serve(config: server_config.ServerConfig) -> int:
-    """Run the server until SIGTERM or SIGINT, then drain and exit 0."""
+    """Run the server until SIGTERM or SIGINT, then drain and exit 0. SIGHUP reloads the
+    ACL file."""
     from ..server import Server  # grpc is only loaded by commands that need it
     from ..systemd import Notifier, Supervisor
 
     setup_logging(config.log_level)
     notifier = Notifier()
-    stop = threading.Event()
+    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
-        stop.set()  # only a flag: the main thread does the work
+        stop.set()  # only flags: the main thread does the work
+        wake.set()
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    def request_reload(signum: int, frame: object) -> None:
+        reload.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGHUP, request_reload)
     interval = notifier.check_interval(config.health_check_interval)
     server = Server(dataclasses.replace(config, health_check_interval=interval))
     supervisor = Supervisor(notifier, server.status_line)
@@ -126,8 +134,12 @@ def serve(config: server_config.ServerConfig) -> int:
         # Python runs signal handlers in the main thread, but the kernel may deliver the
         # signal to any thread (grpc's, the writer's): a long wait here then sleeps
         # through it. Waking every second runs a handler that is waiting.
-        while not stop.wait(timeout=1.0):
-            pass
+        while not stop.is_set():
+            wake.wait(timeout=1.0)
+            wake.clear()  # before the flags are read: a signal after this wakes the next wait
+            if reload.is_set() and not stop.is_set():
+                reload.clear()
+                server.reload_access()
     finally:
         supervisor.stop()
         notifier.stopping()

@@ -26,6 +26,7 @@ from ..domain import tcp_address
 from ..errors import (
     CLASS_FOR_STATUS,
     TRANSPORT_ERRORS,
+    AccessDenied,
     SMQError,
     error_class,
     reason_in,
@@ -136,8 +137,8 @@ def error_for(
         )
     else:
         message = details or code.name
-        if code in _HINTS:
-            message += f"; {_HINTS[code]}"
+        if code in _HINTS and not issubclass(status_class, AccessDenied):
+            message += f"; {_HINTS[code]}"  # an ACL's denial says all there is to say
     return raised.from_status(
         f"could not {op.action}: {message}",
         code=code,

@@ -15,7 +15,8 @@ after the larger of the two, so messages that JetStream stored but whose commit 
 lost are not sent again, and the backlog is read from SMQ at once, whether or not new
 messages arrive. Any NATS-side failure (no acknowledgement in time, a refusal, a lost
 connection) ends the session; the next one starts over after a backoff. SMQ-side
-failures only make a reader reopen its stream where it stopped.
+failures only make a reader reopen its stream where it stopped; a topic SMQ's access
+rules deny (its --acl-file) is tried every DENIED_RETRY seconds while the others go on.
 
 The offset is committed in SMQ only after JetStream acknowledged the message.
 """
@@ -27,7 +28,14 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-from ..errors import JetStreamError, NotFound, PublishFailed, SMQError, StreamMissing
+from ..errors import (
+    JetStreamError,
+    NotFound,
+    PermissionDenied,
+    PublishFailed,
+    SMQError,
+    StreamMissing,
+)
 from ..retry import backoff
 from .jetstream import JetStream, pattern_within, subject_matches
 from .plan import ForwardedTopic, Plan
@@ -38,6 +46,9 @@ log = logging.getLogger("smq.forward")
 COMMIT_INTERVAL = 0.5  # seconds: acknowledged offsets are committed at least this often
 STATUS_INTERVAL = 5.0  # seconds between status line updates (sd_notify STATUS=)
 TOPIC_POLL = 2.0  # seconds between looks for a topic that does not exist yet
+# Seconds between tries of a topic the SMQ server's access rules deny: long, since only
+# an operator changes them (then SIGHUP), and short enough that forwarding resumes soon.
+DENIED_RETRY = 30.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0  # seconds between sessions: doubling, with jitter
 MAX_PAGE = 1000  # messages per Subscribe page
 MAX_INFLIGHT_BYTES = 16 * 1024**2  # payload bytes in flight, at most (one message may exceed it)
@@ -275,6 +286,8 @@ class Forwarder:
                         topic.latest = max(topic.latest, offset)
                         await queue.put((topic, offset, payload))
                         cursor = offset + 1
+            except PermissionDenied as exc:
+                await self._denied(topic, exc)
             except SMQError as exc:
                 if isinstance(exc, NotFound):
                     raise  # the topic was deleted: the next session waits for it
@@ -284,6 +297,16 @@ class Forwarder:
                     log.warning("%s; reading again from offset %d", exc, cursor)
                 topic.state = f"SMQ unavailable: {exc}"
                 await asyncio.sleep(delay)
+
+    async def _denied(self, topic: ForwardedTopic, exc: PermissionDenied) -> None:
+        """Wait DENIED_RETRY before the next try; said once per different denial."""
+        state = f"access denied: {exc}"
+        if topic.state != state:
+            log.warning(
+                "%s; not forwarding %r, trying again every %g s", exc, topic.name, DENIED_RETRY
+            )
+        topic.state = state
+        await asyncio.sleep(DENIED_RETRY)
 
     async def _resume_point(self, topic: ForwardedTopic) -> tuple[int, bool]:
         """The first offset to send, and whether offsets before it were accounted for.
@@ -303,6 +326,8 @@ class Forwarder:
                     continue
                 committed = await self.source.committed(topic.name)
                 break
+            except PermissionDenied as exc:
+                await self._denied(topic, exc)
             except SMQError as exc:
                 topic.state = f"SMQ unavailable: {exc}"
                 await asyncio.sleep(backoff(failures, BACKOFF_FIRST, BACKOFF_MAX))
@@ -432,7 +457,9 @@ class Forwarder:
             else f"not forwarding: {self.problem}"
         )
         waiting = [t.name for t in self.topics if t.state.startswith("waiting")]
+        denied = [t.name for t in self.topics if t.state.startswith("access denied")]
         tail = f"; waiting for topic {', '.join(waiting)}" if waiting else ""
+        tail += f"; access denied to topic {', '.join(denied)}" if denied else ""
         return f"{head}; backlog {total} ({topics}); forwarded {self.forwarded}{tail}"
 
     async def _report(self) -> None:
@@ -454,6 +481,8 @@ class Forwarder:
                 offsets = await self.source.offsets(topic.name)
                 if offsets is not None and with_committed:
                     topic.committed = await self.source.committed(topic.name)
+            except PermissionDenied:
+                continue  # this topic only (its reader says why)
             except SMQError:
                 return  # SMQ is away: keep what we know
             if offsets is not None:

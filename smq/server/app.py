@@ -30,6 +30,7 @@ from .._proto import smq_pb2
 from ..domain import TopicPolicy, plural, tcp_address
 from ..errors import CertificateError, ConfigError, StartupError
 from . import malloc
+from .access import Gate, load_gate
 from .budget import MemoryBudget, minimum_limit
 from .config import ServerConfig, group_id
 from .handlers import lenient_handler
@@ -147,10 +148,12 @@ def add_services(
     service: QueueService,
     health_servicer: health.HealthServicer,
     budget: MemoryBudget,
+    gate: Gate | None = None,
 ) -> None:
-    """SMQ, health and reflection on one server; SMQ's calls charge `budget`."""
+    """SMQ, health and reflection on one server; SMQ's calls charge `budget` and pass
+    `gate` (the access rules; None: every call is admitted)."""
     servicer = Servicer(
-        service, config.heartbeat_interval, config.durability, send_limit(config), budget
+        service, config.heartbeat_interval, config.durability, send_limit(config), budget, gate
     )
     server.add_generic_rpc_handlers((lenient_handler(servicer, budget=budget),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -227,6 +230,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         check_memory_budget(config)
+        self.gate = load_gate(config)  # a bad ACL file refuses the start, before anything else
         malloc.tune()  # before the threads (gRPC's, the writer) first allocate
         self.budget = MemoryBudget(
             config.memory_budget, stall_seconds=config.stall_timeout, on_tick=malloc.Trimmer().tick
@@ -268,7 +272,7 @@ class Server:
             self.service = service
             self.liveness = LivenessMonitor(service.liveness_problem, config.health_check_interval)
             self.liveness.add_listener(self._set_health)
-            add_services(self._grpc, config, service, self.health, self.budget)
+            add_services(self._grpc, config, service, self.health, self.budget, self.gate)
         except BaseException:
             if service is not None:
                 service.close()  # stops the writer thread too, then closes the database
@@ -317,6 +321,11 @@ class Server:
             )
             for name in ("", SERVICE_NAME):
                 self.health.set(name, status)
+
+    def reload_access(self) -> None:
+        """Read the ACL file again (SIGHUP): a valid one replaces the rules at once, an
+        invalid one leaves them as they were; either way one line in the log."""
+        self.gate.reload()
 
     def addresses(self) -> str:
         where = tcp_address(self.config.bind, self.port)

@@ -129,6 +129,15 @@ SETTINGS: tuple[Setting, ...] = (
         "let TCP callers create topics, produce and delete",
     ),
     Setting(
+        "acl_file",
+        "--acl-file",
+        "SMQ_ACL_FILE",
+        str,
+        "",
+        "TOML file of the topics each client certificate (by subject CN) may produce to, "
+        "consume from and administer; needs mTLS; SIGHUP reloads it",
+    ),
+    Setting(
         "durability",
         "--durability",
         "SMQ_DURABILITY",
@@ -299,6 +308,7 @@ class ServerConfig:
     server_key: str = _DEFAULT["server_key"]
     server_ca_cert: str = _DEFAULT["server_ca_cert"]
     allow_remote_writes: bool = _DEFAULT["allow_remote_writes"]
+    acl_file: str = _DEFAULT["acl_file"]
     durability: str = _DEFAULT["durability"]
     max_message_size: int = _DEFAULT["max_message_size"]
     max_streams: int = _DEFAULT["max_streams"]

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -22,6 +22,7 @@ from .._proto import smq_pb2, smq_pb2_grpc
 from ..domain import HEARTBEAT_OFFSET, TopicPolicy
 from ..errors import InvalidArgument, Overloaded, ResourceExhausted
 from . import encoding
+from .access import Gate, is_local
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
 from .handlers import Encoded, charge, decoded
 from .lists import Listing, PageRequest, page_of
@@ -50,11 +51,6 @@ TOO_LARGE = object()  # stands in for a reflection request over MAX_REFLECTION_R
 LIST_WAIT_SECONDS = 10.0
 
 
-def is_local(context: grpc.ServicerContext) -> bool:
-    """True for callers on the Unix socket."""
-    return context.peer().startswith("unix:")
-
-
 class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     """SuhaibMessageQueue over QueueService."""
 
@@ -65,14 +61,21 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         durability: str,
         send_limit: int,
         budget: MemoryBudget,
+        gate: Gate | None = None,
     ) -> None:
         self.service = service
+        self.gate = gate or Gate(None)  # None: no ACL file, every call admitted
         self.budget = budget
         self.heartbeat_interval = heartbeat_interval
         self.durability = durability
         self.send_limit = send_limit  # list pages fit it (see list_pages)
         self.started = time.monotonic()
         self._list_builds = threading.BoundedSemaphore(LIST_BUILDS)
+
+    def admit(self, rpc: str, request: Any, context: grpc.ServicerContext) -> None:
+        """Called by the wrappers (status.py) before each handler: raises AccessDenied
+        if the access rules deny the call."""
+        self.gate.admit(rpc, request, context)
 
     @rpc
     def Connect(
@@ -111,9 +114,10 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self, request_iterator: Iterator[smq_pb2.ProduceRequest], context: grpc.ServicerContext
     ) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
+        allowed = self.gate.stream_check("StreamProduce", context)
         with self.service.stream_slot(), Writes() as writes:
             last = self.service.produce_stream(
-                _messages(request_iterator, writes), committed=writes.committed
+                _messages(request_iterator, writes, allowed), committed=writes.committed
             )
         return smq_pb2.ProduceResponse(offset=last)
 
@@ -128,6 +132,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def StreamConsume(
         self, request: smq_pb2.ConsumeRequest, context: grpc.ServicerContext
     ) -> Iterator[smq_pb2.ConsumeResponse]:
+        allowed = self.gate.stream_check("StreamConsume", context)
         with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
             follower = self._follow(
                 context,
@@ -138,13 +143,18 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 STREAM_PAGE_BYTES,
             )
             while not follower.cancelled:
-                yield from self._consume_replies(follower, memory)
+                yield from self._consume_replies(follower, memory, lambda: allowed(request.topic))
 
     @staticmethod
-    def _consume_replies(follower: Follower, memory: CallMemory) -> Iterator[Any]:
+    def _consume_replies(
+        follower: Follower, memory: CallMemory, still_allowed: Callable[[], None]
+    ) -> Iterator[Any]:
         """A heartbeat, or the next page's messages one by one: the page stays alive in
-        this generator only, charged until its last message is taken."""
+        this generator only, charged until its last message is taken. `still_allowed()`
+        raises if the access rules, reloaded while the page was awaited, deny it now."""
         page = follower.next_page()
+        if page is not None:
+            still_allowed()
         if page == []:
             yield HEARTBEAT
         if not page:
@@ -219,6 +229,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def Subscribe(
         self, request: smq_pb2.SubscribeRequest, context: grpc.ServicerContext
     ) -> Iterator[Encoded]:
+        allowed = self.gate.stream_check("Subscribe", context)
         with self._consumer_slot(context, request.topic), self._reply_memory(context) as memory:
             follower = self._follow(
                 context, request.topic, request.offset, memory, request.max_messages
@@ -227,6 +238,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 reply = self._subscribe_reply(follower, memory)
                 if reply is None:
                     return
+                allowed(request.topic)  # the rules may have been reloaded while it waited
                 yield reply
                 memory.taken()
 
@@ -245,8 +257,12 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def ListTopics(
         self, request: smq_pb2.ListTopicsRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ListTopicsResponse:
+        visible = self.gate.topic_filter("ListTopics", context)
         with self._building_list(context) as memory:
-            page = page_of(TOPICS, self.service.topics(), page_request(request), self.send_limit)
+            topics = self.service.topics()
+            if visible is not None:
+                topics = [topic for topic in topics if visible(topic.name)]
+            page = page_of(TOPICS, topics, page_request(request), self.send_limit)
             reply = smq_pb2.ListTopicsResponse(
                 topics=page.messages, next_page_token=page.next_token
             )
@@ -301,13 +317,12 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def ListConsumers(
         self, request: smq_pb2.ListConsumersRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ListConsumersResponse:
+        visible = self.gate.topic_filter("ListConsumers", context)
         with self._building_list(context) as memory:
-            page = page_of(
-                CONSUMERS,
-                self.service.consumers(request.topic, request.consumer),
-                page_request(request),
-                self.send_limit,
-            )
+            consumers = self.service.consumers(request.topic, request.consumer)
+            if visible is not None:
+                consumers = [entry for entry in consumers if visible(entry.topic)]
+            page = page_of(CONSUMERS, consumers, page_request(request), self.send_limit)
             reply = smq_pb2.ListConsumersResponse(
                 consumers=page.messages, next_page_token=page.next_token
             )
@@ -365,14 +380,18 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         return encoding.bulk_retrieve_response(page.messages, page.next_offset)
 
 
-def _messages(requests: Iterator[Any], writes: Writes) -> Iterator[tuple[str, bytes]]:
+def _messages(
+    requests: Iterator[Any], writes: Writes, allowed: Callable[[str], None]
+) -> Iterator[tuple[str, bytes]]:
     """(topic, payload) of each StreamProduce request; each one's budget charge goes to
-    `writes`, to be released once it is committed."""
+    `writes`, to be released once it is committed. `allowed(topic)` raises for a topic
+    the caller may not produce to: the stream ends there, before that message."""
     for request in requests:
         message = decoded(request)
         taken = charge(request)
         if taken is not None:
             writes.add(taken)
+        allowed(message.topic)
         item = (message.topic, message.message)
         del request, message  # the parsed request, a second copy of the payload, goes now
         yield item
@@ -424,6 +443,10 @@ class Reflection(reflection.ReflectionServicer):
     ) -> None:
         super().__init__(service_names, pool=_pool_of(files))
         self.service = service
+
+    @staticmethod
+    def admit(rpc: str, request: Any, context: grpc.ServicerContext) -> None:
+        """Reflection describes the schema, no topic: an accepted certificate is enough."""
 
     @staticmethod
     def request(data: bytes) -> Any:

@@ -2,6 +2,11 @@
 answer a raised SMQError with its status (`SMQError.code`) and text, anything else with
 INTERNAL and a line in the log, never a traceback to the client. Called by the threads
 that run calls.
+
+The wrappers are also where every call is admitted: once its request is decoded, and
+before the handler runs, the servicer's `admit(rpc name, request, context)` raises if
+the caller may not make it (the access rules, smq/server/access.py). Being here, no
+handler can be added without it.
 """
 
 from __future__ import annotations
@@ -42,10 +47,14 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     """Map SMQ errors raised by a unary or client-streaming handler to statuses."""
 
+    name = method.__name__
+
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            return method(self, decoded(request), context)
+            message = decoded(request)
+            self.admit(name, message, context)
+            return method(self, message, context)
         except Exception as exc:
             _abort(context, exc)
         finally:
@@ -55,13 +64,16 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-    """The same for server-streaming handlers (generators)."""
+    """The same for server-streaming handlers (generators): a denied stream ends before
+    its first reply."""
+    name = method.__name__
 
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             message = decoded(request)
             release(request)  # a small request: not held for the whole stream
+            self.admit(name, message, context)
             yield from method(self, message, context)
         except Exception as exc:
             _abort(context, exc)

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from smq.errors import PublishFailed, TopicNotFound, Unavailable
+from smq.errors import AccessDenied, PublishFailed, TopicNotFound, Unavailable
 from smq.forward import engine
 from smq.forward.engine import Forwarder, Plan
 from smq.forward.jetstream import PubAck, StreamState, subject_matches
@@ -291,3 +291,49 @@ def test_smq_unavailable_while_reading_reopens_where_it_stopped(monkeypatch):
     forwarding(source, upstream, check=check)
     assert not failures and upstream.ids() == ids("a", range(1, 11))
     assert upstream.sessions == 1  # an SMQ-side failure does not end the session
+
+
+class DenyingSource(FakeSource):
+    """A source whose server's access rules deny the topics in `denied` (every call)."""
+
+    def __init__(self, topics: dict[str, list[bytes]], denied: set[str]) -> None:
+        super().__init__(topics)
+        self.denied = denied
+        self.denials = 0
+
+    def _check(self, topic: str, action: str) -> None:
+        if topic in self.denied:
+            self.denials += 1
+            raise AccessDenied(f"could not {action} {topic!r} at smq.test:8097: "
+                               f'PERMISSION_DENIED: identity "edge" may not consume from '
+                               f'topic "{topic}" (acl file /etc/smq/acl.toml)')
+
+    async def offsets(self, topic: str) -> TopicOffsets | None:
+        self._check(topic, "describe topic")
+        return await super().offsets(topic)
+
+    async def pages(self, topic: str, offset: int, page_size: int):
+        self._check(topic, "follow topic")
+        async for page in super().pages(topic, offset, page_size):
+            yield page
+
+
+def test_a_denied_topic_waits_and_is_logged_once_while_the_others_go_on(monkeypatch, caplog):
+    monkeypatch.setattr(engine, "DENIED_RETRY", 0.05)
+    source = DenyingSource({"a": [b"a1", b"a2"], "b": [b"b1"]}, denied={"b"})
+    upstream = FakeJetStream()
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 2)
+        await asyncio.sleep(0.5)  # about ten tries of b
+        assert "access denied to topic b" in forwarder.status_line()
+        source.denied.clear()  # the server's rules were changed (and reloaded)
+        await source.wait(lambda: source.commits.get("b") == 1)
+
+    forwarder = forwarding(source, upstream, check=check)
+    assert upstream.ids() == ids("a", [1, 2]) + ids("b", [1])
+    assert 2 <= source.denials <= 20, source.denials  # retried, but not in a hot loop
+    denied = [r for r in caplog.records if "may not consume from" in r.getMessage()]
+    assert len(denied) == 1, [r.getMessage() for r in denied]
+    assert "not forwarding 'b', trying again every 0.05 s" in denied[0].getMessage()
+    assert upstream.sessions == 1 and forwarder.forwarded == 3

@@ -325,6 +325,32 @@ def test_token_authentication(smq_server, forward, tmp_path):
         nats_server.kill()
 
 
+def test_a_topic_the_smq_acl_denies_is_logged_once_and_the_others_are_forwarded(
+        nats_server, forward, tmp_path):
+    from support.acl_servers import AclServer
+    server = AclServer(make_certs(tmp_path / "certs"), tmp_path,
+                       '[identities."edge-forwarder"]\nconsume = ["sensors.*"]\n')
+    try:
+        server.make_topic("sensors.a", 0)
+        server.make_topic("secret.b", 0)
+        expected = {"sensors.a": produce(server.local, "sensors.a", 20)}
+        produce(server.local, "secret.b", 5)
+        cert, key, ca = server.files_of("edge-forwarder")
+        env = forward_env(ENABLE_MTLS="true", CLIENT_CERT=cert, CLIENT_KEY=key, CA_CERT=ca)
+        forwarder = forward("--topics", "sensors.a,secret.b", "--host", "localhost", "--port",
+                            str(server.process.port), "--nats-servers", nats_server.url,
+                            "--create-stream", env=env)
+        wait_committed(server.local, expected)
+        forwarder.wait_log(r"identity \"edge-forwarder\" may not consume from or administer "
+                           r"topic \"secret.b\".*not forwarding 'secret.b', trying again every")
+        assert forwarder.log().count("may not consume") == 1, forwarder.log()
+        assert committed(server.local, "secret.b") is None
+        assert forwarder.terminate() == 0
+        check_exactly_once_in_order(read_stream([nats_server.url], STREAM), NODE, expected)
+    finally:
+        server.close()
+
+
 def tls_context(certs):
     import ssl
     context = ssl.create_default_context(cafile=str(certs.ca_cert))

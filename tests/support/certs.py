@@ -1,6 +1,7 @@
 """Test certificates, made in the test: two unrelated CAs, a server certificate for
 localhost/127.0.0.1, a client certificate from each CA and an expired one from the
-first (PEM files in a directory).
+first (PEM files in a directory); `client_for(certs, cn)` issues more clients from the
+first CA, one per identity (subject CN) for the access-control tests.
 
 The layout follows the original SMQ's mTLS recipe (docs/operations.md, "mTLS"), with the
 subjectAltName grpc requires.
@@ -23,6 +24,7 @@ class CertSet:
     """Paths of every PEM file; `read(name)` gives its bytes."""
     dir: Path
     ca_cert: Path
+    ca_key: Path
     server_cert: Path
     server_key: Path
     client_cert: Path
@@ -111,6 +113,7 @@ def make_certs(directory: Path) -> CertSet:
     return CertSet(
         dir=directory,
         ca_cert=_write_cert(directory / "ca.crt", ca[0]),
+        ca_key=_write_key(directory / "ca.key", ca[1]),
         server_cert=_write_cert(directory / "server.crt", server[0]),
         server_key=_write_key(directory / "server.key", server[1]),
         client_cert=_write_cert(directory / "client.crt", client[0]),
@@ -121,3 +124,28 @@ def make_certs(directory: Path) -> CertSet:
         expired_client_cert=_write_cert(directory / "expired-client.crt", expired_client[0]),
         expired_client_key=_write_key(directory / "expired-client.key", expired_client[1]),
     )
+
+
+def client_for(certs: CertSet, common_name: str | None) -> tuple[Path, Path]:
+    """A client certificate of `certs`' CA with this subject CN (None: a subject without
+    one), and its key: (cert path, key path), made once per name."""
+    stem = "client-" + (common_name or "no-cn").encode().hex()
+    cert_path, key_path = certs.dir / f"{stem}.crt", certs.dir / f"{stem}.key"
+    if not cert_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(certs.read("ca_cert"))
+        ca_key = serialization.load_pem_private_key(certs.read("ca_key"), password=None)
+        key = _key()
+        subject = _name(common_name) if common_name else x509.Name(
+            [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SMQ tests")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=2))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                               critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        _write_key(key_path, key)
+        _write_cert(cert_path, cert)
+    return cert_path, key_path

@@ -69,14 +69,23 @@ def test_imports_point_down(path):
     assert not wrong, f"{name_of(path)} imports {wrong}"
 
 
-def test_the_service_knows_neither_grpc_nor_sqlite():
-    """The queue's rules (smq/server/service.py) sit between the gRPC face and storage."""
-    tree = ast.parse((PACKAGE / "server" / "service.py").read_text())
+def top_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
     names = {alias.name.split(".")[0] for node in ast.walk(tree)
              if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
     names |= {node.module.split(".")[0] for node in ast.walk(tree)
               if isinstance(node, ast.ImportFrom) and node.module and not node.level}
-    assert not names & {"grpc", "apsw"}
+    return names
+
+
+def test_the_service_knows_neither_grpc_nor_sqlite():
+    """The queue's rules (smq/server/service.py) sit between the gRPC face and storage."""
+    assert not top_level_imports(PACKAGE / "server" / "service.py") & {"grpc", "apsw"}
+
+
+def test_the_access_rules_know_neither_grpc_nor_sqlite():
+    """The ACL file's parsing and matching (smq/server/acl.py); access.py enforces them."""
+    assert not top_level_imports(PACKAGE / "server" / "acl.py") & {"grpc", "apsw"}
 
 
 def test_the_server_runs_without_the_client_or_nats():
