@@ -38,6 +38,7 @@ class WriteOp:
     bytes = 0
     not_before = 0.0  # monotonic time before which the writer does not start its group
     unfinished = False
+    source: object = None  # the caller's connection, if any: its writes stay in order
 
     def __init__(self) -> None:
         self.result: Any = None
@@ -106,10 +107,13 @@ class Append(WriteOp):
         self._init(runs, atomic)
 
     @classmethod
-    def to_topic(cls, name: str, payloads: list[bytes], atomic: bool = False) -> Append:
+    def to_topic(
+        cls, name: str, payloads: list[bytes], atomic: bool = False, source: object = None
+    ) -> Append:
         """Payloads to one topic (ProduceBatch, Produce), without pairing each one."""
         op = cls.__new__(cls)
         op._init([(name, payloads)] if payloads else [], atomic)
+        op.source = source
         return op
 
     def _init(self, runs: list[tuple[str, list[bytes]]], atomic: bool) -> None:
@@ -203,9 +207,10 @@ class StreamAppend(Append):
     so that each carries many messages: a commit costs ~200 us of CPU, and a stream
     committing every few messages spent more on commits than on gRPC."""
 
-    def __init__(self, name: str, payload: bytes, not_before: float) -> None:
+    def __init__(self, name: str, payload: bytes, not_before: float, source: object = None) -> None:
         self._init([(name, [payload])], atomic=False)
         self.not_before = not_before
+        self.source = source
         self._lock = threading.Lock()
         self._sealed = False
 

@@ -281,16 +281,18 @@ class QueueService:
         if not local and not self.limits.allow_remote_writes:
             raise PermissionDenied("remote writes are disabled on this server")
 
-    def produce(self, name: str, payload: bytes) -> int:
-        """Append one message; returns its offset once committed."""
+    def produce(self, name: str, payload: bytes, source: object = None) -> int:
+        """Append one message; returns its offset once committed. `source` is the
+        caller's connection (write_lanes.py keeps its writes in order)."""
         self._check_message(name, payload)
         with self.write_queue.room(len(payload)):
-            return self._write(Append.to_topic(name, [payload]))[1]
+            return self._write(Append.to_topic(name, [payload], source=source))[1]
 
     def produce_stream(
         self,
         messages: Iterable[tuple[str, bytes]],
         committed: Callable[[int], None] = lambda count: None,
+        source: object = None,
     ) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
         `committed(n)` is called each time the next n messages are committed.
@@ -319,7 +321,7 @@ class QueueService:
                     if not op.done():  # a busy stream: let the next op fill a while
                         not_before = time.monotonic() + STREAM_SECONDS
                     last = self._wait_stream_op(op, committed) or last
-                new = StreamAppend(name, payload, not_before)
+                new = StreamAppend(name, payload, not_before, source)
                 self.write_queue.room_until_done(new, STREAM_BYTES, len(payload) > SMALL_WRITE)
                 op = new
                 self.writer.submit(op)
@@ -338,7 +340,9 @@ class QueueService:
             if op.done():
                 committed(op.messages)
 
-    def produce_batch(self, name: str, payloads: list[bytes]) -> tuple[int, int]:
+    def produce_batch(
+        self, name: str, payloads: list[bytes], source: object = None
+    ) -> tuple[int, int]:
         """Append all payloads to one topic in one transaction, or none of them.
         Returns (first offset, last offset); (0, 0) for an empty batch."""
         self._topic(name)  # an empty batch still names a valid, existing topic
@@ -347,7 +351,7 @@ class QueueService:
         if max(map(len, payloads)) > self.limits.max_message_size:  # one pass at C speed
             self._check_size(max(payloads, key=len))
         with self.write_queue.room(sum(map(len, payloads))):
-            return self._write(Append.to_topic(name, payloads, atomic=True))
+            return self._write(Append.to_topic(name, payloads, atomic=True, source=source))
 
     def trim(self, name: str, until: int) -> int:
         """Delete every message with offset <= until; returns how many were deleted."""

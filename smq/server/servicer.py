@@ -107,7 +107,8 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self, request: smq_pb2.ProduceRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
-        return smq_pb2.ProduceResponse(offset=self.service.produce(request.topic, request.message))
+        offset = self.service.produce(request.topic, request.message, source=context.peer())
+        return smq_pb2.ProduceResponse(offset=offset)
 
     @rpc
     def StreamProduce(
@@ -222,7 +223,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 f"a batch holds at most {MAX_BATCH_MESSAGES} messages, "
                 f"not {len(request.messages)}: split it"
             )
-        first, last = self.service.produce_batch(request.topic, list(request.messages))
+        first, last = self.service.produce_batch(
+            request.topic, list(request.messages), source=context.peer()
+        )
         return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
 
     @streaming_rpc

@@ -8,10 +8,12 @@ size (more than SMALL_WRITE bytes is large, as write_queue.py counts it), and ea
 group holds ops of one lane only. While both lanes hold ops they take turns: a small op
 waits for at most one large group, a large op for at most one small group.
 
-Taking ops out of arrival order changes no offset that a client can count on: each
-caller has at most one op queued at a time (a unary call, a StreamProduce stream, a
-Producer's lane) and waits for its commit before it sends the next, so ops queued at
-once come from callers that did not wait for one another.
+Writes of one connection stay in arrival order: a small op whose connection (`source`)
+has a large op waiting goes behind it, into the large lane. A caller waits for each
+write's commit before it sends the next (a unary call, a StreamProduce stream, a
+Producer's lane) except when it gave up on one (its deadline passed, it cancelled):
+that write may still be committed, and must not be overtaken by the caller's next one.
+Ops of different connections come from callers that did not wait for one another.
 
 A StreamAppend goes on taking messages while it waits; it is sealed when it joins a
 group, and one that grew large while it waited in the small lane moves to the large
@@ -46,6 +48,7 @@ class WriteLanes:
         self._small: collections.deque[WriteOp] = collections.deque()
         self._large: collections.deque[WriteOp] = collections.deque()
         self._large_turn = False  # the last group was small while large ops waited
+        self._large_from: collections.Counter[object] = collections.Counter()  # by source
         self.stopping = False  # STOP was taken: no op comes after what is queued
 
     def put(self, op: Any) -> None:
@@ -99,8 +102,10 @@ class WriteLanes:
             op = lane.popleft()
             op.seal()
             if lane is self._small and op.bytes > SMALL_WRITE:
-                self._large.appendleft(op)  # a stream's op that grew while it waited
+                self._to_large(op, front=True)  # a stream's op that grew while it waited
                 continue
+            if lane is self._large:
+                self._forget_large(op)
             group.add(op)
         return group
 
@@ -114,10 +119,24 @@ class WriteLanes:
     def _sort(self, op: Any) -> None:
         if op is STOP:
             self.stopping = True
-        elif op.bytes > SMALL_WRITE:
-            self._large.append(op)
+        elif op.bytes > SMALL_WRITE or self._large_from[op.source]:
+            self._to_large(op)
         else:
             self._small.append(op)
+
+    def _to_large(self, op: WriteOp, front: bool = False) -> None:
+        if front:
+            self._large.appendleft(op)
+        else:
+            self._large.append(op)
+        if op.source is not None:
+            self._large_from[op.source] += 1
+
+    def _forget_large(self, op: WriteOp) -> None:
+        if op.source is not None:
+            self._large_from[op.source] -= 1
+            if not self._large_from[op.source]:
+                del self._large_from[op.source]
 
 
 class _Group(list[WriteOp]):

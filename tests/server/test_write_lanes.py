@@ -3,6 +3,7 @@ all small or all large. In-process; the last test drives the real writer and sto
 from __future__ import annotations
 
 import threading
+import time
 
 from smq.server.ops import StreamAppend, WriteOp
 from smq.server.schema import StorageOptions
@@ -18,9 +19,10 @@ class Op(WriteOp):
     """A write of `size` bytes; applying it records its name in `log`."""
 
     def __init__(self, name: str, size: int, log: list[str] | None = None,
-                 messages: int = 1) -> None:
+                 messages: int = 1, source: str | None = None) -> None:
         super().__init__()
         self.name, self.bytes, self.messages, self.log = name, size, messages, log
+        self.source = source
         self.hold: threading.Event | None = None
         self.entered = threading.Event()
 
@@ -54,6 +56,19 @@ def test_small_writes_queued_after_large_ones_go_first_then_they_take_turns():
     assert names(lanes.next_group(1, 0)) == ["s3"]
     assert names(lanes.next_group(1, 0)) == ["L3"]
     assert lanes.empty() and not lanes.wait_for_work(0)
+
+
+def test_a_connection_s_small_write_never_overtakes_its_own_large_one():
+    # A client whose large write timed out sends its next, small one: the large one may
+    # still be committed, and then before the small one.
+    lanes = lanes_with(Op("X-large", LARGE, source="X"), Op("X-small", 100, source="X"),
+                       Op("Y-small", 100, source="Y"))
+    assert names(lanes.next_group(1, 0)) == ["Y-small"]
+    assert names(lanes.next_group(1, 0)) == ["X-large", "X-small"]
+    lanes.put(Op("X-after", 100, source="X"))  # X has nothing large waiting any more
+    lanes.put(Op("Y-large", LARGE, source="Y"))
+    assert names(lanes.next_group(1, 0)) == ["X-after"]
+    assert names(lanes.next_group(1, 0)) == ["Y-large"]
 
 
 def test_a_large_group_holds_about_a_mebibyte_and_always_one_op():
@@ -124,3 +139,60 @@ def test_the_writer_commits_small_writes_queued_behind_a_large_one_before_it(tmp
     finally:
         writer.close(10)
         storage.close()
+
+
+def test_a_write_given_up_on_is_not_overtaken_by_the_callers_next_one(start_server):
+    """On a real server whose large lane is kept busy by 8 streams of 64 KiB messages,
+    one caller sends ProduceBatches of 300 KB with a 50 ms deadline (they time out in
+    the lane, and may still be committed), each followed by a small Produce: the topic
+    holds the caller's messages in the order it sent them (hostile review: it did not)."""
+    import grpc
+
+    from smq._proto import smq_pb2
+
+    server = start_server("--durability", "normal")
+    stub = server.stub(own_connection=True)
+    for topic in ("busy", "mine"):
+        stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=topic), timeout=10)
+    stop = threading.Event()
+
+    def flood() -> None:
+        def requests():
+            while not stop.is_set():
+                yield smq_pb2.ProduceRequest(topic="busy", message=b"s" * 65536)
+        try:
+            server.stub(own_connection=True).StreamProduce(requests(), timeout=120)
+        except grpc.RpcError:
+            pass
+
+    streams = [threading.Thread(target=flood) for _ in range(8)]
+    for thread in streams:
+        thread.start()
+    given_up = 0
+    try:
+        for seq in range(0, 40, 2):
+            try:
+                stub.ProduceBatch(smq_pb2.ProduceBatchRequest(
+                    topic="mine", messages=[b"%04d" % seq + bytes(300_000)]), timeout=0.05)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                given_up += 1
+            stub.Produce(smq_pb2.ProduceRequest(topic="mine", message=b"%04d" % (seq + 1)),
+                         timeout=30)
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join(30)
+    assert given_up, "no write was given up on: the lanes were not busy"
+    time.sleep(1)  # a batch given up on may still be committed
+    sent: list[int] = []
+    offset = 1
+    while True:  # pages: a reply holds about ten of the large messages
+        reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(
+            topic="mine", start_offset=offset, limit=100), timeout=10)
+        if not reply.messages:
+            break
+        sent += [int(m.message[:4]) for m in reply.messages]
+        offset = reply.messages[-1].offset + 1
+    assert sent == sorted(sent)
+    assert [s for s in sent if s % 2] == list(range(1, 40, 2))  # every small one, once
