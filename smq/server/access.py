@@ -98,11 +98,63 @@ def is_local(context: grpc.ServicerContext) -> bool:
     return context.peer().startswith("unix:")
 
 
-def common_name(context: grpc.ServicerContext) -> str:
-    """The subject CN of the caller's client certificate ("" if it has none)."""
-    names = context.auth_context().get("x509_common_name") or [b""]
-    name = names[0]
-    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+def common_name(context: grpc.ServicerContext) -> tuple[str, str]:
+    """The subject CN of the caller's client certificate ("" if it has none), and why
+    the certificate is refused ("" if it is not): see certificate_identity."""
+    return certificate_identity(context.auth_context())
+
+
+def certificate_identity(auth: Mapping[str, Any]) -> tuple[str, str]:
+    """(CN, refusal) from a gRPC auth context. gRPC's "x509_common_name" stops at a NUL
+    ("operator\\0evil" would read "operator") and is one of several CNs, so it is checked
+    against "x509_subject" (RFC 2253, every attribute): a subject with more than one CN,
+    or whose CN holds a NUL or differs from it, is refused whatever the rules say."""
+    name = _first(auth, "x509_common_name")
+    subject = _first(auth, "x509_subject")
+    names = [value for kind, value in _rfc2253(subject) if kind.upper() in ("CN", "2.5.4.3")]
+    if len(names) > 1:
+        return "", f"with {len(names)} subject CNs (an identity is one CN)"
+    if names and b"\0" in names[0]:
+        return "", "whose subject CN holds a NUL byte"
+    if (names[0] if names else b"") != name:
+        return "", "whose subject CN could not be read unambiguously"
+    return name.decode("utf-8", "replace"), ""
+
+
+def _first(auth: Mapping[str, Any], key: str) -> bytes:
+    values = auth.get(key) or [b""]
+    value = values[0]
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _rfc2253(subject: bytes) -> list[tuple[str, bytes]]:
+    """The (type, value) attributes of an RFC 2253 subject, values unescaped ("\\2C" and
+    "\\," are ","), as OpenSSL writes it for gRPC."""
+    attributes: list[tuple[str, bytes]] = []
+    kind, value, in_value, i = b"", bytearray(), False, 0
+    while i < len(subject):
+        char = subject[i : i + 1]
+        if char == b"\\" and i + 1 < len(subject):
+            pair = subject[i + 1 : i + 3]
+            if len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair):
+                value += bytes.fromhex(pair.decode())
+                i += 3
+                continue
+            value += subject[i + 1 : i + 2]
+            i += 2
+            continue
+        if char in (b",", b"+"):
+            attributes.append((kind.decode("ascii", "replace").strip(), bytes(value)))
+            kind, value, in_value = b"", bytearray(), False
+        elif char == b"=" and not in_value:
+            kind, in_value = bytes(value), True
+            value = bytearray()
+        else:
+            value += char
+        i += 1
+    if in_value or value:
+        attributes.append((kind.decode("ascii", "replace").strip(), bytes(value)))
+    return attributes
 
 
 class Gate:
@@ -129,7 +181,8 @@ class Gate:
     def caller(self, context: grpc.ServicerContext) -> Caller:
         if is_local(context):
             return Caller(self, LOCAL, local=True, peer=context.peer())
-        return Caller(self, common_name(context), local=False, peer=context.peer())
+        identity, refused = common_name(context)
+        return Caller(self, identity, local=False, peer=context.peer(), refused=refused)
 
     def admit(self, rpc: str, request: Any, context: grpc.ServicerContext) -> None:
         """Raise AccessDenied unless the caller may make this call on its topic."""
@@ -183,11 +236,12 @@ class Caller:
     identity: str  # the certificate's CN, or "@local"
     local: bool
     peer: str = ""  # for the log
+    refused: str = ""  # why the certificate is refused whatever the rules ("": it is not)
 
     @property
     def grant(self) -> Grant | None:
         rules = self.gate.rules
-        if rules is None:
+        if rules is None or self.refused:
             return None
         return rules.for_local() if self.local else rules.for_certificate(self.identity)
 
@@ -213,11 +267,15 @@ class Caller:
         path = rules.path if rules is not None else ""
         known = self.grant is not None
         why = f"acl file {path}" if known else f"no rules for it in acl file {path}"
+        if self.refused:
+            why = f"a certificate {self.refused} is refused; acl file {path}"
         message = f"{self._who()} may not {what} ({why})"
         self.gate.log_denial(self.identity, topic, f"{message}; peer {self.peer}")
         raise AccessDenied(message)
 
     def _who(self) -> str:
+        if self.refused:
+            return f"a client certificate {self.refused}"
         if not self.identity and not self.local:
             return "a client certificate without a subject CN"
         return f"identity {quoted(self.identity)}"

@@ -361,6 +361,45 @@ def test_the_star_and_local_tables(certs: CertSet, tmp_path: Path):
         server.close()
 
 
+@pytest.mark.parametrize(("cns", "reason"), [
+    (("ops\0evil",), "whose subject CN holds a NUL byte"),  # gRPC's CN reads "ops"
+    (("ops", "nobody"), "with 2 subject CNs"),
+    (("nobody", "ops"), "with 2 subject CNs"),
+])
+def test_a_certificate_with_a_nul_in_its_cn_or_several_cns_is_refused(
+        certs: CertSet, tmp_path: Path, cns: tuple[str, ...], reason: str):
+    server = AclServer(certs, tmp_path, LOCAL_AND_STAR)
+    try:
+        ops = server.stub("ops")
+        ops.CreateTopic(pb.CreateTopicRequest(topic="public.x"), timeout=TIMEOUT)
+        ops.Produce(pb.ProduceRequest(topic="public.x", message=b"m1"), timeout=TIMEOUT)
+        stub = server.stub(*cns)
+        # neither the table of the CN gRPC reads nor the "*" table
+        for rpc in ("Consume", "CreateTopic", "DeleteTopic"):
+            details = denial(lambda: CALLS[rpc](stub, "public.x"))
+            assert f"a client certificate {reason}" in details, details
+        assert reason in denial(lambda: stub.ListTopics(pb.ListTopicsRequest(), timeout=TIMEOUT))
+        assert CALLS["Consume"](server.stub("stranger"), "public.x").message == b"m1"
+    finally:
+        server.close()
+
+
+def test_the_identity_is_read_from_the_whole_subject():
+    def identity(common_name: bytes, subject: bytes) -> tuple[str, str]:
+        return access.certificate_identity(
+            {"x509_common_name": [common_name], "x509_subject": [subject]})
+
+    assert identity(b"operator", b"CN=operator") == ("operator", "")
+    assert identity(b"a,b+c", b"CN=a\\,b\\+c,O=x") == ("a,b+c", "")
+    assert identity(b"da\xc5\xa1b", b"CN=da\\C5\\A1b") == ("da\u0161b", "")
+    assert identity(b"", b"O=no CN") == ("", "")
+    assert identity(b"nobody", b"CN=nobody,OU=operator") == ("nobody", "")
+    assert identity(b"operator", b"CN=operator\\00evil")[1] == "whose subject CN holds a NUL byte"
+    assert identity(b"operator", b"CN=nobody,CN=operator")[1].startswith("with 2 subject CNs")
+    assert identity(b"operator", b"CN=nobody+CN=operator")[1].startswith("with 2 subject CNs")
+    assert identity(b"operator", b"CN=#0c086f70")[1] != ""  # not the same name: refused
+
+
 def test_local_callers_have_every_right_without_a_local_table(server: AclServer):
     server.make_topic("elsewhere.entirely")  # CreateTopic and Produce
     server.local.DeleteTopic(pb.DeleteTopicRequest(topic="elsewhere.entirely"), timeout=TIMEOUT)

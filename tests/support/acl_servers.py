@@ -28,20 +28,22 @@ class AclServer:
              "--durability", "normal", "--heartbeat-interval", "0.2",
              "--unix-socket", str(self.socket), *certs.server_flags(),
              "--acl-file", str(self.acl_path), *flags], workdir).wait_serving()
-        self._stubs: dict[str | None, smq_pb2_grpc.SuhaibMessageQueueStub] = {}
+        self._stubs: dict[tuple[str | None, ...], smq_pb2_grpc.SuhaibMessageQueueStub] = {}
         self.local = smq_pb2_grpc.SuhaibMessageQueueStub(
             grpc.insecure_channel(f"unix:{self.socket}"))
 
-    def stub(self, identity: str | None) -> smq_pb2_grpc.SuhaibMessageQueueStub:
-        """A stub whose client certificate has this CN (None: a certificate without one)."""
-        if identity not in self._stubs:
-            cert, key = client_for(self.certs, identity)
+    def stub(self, identity: str | None, *cns: str) -> smq_pb2_grpc.SuhaibMessageQueueStub:
+        """A stub whose client certificate has this CN (None: a certificate without one;
+        more `cns`: a subject with several CNs)."""
+        name = (identity, *cns)
+        if name not in self._stubs:
+            cert, key = client_for(self.certs, identity, *cns)
             credentials = grpc.ssl_channel_credentials(
                 root_certificates=self.certs.read("ca_cert"), private_key=key.read_bytes(),
                 certificate_chain=cert.read_bytes())
-            self._stubs[identity] = smq_pb2_grpc.SuhaibMessageQueueStub(
+            self._stubs[name] = smq_pb2_grpc.SuhaibMessageQueueStub(
                 grpc.secure_channel(f"localhost:{self.process.port}", credentials))
-        return self._stubs[identity]
+        return self._stubs[name]
 
     def make_topic(self, topic: str, count: int = 3) -> None:
         """Through the socket (full rights without an "@local" table)."""
