@@ -175,6 +175,15 @@ class Gate:
         except ConfigError as exc:
             log.error("%s; keeping the access rules loaded before", exc)
             return
+        except Exception as exc:  # a reload must never stop the server
+            log.error(
+                "invalid %s: %r: %s: %s; keeping the access rules loaded before",
+                SETTING,
+                self.rules.path,
+                type(exc).__name__,
+                " ".join(str(exc).split()),
+            )
+            return
         self.rules = rules
         log.info("access rules reloaded from %s: %s", rules.path, _identities(rules))
 

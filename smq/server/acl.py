@@ -120,6 +120,8 @@ def parse_rules(text: str, path: str) -> AccessRules:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(SETTING, path, _syntax_error(str(exc), text)) from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise ConfigError(SETTING, path, "TOML syntax error: nested too deeply") from None
     return rules_from(document, text, path)
 
 

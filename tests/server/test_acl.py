@@ -451,6 +451,11 @@ def test_sighup_loads_a_good_file_and_keeps_the_rules_when_the_new_file_is_bad(
         CALLS["Produce"](w, "y.1")  # the rules before the bad file still apply
         denial(lambda: CALLS["Produce"](w, "x.1"))
         assert server.process.proc.poll() is None
+
+        server.reload("x = " + "[" * 497 + "]" * 497 + "\n")  # RecursionError in tomllib
+        eventually(lambda: "nested too deeply" in server.process.log())
+        CALLS["Produce"](w, "y.1")
+        assert server.process.proc.poll() is None
     finally:
         server.close()
 
@@ -473,6 +478,7 @@ BAD_FILES = {
     "patterns not a list": ('[identities.w]\nadmin = "*"\n', "line 2"),
     "identity not a table": ('[identities]\nw = 1\n', "line 2"),
     "identities not a table": ('identities = "w"\n', "line 1"),
+    "nested too deeply": ("x = " + "[" * 497 + "]" * 497 + "\n", "nested too deeply"),
 }
 
 

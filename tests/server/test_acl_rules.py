@@ -122,6 +122,28 @@ def test_file_errors_name_the_file(tmp_path: Path):
         load_rules(str(huge))
 
 
+@pytest.mark.parametrize("text", ["x = " + "[" * 497 + "]" * 497,
+                                  "x = " + "{a = " * 400 + "1" + "}" * 400])
+def test_nesting_too_deep_for_the_toml_parser_is_a_one_line_error(text: str):
+    with pytest.raises(ConfigError, match="nested too deeply") as caught:
+        parse_rules(text + "\n", PATH)
+    assert "\n" not in str(caught.value) and PATH in str(caught.value)
+
+
+def test_a_reload_never_raises_and_keeps_the_old_rules(monkeypatch, caplog):
+    gate = access.Gate(parse_rules(EXAMPLE, PATH))
+    old = gate.rules
+
+    def broken(path: str) -> acl.AccessRules:
+        raise ValueError("something\nunexpected")
+
+    monkeypatch.setattr(access, "load_rules", broken)
+    gate.reload()
+    assert gate.rules is old
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert "something unexpected; keeping the access rules" in caplog.records[0].getMessage()
+
+
 # -- random input: a ConfigError or rules, never anything else -----------------------------
 
 # TOML-ish text: its punctuation, the file's words and a few troublemakers, joined.
