@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import grpc
 
 from .._proto import smq_pb2
+from ..domain import check_name
 from ..errors import AccessDenied, ConfigError
 from ..logs import ThrottledByKey
 from .acl import (
@@ -38,6 +39,7 @@ from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
+MAX_SHOWN = 256  # characters of an identity in a denial, its log line and its key
 LISTED = "listed"  # an empty topic filter: the entries are filtered by right instead
 EVERY = "every"  # an empty topic means every topic (DeleteConsumer)
 
@@ -267,6 +269,11 @@ class Caller:
 
     def check(self, rights: tuple[str, ...], topic: str | None) -> None:
         if not self.may(rights, topic):
+            if topic is not None:
+                # A name no topic can have (up to the request's size): INVALID_ARGUMENT, as
+                # the handler would answer, with the name cut short; never echoed whole
+                # in a denial, the log or the denials' keys.
+                check_name(topic)
             shown = "every topic" if topic is None else f"topic {quoted(topic)}"
             self.deny(f"{_verb(rights)} {shown}", topic or "every topic")
 
@@ -279,7 +286,9 @@ class Caller:
         if self.refused:
             why = f"a certificate {self.refused} is refused; acl file {path}"
         message = f"{self._who()} may not {what} ({why})"
-        self.gate.log_denial(self.identity, topic, f"{message}; peer {self.peer}")
+        self.gate.log_denial(
+            self.identity[:MAX_SHOWN], topic[:MAX_SHOWN], f"{message}; peer {self.peer}"
+        )
         raise AccessDenied(message)
 
     def _who(self) -> str:
@@ -287,7 +296,10 @@ class Caller:
             return f"a client certificate {self.refused}"
         if not self.identity and not self.local:
             return "a client certificate without a subject CN"
-        return f"identity {quoted(self.identity)}"
+        shown = self.identity
+        if len(shown) > MAX_SHOWN:  # a CN is up to the certificate's size
+            shown = shown[: MAX_SHOWN - 3] + "..."
+        return f"identity {quoted(shown)}"
 
 
 def stream_checks(caller: Caller, rights: tuple[str, ...]) -> Callable[[str], None]:

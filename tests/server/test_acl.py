@@ -211,6 +211,36 @@ def test_denials_name_the_right(server: AclServer):
         lambda: CALLS["CreateTopic"](producer, "sensors.named"))
 
 
+def test_a_denied_call_on_a_huge_invalid_name_answers_invalid_argument_cut_short(
+        server: AclServer):
+    huge = "x" * 1_000_000  # was echoed whole: RESOURCE_EXHAUSTED, and kept as a log key
+    for rpc, identity in (("Produce", "consumer"), ("DescribeTopic", "producer"),
+                          ("StreamProduce", "producer"), ("CreateTopic", "nobody"),
+                          ("Produce", "consumer")):
+        with pytest.raises(grpc.RpcError) as caught:
+            CALLS[rpc](server.stub(identity), huge)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert "invalid topic name" in caught.value.details()
+        assert len(caught.value.details()) < 200
+    assert "x" * 300 not in server.process.log()
+    long_cn = "c" * 2000  # a CN is shown cut short too
+    details = denial(lambda: CALLS["Consume"](server.stub(long_cn), "sensors.a"))
+    assert "c" * 253 + '..."' in details and len(details) < 600
+
+
+def test_denial_log_keys_are_bounded_in_size_and_number():
+    gate = access.Gate(None)
+    throttled = gate._denials
+    for i in range(throttled._max_keys + 50):
+        gate.log_denial(f"identity-{i}", "t" * 249, "denied")
+    assert len(throttled._lines) <= throttled._max_keys
+    caller = access.Caller(gate, "i" * 10_000, local=False)
+    gate.rules = access.AccessRules("/acl.toml", {})
+    with pytest.raises(Exception):
+        caller.check(("produce",), "topic")
+    assert all(len(k[0]) <= access.MAX_SHOWN for k in throttled._lines)
+
+
 # -- streams ------------------------------------------------------------------------------
 
 def test_a_denied_stream_produce_stores_nothing_and_keeps_what_came_before(server: AclServer):

@@ -9,8 +9,10 @@ subjectAltName grpc requires.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import datetime
 import ipaddress
+import warnings
 from pathlib import Path
 
 from cryptography import x509
@@ -131,15 +133,19 @@ def client_for(certs: CertSet, common_name: str | None, *cns: str) -> tuple[Path
     one; more `cns`: a subject with several CNs, in this order; a NUL may be in any), and
     its key: (cert path, key path), made once per name."""
     stem = "client-" + "-".join((n or "no-cn").encode().hex() for n in (common_name, *cns))
+    if len(stem) > 120:  # a file name has at most 255 bytes
+        stem = "client-" + hashlib.sha256(stem.encode()).hexdigest()
     cert_path, key_path = certs.dir / f"{stem}.crt", certs.dir / f"{stem}.key"
     if not cert_path.exists():
         ca_cert = x509.load_pem_x509_certificate(certs.read("ca_cert"))
         ca_key = serialization.load_pem_private_key(certs.read("ca_key"), password=None)
         key = _key()
-        subject = x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, n, _validate=False)
-             for n in (common_name, *cns) if n]
-            or [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SMQ tests")])
+        with warnings.catch_warnings():  # a CN over 64 characters, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            subject = x509.Name(
+                [x509.NameAttribute(NameOID.COMMON_NAME, n, _validate=False)
+                 for n in (common_name, *cns) if n]
+                or [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SMQ tests")])
         now = datetime.datetime.now(datetime.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
