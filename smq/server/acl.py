@@ -19,8 +19,11 @@ builds new ones and swaps the reference (access.Gate).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from fnmatch import translate
@@ -100,7 +103,15 @@ def load_rules(path: str) -> AccessRules:
     """Read and check the ACL file at `path`; ConfigError (one line) if it cannot be read
     or holds a mistake."""
     try:
-        with open(path, "rb") as stream:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (the server would hang at
+        # start or on SIGHUP); then only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            kind = os.fstat(fd).st_mode
+            if stat.S_ISDIR(kind):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            if not stat.S_ISREG(kind):
+                raise ConfigError(SETTING, path, f"not a regular file ({_kind(kind)})")
             data = stream.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError(SETTING, path, f"cannot be read: {exc.strerror or exc}") from None
@@ -112,6 +123,12 @@ def load_rules(path: str) -> AccessRules:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(SETTING, path, f"line {line}: not UTF-8 text") from None
     return parse_rules(text, path)
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}  # fmt: skip
+    return next((name for test, name in kinds.items() if test(mode)), "not a file")
 
 
 def parse_rules(text: str, path: str) -> AccessRules:

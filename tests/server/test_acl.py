@@ -8,6 +8,7 @@ logged once per identity and topic; and every unusable file refused at start in 
 (exit 2) that names the file and the line."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Callable, Iterator
@@ -486,6 +487,13 @@ def test_sighup_loads_a_good_file_and_keeps_the_rules_when_the_new_file_is_bad(
         eventually(lambda: "nested too deeply" in server.process.log())
         CALLS["Produce"](w, "y.1")
         assert server.process.proc.poll() is None
+
+        server.acl_path.unlink()
+        os.mkfifo(server.acl_path)  # opening it would wait for a writer
+        server.process.proc.send_signal(signal.SIGHUP)
+        eventually(lambda: "not a regular file (a FIFO)" in server.process.log())
+        CALLS["Produce"](w, "y.1")
+        denial(lambda: CALLS["Produce"](w, "x.1"))
     finally:
         server.close()
 
@@ -523,16 +531,22 @@ def test_a_bad_file_refuses_to_start_in_one_line(case: str, certs: CertSet, tmp_
     assert not (tmp_path / "smq.db").exists()  # refused before the database was touched
 
 
-@pytest.mark.parametrize("case", ["missing", "a directory", "no mTLS"])
+@pytest.mark.parametrize("case", ["missing", "a directory", "a FIFO", "a device", "no mTLS"])
 def test_an_unusable_file_refuses_to_start_in_one_line(case: str, certs: CertSet, tmp_path: Path):
     path = tmp_path / "acl.toml"
     flags = certs.server_flags()
     if case == "a directory":
         path.mkdir()
+    elif case == "a FIFO":
+        os.mkfifo(path)  # opening it waited for a writer: the server hung, deaf to SIGTERM
+    elif case == "a device":
+        path = Path("/dev/null")
     elif case == "no mTLS":
         path.write_text(ACL)
         flags = []
     expected = {"missing": "No such file", "a directory": "Is a directory",
+                "a FIFO": "not a regular file (a FIFO)",
+                "a device": "not a regular file (a character device)",
                 "no mTLS": "--server-enable-mtls"}[case]
     result = start_and_fail(tmp_path, "--dbpath", str(tmp_path / "smq.db"), *flags,
                             "--acl-file", str(path))
