@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from smq.errors import ConfigError
-from smq.server import access, acl
+from smq.server import access, acl, config as server_config
 from smq.server.acl import ADMIN, CONSUME, PRODUCE, load_rules, parse_rules, rules_from
 
 PATH = "/etc/smq/acl.toml"
@@ -142,6 +142,13 @@ def test_a_reload_never_raises_and_keeps_the_old_rules(monkeypatch, caplog):
     assert gate.rules is old
     assert [r.levelname for r in caplog.records] == ["ERROR"]
     assert "something unexpected; keeping the access rules" in caplog.records[0].getMessage()
+
+
+def test_an_empty_acl_file_setting_is_no_file_as_for_every_path_setting():
+    # documented (docs/operations.md "Access control"): "" is unset, like --unix-socket ""
+    config = server_config.load({"acl_file": "", "unix_socket": ""}, environ={})
+    assert config.acl_file == "" and config.unix_socket == ""
+    assert access.load_gate(config).rules is None
 
 
 # -- random input: a ConfigError or rules, never anything else -----------------------------
