@@ -259,8 +259,10 @@ def _line_of_identity(text: str, identity: str, key: str | None = None) -> int:
         if key is None:
             return header
         next_header = _first_line(text, r"^\s*\[", header) or len(text.splitlines()) + 1
-        found = _first_line(text, rf"^\s*{_key_pattern(key)}\s*=", header, next_header - 1)
-        return found or header
+        found = _first_line(text, rf"^\s*{_key_pattern(key)}\s*[=.]", header, next_header - 1)
+        # or a table of its own: [identities."dashboard".x], anywhere in the file
+        sub = rf"^\s*\[\[?\s*identities\s*\.\s*{name}\s*\.\s*{_key_pattern(key)}\s*[\].]"
+        return found or _first_line(text, sub) or header
     # identities.writer.produce = [...], writer = {...} under [identities], or inline
     mention = _first_line(text, rf"(?:^|[\s.{{,]){name}\s*[=.]") or _first_line(
         text, re.escape(identity) if identity else "identities"

@@ -93,6 +93,8 @@ MISTAKES = {
     "empty pattern": ('[identities.w]\nproduce = [""]\n', 2),
     "reserved identity": ('[identities.w]\nproduce = ["a"]\n[identities."@admin"]\n', 3),
     "duplicate key": ('[identities.w]\nproduce = ["a"]\nproduce = ["b"]\n', 3),
+    "right as a sub-table": ('[identities."d"]\nconsume = ["s.*"]\n[identities."d".x]\n', 3),
+    "right as a dotted key": ('[identities.d]\nconsume = ["s.*"]\nx.y = 1\n', 3),
 }
 
 
