@@ -24,6 +24,7 @@ import json
 import os
 import re
 import stat
+import string
 import tomllib
 from collections.abc import Mapping
 from fnmatch import translate
@@ -193,7 +194,61 @@ def _patterns(value: Any, where: str, path: str, line: int) -> tuple[str, ...]:
                 f"{where}: pattern {quoted(pattern)} can never match a topic name "
                 "(A-Z a-z 0-9 . _ - and the wildcards * ? [ ] !)",
             )
+        problem = _never_matches(pattern)
+        if problem:
+            _fail(path, line, f"{where}: pattern {quoted(pattern)} can never match: {problem}")
     return tuple(value)
+
+
+NAME_CHARS = frozenset(string.ascii_letters + string.digits + "._-")
+
+
+def _never_matches(pattern: str) -> str:
+    """Why fnmatch's reading of `pattern` matches no topic name ("" if some may): a "["
+    that opens no set (fnmatch takes it as a "[" no name holds), a set with an empty range
+    ("[z-a]") or no name character, or a "]" or "!" outside a set."""
+    i = 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "[":
+            end = i + 1  # where fnmatch looks for the closing "]"
+            if end < len(pattern) and pattern[end] == "!":
+                end += 1
+            if end < len(pattern) and pattern[end] == "]":
+                end += 1  # a "]" first is a member
+            end = pattern.find("]", end)
+            if end < 0:
+                return f'the "[" at {i + 1} opens no set (no "]" closes it)'
+            body = pattern[i + 1 : end]
+            negated = body.startswith("!")
+            members, problem = _members(body[1:] if negated else body)
+            if problem:
+                return problem
+            if not negated and not members & NAME_CHARS:
+                return f"the set {pattern[i : end + 1]} holds no character of a topic name"
+            i = end + 1
+        elif char in "]!":
+            return f'a "{char}" outside a set is no character of a topic name'
+        else:
+            i += 1
+    return ""
+
+
+def _members(body: str) -> tuple[set[str], str]:
+    """The characters of a set's body ("a-c" ranges expanded), or why it is malformed."""
+    members: set[str] = set()
+    i = 0
+    while i < len(body):
+        if i + 2 < len(body) and body[i + 1] == "-":
+            low, high = body[i], body[i + 2]
+            if low > high:
+                return members, f"the range {low}-{high} is empty"
+            members.update(chr(c) for c in range(ord(low), ord(high) + 1))
+            i += 3
+        else:
+            members.add(body[i])
+            i += 1
+    return members, ""
 
 
 def _fail(path: str, line: int, what: str) -> NoReturn:

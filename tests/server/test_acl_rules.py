@@ -91,6 +91,11 @@ MISTAKES = {
     "identities not a table": ('# rules\nidentities = 5\n', 2),
     "pattern that can never match": ('[identities.w]\nproduce = ["sensors/*"]\n', 2),
     "empty pattern": ('[identities.w]\nproduce = [""]\n', 2),
+    "empty set": ('[identities.w]\n\nproduce = ["[]"]\n', 3),
+    "empty range": ('[identities.w]\nproduce = ["a", "[z-a]"]\n', 2),
+    "unclosed negated set": ('[identities.w]\nconsume = ["sensors.[!]"]\n', 2),
+    "bang alone": ('[identities.w]\nadmin = ["!"]\n', 2),
+    "set of no name character": ('[identities.w]\nadmin = ["a[!]"]\n', 2),
     "reserved identity": ('[identities.w]\nproduce = ["a"]\n[identities."@admin"]\n', 3),
     "duplicate key": ('[identities.w]\nproduce = ["a"]\nproduce = ["b"]\n', 3),
     "right as a sub-table": ('[identities."d"]\nconsume = ["s.*"]\n[identities."d".x]\n', 3),
@@ -166,7 +171,8 @@ KEYS = st.one_of(st.sampled_from(["identities", "produce", "consume", "admin", "
                                   "@x", "", "writer"]), st.text(max_size=8))
 STRUCTURES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(KEYS, inner, max_size=4)), max_leaves=20)
-PATTERNS = st.text(alphabet=string.ascii_letters + "._-*?[]!", min_size=1, max_size=10)
+PATTERNS = st.text(alphabet=string.ascii_letters + "._-*?[]!", min_size=1, max_size=10).filter(
+    lambda p: not acl._never_matches(p))  # the others are refused (MISTAKES)
 
 
 @settings(max_examples=400, deadline=None)
