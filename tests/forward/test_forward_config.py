@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from support import ROOT
-from support.forwarding import forward_env
+from support.certs import make_certs
+from support.forwarding import ForwarderProcess, forward_env
 from smq.errors import ConfigError
 from smq.forward.config import SETTINGS, ForwardConfig, default_node, load
 from smq.forward.engine import RateLimit, ForwardedTopic
@@ -167,6 +168,55 @@ def test_an_unreadable_password_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cannot be read: Permission denied"):
         load({"topics": "t", "nats_user": "u", "nats_password_file": path}, environ={},
              hostname="h")
+
+
+# -- start-up warnings about secrets every user can read ----------------------------------------
+
+def warnings_of(tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """The WARNING lines of a forwarder started with `env`: those before it says it
+    starts (no SMQ or NATS to reach: it is stopped then)."""
+    forwarder = ForwarderProcess(["--topics", "t", "--node", "edge"], tmp_path, env)
+    try:
+        forwarder.wait_log(r"smq forward starting", timeout=30)
+    finally:
+        forwarder.terminate()
+    return [line for line in forwarder.log().split("smq forward starting")[0].splitlines()
+            if line.startswith("WARNING")]
+
+
+@pytest.mark.process
+def test_keys_and_secret_files_every_user_can_read_are_warned_about(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    client_key, nats_key, password = (tmp_path / name for name in ("c.key", "n.key", "pw"))
+    client_key.write_bytes(certs.read("client_key"))
+    nats_key.write_bytes(certs.read("client_key"))
+    password.write_text("s3cret\n")
+    for path in (client_key, nats_key, password):
+        path.chmod(0o644)
+    env = forward_env(ENABLE_MTLS="true", CLIENT_CERT=str(certs.client_cert),
+                      CLIENT_KEY=str(client_key), CA_CERT=str(certs.ca_cert),
+                      NATS_USER="edge", NATS_PASSWORD_FILE=str(password),
+                      NATS_CERT=str(certs.client_cert), NATS_KEY=str(nats_key))
+    how = "can be read by every user of this device (mode 0644): chmod 600 it, or have " \
+          "systemd pass it with LoadCredential="
+    assert sorted(warnings_of(tmp_path, env)) == sorted([
+        f"WARNING smq.forward: --client-key (CLIENT_KEY) '{client_key}' {how}",
+        f"WARNING smq.forward: --nats-key (NATS_KEY) '{nats_key}' {how}",
+        f"WARNING smq.forward: --nats-password-file (NATS_PASSWORD_FILE) '{password}' {how}"])
+
+    for path in (client_key, nats_key, password):
+        path.chmod(0o600)
+    assert warnings_of(tmp_path, env) == []
+
+
+@pytest.mark.process
+def test_an_env_file_with_a_token_every_user_can_read_is_warned_about(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("NATS_TOKEN=t0ken\n")
+    env_file.chmod(0o644)
+    (warning,) = warnings_of(tmp_path, forward_env())
+    assert warning == ("WARNING smq.forward: settings file '.env' holds NATS_TOKEN and can be "
+                       "read by every user of this device (mode 0644): chmod 600 it")
 
 
 def test_a_host_name_that_is_no_subject_token_asks_for_a_node():

@@ -92,6 +92,7 @@ LAYERS = {
     "server_key": (("f.key", "e.key", "d.key"), ("f.key", "e.key", "d.key")),
     "server_ca_cert": (("f-ca", "e-ca", "d-ca"), ("f-ca", "e-ca", "d-ca")),
     "allow_remote_writes": (("false", "true", "false"), (False, True, False)),
+    "quiet_open_network": (("true", "false", "yes"), (True, False, True)),
     "enable_mtls": (("true", "false", "yes"), (True, False, True)),
     "client_cert": (("f.crt", "e.crt", "d.crt"), ("f.crt", "e.crt", "d.crt")),
     "client_key": (("f.key", "e.key", "d.key"), ("f.key", "e.key", "d.key")),
