@@ -157,3 +157,36 @@ def test_install_never_changes_the_mode_of_existing_settings_files(tmp_path):
     assert readable == ["install: /etc/smq/forward.env can be read by every user of this device; "
                         "if it holds secrets: chmod 600 /etc/smq/forward.env"]
 
+
+# -- secrets through systemd's credentials (LoadCredential=) -------------------------------
+
+UNITS = {"smq.service": ("server.key", "SERVER_KEY_FILE"),
+         "smq-forward.service": ("nats-password", "NATS_PASSWORD_FILE")}
+
+
+def with_credentials(text: str) -> str:
+    """The unit with its commented credential lines in effect."""
+    return re.sub(r"(?m)^#((LoadCredential|Environment)=)", r"\1", text)
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_units_show_how_to_pass_secrets_as_credentials(name: str):
+    credential, variable = UNITS[name]
+    text = (ROOT / "systemd" / name).read_text()
+    assert re.search(rf"(?m)^#LoadCredential={credential}:/etc/smq/\S+$", text)
+    assert re.search(rf"(?m)^#Environment=.*{variable}=%d/{credential}\b", text)
+    assert "systemctl edit" in text and "overrides Environment=" in text
+    env = (ROOT / "systemd" / ("smq.env" if name == "smq.service" else "forward.env")).read_text()
+    assert f"LoadCredential={credential}:" in env and f"{variable}=%d/{credential}" in env
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_units_with_the_credential_lines_verify_cleanly(name: str, tmp_path: Path):
+    text = with_credentials((ROOT / "systemd" / name).read_text())
+    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={Path(sys.executable).with_name('smq')}", text)
+    unit = tmp_path / name
+    unit.write_text(text)
+    assert text.count("\nLoadCredential=") >= 1
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
