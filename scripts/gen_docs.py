@@ -56,6 +56,10 @@ SEE_ALSO = {
     "allow_remote_writes": "operations.md#remote-writes-and-the-unix-socket",
     "acl_file": "operations.md#access-control",
     "health_check_interval": "operations.md#health-and-monitoring",
+    "server_key": "operations.md#secrets-through-systemd-credentials",
+    "quiet_open_network": "operations.md#start-up-warnings",
+    "nats_password_file": "operations.md#secrets-through-systemd-credentials",
+    "nats_token_file": "operations.md#secrets-through-systemd-credentials",
 }
 
 FORWARD_GROUP_TITLES = {
@@ -160,6 +164,14 @@ def smq_env() -> str:
         "# overwritten by an upgrade). One KEY=value per line; uncomment to change a default.",
         "# The unit already sets DB_PATH=/var/lib/smq/smq.db and PEX_ROOT=/var/cache/smq/pex.",
         "# All settings: docs/configuration.md. Apply changes with: systemctl restart smq",
+        "#",
+        "# A TLS key readable by root only (0600 root:root) reaches the service's dynamic",
+        "# user through systemd's credentials: leave SERVER_KEY_FILE (and the certificates)",
+        "# unset here (this file overrides the unit's Environment=) and add a drop-in with",
+        "# systemctl edit smq (docs/operations.md#secrets-through-systemd-credentials):",
+        "#   [Service]",
+        "#   LoadCredential=server.key:/etc/smq/tls/server.key",
+        "#   Environment=SERVER_KEY_FILE=%d/server.key",
         "",
         *env_lines(server_config.SETTINGS, {"DB_PATH": "/var/lib/smq/smq.db",
                                             "SMQ_UNIX_SOCKET": "/run/smq/smq.sock"},
@@ -178,6 +190,14 @@ def forward_env() -> str:
         "# Every setting is also a flag of `smq forward` (smq forward --help).",
         "# Files named here (certificates, keys, credentials) must be readable by the",
         "# service's dynamic user. Apply changes with: systemctl restart smq-forward",
+        "#",
+        "# packaging/install creates this file mode 0600 (root only): it may hold secrets.",
+        "# Better: keep the secret in a file readable by root only and leave NATS_PASSWORD",
+        "# unset here; systemd's credentials pass it to the service's dynamic user. A drop-in",
+        "# with systemctl edit smq-forward (docs/operations.md#secrets-through-systemd-credentials):",
+        "#   [Service]",
+        "#   LoadCredential=nats-password:/etc/smq/nats-password",
+        "#   Environment=NATS_PASSWORD_FILE=%d/nats-password",
         "",
     ]
     for group in dict.fromkeys(s.group for s in forward_config.SETTINGS):

@@ -40,6 +40,7 @@ SIZE_UNITS = {
 }
 DURATION_UNITS = {"": 1.0, "s": 1.0, "ms": 0.001, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 ENV_FILE_DEFAULT = ".env"
+MAX_SECRET_BYTES = 64 * 1024
 
 
 # -- parsers: text -> value, or ValueError saying what was expected ------------------------
@@ -112,6 +113,28 @@ def in_range(parse: Callable[[str], Any], low: float, high: float) -> Callable[[
 def _number(value: float) -> str:
     """67108864, not 6.71089e+07; 0.5 as it is."""
     return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+def read_secret_file(path: str) -> str:
+    """A secret (a password, a token) kept in a file, as systemd's LoadCredential= passes
+    it: the file's text without its trailing newline. ValueError saying why it cannot be
+    used; the message never holds any of the file's text."""
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read(MAX_SECRET_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot be read: {exc.strerror or exc}") from None
+    if len(data) > MAX_SECRET_BYTES:
+        raise ValueError("is larger than 64 KiB: expected the secret alone, on one line")
+    try:
+        text = data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    if not text:
+        raise ValueError("is empty")
+    if "\n" in text or "\r" in text:
+        raise ValueError("holds more than one line: expected the secret alone")
+    return text
 
 
 # -- the table -------------------------------------------------------------------------------

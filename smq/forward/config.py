@@ -4,8 +4,10 @@ Precedence, highest first: flags, environment variables, the `.env` file, defaul
 (smq.settings). The SMQ connection is smq.connection's, as for the other client
 commands (SMQ_HOST, PORT, SMQ_UNIX_SOCKET, ENABLE_MTLS, CLIENT_CERT, CLIENT_KEY,
 CA_CERT); NATS uses the names of the `nats` command line tool (NATS_URL, NATS_CREDS,
-NATS_USER, NATS_PASSWORD, NATS_CA, NATS_CERT, NATS_KEY, plus NATS_TOKEN); the rest is
-SMQ_FORWARD_*. `load()` raises ConfigError (one line, naming the setting and value).
+NATS_USER, NATS_PASSWORD, NATS_CA, NATS_CERT, NATS_KEY, plus NATS_TOKEN, and
+NATS_PASSWORD_FILE and NATS_TOKEN_FILE, read once by `load()`); the rest is
+SMQ_FORWARD_*. `load()` raises ConfigError (one line, naming the setting and value;
+never a secret's value).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..settings import (
     parse_bool,
     parse_choice,
     parse_duration,
+    read_secret_file,
     read_settings,
 )
 
@@ -246,8 +249,43 @@ SETTINGS: tuple[Setting, ...] = (
         "NATS",
     ),
     Setting("nats_user", "--nats-user", "NATS_USER", str, "", "user name", "NATS"),
-    Setting("nats_password", "--nats-password", "NATS_PASSWORD", str, "", "password", "NATS"),
-    Setting("nats_token", "--nats-token", "NATS_TOKEN", str, "", "authentication token", "NATS"),
+    Setting(
+        "nats_password",
+        "--nats-password",
+        "NATS_PASSWORD",
+        str,
+        "",
+        "password (as a flag, every user sees it in the process list)",
+        "NATS",
+    ),
+    Setting(
+        "nats_password_file",
+        "--nats-password-file",
+        "NATS_PASSWORD_FILE",
+        str,
+        "",
+        "file holding the password instead (read at start, the trailing newline "
+        "dropped), e.g. one that systemd's LoadCredential= passes",
+        "NATS",
+    ),
+    Setting(
+        "nats_token",
+        "--nats-token",
+        "NATS_TOKEN",
+        str,
+        "",
+        "authentication token (as a flag, every user sees it in the process list)",
+        "NATS",
+    ),
+    Setting(
+        "nats_token_file",
+        "--nats-token-file",
+        "NATS_TOKEN_FILE",
+        str,
+        "",
+        "file holding the token instead (read as --nats-password-file)",
+        "NATS",
+    ),
     Setting(
         "nats_ca",
         "--nats-ca",
@@ -302,7 +340,9 @@ class ForwardConfig:
     nats_creds: str = _DEFAULT["nats_creds"]
     nats_user: str = _DEFAULT["nats_user"]
     nats_password: str = _DEFAULT["nats_password"]
+    nats_password_file: str = _DEFAULT["nats_password_file"]
     nats_token: str = _DEFAULT["nats_token"]
+    nats_token_file: str = _DEFAULT["nats_token_file"]
     nats_ca: str = _DEFAULT["nats_ca"]
     nats_cert: str = _DEFAULT["nats_cert"]
     nats_key: str = _DEFAULT["nats_key"]
@@ -329,12 +369,18 @@ class ForwardConfig:
                 "--nats-cert and --nats-key go together",
             )
         if self.nats_password and not self.nats_user:
-            raise ConfigError(label("nats_user"), "", "required with --nats-password")
+            given = "nats_password_file" if self.nats_password_file else "nats_password"
+            raise ConfigError(label("nats_user"), "", f"required with {flag(given)}")
         methods = [f for f in ("nats_creds", "nats_user", "nats_token") if getattr(self, f)]
         if len(methods) > 1:
+            second = methods[1]
+            shown = getattr(self, second)
+            if second == "nats_token":  # a secret: named by its file, or not shown
+                second = "nats_token_file" if self.nats_token_file else second
+                shown = self.nats_token_file or "(hidden)"
             raise ConfigError(
-                label(methods[1]),
-                getattr(self, methods[1]),
+                label(second),
+                shown,
                 f"use one way to authenticate to NATS, not also {label(methods[0])}",
             )
         files = ["nats_creds", "nats_ca", "nats_cert", "nats_key"]
@@ -357,6 +403,29 @@ def label(field: str) -> str:
     return SETTINGS_BY_FIELD[field].label
 
 
+def flag(field: str) -> str:
+    return SETTINGS_BY_FIELD[field].flag
+
+
+# A secret that may come from a file instead: (the secret's field, its file's field).
+SECRET_FILES = (("nats_password", "nats_password_file"), ("nats_token", "nats_token_file"))
+
+
+def _read_secret_files(values: dict[str, Any]) -> None:
+    """Put the contents of each secret's file given into `values`; ConfigError if the
+    file cannot be used or the secret is given both ways."""
+    for secret, file in SECRET_FILES:
+        path = values.get(file)
+        if not path:
+            continue
+        if values.get(secret):
+            raise ConfigError(label(file), path, f"give {flag(secret)} or {flag(file)}, not both")
+        try:
+            values[secret] = read_secret_file(path)
+        except ValueError as exc:
+            raise ConfigError(label(file), path, str(exc)) from None
+
+
 def default_node(hostname: str | None = None) -> str:
     """The host name up to its first dot, when that is a valid subject token."""
     return (hostname or socket.gethostname()).split(".")[0]
@@ -370,6 +439,7 @@ def load(
     """Build a ForwardConfig from flags given (strings or None), an environment and its
     .env file. Raises ConfigError."""
     values = read_settings(SETTINGS, flags, environ, number_reason="expected a number")
+    _read_secret_files(values)
     if "node" not in values:
         node = default_node(hostname)
         try:

@@ -21,10 +21,11 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .. import exposure
 from ..errors import EXIT_OK, EXIT_USAGE, ConfigError, StartupError
 from ..logs import setup_logging
 from ..settings import add_flags
-from .config import SETTINGS, ForwardConfig, load
+from .config import SETTINGS, ForwardConfig, label, load
 
 if TYPE_CHECKING:  # nats-py is only loaded once the settings are known to be good
     from .jetstream import NatsOptions
@@ -90,7 +91,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.log_level, quiet=("nats", "grpc"))
     # asyncio's ssl transport warns about every TLS connection nats-py closes.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
+    for line in exposure_warnings(config):
+        logging.getLogger("smq.forward").warning("%s", line)
     return asyncio.run(forward(config))
+
+
+# The settings that name a file holding a secret: a private key, the NKey seed of a
+# credentials file, a password or a token.
+SECRET_FILES = ("nats_creds", "nats_key", "nats_password_file", "nats_token_file")
+
+
+def exposure_warnings(config: ForwardConfig) -> list[str]:
+    """A line for each secret of the forwarder's that every user of the device can read:
+    its key files, secret files, and the .env file if it holds a password or token."""
+    fields = [*SECRET_FILES, *(["client_key"] if config.connection().tls else [])]
+    return exposure.readable_secrets(
+        [(label(field), getattr(config, field)) for field in fields], config.env_file
+    )
 
 
 def nats_options(config: ForwardConfig) -> NatsOptions:

@@ -25,14 +25,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from .. import tls
+from .. import exposure, tls
 from .._proto import smq_pb2
 from ..domain import TopicPolicy, plural, tcp_address
 from ..errors import CertificateError, ConfigError, StartupError
 from . import malloc
 from .access import Gate, load_gate
 from .budget import MemoryBudget, minimum_limit
-from .config import ServerConfig, group_id
+from .config import SETTINGS_BY_FIELD, ServerConfig, group_id
 from .handlers import lenient_handler
 from .liveness import LivenessMonitor
 from .pool import FairPool
@@ -62,6 +62,23 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials(
         [(files.key, files.cert)], root_certificates=files.ca, require_client_auth=True
     )
+
+
+def exposure_warnings(config: ServerConfig, port: int) -> list[str]:
+    """What this server leaves open, one line each (smq.exposure): its private key or
+    its .env file holding a secret readable by every user of the device, and TCP writes
+    open to anyone who can reach `port` (unless --quiet-open-network)."""
+    key = [(SETTINGS_BY_FIELD["server_key"].label, config.server_key)]
+    lines = exposure.readable_secrets(key if config.server_enable_mtls else [], config.env_file)
+    open_to_writes = config.allow_remote_writes and not config.server_enable_mtls
+    if open_to_writes and not config.quiet_open_network and not exposure.is_loopback(config.bind):
+        lines.append(
+            f"serving plaintext TCP on {tcp_address(config.bind, port)} with remote writes "
+            f"allowed: anyone who can reach port {port} may write and delete (to close it: "
+            "--bind 127.0.0.1, --server-enable-mtls or --allow-remote-writes=false; to "
+            "silence this warning: --quiet-open-network)"
+        )
+    return lines
 
 
 def send_limit(config: ServerConfig) -> int:
@@ -293,13 +310,8 @@ class Server:
         self.budget.start()
         self._set_health(True)
         self.liveness.start()
-        log.info(
-            "serving on %s (%s, database %s, durability %s)",
-            self.addresses(),
-            "mTLS" if self.config.server_enable_mtls else "plaintext",
-            self.config.dbpath,
-            self.config.durability,
-        )
+        # The warnings come first: "serving on" is the last line of a start (tests and
+        # scripts wait for it).
         ignored = self.config.ignored_tls_settings()
         if ignored:
             log.warning(
@@ -307,6 +319,15 @@ class Server:
                 "plaintext, the certificate files are not used",
                 ", ".join(ignored),
             )
+        for line in exposure_warnings(self.config, self.port):
+            log.warning("%s", line)
+        log.info(
+            "serving on %s (%s, database %s, durability %s)",
+            self.addresses(),
+            "mTLS" if self.config.server_enable_mtls else "plaintext",
+            self.config.dbpath,
+            self.config.durability,
+        )
         return self
 
     def _set_health(self, serving: bool) -> None:

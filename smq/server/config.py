@@ -138,6 +138,15 @@ SETTINGS: tuple[Setting, ...] = (
         "consume from and administer; needs mTLS; SIGHUP reloads it",
     ),
     Setting(
+        "quiet_open_network",
+        "--quiet-open-network",
+        "SMQ_QUIET_OPEN_NETWORK",
+        parse_bool,
+        "false",
+        "no start-up warning that anyone who can reach the port may write (given when "
+        "--bind is not loopback, without mTLS, with remote writes allowed)",
+    ),
+    Setting(
         "durability",
         "--durability",
         "SMQ_DURABILITY",
@@ -309,6 +318,7 @@ class ServerConfig:
     server_ca_cert: str = _DEFAULT["server_ca_cert"]
     allow_remote_writes: bool = _DEFAULT["allow_remote_writes"]
     acl_file: str = _DEFAULT["acl_file"]
+    quiet_open_network: bool = _DEFAULT["quiet_open_network"]
     durability: str = _DEFAULT["durability"]
     max_message_size: int = _DEFAULT["max_message_size"]
     max_streams: int = _DEFAULT["max_streams"]

@@ -268,7 +268,7 @@ def test_messages_deleted_before_they_were_forwarded_are_reported(smq_server, na
 
 # -- security -----------------------------------------------------------------------------------
 
-def test_mtls_to_smq_and_tls_with_a_client_certificate_and_a_password_to_nats(
+def test_mtls_to_smq_and_tls_with_a_client_certificate_and_a_password_file_to_nats(
         start_server, forward, tmp_path):
     certs = make_certs(tmp_path / "certs")
     smq = start_server(env=clean_env(
@@ -290,9 +290,13 @@ authorization {{ user: edge, password: s3cret }}
         env = forward_env(ENABLE_MTLS="true", CLIENT_CERT=str(certs.client_cert),
                           CLIENT_KEY=str(certs.client_key), CA_CERT=str(certs.ca_cert),
                           NATS_URL=f"tls://127.0.0.1:{nats_server.port}", NATS_USER="edge",
-                          NATS_PASSWORD="s3cret", NATS_CA=str(certs.ca_cert),
+                          NATS_CA=str(certs.ca_cert),
                           NATS_CERT=str(certs.client_cert), NATS_KEY=str(certs.client_key))
-        forwarder = forward("--topics", "t", *smq_args(smq), "--create-stream", env=env)
+        password = tmp_path / "nats-password"  # as systemd's LoadCredential= passes it
+        password.write_text("s3cret\n")
+        password.chmod(0o400)
+        forwarder = forward("--topics", "t", *smq_args(smq), "--create-stream",
+                            env={**env, "NATS_PASSWORD_FILE": str(password)})
         wait_committed(stub, expected)
         assert forwarder.terminate() == 0
         stored = read_stream([f"tls://127.0.0.1:{nats_server.port}"], STREAM, user="edge",

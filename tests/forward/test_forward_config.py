@@ -4,6 +4,7 @@ nats-py), --help, the pure helpers, and the systemd unit and its settings file."
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from support import ROOT
-from support.forwarding import forward_env
+from support.certs import make_certs
+from support.forwarding import ForwarderProcess, forward_env
 from smq.errors import ConfigError
 from smq.forward.config import SETTINGS, ForwardConfig, default_node, load
 from smq.forward.engine import RateLimit, ForwardedTopic
@@ -88,6 +90,133 @@ def test_invalid_settings_name_the_setting_and_value(flags, environ, setting, re
     assert str(info.value).startswith(f"invalid {setting}")
     assert reason in str(info.value)
     assert "\n" not in str(info.value)
+
+
+# -- secrets from files: --nats-password-file, --nats-token-file --------------------------------
+
+def test_password_and_token_files_are_read_without_their_trailing_newline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    password = tmp_path / "nats-password"
+    password.write_text("s3 cr=t \n")  # inner and trailing spaces are part of it
+    config = load({"topics": "t", "nats_user": "edge", "nats_password_file": str(password)},
+                  environ={}, hostname="h")
+    assert (config.nats_user, config.nats_password) == ("edge", "s3 cr=t ")
+    token = tmp_path / "nats-token"
+    token.write_bytes(b"t0ken\r\n")
+    assert load({"topics": "t"}, environ={"NATS_TOKEN_FILE": str(token)},
+                hostname="h").nats_token == "t0ken"
+    (tmp_path / ".env").write_text(f"NATS_TOKEN_FILE={token}\n")
+    assert load({"topics": "t"}, environ={}, hostname="h").nats_token == "t0ken"
+
+
+def secret_file(tmp_path: Path, content: bytes | None) -> str:
+    """A file holding `content` (None: no file, a directory: b"/")."""
+    path = tmp_path / "secret"
+    if content == b"/":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    return str(path)
+
+
+@pytest.mark.parametrize("content, flags, setting, reason", [
+    (None, {"nats_user": "u"}, "--nats-password-file (NATS_PASSWORD_FILE)",
+     "cannot be read: No such file or directory"),
+    (b"/", {"nats_user": "u"}, "--nats-password-file", "cannot be read: Is a directory"),
+    (b"\n", {"nats_user": "u"}, "--nats-password-file", "is empty"),
+    (b"Zq9\nline2-Zq9\n", {"nats_user": "u"}, "--nats-password-file", "more than one line"),
+    (b"\xffZq9", {"nats_user": "u"}, "--nats-password-file", "not UTF-8"),
+    (b"x" * 70_000, {"nats_user": "u"}, "--nats-password-file", "larger than 64 KiB"),
+    (b"Zq9", {"nats_user": "u", "nats_password": "Zq9"}, "--nats-password-file",
+     "give --nats-password or --nats-password-file, not both"),
+    (b"Zq9", {}, "--nats-user", "required with --nats-password-file"),
+], ids=["missing", "directory", "empty", "two-lines", "not-utf8", "large", "both", "no-user"])
+def test_unusable_password_files_name_the_setting_and_never_the_secret(
+        tmp_path, content, flags, setting, reason):
+    path = secret_file(tmp_path, content)
+    with pytest.raises(ConfigError) as info:
+        load({"topics": "t", "nats_password_file": path, **flags}, environ={}, hostname="h")
+    message = str(info.value)
+    assert message.startswith(f"invalid {setting}") and reason in message, message
+    assert "Zq9" not in message and "\n" not in message
+
+
+def test_a_token_given_twice_is_not_shown_in_the_error(tmp_path):
+    token = secret_file(tmp_path, b"t0ken\n")
+    with pytest.raises(ConfigError, match="give --nats-token or --nats-token-file, not both"):
+        load({"topics": "t", "nats_token": "t0ken", "nats_token_file": token}, environ={},
+             hostname="h")
+    for flags in ({"nats_token": "t0ken"}, {"nats_token_file": token}):
+        with pytest.raises(ConfigError, match="one way to authenticate") as info:
+            load({"topics": "t", "nats_user": "u", **flags}, environ={}, hostname="h")
+        assert "t0ken" not in str(info.value)
+
+
+@pytest.mark.process
+def test_a_missing_password_file_exits_2_with_one_line(tmp_path):
+    code, out = run_forward("--topics", "t", "--nats-user", "u", cwd=tmp_path,
+                            env=forward_env(NATS_PASSWORD_FILE=str(tmp_path / "nope")))
+    assert code == 2
+    assert out == ("smq forward: error: invalid --nats-password-file (NATS_PASSWORD_FILE): "
+                   f"'{tmp_path / 'nope'}': cannot be read: No such file or directory\n")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_an_unreadable_password_file_is_refused(tmp_path):
+    path = secret_file(tmp_path, b"s3cret\n")
+    os.chmod(path, 0)
+    with pytest.raises(ConfigError, match="cannot be read: Permission denied"):
+        load({"topics": "t", "nats_user": "u", "nats_password_file": path}, environ={},
+             hostname="h")
+
+
+# -- start-up warnings about secrets every user can read ----------------------------------------
+
+def warnings_of(tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """The WARNING lines of a forwarder started with `env`: those before it says it
+    starts (no SMQ or NATS to reach: it is stopped then)."""
+    forwarder = ForwarderProcess(["--topics", "t", "--node", "edge"], tmp_path, env)
+    try:
+        forwarder.wait_log(r"smq forward starting", timeout=30)
+    finally:
+        forwarder.terminate()
+    return [line for line in forwarder.log().split("smq forward starting")[0].splitlines()
+            if line.startswith("WARNING")]
+
+
+@pytest.mark.process
+def test_keys_and_secret_files_every_user_can_read_are_warned_about(tmp_path):
+    certs = make_certs(tmp_path / "certs")
+    client_key, nats_key, password = (tmp_path / name for name in ("c.key", "n.key", "pw"))
+    client_key.write_bytes(certs.read("client_key"))
+    nats_key.write_bytes(certs.read("client_key"))
+    password.write_text("s3cret\n")
+    for path in (client_key, nats_key, password):
+        path.chmod(0o644)
+    env = forward_env(ENABLE_MTLS="true", CLIENT_CERT=str(certs.client_cert),
+                      CLIENT_KEY=str(client_key), CA_CERT=str(certs.ca_cert),
+                      NATS_USER="edge", NATS_PASSWORD_FILE=str(password),
+                      NATS_CERT=str(certs.client_cert), NATS_KEY=str(nats_key))
+    how = "can be read by every user of this device (mode 0644): chmod 600 it, or have " \
+          "systemd pass it with LoadCredential="
+    assert sorted(warnings_of(tmp_path, env)) == sorted([
+        f"WARNING smq.forward: --client-key (CLIENT_KEY) '{client_key}' {how}",
+        f"WARNING smq.forward: --nats-key (NATS_KEY) '{nats_key}' {how}",
+        f"WARNING smq.forward: --nats-password-file (NATS_PASSWORD_FILE) '{password}' {how}"])
+
+    for path in (client_key, nats_key, password):
+        path.chmod(0o600)
+    assert warnings_of(tmp_path, env) == []
+
+
+@pytest.mark.process
+def test_an_env_file_with_a_token_every_user_can_read_is_warned_about(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("NATS_TOKEN=t0ken\n")
+    env_file.chmod(0o644)
+    (warning,) = warnings_of(tmp_path, forward_env())
+    assert warning == ("WARNING smq.forward: settings file '.env' holds NATS_TOKEN and can be "
+                       "read by every user of this device (mode 0644): chmod 600 it")
 
 
 def test_a_host_name_that_is_no_subject_token_asks_for_a_node():

@@ -93,6 +93,7 @@ LAYERS = {
     "server_ca_cert": (("f-ca", "e-ca", "d-ca"), ("f-ca", "e-ca", "d-ca")),
     "allow_remote_writes": (("false", "true", "false"), (False, True, False)),
     "acl_file": (("f.toml", "e.toml", "d.toml"), ("f.toml", "e.toml", "d.toml")),
+    "quiet_open_network": (("true", "false", "yes"), (True, False, True)),
     "enable_mtls": (("true", "false", "yes"), (True, False, True)),
     "client_cert": (("f.crt", "e.crt", "d.crt"), ("f.crt", "e.crt", "d.crt")),
     "client_key": (("f.key", "e.key", "d.key"), ("f.key", "e.key", "d.key")),

@@ -1,7 +1,7 @@
 """Test certificates, made in the test: two unrelated CAs, a server certificate for
 localhost/127.0.0.1, a client certificate from each CA and an expired one from the
-first (PEM files in a directory); `client_for(certs, cn)` issues more clients from the
-first CA, one per identity (subject CN) for the access-control tests.
+first (PEM files in a directory; the keys mode 0600); `client_for(certs, cn)` issues more
+clients from the first CA, one per identity (subject CN) for the access-control tests.
 
 The layout follows the original SMQ's mTLS recipe (docs/operations.md, "mTLS"), with the
 subjectAltName grpc requires.
@@ -97,9 +97,11 @@ def _write_cert(path: Path, cert: x509.Certificate) -> Path:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
+    """Mode 0600, as a key should be (a key others can read makes SMQ warn at start)."""
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                        serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
+    path.chmod(0o600)
     return path
 
 

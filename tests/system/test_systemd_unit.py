@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,78 @@ def test_install_and_uninstall_into_a_staging_root(tmp_path):
 def test_install_refuses_a_missing_pex(tmp_path):
     result = run("install", "--root", str(tmp_path), "--pex", str(tmp_path / "nope.pex"))
     assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_install_creates_the_settings_files_for_root_only(tmp_path):
+    """They may hold secrets (NATS_PASSWORD): 0600, and root's when installed by root;
+    the examples beside them hold none and stay readable."""
+    root = tmp_path / "root"
+    pex = tmp_path / "smq-test.pex"
+    pex.write_text("#!/bin/sh\necho smq\n")
+    result = run("install", "--root", str(root), "--pex", str(pex))
+    assert result.returncode == 0, result.stderr
+    for name in ("smq.env", "forward.env"):
+        info = (root / "etc/smq" / name).stat()
+        assert stat.S_IMODE(info.st_mode) == 0o600, name
+        assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid()), name
+        assert f"created /etc/smq/{name}, mode 0600" in result.stdout
+        assert stat.S_IMODE((root / "etc/smq" / f"{name}.example").stat().st_mode) == 0o644
+    if os.getuid() == 0:
+        assert "mode 0600 root:root" in result.stdout
+
+
+def test_install_never_changes_the_mode_of_existing_settings_files(tmp_path):
+    root = tmp_path / "root"
+    pex = tmp_path / "smq-test.pex"
+    pex.write_text("#!/bin/sh\necho smq\n")
+    (root / "etc/smq").mkdir(parents=True)
+    (root / "etc/smq/smq.env").write_text("PORT=9000\n")
+    (root / "etc/smq/smq.env").chmod(0o640)
+    (root / "etc/smq/forward.env").write_text("NATS_PASSWORD=s3cret\n")
+    (root / "etc/smq/forward.env").chmod(0o644)  # as an older install left it
+
+    result = run("install", "--root", str(root), "--pex", str(pex))
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((root / "etc/smq/smq.env").stat().st_mode) == 0o640
+    assert stat.S_IMODE((root / "etc/smq/forward.env").stat().st_mode) == 0o644
+    assert (root / "etc/smq/forward.env").read_text() == "NATS_PASSWORD=s3cret\n"
+    lines = result.stdout.splitlines()
+    assert "install: keeping existing /etc/smq/smq.env and its mode 0640" in result.stdout
+    assert "install: keeping existing /etc/smq/forward.env and its mode 0644" in result.stdout
+    readable = [line for line in lines if "can be read by every user" in line]
+    assert readable == ["install: /etc/smq/forward.env can be read by every user of this device; "
+                        "if it holds secrets: chmod 600 /etc/smq/forward.env"]
+
+
+# -- secrets through systemd's credentials (LoadCredential=) -------------------------------
+
+UNITS = {"smq.service": ("server.key", "SERVER_KEY_FILE"),
+         "smq-forward.service": ("nats-password", "NATS_PASSWORD_FILE")}
+
+
+def with_credentials(text: str) -> str:
+    """The unit with its commented credential lines in effect."""
+    return re.sub(r"(?m)^#((LoadCredential|Environment)=)", r"\1", text)
+
+
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_units_show_how_to_pass_secrets_as_credentials(name: str):
+    credential, variable = UNITS[name]
+    text = (ROOT / "systemd" / name).read_text()
+    assert re.search(rf"(?m)^#LoadCredential={credential}:/etc/smq/\S+$", text)
+    assert re.search(rf"(?m)^#Environment=.*{variable}=%d/{credential}\b", text)
+    assert "systemctl edit" in text and "overrides Environment=" in text
+    env = (ROOT / "systemd" / ("smq.env" if name == "smq.service" else "forward.env")).read_text()
+    assert f"LoadCredential={credential}:" in env and f"{variable}=%d/{credential}" in env
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", sorted(UNITS))
+def test_units_with_the_credential_lines_verify_cleanly(name: str, tmp_path: Path):
+    text = with_credentials((ROOT / "systemd" / name).read_text())
+    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={Path(sys.executable).with_name('smq')}", text)
+    unit = tmp_path / name
+    unit.write_text(text)
+    assert text.count("\nLoadCredential=") >= 1
+    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
