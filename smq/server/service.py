@@ -282,8 +282,7 @@ class QueueService:
             raise PermissionDenied("remote writes are disabled on this server")
 
     def produce(self, name: str, payload: bytes, source: object = None) -> int:
-        """Append one message; returns its offset once committed. `source` is the
-        caller's connection (write_lanes.py keeps its writes in order)."""
+        """Append one message; its offset once committed. `source`: see write_lanes.py."""
         self._check_message(name, payload)
         with self.write_queue.room(len(payload)):
             return self._write(Append.to_topic(name, [payload], source=source))[1]
@@ -295,16 +294,14 @@ class QueueService:
         source: object = None,
     ) -> int:
         """Append (topic, payload) pairs in order; returns the last offset (0 if none).
-        `committed(n)` is called each time the next n messages are committed.
-
-        Messages go to the writer while the stream is still being read: into the op
-        queued for it (StreamAppend) until the writer takes that one, then into the
-        next, queued once the previous one is committed. When a message had to wait for
-        that commit, the stream is busy and its next op waits STREAM_SECONDS to fill up:
-        a fast stream makes big transactions, a slow one's messages go as they come.
-        An op of large messages takes room in the write queue first (smq/server/write_queue.py).
-        On the first bad message the ones before it are committed, then the error raised.
-        """
+        `committed(n)` is called each time the next n messages are committed. Messages
+        go to the writer while the stream is still being read: into the op queued for it
+        (StreamAppend) until the writer takes that one, then into the next, queued once
+        the previous one is committed. When a message had to wait for that commit, the
+        stream is busy and its next op waits STREAM_SECONDS to fill up: a fast stream
+        makes big transactions, a slow one's messages go as they come. An op of large
+        messages takes room in the write queue first (smq/server/write_queue.py). On the
+        first bad message the ones before it are committed, then the error raised."""
         last = 0
         op: StreamAppend | None = None
         checked = None  # the topic name of the previous message, already checked
@@ -341,7 +338,7 @@ class QueueService:
                 committed(op.messages)
 
     def produce_batch(
-        self, name: str, payloads: list[bytes], source: object = None
+        self, name: str, payloads: list[bytes], source: Any = None
     ) -> tuple[int, int]:
         """Append all payloads to one topic in one transaction, or none of them.
         Returns (first offset, last offset); (0, 0) for an empty batch."""
