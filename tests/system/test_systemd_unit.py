@@ -23,15 +23,18 @@ needs_systemd_analyze = pytest.mark.skipif(
     reason="systemd-analyze is not installed (CI installs it)")
 
 
-def unit_with_real_exec_start(tmp_path: Path) -> Path:
-    """The shipped unit, ExecStart pointed at a real built artifact: the server under
-    test (SMQ_TEST_SERVER, e.g. the PEX) or this environment's `smq` script."""
+def real_exec_start() -> str:
+    """A real built artifact to start: the server under test (SMQ_TEST_SERVER, e.g. the
+    PEX, or Bazel's) or this environment's `smq` script."""
     if os.environ.get("SMQ_TEST_SERVER"):
-        exec_start = " ".join(str(Path(p).resolve()) if i == 0 else p
-                              for i, p in enumerate(SERVER_COMMAND))
-    else:
-        exec_start = str(Path(sys.executable).with_name("smq"))
-    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={exec_start}", UNIT.read_text())
+        return " ".join(str(Path(p).resolve()) if i == 0 else p
+                        for i, p in enumerate(SERVER_COMMAND))
+    return str(Path(sys.executable).with_name("smq"))
+
+
+def unit_with_real_exec_start(tmp_path: Path) -> Path:
+    """The shipped unit, ExecStart pointed at a real built artifact."""
+    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={real_exec_start()}", UNIT.read_text())
     path = tmp_path / "smq.service"
     path.write_text(text)
     return path
@@ -184,7 +187,7 @@ def test_units_show_how_to_pass_secrets_as_credentials(name: str):
 @pytest.mark.parametrize("name", sorted(UNITS))
 def test_units_with_the_credential_lines_verify_cleanly(name: str, tmp_path: Path):
     text = with_credentials((ROOT / "systemd" / name).read_text())
-    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={Path(sys.executable).with_name('smq')}", text)
+    text = re.sub(r"(?m)^ExecStart=\S+", f"ExecStart={real_exec_start()}", text)
     unit = tmp_path / name
     unit.write_text(text)
     assert text.count("\nLoadCredential=") >= 1
