@@ -10,28 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from support.acl_servers import AclServer
-from support.certs import make_certs
+from support.acl_servers import AclServer, writer_reader_server
 from support.servers import C_CORE_LINE, clean_env
 
 pytestmark = pytest.mark.process  # starts servers and commands (tests/conftest.py)
 
-ACL = """\
-[identities."writer"]
-produce = ["sensors.*"]
-[identities."reader"]
-consume = ["sensors.*"]
-"""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
-    server = AclServer(make_certs(tmp_path_factory.mktemp("certs")),
-                       tmp_path_factory.mktemp("acl"), ACL)
-    server.make_topic("sensors.a", 2)
-    yield server
-    server.close()
+    yield from writer_reader_server(tmp_path_factory, 2)
 
 
 def smq(server: AclServer, identity: str, *args: str, cwd: Path) -> tuple[int, str, list[str]]:

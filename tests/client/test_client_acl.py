@@ -9,30 +9,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support.acl_servers import AclServer, writer_reader_server
 
 import smq
 from smq import errors
 from smq.client import AsyncClient, Client, ClientTLSConfig
-from support.acl_servers import AclServer
-from support.certs import CertSet, make_certs
 
 pytestmark = pytest.mark.process  # starts servers (tests/conftest.py)
 
-ACL = """\
-[identities."writer"]
-produce = ["sensors.*"]
-[identities."reader"]
-consume = ["sensors.*"]
-"""
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AclServer]:
-    certs: CertSet = make_certs(tmp_path_factory.mktemp("certs"))
-    server = AclServer(certs, tmp_path_factory.mktemp("acl"), ACL)
-    server.make_topic("sensors.a")
-    yield server
-    server.close()
+    yield from writer_reader_server(tmp_path_factory, 3)
 
 
 def client_as(server: AclServer, identity: str) -> Client:

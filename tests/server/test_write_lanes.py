@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
+
+from smq._proto import smq_pb2
 from smq.server.ops import StreamAppend, WriteOp
 from smq.server.schema import StorageOptions
 from smq.server.storage import Storage
@@ -146,10 +149,6 @@ def test_a_write_given_up_on_is_not_overtaken_by_the_callers_next_one(start_serv
     one caller sends ProduceBatches of 300 KB with a 50 ms deadline (they time out in
     the lane, and may still be committed), each followed by a small Produce: the topic
     holds the caller's messages in the order it sent them (hostile review: it did not)."""
-    import grpc
-
-    from smq._proto import smq_pb2
-
     server = start_server("--durability", "normal")
     stub = server.stub(own_connection=True)
     for topic in ("busy", "mine"):

@@ -4,15 +4,25 @@ ACL from the server, the client, the CLI and the forwarder."""
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
-from smq._proto import smq_pb2 as pb, smq_pb2_grpc
-from support.certs import CertSet, client_for
+from smq._proto import smq_pb2 as pb
+from smq._proto import smq_pb2_grpc
+from support.certs import CertSet, client_for, make_certs
 from support.servers import ServerProcess
 
 TIMEOUT = 15.0
+
+# A writer and a reader of sensors.*: the client's and the commands' tests.
+WRITER_READER_ACL = """\
+[identities."writer"]
+produce = ["sensors.*"]
+[identities."reader"]
+consume = ["sensors.*"]
+"""
 
 
 class AclServer:
@@ -84,3 +94,13 @@ class AclServer:
         cert, key, ca = self.files_of(identity)
         return ["--host", "localhost", "--port", str(self.process.port), "--enable-mtls",
                 "--client-cert", cert, "--client-key", key, "--ca-cert", ca]
+
+
+def writer_reader_server(tmp_path_factory, messages: int) -> Iterator[AclServer]:
+    """A module fixture's body: an AclServer of WRITER_READER_ACL whose topic sensors.a
+    holds `messages` messages."""
+    server = AclServer(make_certs(tmp_path_factory.mktemp("certs")),
+                       tmp_path_factory.mktemp("acl"), WRITER_READER_ACL)
+    server.make_topic("sensors.a", messages)
+    yield server
+    server.close()
