@@ -72,6 +72,7 @@
           python-dotenv
           sdnotify
           nats-py
+          prometheus-client
         ];
       # requirements/dev.txt's test tools (pysmq is not in nixpkgs: tests/e2e/test_pysmq.py
       # skips without it, outside CI).

@@ -23,6 +23,7 @@ let
     python-dotenv = "1.2.1";
     sdnotify = "0.3.2";
     nats-py = "2.10.0";
+    prometheus-client = "0.23.1";
     setuptools = "80.9.0";
     hypothesis = "6.140.0";
     cryptography = "46.0.1";
