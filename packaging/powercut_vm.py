@@ -80,8 +80,29 @@ class VM:
         self.channel.close()
 
 
+def replay_journal(image: str) -> None:
+    """Replay the ext4 journal of the image, as the next boot's mount would: after a cut,
+    the file system's latest metadata (bitmaps, inodes, directories) may be only there,
+    and debugfs, which does not replay it, then refuses the image or reads old state."""
+    replay = subprocess.run(["e2fsck", "-p", "-E", "journal_only", image],
+                            capture_output=True, text=True)
+    if replay.returncode not in (0, 1):  # 1: the journal was replayed ("errors corrected")
+        raise SystemExit(f"cannot replay the journal of {image} (e2fsck exit "
+                         f"{replay.returncode}): {(replay.stderr or replay.stdout).strip()}")
+
+
+def dump(image: str, source: str, target: str) -> None:
+    """Copy a file out of the image; SystemExit naming debugfs' complaint if it is not there."""
+    done = subprocess.run(["debugfs", "-R", f"dump {source} {target}", image],
+                          capture_output=True, text=True)
+    if not Path(target).exists():
+        lines = [line for line in done.stderr.splitlines() if not line.startswith("debugfs ")]
+        raise SystemExit(f"cannot read {source} out of {image}: {' '.join(lines) or 'no such file'}")
+
+
 def journal_tail(image: str, lines: int = 30) -> str:
     """The last lines the smq unit logged, read out of the image (what went wrong in it)."""
+    replay_journal(image)
     with tempfile.TemporaryDirectory() as scratch:
         subprocess.run(["debugfs", "-R", f"rdump /var/log/journal {scratch}", image],
                        capture_output=True)
@@ -176,15 +197,13 @@ def check(stub, acked: list[tuple[int, bytes]], stream_acks: list[tuple[int, lis
 
 
 def integrity(image: str) -> str:
-    """integrity_check of the database as the image holds it (with its WAL, if any)."""
+    """integrity_check of the database as the next boot would find it (with its WAL)."""
+    replay_journal(image)
     with tempfile.TemporaryDirectory() as scratch:
-        for name in ("smq.db", "smq.db-wal"):
-            subprocess.run(["debugfs", "-R", f"dump {STATE}/{name} {scratch}/{name}", image],
-                           check=True, capture_output=True)
+        for name in ("smq.db", "smq.db-wal"):  # the server keeps its WAL file (PERSIST_WAL)
+            dump(image, f"{STATE}/{name}", f"{scratch}/{name}")
         if not Path(scratch, "smq.db").stat().st_size:
-            raise SystemExit(f"no database at {STATE}/smq.db in the image")
-        if not Path(scratch, "smq.db-wal").stat().st_size:
-            Path(scratch, "smq.db-wal").unlink()
+            raise SystemExit(f"the database {STATE}/smq.db in the image is empty")
         connection = apsw.Connection(f"{scratch}/smq.db")
         return connection.execute("PRAGMA integrity_check").fetchall()[0][0]
 
