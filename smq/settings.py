@@ -78,6 +78,18 @@ def parse_port(text: str) -> int:
     return port
 
 
+def parse_optional_port(text: str) -> int | None:
+    """A port, or None (off) for "" or "off"."""
+    if text.strip().lower() in ("", "off"):
+        return None
+    return parse_port(text)
+
+
+def parse_optional_host(text: str) -> str:
+    """A host, or "" (the program's default address)."""
+    return parse_host(text) if text.strip() else ""
+
+
 def parse_host(text: str) -> str:
     host = text.strip()
     if not host:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .. import exposure, tls
+from ..metrics_http import MetricsListener
 from .._proto import smq_pb2
 from ..domain import TopicPolicy, plural, tcp_address
 from ..errors import CertificateError, ConfigError, StartupError
@@ -35,6 +36,7 @@ from .budget import MemoryBudget, minimum_limit
 from .config import SETTINGS_BY_FIELD, ServerConfig, group_id
 from .handlers import lenient_handler
 from .liveness import LivenessMonitor
+from .metrics import ServerMetrics
 from .pool import FairPool
 from .service import PAGE_BYTES, Limits, QueueService
 from .servicer import MAX_BATCH_BYTES, SERVICE_NAME, Reflection, Servicer
@@ -166,11 +168,20 @@ def add_services(
     health_servicer: health.HealthServicer,
     budget: MemoryBudget,
     gate: Gate | None = None,
+    metrics: ServerMetrics | None = None,
 ) -> None:
-    """SMQ, health and reflection on one server; SMQ's calls charge `budget` and pass
-    `gate` (the access rules; None: every call is admitted)."""
+    """SMQ, health and reflection on one server; SMQ's calls charge `budget`, pass
+    `gate` (the access rules; None: every call is admitted) and are counted in
+    `metrics` (if any)."""
+    counts = {} if metrics is None else {"calls": metrics.calls, "delivered": metrics.delivered}
     servicer = Servicer(
-        service, config.heartbeat_interval, config.durability, send_limit(config), budget, gate
+        service,
+        config.heartbeat_interval,
+        config.durability,
+        send_limit(config),
+        budget,
+        gate,
+        **counts,  # type: ignore[arg-type]
     )
     server.add_generic_rpc_handlers((lenient_handler(servicer, budget=budget),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -182,6 +193,7 @@ def add_services(
             reflection.SERVICE_NAME,
         ),
         service,
+        **({} if metrics is None else {"calls": metrics.calls}),
     )
     # As reflection_pb2_grpc registers it, but requests are read by Reflection.request,
     # which refuses a large one before it is parsed.
@@ -255,6 +267,7 @@ class Server:
         # Refuse bad certificate files and a busy port before the database is touched.
         self._grpc, self.port = create_server(config, server_credentials(config))
         self._socket = _socket_identity(config.unix_socket) if config.unix_socket else None
+        self.metrics, self._metrics_port = self._metrics_listener(config)
         self.health = health.HealthServicer()
         self._serving: bool | None = None
         service: QueueService | None = None
@@ -289,16 +302,44 @@ class Server:
             self.service = service
             self.liveness = LivenessMonitor(service.liveness_problem, config.health_check_interval)
             self.liveness.add_listener(self._set_health)
-            add_services(self._grpc, config, service, self.health, self.budget, self.gate)
+            if self.metrics is not None:
+                self.metrics.attach(service, self.budget, self.health_problem)
+            add_services(
+                self._grpc, config, service, self.health, self.budget, self.gate, self.metrics
+            )
         except BaseException:
             if service is not None:
                 service.close()  # stops the writer thread too, then closes the database
             elif "storage" in locals():
                 storage.close()
             self._grpc.stop(None)
+            if self._metrics_port is not None:
+                self._metrics_port.stop()
             self._remove_own_socket()
             raise
         self._stopped = threading.Event()
+
+    def _metrics_listener(
+        self, config: ServerConfig
+    ) -> tuple[ServerMetrics | None, MetricsListener | None]:
+        """The metrics and their port (bound now: a taken one refuses the start), if asked
+        for; it serves once the server starts."""
+        if config.metrics_port is None:
+            return None, None
+        metrics = ServerMetrics(config.metrics_max_topics)
+        listener = MetricsListener(
+            config.metrics_bind or config.bind,
+            config.metrics_port,
+            metrics.registry,
+            self.health_problem,
+        )
+        return metrics, listener
+
+    def health_problem(self) -> str | None:
+        """What /healthz reports: None while the liveness check passes, else why not."""
+        if self._stopped.is_set():
+            return "shutting down"
+        return self.liveness.problem
 
     def _remove_own_socket(self) -> None:
         path = self.config.unix_socket
@@ -307,6 +348,8 @@ class Server:
 
     def start(self) -> Server:
         self._grpc.start()
+        if self._metrics_port is not None:
+            self._metrics_port.start()
         self.budget.start()
         self._set_health(True)
         self.liveness.start()
@@ -352,6 +395,8 @@ class Server:
         where = tcp_address(self.config.bind, self.port)
         if self.config.unix_socket:
             where += f" and unix:{self.config.unix_socket}"
+        if self._metrics_port is not None:
+            where += f", metrics on http://{self._metrics_port.address}/metrics"
         return where
 
     def status_line(self) -> str:
@@ -376,6 +421,8 @@ class Server:
         self._grpc.stop(grace).wait()
         self.budget.stop()
         self.service.close()
+        if self._metrics_port is not None:
+            self._metrics_port.stop()
         self._remove_own_socket()
         log.info("stopped")
 

@@ -26,6 +26,8 @@ from ..settings import (
     parse_choice,
     parse_duration,
     parse_host,
+    parse_optional_host,
+    parse_optional_port,
     parse_port,
     parse_size,
     read_settings,
@@ -296,6 +298,32 @@ SETTINGS: tuple[Setting, ...] = (
         "named consumers a topic may have; a commit that would add one more gets "
         "RESOURCE_EXHAUSTED (delete unused ones with: smq consumer delete)",
     ),
+    Setting(
+        "metrics_port",
+        "--metrics-port",
+        "SMQ_METRICS_PORT",
+        parse_optional_port,
+        "",
+        "serve Prometheus metrics (/metrics) and a health check (/healthz) over HTTP on "
+        "this port; empty: off",
+    ),
+    Setting(
+        "metrics_bind",
+        "--metrics-bind",
+        "SMQ_METRICS_BIND",
+        parse_optional_host,
+        "",
+        "address of the metrics port; empty: the same as --bind",
+    ),
+    Setting(
+        "metrics_max_topics",
+        "--metrics-max-topics",
+        "SMQ_METRICS_MAX_TOPICS",
+        in_range(int, 1, 100_000),
+        "100",
+        "topics with their own series in the metrics (the first ones created); the "
+        'others are summed under topic="~other"',
+    ),
     LOG_LEVEL,
     ENV_FILE,
 )
@@ -337,6 +365,9 @@ class ServerConfig:
     retention_max_bytes: int = _DEFAULT["retention_max_bytes"]
     retention_max_age: float = _DEFAULT["retention_max_age"]
     max_consumers_per_topic: int = _DEFAULT["max_consumers_per_topic"]
+    metrics_port: int | None = _DEFAULT["metrics_port"]
+    metrics_bind: str = _DEFAULT["metrics_bind"]
+    metrics_max_topics: int = _DEFAULT["metrics_max_topics"]
     log_level: str = _DEFAULT["log_level"]
     env_file: str = _DEFAULT["env_file"]
 

@@ -26,6 +26,7 @@ class LivenessMonitor:
         self.interval = interval
         self.timeout = interval / 2  # a check must answer well before the next one is due
         self._listeners: tuple[Listener, ...] = ()
+        self.problem: str | None = None  # what the last check found (None: it passed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="smq-liveness", daemon=True)
 
@@ -51,6 +52,7 @@ class LivenessMonitor:
             if self._stop.is_set():
                 return
             passed = problem is None
+            self.problem = problem
             if passed != passed_before:
                 self._log_change(problem)
                 passed_before = passed

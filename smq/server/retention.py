@@ -43,6 +43,7 @@ class Retention:
         self._dropped: dict[
             str, int
         ] = {}  # messages drop-oldest trimmed, per topic, not yet logged
+        self._retained_out: dict[str, int] = {}  # what retention trimmed in this transaction
         self._dropped_logged = float("-inf")
         self._upkeep_logged = Throttled(log)
 
@@ -67,7 +68,10 @@ class Retention:
         spares what a named consumer has not committed yet."""
         if self.policy_of(topic).keep_uncommitted and topic.min_committed is not None:
             until = min(until, topic.min_committed)
-        return self.trim(topic, until)
+        count = self.trim(topic, until)
+        if count:
+            self._retained_out[topic.name] = self._retained_out.get(topic.name, 0) + count
+        return count
 
     def append(self, topic: TopicState, payloads: list[bytes], size: int) -> int:
         """Append payloads (`size` bytes) to the topic within the disk budget (StorageFull
@@ -115,6 +119,7 @@ class Retention:
         assert self._room is not None  # reserve_space measured it
         committed_until = self._first_written.get(topic.name, topic.next_offset) - 1
         before, dropped_before = topic.snapshot(), dict(self._dropped)
+        retained_out_before = dict(self._retained_out)
         with self.storage.savepoint() as undo:
             while (
                 size > self._room
@@ -131,6 +136,7 @@ class Retention:
                 undo()
                 topic.__dict__.update(before.__dict__)
                 self._dropped = dropped_before
+                self._retained_out = retained_out_before
                 self._measure_room()
 
     def _enforce_retention(self) -> None:

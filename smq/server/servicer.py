@@ -36,6 +36,7 @@ from .service import (
     page_messages,
 )
 from .status import rpc, streaming_rpc
+from .tallies import NO_CALL_STATS, CallStats, NoCallStats, NoTally, Tally
 from .topic_state import TopicState
 
 SERVICE_NAME = smq_pb2.DESCRIPTOR.services_by_name["SuhaibMessageQueue"].full_name
@@ -62,8 +63,14 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         send_limit: int,
         budget: MemoryBudget,
         gate: Gate | None = None,
+        calls: CallStats | NoCallStats = NO_CALL_STATS,
+        delivered: Tally | None = None,
     ) -> None:
+        """`calls` and `delivered` count for the metrics: calls by method and status
+        (status.py's wrappers), messages handed to readers by topic."""
         self.service = service
+        self.calls = calls
+        self.delivered = delivered if delivered is not None else NoTally()
         self.gate = gate or Gate(None)  # None: no ACL file, every call admitted
         self.budget = budget
         self.heartbeat_interval = heartbeat_interval
@@ -127,6 +134,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self, request: smq_pb2.ConsumeRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ConsumeResponse:
         payload = self.service.consume(request.topic, request.offset)
+        self.delivered.add(request.topic, 1)
         return smq_pb2.ConsumeResponse(message=payload, offset=request.offset)
 
     @streaming_rpc
@@ -144,15 +152,24 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 STREAM_PAGE_BYTES,
             )
             while not follower.cancelled:
-                yield from self._consume_replies(follower, memory, lambda: allowed(request.topic))
+                yield from self._consume_replies(
+                    follower,
+                    memory,
+                    lambda: allowed(request.topic),
+                    lambda sent: self.delivered.add(request.topic, sent),
+                )
 
     @staticmethod
     def _consume_replies(
-        follower: Follower, memory: CallMemory, still_allowed: Callable[[], None]
+        follower: Follower,
+        memory: CallMemory,
+        still_allowed: Callable[[], None],
+        delivered: Callable[[int], None],
     ) -> Iterator[Any]:
         """A heartbeat, or the next page's messages one by one: the page stays alive in
         this generator only, charged until its last message is taken. `still_allowed()`
-        raises if the access rules, reloaded while the page was awaited, deny it now."""
+        raises if the access rules, reloaded while the page was awaited, deny it now;
+        `delivered(n)` learns how many of its messages gRPC took."""
         page = follower.next_page()
         if page is not None:
             still_allowed()
@@ -161,10 +178,15 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         if not page:
             return
         memory.hold(held_page_cost(page))
-        for offset, payload in page:
-            memory.sending()
-            yield Encoded(encoding.consume_response(offset, payload))
-            memory.sent()
+        sent = 0
+        try:
+            for offset, payload in page:
+                memory.sending()
+                yield Encoded(encoding.consume_response(offset, payload))
+                memory.sent()
+                sent += 1
+        finally:
+            delivered(sent)
         memory.taken()
 
     def _consumer_slot(
@@ -242,19 +264,21 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 if reply is None:
                     return
                 allowed(request.topic)  # the rules may have been reloaded while it waited
-                yield reply
+                yield reply[0]
+                self.delivered.add(request.topic, reply[1])
                 memory.taken()
 
     @staticmethod
-    def _subscribe_reply(follower: Follower, memory: CallMemory) -> Encoded | None:
+    def _subscribe_reply(follower: Follower, memory: CallMemory) -> tuple[Encoded, int] | None:
         """The next page as an encoded SubscribeResponse, charged until the client takes
-        it; None once the stream is cancelled. The page itself dies here."""
+        it, and how many messages it holds; None once the stream is cancelled. The page
+        itself dies here."""
         page = follower.next_page()
         if page is None:
             return None
         reply = encoding.subscribe_response(page, follower.cursor)
         memory.hold(REPLY_COPIES * len(reply))
-        return Encoded(reply)
+        return Encoded(reply), len(page)
 
     @rpc
     def ListTopics(
@@ -380,6 +404,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
     def _bulk_retrieve_reply(self, request: Any, count: int, max_bytes: int) -> bytes:
         """The page, encoded as a BulkRetrieveResponse; the page itself dies here."""
         page = self.service.read(request.topic, request.start_offset, count, max_bytes)
+        self.delivered.add(request.topic, len(page.messages))
         return encoding.bulk_retrieve_response(page.messages, page.next_offset)
 
 
@@ -439,13 +464,19 @@ def policy_reply(overrides: TopicPolicy, effective: TopicPolicy) -> smq_pb2.Topi
 
 class Reflection(reflection.ReflectionServicer):
     """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
-    one holds a thread, and the unary calls' threads must stay theirs."""
+    one holds a thread, and the unary calls' threads must stay theirs. Counted in
+    `calls` like SMQ's methods."""
 
     def __init__(
-        self, files: tuple[Any, ...], service_names: tuple[str, ...], service: QueueService
+        self,
+        files: tuple[Any, ...],
+        service_names: tuple[str, ...],
+        service: QueueService,
+        calls: CallStats | NoCallStats = NO_CALL_STATS,
     ) -> None:
         super().__init__(service_names, pool=_pool_of(files))
         self.service = service
+        self.calls = calls
 
     @staticmethod
     def admit(rpc: str, request: Any, context: grpc.ServicerContext) -> None:

@@ -5,8 +5,9 @@ that run calls.
 
 The wrappers are also where every call is admitted: once its request is decoded, and
 before the handler runs, the servicer's `admit(rpc name, request, context)` raises if
-the caller may not make it (the access rules, smq/server/access.py). Being here, no
-handler can be added without it.
+the caller may not make it (the access rules, smq/server/access.py), and counted: the
+servicer's `calls` (tallies.CallStats) learns when each one begins and how it ends.
+Being here, no handler can be added without them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,13 @@ log = logging.getLogger(__name__)
 
 # An SMQError's `code` -> status (on the server, `code` is always the class's name).
 STATUS_OF: dict[str | grpc.StatusCode, grpc.StatusCode] = {c.name: c for c in grpc.StatusCode}
+
+
+def status_name(exc: BaseException, context: grpc.ServicerContext) -> str:
+    """The status `_abort` answers exc with, by name (for the metrics)."""
+    if isinstance(exc, SMQError):
+        return exc.code
+    return "CANCELLED" if not context.is_active() else "INTERNAL"
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -51,14 +59,17 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        started, code = self.calls.begin(name), "OK"
         try:
             message = decoded(request)
             self.admit(name, message, context)
             return method(self, message, context)
         except Exception as exc:
+            code = status_name(exc, context)
             _abort(context, exc)
         finally:
             release(request)  # the handler is done with it
+            self.calls.end(name, code, started)
 
     return handler
 
@@ -70,12 +81,19 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
 
     @functools.wraps(method)
     def handler(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        started, code = self.calls.begin(name), "OK"
         try:
             message = decoded(request)
             release(request)  # a small request: not held for the whole stream
             self.admit(name, message, context)
             yield from method(self, message, context)
+        except GeneratorExit:  # gRPC closed the stream: the client went away
+            code = "CANCELLED"
+            raise
         except Exception as exc:
+            code = status_name(exc, context)
             _abort(context, exc)
+        finally:
+            self.calls.end(name, code, started)
 
     return handler

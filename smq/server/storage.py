@@ -67,6 +67,7 @@ class Storage(ConsumerOffsets, DiskSpace):
         self._writer = self._file.writer
         self.page_size = self._file.page_size
         self.trim_step = self._file.trim_step
+        self.commit_seconds = 0.0  # how long the last COMMIT statement took (its fsync, if any)
         self._readers: queue.LifoQueue[apsw.Connection] = queue.LifoQueue()
         for _ in range(options.readers):
             self._readers.put(self._file.connect(apsw.SQLITE_OPEN_READWRITE, query_only=True))
@@ -176,7 +177,9 @@ class Storage(ConsumerOffsets, DiskSpace):
                     self._writer.execute("ROLLBACK")
                 raise
             try:
+                started = time.perf_counter()
                 self._writer.execute("COMMIT")
+                self.commit_seconds = time.perf_counter() - started
             except apsw.Error:
                 if not self._writer.getautocommit():
                     self._writer.execute("ROLLBACK")

@@ -61,6 +61,10 @@ class WriteLanes:
         """Small ops (and unsorted ones) waiting: callers that would join a small group."""
         return self._queue.qsize() + len(self._small)
 
+    def depth(self) -> int:
+        """Every op waiting, small and large (read from any thread: a moment's view)."""
+        return self._queue.qsize() + len(self._small) + len(self._large)
+
     def wait_for_work(self, timeout: float) -> bool:
         """Block until an op waits (True), or `timeout` passed or STOP came (False)."""
         if not self._small and not self._large and not self.stopping:

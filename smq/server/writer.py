@@ -46,6 +46,7 @@ from .clock import MessageClock, describe_shift
 from .ops import STREAM_SECONDS, Barrier, EnforceAge, WriteOp
 from .retention import ROOM_TRUSTED_ABOVE, Retention
 from .storage import Storage
+from .tallies import CommitStats
 from .topic_state import TopicState
 from .write_lanes import STOP, WriteLanes
 
@@ -96,6 +97,8 @@ class GroupCommitWriter(Retention):
         self.commits = 0  # transactions committed, and the ops/messages they carried
         self.committed_ops = 0
         self.committed_messages = 0
+        self.stats = CommitStats()  # for the metrics (tallies.py)
+        self.disk_left: int | None = None  # the disk budget left, as the last tick measured it
         self._counters_saved_at = time.monotonic()
         # Each topic's next offset as last committed, by topic id: a reload after a failed
         # write never goes back from it, even if rows went missing (offsets are not reused).
@@ -133,6 +136,10 @@ class GroupCommitWriter(Retention):
             return op.wait(0)
         return self.submit(op).wait(timeout)
 
+    def queue_depth(self) -> int:
+        """Writes waiting for the writer (for the metrics)."""
+        return self._lanes.depth()
+
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
@@ -168,8 +175,13 @@ class GroupCommitWriter(Retention):
 
     def _tick(self) -> None:
         """Periodic upkeep: age retention, saving message time's offset after a step of
-        the wall clock, and saving the topics' counters (COUNTERS_SAVE_SECONDS)."""
+        the wall clock, saving the topics' counters (COUNTERS_SAVE_SECONDS), and the disk
+        budget left, for the metrics."""
         self._read_clock()
+        try:
+            self.disk_left = self.storage.free_space()
+        except SMQError:
+            self.disk_left = None
         if (
             self._clock_unsaved
             or any(self.policy_of(t).max_age for t in self.topics.values())
@@ -255,11 +267,13 @@ class GroupCommitWriter(Retention):
         return unfinished
 
     def _apply_in_one_transaction(self, group: list[WriteOp]) -> None:
+        started = time.monotonic()
         if self._room is not None and self._room < ROOM_TRUSTED_ABOVE:
             self._room = None
         if self._topics_stale:
             self._reload_topics()
         self._first_written.clear()
+        self._retained_out.clear()
         dropped_before = dict(self._dropped)
         try:
             with self.storage.write_transaction():
@@ -296,6 +310,22 @@ class GroupCommitWriter(Retention):
         self.commits += 1
         self.committed_ops += len(group)
         self.committed_messages += sum(op.messages for op in group)
+        self._count_commit(started)
+
+    def _count_commit(self, started: float) -> None:
+        """The committed transaction in the metrics: what it appended per topic (exactly:
+        its topics' offsets moved by that much), what retention dropped, its times."""
+        appended = {
+            name: self.topics[name].next_offset - first
+            for name, first in self._first_written.items()
+            if name in self.topics
+        }
+        self.stats.committed(appended, self._retained_out, time.monotonic() - started)
+        if self.storage.options.durability == "full":  # the COMMIT fsyncs only then
+            self.stats.sync_seconds.observe(self.storage.commit_seconds)
+        for topic in self.deleted:
+            if topic.name not in self.topics:  # (not deleted and created again)
+                self.stats.forget(topic.name)
 
     def _forget_uncommitted(self) -> None:
         """After a rollback: the database is the truth again. Every topic is published

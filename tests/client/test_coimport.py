@@ -68,7 +68,7 @@ def test_pysmq_and_smq_client_in_one_process(server: ServerProcess, first: str) 
 
 CLIENT_ONLY = """
 import asyncio, sys
-BLOCKED = {"apsw", "dotenv", "sdnotify", "nats"}  # the server's and the forwarder's only
+BLOCKED = {"apsw", "dotenv", "sdnotify", "nats", "prometheus_client"}  # the server's and the forwarder's only
 
 
 class Blocker:
