@@ -26,10 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .. import exposure, tls
-from ..metrics_http import MetricsListener
 from .._proto import smq_pb2
 from ..domain import TopicPolicy, plural, tcp_address
 from ..errors import CertificateError, ConfigError, StartupError
+from ..metrics_http import MetricsListener
 from . import malloc
 from .access import Gate, load_gate
 from .budget import MemoryBudget, minimum_limit
@@ -334,6 +334,11 @@ class Server:
             self.health_problem,
         )
         return metrics, listener
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The metrics port (useful with --metrics-port 0), or None without metrics."""
+        return None if self._metrics_port is None else self._metrics_port.port
 
     def health_problem(self) -> str | None:
         """What /healthz reports: None while the liveness check passes, else why not."""

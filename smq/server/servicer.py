@@ -169,7 +169,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         """A heartbeat, or the next page's messages one by one: the page stays alive in
         this generator only, charged until its last message is taken. `still_allowed()`
         raises if the access rules, reloaded while the page was awaited, deny it now;
-        `delivered(n)` learns how many of its messages gRPC took."""
+        `delivered(n)` learns how many of its messages were handed to gRPC."""
         page = follower.next_page()
         if page is not None:
             still_allowed()
@@ -182,9 +182,9 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         try:
             for offset, payload in page:
                 memory.sending()
+                sent += 1  # handed to gRPC (counted even if the client leaves before it is sent)
                 yield Encoded(encoding.consume_response(offset, payload))
                 memory.sent()
-                sent += 1
         finally:
             delivered(sent)
         memory.taken()
@@ -264,8 +264,8 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 if reply is None:
                     return
                 allowed(request.topic)  # the rules may have been reloaded while it waited
+                self.delivered.add(request.topic, reply[1])  # handed to gRPC, as above
                 yield reply[0]
-                self.delivered.add(request.topic, reply[1])
                 memory.taken()
 
     @staticmethod

@@ -31,7 +31,7 @@ STATUS_OF: dict[str | grpc.StatusCode, grpc.StatusCode] = {c.name: c for c in gr
 def status_name(exc: BaseException, context: grpc.ServicerContext) -> str:
     """The status `_abort` answers exc with, by name (for the metrics)."""
     if isinstance(exc, SMQError):
-        return exc.code
+        return STATUS_OF[exc.code].name
     return "CANCELLED" if not context.is_active() else "INTERNAL"
 
 
@@ -94,6 +94,8 @@ def streaming_rpc(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterato
             code = status_name(exc, context)
             _abort(context, exc)
         finally:
+            if code == "OK" and not context.is_active():  # it ended because the client left
+                code = "CANCELLED"
             self.calls.end(name, code, started)
 
     return handler

@@ -130,9 +130,7 @@ class CommitStats:
         self.produced: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
 
-    def committed(
-        self, appended: dict[str, int], dropped: dict[str, int], seconds: float
-    ) -> None:
+    def committed(self, appended: dict[str, int], dropped: dict[str, int], seconds: float) -> None:
         if appended:  # upkeep and liveness commits carry none
             self.messages.observe(sum(appended.values()))
         self.seconds.observe(seconds)
