@@ -319,7 +319,7 @@ SETTINGS: tuple[Setting, ...] = (
         "metrics_max_topics",
         "--metrics-max-topics",
         "SMQ_METRICS_MAX_TOPICS",
-        in_range(int, 1, 100_000),
+        in_range(int, 1, 10_000),
         "100",
         "topics with their own series in the metrics (the first ones created); the "
         'others are summed under topic="~other"',

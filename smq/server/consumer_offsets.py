@@ -92,3 +92,19 @@ class ConsumerOffsets:
                     " FROM consumers ORDER BY name, topic_id"
                 ).fetchall(),
             )
+
+    def offsets_of(
+        self, topic_ids: list[int], limit: int
+    ) -> tuple[list[tuple[str, int, int]], int]:
+        """At most `limit` (consumer, topic id, committed offset) of these topics, by topic
+        and consumer, and how many there are in all (for the metrics: bounded rows read
+        into memory, whatever the number of consumers)."""
+        marks = ",".join("?" * len(topic_ids))
+        with self._reader("list consumers") as conn:
+            rows = conn.execute(
+                f"SELECT name, topic_id, committed_offset FROM consumers"
+                f" WHERE topic_id IN ({marks}) ORDER BY topic_id, name LIMIT ?",
+                (*topic_ids, limit),
+            ).fetchall()
+            total = conn.execute("SELECT count(*) FROM consumers").get
+        return cast(Any, rows), cast(int, total)

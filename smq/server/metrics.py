@@ -28,7 +28,7 @@ from prometheus_client.core import (
 from .. import __version__
 from .budget import MemoryBudget
 from .schema import file_size
-from .service import QueueService
+from .service import QueueService, consumer_lag
 from .tallies import CallStats, Histogram, Tally
 from .topic_state import TopicState
 
@@ -72,7 +72,7 @@ class _Collector:
         topics = sorted(self.service.topics(), key=lambda t: t.id)
         own = topics[: self.metrics.max_topics]
         yield from _topic_families(own, topics[len(own) :], self._counts(topics))
-        yield from self._consumers({t.name for t in own})
+        yield from self._consumers(own)
         yield from self._writer()
         yield from self._calls()
         yield from self._server(len(topics))
@@ -87,7 +87,7 @@ class _Collector:
             "dropped": {n: c for n, c in dict(stats.dropped).items() if n in names},
         }
 
-    def _consumers(self, labelled: set[str]) -> Iterator[Metric]:
+    def _consumers(self, labelled: list[TopicState]) -> Iterator[Metric]:
         committed = GaugeMetricFamily(
             "smq_consumer_committed_offset",
             "Offset a named consumer last committed on a topic",
@@ -98,23 +98,19 @@ class _Collector:
             "Messages stored after a named consumer's committed offset",
             labels=["topic", "consumer"],
         )
-        omitted = 0
-        for consumer in self.service.consumers():
-            if consumer.topic not in labelled:
-                continue
-            if len(committed.samples) >= MAX_CONSUMER_SERIES:
-                omitted += 1
-                continue
-            labels = [consumer.topic, consumer.consumer]
-            committed.add_metric(labels, consumer.committed_offset)
-            lag.add_metric(labels, consumer.lag)
+        by_id = {t.id: t for t in labelled}
+        rows, total = self.service.storage.offsets_of(list(by_id), MAX_CONSUMER_SERIES)
+        for name, topic_id, offset in rows:
+            topic = by_id[topic_id]
+            committed.add_metric([topic.name, name], offset)
+            lag.add_metric([topic.name, name], consumer_lag(topic, offset))
         yield committed
         yield lag
         yield GaugeMetricFamily(
             "smq_metrics_consumers_omitted",
             f"Named consumers without series: past {MAX_CONSUMER_SERIES}, or of a topic "
             "summed under ~other",
-            value=omitted,
+            value=total - len(rows),
         )
 
     def _writer(self) -> Iterator[Metric]:

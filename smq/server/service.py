@@ -235,7 +235,9 @@ class QueueService:
             state = by_id.get(topic_id)
             if state is None or (topic and state.name != topic) or (consumer and name != consumer):
                 continue
-            found.append(ConsumerState(name, state.name, offset, _lag(state, offset), updated_at))
+            found.append(
+                ConsumerState(name, state.name, offset, consumer_lag(state, offset), updated_at)
+            )
         return sorted(found, key=lambda c: (c.consumer, c.topic))
 
     def delete_consumer(self, consumer: str, topic: str = "") -> int:
@@ -488,7 +490,7 @@ class QueueService:
         return self._closing
 
 
-def _lag(topic: TopicState, committed: int) -> int:
+def consumer_lag(topic: TopicState, committed: int) -> int:
     """Stored messages after the committed offset (deleted ones are not owed)."""
     if topic.earliest is None:
         return 0
