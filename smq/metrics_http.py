@@ -9,6 +9,12 @@ it hold is bounded: at most MAX_CONNECTIONS open (a new one past it pushes out t
 oldest), REQUEST_HEAD_BYTES of request each, REQUEST_SECONDS to send it and
 REPLY_SECONDS to take the answer. A client that sends nothing or garbage (slow-loris)
 costs one slot until its time is up, and is dropped first when another one comes.
+Scrapes that arrive together share one rendering of the registry, made after they
+arrived (so it shows everything done before them), and at most MAX_RENDERINGS renderings
+wait for slow readers at a time (the oldest one's readers are dropped to make room): the
+memory held for replies stays a few times one scrape's size. Rendering rests RENDER_REST
+times as long as it took before the next one (scrapes meanwhile wait and share it), so
+however many requests come, scrapes take at most 1/(1 + RENDER_REST) of a core.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ MAX_CONNECTIONS = 32
 REQUEST_HEAD_BYTES = 8 * 1024  # a request line and headers; Prometheus sends ~300 bytes
 REQUEST_SECONDS = 5.0  # from accepting a connection to having its whole request head
 REPLY_SECONDS = 10.0  # to take the answer once it is ready
+MAX_RENDERINGS = 4  # renderings of /metrics held for readers that have not taken them
+RENDER_REST = 4.0  # after a rendering that took t seconds, the next waits until 4t later
 Health = Callable[[], "str | None"]  # None: healthy; else the reason
 
 
@@ -38,7 +46,12 @@ class _Connection:
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.received = b""
-        self.reply = b""  # set once the request is complete: what is left to send
+        self.head = b""  # the complete request head, until it is answered
+        self.answered = False
+        self.reply_head = b""  # the answer's status line and headers, then its body
+        self.reply = b""  # (shared by the scrapes answered with one rendering)
+        self.sent = 0  # bytes of reply_head + reply sent
+        self.rendering = 0  # which rendering of /metrics `reply` holds (0: another answer)
         self.deadline = now + REQUEST_SECONDS
 
 
@@ -56,6 +69,8 @@ class MetricsListener:
         self._selector.register(self._sock, selectors.EVENT_READ)
         self._connections: dict[socket.socket, _Connection] = {}  # oldest first
         self._stop = threading.Event()
+        self._renderings = 0  # how many renderings of /metrics were made
+        self._next_rendering = 0.0  # monotonic time before which none is made
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._thread = threading.Thread(target=self._run, name="smq-metrics", daemon=True)
@@ -79,7 +94,8 @@ class MetricsListener:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for key, events in self._selector.select(timeout=1.0):
+            wait = min(max(self._next_rendering - time.monotonic(), 0.01), 1.0)
+            for key, events in self._selector.select(timeout=wait):
                 try:
                     self._handle(key.fileobj, events)  # type: ignore[arg-type]
                 except Exception:  # a bug must not end the listener
@@ -87,7 +103,49 @@ class MetricsListener:
                     conn = self._connections.get(key.fileobj)  # type: ignore[call-overload]
                     if conn is not None:
                         self._close(conn)
+            self._answer_requests()
             self._drop_late(time.monotonic())
+
+    def _answer_requests(self) -> None:
+        """Answer the requests completed in this round; the scrapes among them share one
+        rendering, made now (after they arrived: it shows what they may expect)."""
+        waiting = [c for c in self._connections.values() if c.head]
+        scrapes = [c for c in waiting if _target(c.head) == (b"/metrics")]
+        rendering: bytes | None = b""
+        if any(_method(c.head) == b"GET" for c in scrapes):
+            if time.monotonic() < self._next_rendering:  # resting: the scrapes wait
+                waiting = [c for c in waiting if c not in scrapes]
+                scrapes = []
+            else:
+                rendering = self._render()
+        for conn in waiting:
+            head, conn.head = conn.head, b""
+            if conn in scrapes and _method(head) in (b"GET", b"HEAD"):
+                if rendering is None:
+                    self._answer(conn, 500, "the scrape failed: see the log\n")
+                else:
+                    conn.rendering = self._renderings
+                    self._answer(conn, 200, rendering, CONTENT_TYPE_LATEST, _method(head) == b"GET")
+            else:
+                self._answer(conn, *self._respond(head))
+
+    def _render(self) -> bytes | None:
+        """The registry in the text format (None if a collector failed: logged). Older
+        renderings past MAX_RENDERINGS lose their slow readers first."""
+        held = sorted({c.rendering for c in self._connections.values() if c.rendering})
+        for old in held[: max(len(held) - MAX_RENDERINGS + 1, 0)]:
+            for conn in [c for c in self._connections.values() if c.rendering == old]:
+                self._close(conn)
+        self._renderings += 1
+        started = time.monotonic()
+        try:
+            return generate_latest(self.registry)
+        except Exception:  # a bug in a collector: say so, keep serving
+            log.exception("metrics: a scrape failed")
+            return None
+        finally:
+            now = time.monotonic()
+            self._next_rendering = now + RENDER_REST * (now - started)
 
     def _handle(self, sock: socket.socket, events: int) -> None:
         if sock is self._sock:
@@ -96,10 +154,10 @@ class MetricsListener:
             sock.recv(64)
         elif sock in self._connections:
             conn = self._connections[sock]
-            if events & selectors.EVENT_READ and not conn.reply:
-                self._receive(conn)
-            elif events & selectors.EVENT_WRITE:
+            if conn.answered:
                 self._send(conn)
+            elif not conn.head:  # (a complete head waits for the end of the round)
+                self._receive(conn)
 
     def _accept(self) -> None:
         try:
@@ -107,7 +165,10 @@ class MetricsListener:
         except OSError:  # the peer gave up already, or no fds left: try at the next event
             return
         if len(self._connections) >= MAX_CONNECTIONS:
-            self._close(next(iter(self._connections.values())))  # the oldest goes
+            # The oldest that has not sent a whole request goes (a slow-loris before a
+            # scraper being answered); if every one has, the oldest.
+            idle = (c for c in self._connections.values() if not (c.head or c.answered))
+            self._close(next(idle, next(iter(self._connections.values()))))
         sock.setblocking(False)
         self._connections[sock] = _Connection(sock, time.monotonic())
         self._selector.register(sock, selectors.EVENT_READ)
@@ -124,25 +185,20 @@ class MetricsListener:
             return
         conn.received += data
         if b"\r\n\r\n" in conn.received or b"\n\n" in conn.received:
-            self._answer(conn, *self._respond(conn.received))
+            conn.head, conn.received = conn.received, b""  # answered at the end of the round
+            conn.deadline = time.monotonic() + REPLY_SECONDS
         elif len(conn.received) > REQUEST_HEAD_BYTES:
             self._answer(conn, 431, "request head too large\n")
 
     def _respond(self, head: bytes) -> tuple[int, str | bytes, str, bool]:
-        """(status, body, content type, whether the body is sent) for a request head."""
-        words = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
-        if len(words) != 3 or not words[2].startswith(b"HTTP/"):
+        """(status, body, content type, whether the body is sent) for a request head
+        other than a scrape."""
+        method, target = _method(head), _target(head)
+        if method is None or target is None:
             return 400, "bad request\n", "text/plain", True
-        method, target = words[0], words[1].split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return 405, "only GET and HEAD\n", "text/plain", True
         with_body = method == b"GET"
-        if target == b"/metrics":
-            try:
-                return 200, generate_latest(self.registry), CONTENT_TYPE_LATEST, with_body
-            except Exception:  # a bug in a collector: say so, keep serving
-                log.exception("metrics: a scrape failed")
-                return 500, "the scrape failed: see the log\n", "text/plain", with_body
         if target == b"/healthz":
             problem = self.health()
             if problem is None:
@@ -166,22 +222,25 @@ class MetricsListener:
             f"Content-Type: {content_type}\r\nContent-Length: {len(data)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode()
-        conn.reply = head + data if with_body else head
-        conn.received = b""
+        conn.reply_head, conn.reply, conn.sent = head, (data if with_body else b""), 0
+        conn.answered, conn.received = True, b""
         conn.deadline = time.monotonic() + REPLY_SECONDS
         self._selector.modify(conn.sock, selectors.EVENT_WRITE)
         self._send(conn)
 
     def _send(self, conn: _Connection) -> None:
+        head = len(conn.reply_head)
         try:
-            sent = conn.sock.send(conn.reply)
+            if conn.sent < head:
+                conn.sent += conn.sock.send(conn.reply_head[conn.sent :])
+            else:  # the body, shared: sent from a view, never copied
+                conn.sent += conn.sock.send(memoryview(conn.reply)[conn.sent - head :])
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(conn)
             return
-        conn.reply = conn.reply[sent:]
-        if not conn.reply:
+        if conn.sent >= head + len(conn.reply):
             self._close(conn)
 
     def _drop_late(self, now: float) -> None:
@@ -192,6 +251,21 @@ class MetricsListener:
         if self._connections.pop(conn.sock, None) is not None:
             self._selector.unregister(conn.sock)
         conn.sock.close()
+
+
+def _request_line(head: bytes) -> list[bytes]:
+    words = head.split(b"\n", 1)[0].split()
+    return words if len(words) == 3 and words[2].startswith(b"HTTP/") else []
+
+
+def _method(head: bytes) -> bytes | None:
+    words = _request_line(head)
+    return words[0] if words else None
+
+
+def _target(head: bytes) -> bytes | None:
+    words = _request_line(head)
+    return words[1].split(b"?", 1)[0] if words else None
 
 
 _REASONS = {
