@@ -19,6 +19,7 @@ however many requests come, scrapes take at most 1/(1 + RENDER_REST) of a core.
 
 from __future__ import annotations
 
+import errno
 import logging
 import selectors
 import socket
@@ -107,27 +108,25 @@ class MetricsListener:
             self._drop_late(time.monotonic())
 
     def _answer_requests(self) -> None:
-        """Answer the requests completed in this round; the scrapes among them share one
-        rendering, made now (after they arrived: it shows what they may expect)."""
+        """Answer the requests completed in this round: /healthz and the others first,
+        then the scrapes, which share one rendering made now (after they arrived: it
+        shows everything done before them) unless rendering rests (they wait)."""
         waiting = [c for c in self._connections.values() if c.head]
-        scrapes = [c for c in waiting if _target(c.head) == (b"/metrics")]
-        rendering: bytes | None = b""
-        if any(_method(c.head) == b"GET" for c in scrapes):
-            if time.monotonic() < self._next_rendering:  # resting: the scrapes wait
-                waiting = [c for c in waiting if c not in scrapes]
-                scrapes = []
-            else:
-                rendering = self._render()
+        scrapes = [c for c in waiting if _is_scrape(c.head)]
         for conn in waiting:
-            head, conn.head = conn.head, b""
-            if conn in scrapes and _method(head) in (b"GET", b"HEAD"):
-                if rendering is None:
-                    self._answer(conn, 500, "the scrape failed: see the log\n")
-                else:
-                    conn.rendering = self._renderings
-                    self._answer(conn, 200, rendering, CONTENT_TYPE_LATEST, _method(head) == b"GET")
-            else:
+            if conn not in scrapes:
+                head, conn.head = conn.head, b""
                 self._answer(conn, *self._respond(head))
+        if not scrapes or time.monotonic() < self._next_rendering:
+            return
+        rendering = self._render()
+        for conn in scrapes:
+            head, conn.head = conn.head, b""
+            if rendering is None:
+                self._answer(conn, 500, "the scrape failed: see the log\n")
+            else:
+                conn.rendering = self._renderings
+                self._answer(conn, 200, rendering, CONTENT_TYPE_LATEST, _method(head) == b"GET")
 
     def _render(self) -> bytes | None:
         """The registry in the text format (None if a collector failed: logged). Older
@@ -263,6 +262,10 @@ def _method(head: bytes) -> bytes | None:
     return words[0] if words else None
 
 
+def _is_scrape(head: bytes) -> bool:
+    return _method(head) in (b"GET", b"HEAD") and _target(head) == b"/metrics"
+
+
 def _target(head: bytes) -> bytes | None:
     words = _request_line(head)
     return words[1].split(b"?", 1)[0] if words else None
@@ -284,7 +287,7 @@ def _listen(bind: str, port: int) -> socket.socket:
     where = tcp_address(bind, port)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
-            bind, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            bind.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         sock = socket.socket(family, kind, proto)
     except (OSError, UnicodeError) as exc:
@@ -298,9 +301,8 @@ def _listen(bind: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise StartupError(
-            f"cannot listen on {where} for metrics: {_reason(exc)} (is another server using it?)"
-        ) from None
+        hint = " (is another server using it?)" if exc.errno == errno.EADDRINUSE else ""
+        raise StartupError(f"cannot listen on {where} for metrics: {_reason(exc)}{hint}") from None
     return sock
 
 

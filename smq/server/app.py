@@ -80,6 +80,15 @@ def exposure_warnings(config: ServerConfig, port: int) -> list[str]:
             "--bind 127.0.0.1, --server-enable-mtls or --allow-remote-writes=false; to "
             "silence this warning: --quiet-open-network)"
         )
+    metrics_bind = config.metrics_bind or config.bind
+    if config.metrics_port is not None and not config.quiet_open_network:
+        if not exposure.is_loopback(metrics_bind):
+            lines.append(
+                f"serving metrics on {tcp_address(metrics_bind, config.metrics_port)} over "
+                "plain HTTP to anyone who can reach it, whatever mTLS and the ACL allow: "
+                "topic and consumer names, rates (to keep them on this device: "
+                "--metrics-bind 127.0.0.1; to silence this warning: --quiet-open-network)"
+            )
     return lines
 
 
@@ -424,10 +433,10 @@ class Server:
         self.health.enter_graceful_shutdown()
         self.service.begin_shutdown()
         self._grpc.stop(grace).wait()
+        if self._metrics_port is not None:  # before the database closes: no scrape reads it
+            self._metrics_port.stop()
         self.budget.stop()
         self.service.close()
-        if self._metrics_port is not None:
-            self._metrics_port.stop()
         self._remove_own_socket()
         log.info("stopped")
 

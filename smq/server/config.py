@@ -306,6 +306,7 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "serve Prometheus metrics (/metrics) and a health check (/healthz) over HTTP on "
         "this port; empty: off",
+        empty=None,
     ),
     Setting(
         "metrics_bind",

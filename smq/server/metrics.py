@@ -5,10 +5,12 @@ and status, messages delivered per topic; the writer keeps its own) and a regist
 its own whose collector reads them, and the service's state, at each scrape: nothing
 is computed for metrics between scrapes beyond those additions.
 
-Topic labels are bounded: the first --metrics-max-topics topics by creation get their
-own `topic` label; the others are summed under topic="~other" (no real topic has that
-name: "~" is not allowed in one), without offsets. Consumer series are likewise
-bounded (MAX_CONSUMER_SERIES), for topics with their own label only.
+Topic labels are bounded (Labels): a topic gets its own `topic` label while fewer than
+--metrics-max-topics have one (the oldest first), else it is summed under
+topic="~other" (no real topic has that name: "~" is not allowed in one), without
+offsets. A topic keeps the label it got until it is deleted, and ~other's counters keep
+what its deleted topics counted, so that no counter ever goes down. Consumer series are
+likewise bounded (MAX_CONSUMER_SERIES), for topics with their own label only.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class ServerMetrics:
     ) -> None:
         """Start exposing the server's state (once it exists). `liveness()`: None while
         the liveness check passes, else its reason."""
+        service.writer.stats.also_forget.append(self.delivered)  # a deleted topic's counts
         self.registry.register(_Collector(self, service, budget, liveness))
 
 
@@ -67,11 +70,14 @@ class _Collector:
         self.service = service
         self.budget = budget
         self.liveness = liveness
+        self.labels = Labels(metrics.max_topics)
 
     def collect(self) -> Iterator[Metric]:
         topics = sorted(self.service.topics(), key=lambda t: t.id)
-        own = topics[: self.metrics.max_topics]
-        yield from _topic_families(own, topics[len(own) :], self._counts(topics))
+        own, others = self.labels.assign(topics)
+        counts = self._counts(topics)
+        retired = self.labels.other_counts(others, counts)
+        yield from _topic_families(own, others, counts, retired)
         yield from self._consumers(own)
         yield from self._writer()
         yield from self._calls()
@@ -83,7 +89,7 @@ class _Collector:
         stats = self.service.writer.stats
         return {
             "produced": {n: c for n, c in dict(stats.produced).items() if n in names},
-            "delivered": self.metrics.delivered.snapshot(names),
+            "delivered": {n: c for n, c in self.metrics.delivered.snapshot().items() if n in names},
             "dropped": {n: c for n, c in dict(stats.dropped).items() if n in names},
         }
 
@@ -204,10 +210,49 @@ class _Collector:
         )
 
 
+class Labels:
+    """Which topics have their own label (ids; kept until the topic is deleted) and which
+    are summed under ~other, with the counts of ~other's topics as last seen and of those
+    deleted since (so that ~other's counters never go down). Used by the scrape only."""
+
+    def __init__(self, max_topics: int) -> None:
+        self.max_topics = max_topics
+        self.own: set[int] = set()
+        self.others: dict[int, dict[str, int]] = {}  # topic id -> its counts as last seen
+        self.retired: dict[str, int] = {}  # the counts of ~other's deleted topics
+
+    def assign(self, topics: list[TopicState]) -> tuple[list[TopicState], list[TopicState]]:
+        """(topics with their own label, topics under ~other), `topics` oldest first."""
+        alive = {t.id for t in topics}
+        self.own &= alive
+        for gone in [i for i in self.others if i not in alive]:
+            for key, count in self.others.pop(gone).items():
+                self.retired[key] = self.retired.get(key, 0) + count
+        for topic in topics:
+            if topic.id not in self.own and topic.id not in self.others:
+                if len(self.own) < self.max_topics:
+                    self.own.add(topic.id)
+                else:
+                    self.others[topic.id] = {}
+        return [t for t in topics if t.id in self.own], [t for t in topics if t.id in self.others]
+
+    def other_counts(
+        self, others: list[TopicState], counts: dict[str, dict[str, int]]
+    ) -> dict[str, int]:
+        """Remember the counts of ~other's topics; return those of its deleted ones."""
+        for topic in others:
+            self.others[topic.id] = {key: counts[key].get(topic.name, 0) for key in counts}
+        return self.retired
+
+
 def _topic_families(
-    own: list[TopicState], others: list[TopicState], counts: dict[str, dict[str, int]]
+    own: list[TopicState],
+    others: list[TopicState],
+    counts: dict[str, dict[str, int]],
+    retired: dict[str, int],
 ) -> Iterator[Metric]:
-    """The per-topic families: `own` topics by name, `others` summed under ~other."""
+    """The per-topic families: `own` topics by name, `others` summed under ~other (with
+    the `retired` counts of its deleted topics)."""
     gauges = {
         "messages": GaugeMetricFamily(
             "smq_topic_stored_messages", "Messages stored", labels=["topic"]
@@ -251,11 +296,11 @@ def _topic_families(
         latest.add_metric([topic.name], topic.next_offset - 1)
         for key, family in counters.items():
             family.add_metric([topic.name], counts[key].get(topic.name, 0))
-    if others:
+    if others or retired:
         gauges["messages"].add_metric([OTHER_TOPICS], sum(t.message_count for t in others))
         gauges["bytes"].add_metric([OTHER_TOPICS], sum(t.stored_bytes for t in others))
         for key, family in counters.items():
-            family.add_metric([OTHER_TOPICS], _sum_of(counts[key], others))
+            family.add_metric([OTHER_TOPICS], retired.get(key, 0) + _sum_of(counts[key], others))
     yield from gauges.values()
     yield earliest
     yield latest

@@ -69,6 +69,8 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             _abort(context, exc)
         finally:
             release(request)  # the handler is done with it
+            if code == "OK" and not context.is_active():  # the client left (StreamProduce)
+                code = "CANCELLED"
             self.calls.end(name, code, started)
 
     return handler

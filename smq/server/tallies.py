@@ -110,11 +110,12 @@ class Tally:
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + count
 
-    def snapshot(self, keep: set[str]) -> dict[str, int]:
-        """The counts of the keys in `keep`; the others (deleted topics) are forgotten."""
+    def forget(self, key: str) -> None:
         with self._lock:
-            for key in [k for k in self._counts if k not in keep]:
-                del self._counts[key]
+            self._counts.pop(key, None)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
             return dict(self._counts)
 
 
@@ -129,6 +130,7 @@ class CommitStats:
         self.sync_seconds = Histogram(DURATION_BUCKETS)
         self.produced: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+        self.also_forget: list[Tally] = []  # others' counts by topic (messages delivered)
 
     def committed(self, appended: dict[str, int], dropped: dict[str, int], seconds: float) -> None:
         if appended:  # upkeep and liveness commits carry none
@@ -142,10 +144,15 @@ class CommitStats:
         """A deleted topic's counts go with it."""
         self.produced.pop(topic, None)
         self.dropped.pop(topic, None)
+        for tally in self.also_forget:
+            tally.forget(topic)
 
 
 class NoTally(Tally):
     """Tally's interface for a server without metrics: nothing kept."""
 
     def add(self, key: str, count: int) -> None:
+        pass
+
+    def forget(self, key: str) -> None:
         pass

@@ -126,6 +126,86 @@ def test_topics_past_the_bound_are_summed_under_other(server):
     assert value(samples, "smq_topic_earliest_offset", topic="~other") is None
 
 
+def test_no_topic_moves_between_labels_and_other_never_goes_down(server):
+    """Deleting a topic with its own label frees its place for a new topic, not for one
+    under ~other; deleting one under ~other keeps what it counted in ~other's counters."""
+    stub = server.stub()
+    for n in range(6):
+        make_topic(stub, f"sticky-{n}", 3)
+    before = scrape(server.metrics)
+    own = label_values(before, "smq_topic_stored_messages", "topic") - {"~other"}
+    other = value(before, "smq_topic_produced_messages_total", topic="~other")
+    under_other = {t.name for t in stub.ListTopics(smq_pb2.ListTopicsRequest()).topics} - own
+    stub.DeleteTopic(smq_pb2.DeleteTopicRequest(topic=sorted(own)[0]))
+    stub.DeleteTopic(smq_pb2.DeleteTopicRequest(topic=sorted(under_other)[0]))
+    make_topic(stub, "sticky-new", 1)
+    after = scrape(server.metrics)
+    labelled = label_values(after, "smq_topic_stored_messages", "topic") - {"~other"}
+    assert labelled == (own - {sorted(own)[0]}) | {"sticky-new"}
+    assert value(after, "smq_topic_produced_messages_total", topic="~other") == other
+
+
+def test_a_deleted_topic_takes_its_counts_along(server):
+    stub = server.stub()
+    make_topic(stub, "again", 4)
+    stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="again", start_offset=1, limit=10))
+    stub.DeleteTopic(smq_pb2.DeleteTopicRequest(topic="again"))
+    stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="again"))
+    stub.Produce(smq_pb2.ProduceRequest(topic="again", message=b"new"))
+    samples = scrape(server.metrics)
+    if "again" in label_values(samples, "smq_topic_stored_messages", "topic"):
+        assert value(samples, "smq_topic_produced_messages_total", topic="again") == 1
+        assert value(samples, "smq_topic_delivered_messages_total", topic="again") == 0
+
+
+def test_a_stream_produce_the_client_cancels_is_counted_cancelled(server):
+    stub = server.stub()
+    make_topic(stub, "cancelled")
+    release = threading.Event()
+
+    def requests():
+        yield smq_pb2.ProduceRequest(topic="cancelled", message=b"first")
+        release.wait(10)
+
+    before = value(scrape(server.metrics), "smq_rpcs_total", method="StreamProduce",
+                   code="CANCELLED") or 0
+    call = stub.StreamProduce.future(requests())
+    eventually(lambda: value(scrape(server.metrics), "smq_open_streams",
+                             rpc="StreamProduce") == 1, timeout=10)  # its handler runs
+    call.cancel()
+    release.set()
+    eventually(lambda: value(scrape(server.metrics), "smq_rpcs_total", method="StreamProduce",
+                             code="CANCELLED") == before + 1, timeout=10,
+               message=lambda: [k for k in scrape(server.metrics) if "StreamProduce" in str(k)])
+
+
+def test_without_the_flag_there_is_no_metrics_port(tmp_path):
+    proc = ServerProcess(["--dbpath", str(tmp_path / "q.db"), "--port", "0", "--bind",
+                          "127.0.0.1"], tmp_path).wait_serving()
+    try:
+        assert "metrics" not in proc.log()
+        listening = Path("/proc/net/tcp").read_text() + Path("/proc/net/tcp6").read_text()
+        inodes = {os.readlink(f"/proc/{proc.proc.pid}/fd/{fd}")
+                  for fd in os.listdir(f"/proc/{proc.proc.pid}/fd")}
+        sockets = {i[len("socket:["):-1] for i in inodes if i.startswith("socket:[")}
+        listeners = [line for line in listening.splitlines()[1:]
+                     if line.split()[3] == "0A" and line.split()[9] in sockets]
+        assert len(listeners) == 1, listeners  # the gRPC port only
+    finally:
+        proc.close()
+
+
+def test_metrics_open_to_the_network_are_warned_about(tmp_path):
+    proc = ServerProcess(["--dbpath", str(tmp_path / "q.db"), "--port", "0", "--bind",
+                          "127.0.0.1", "--metrics-port", "0", "--metrics-bind", "0.0.0.0"],
+                         tmp_path).wait_serving()
+    try:
+        warning = [line for line in proc.log().splitlines() if "serving metrics on" in line]
+        assert len(warning) == 1 and "--metrics-bind 127.0.0.1" in warning[0], proc.log()
+    finally:
+        proc.close()
+
+
 def test_healthz_answers_ok_while_the_liveness_check_passes(server):
     assert get(server.metrics, "/healthz") == (200, "ok\n")
     assert get(server.metrics, "/nowhere")[0] == 404
