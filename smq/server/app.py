@@ -38,8 +38,9 @@ from .handlers import lenient_handler
 from .liveness import LivenessMonitor
 from .metrics import ServerMetrics
 from .pool import FairPool
+from .reflecting import Reflection
 from .service import PAGE_BYTES, Limits, QueueService
-from .servicer import MAX_BATCH_BYTES, SERVICE_NAME, Reflection, Servicer
+from .servicer import MAX_BATCH_BYTES, SERVICE_NAME, Servicer
 from .storage import Storage, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -81,14 +82,15 @@ def exposure_warnings(config: ServerConfig, port: int) -> list[str]:
             "silence this warning: --quiet-open-network)"
         )
     metrics_bind = config.metrics_bind or config.bind
-    if config.metrics_port is not None and not config.quiet_open_network:
-        if not exposure.is_loopback(metrics_bind):
-            lines.append(
-                f"serving metrics on {tcp_address(metrics_bind, config.metrics_port)} over "
-                "plain HTTP to anyone who can reach it, whatever mTLS and the ACL allow: "
-                "topic and consumer names, rates (to keep them on this device: "
-                "--metrics-bind 127.0.0.1; to silence this warning: --quiet-open-network)"
-            )
+    metrics_port = config.metrics_port
+    metrics_open = metrics_port is not None and not exposure.is_loopback(metrics_bind)
+    if metrics_port is not None and metrics_open and not config.quiet_open_network:
+        lines.append(
+            f"serving metrics on {tcp_address(metrics_bind, metrics_port)} over "
+            "plain HTTP to anyone who can reach it, whatever mTLS and the ACL allow: "
+            "topic and consumer names, rates (to keep them on this device: "
+            "--metrics-bind 127.0.0.1; to silence this warning: --quiet-open-network)"
+        )
     return lines
 
 

@@ -30,7 +30,7 @@ from prometheus_client.core import (
 from .. import __version__
 from .budget import MemoryBudget
 from .schema import file_size
-from .service import QueueService, consumer_lag
+from .service import QueueService
 from .tallies import CallStats, Histogram, Tally
 from .topic_state import TopicState
 
@@ -109,7 +109,7 @@ class _Collector:
         for name, topic_id, offset in rows:
             topic = by_id[topic_id]
             committed.add_metric([topic.name, name], offset)
-            lag.add_metric([topic.name, name], consumer_lag(topic, offset))
+            lag.add_metric([topic.name, name], topic.lag_after(offset))
         yield committed
         yield lag
         yield GaugeMetricFamily(

@@ -236,7 +236,7 @@ class QueueService:
             if state is None or (topic and state.name != topic) or (consumer and name != consumer):
                 continue
             found.append(
-                ConsumerState(name, state.name, offset, consumer_lag(state, offset), updated_at)
+                ConsumerState(name, state.name, offset, state.lag_after(offset), updated_at)
             )
         return sorted(found, key=lambda c: (c.consumer, c.topic))
 
@@ -488,13 +488,6 @@ class QueueService:
     @property
     def closing(self) -> bool:
         return self._closing
-
-
-def consumer_lag(topic: TopicState, committed: int) -> int:
-    """Stored messages after the committed offset (deleted ones are not owed)."""
-    if topic.earliest is None:
-        return 0
-    return max(topic.next_offset - max(committed + 1, topic.earliest), 0)
 
 
 def page_messages(limit: int) -> int:

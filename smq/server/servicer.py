@@ -14,13 +14,11 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
-from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .. import __version__
 from .._proto import smq_pb2, smq_pb2_grpc
 from ..domain import HEARTBEAT_OFFSET, TopicPolicy
-from ..errors import InvalidArgument, Overloaded, ResourceExhausted
+from ..errors import Overloaded, ResourceExhausted
 from . import encoding
 from .access import Gate, is_local
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
@@ -47,8 +45,6 @@ MAX_BATCH_MESSAGES = 10_000  # and at most this many messages (a million empty o
 # objects (~600 bytes each: 50,000 consumers took ~30 MiB), which the budget cannot see
 # beforehand; 40 at once took the server past its unit's MemoryMax. Others wait this long.
 LIST_BUILDS = 1
-MAX_REFLECTION_REQUEST = 64 * 1024  # a symbol or file name; real ones are far smaller
-TOO_LARGE = object()  # stands in for a reflection request over MAX_REFLECTION_REQUEST
 LIST_WAIT_SECONDS = 10.0
 
 
@@ -460,58 +456,3 @@ def policy_reply(overrides: TopicPolicy, effective: TopicPolicy) -> smq_pb2.Topi
         overrides=smq_pb2.TopicPolicy(**overrides.to_proto_fields()),
         effective=smq_pb2.TopicPolicy(**effective.to_proto_fields()),
     )
-
-
-class Reflection(reflection.ReflectionServicer):
-    """gRPC reflection whose streams take a --max-streams place like SMQ's own: an idle
-    one holds a thread, and the unary calls' threads must stay theirs. Counted in
-    `calls` like SMQ's methods."""
-
-    def __init__(
-        self,
-        files: tuple[Any, ...],
-        service_names: tuple[str, ...],
-        service: QueueService,
-        calls: CallStats | NoCallStats = NO_CALL_STATS,
-    ) -> None:
-        super().__init__(service_names, pool=_pool_of(files))
-        self.service = service
-        self.calls = calls
-
-    @staticmethod
-    def admit(rpc: str, request: Any, context: grpc.ServicerContext) -> None:
-        """Reflection describes the schema, no topic: an accepted certificate is enough."""
-
-    @staticmethod
-    def request(data: bytes) -> Any:
-        """The request, or TOO_LARGE for one too large to be a real one (a symbol or file
-        name): refused unparsed, since parsing (and the error that echoes its name)
-        made copies of megabytes that the memory budget does not see."""
-        if len(data) > MAX_REFLECTION_REQUEST:
-            return TOO_LARGE  # not None: gRPC takes None for a failed deserializer
-        return reflection_pb2.ServerReflectionRequest.FromString(data)
-
-    @streaming_rpc
-    def ServerReflectionInfo(
-        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
-    ) -> Iterator[Any]:
-        with self.service.stream_slot():
-            yield from super().ServerReflectionInfo(_checked(request_iterator), context)
-
-
-def _pool_of(files: tuple[Any, ...]) -> descriptor_pool.DescriptorPool:
-    """One pool with these files (FileDescriptors): smq.proto is not in protobuf's
-    default pool (see scripts/gen_proto.py), the health and reflection files are."""
-    pool = descriptor_pool.DescriptorPool()
-    for file in files:
-        pool.AddSerializedFile(file.serialized_pb)
-    return pool
-
-
-def _checked(requests: Iterator[Any]) -> Iterator[Any]:
-    for request in requests:
-        if request is TOO_LARGE:
-            raise InvalidArgument(
-                f"a reflection request is at most {MAX_REFLECTION_REQUEST // 1024} KiB"
-            )
-        yield request

@@ -52,6 +52,12 @@ class TopicState:
         """Highest stored offset, or None when the topic is empty."""
         return None if self.earliest is None else self.next_offset - 1
 
+    def lag_after(self, committed: int) -> int:
+        """Stored messages after a consumer's committed offset (deleted ones are not owed)."""
+        if self.earliest is None:
+            return 0
+        return max(self.next_offset - max(committed + 1, self.earliest), 0)
+
     @property
     def message_count(self) -> int:
         # Offsets are contiguous: trims only ever remove a prefix.
