@@ -38,6 +38,7 @@ from ..errors import (
 )
 from ..retry import backoff
 from .jetstream import JetStream, pattern_within, subject_matches
+from .pacing import InFlight, RateLimit
 from .plan import ForwardedTopic, Plan
 from .source import SmqSource
 
@@ -52,46 +53,6 @@ DENIED_RETRY = 30.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0  # seconds between sessions: doubling, with jitter
 MAX_PAGE = 1000  # messages per Subscribe page
 MAX_INFLIGHT_BYTES = 16 * 1024**2  # payload bytes in flight, at most (one message may exceed it)
-
-
-class RateLimit:
-    """At most `per_second` acquisitions a second, allowing a burst of 0.1 s worth."""
-
-    def __init__(self, per_second: float) -> None:
-        self._interval = 1.0 / per_second if per_second > 0 else 0.0
-        self._next = 0.0
-
-    async def acquire(self) -> None:
-        if not self._interval:
-            return
-        now = asyncio.get_running_loop().time()
-        self._next = max(self._next, now - 0.1)
-        delay = self._next - now
-        self._next += self._interval
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-class _Budget:
-    """Messages and payload bytes in flight: at most `count` messages and `size` bytes
-    (a message larger than `size` goes alone). One waiter: the publisher."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._count, self._size = count, size
-        self._messages = self._bytes = 0
-        self._released = asyncio.Event()
-
-    async def acquire(self, size: int) -> None:
-        while self._messages and (self._messages >= self._count or self._bytes + size > self._size):
-            self._released.clear()
-            await self._released.wait()
-        self._messages += 1
-        self._bytes += size
-
-    def release(self, size: int) -> None:
-        self._messages -= 1
-        self._bytes -= size
-        self._released.set()
 
 
 class Forwarder:
@@ -195,7 +156,7 @@ class Forwarder:
         inflight: asyncio.Queue[tuple[ForwardedTopic, int, asyncio.Future, float, int] | None] = (
             asyncio.Queue()
         )
-        slots = _Budget(plan.window, MAX_INFLIGHT_BYTES)
+        slots = InFlight(plan.window, MAX_INFLIGHT_BYTES)
         readers = [asyncio.create_task(self._read(topic, queue)) for topic in self.topics]
         publisher = asyncio.create_task(self._publish(queue, inflight, slots))
         acker = asyncio.create_task(self._acknowledge(inflight, slots))
@@ -381,7 +342,7 @@ class Forwarder:
         self,
         queue: asyncio.Queue[tuple[ForwardedTopic, int, bytes]],
         inflight: asyncio.Queue,
-        slots: _Budget,
+        slots: InFlight,
     ) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -395,7 +356,7 @@ class Forwarder:
                 (topic, offset, future, loop.time() + self.plan.ack_timeout, len(payload))
             )
 
-    async def _acknowledge(self, inflight: asyncio.Queue, slots: _Budget) -> None:
+    async def _acknowledge(self, inflight: asyncio.Queue, slots: InFlight) -> None:
         """Waits for each acknowledgement, in publishing order."""
         while True:
             item = await inflight.get()

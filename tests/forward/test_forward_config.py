@@ -18,7 +18,8 @@ from support.certs import make_certs
 from support.forwarding import ForwarderProcess, forward_env
 from smq.errors import ConfigError
 from smq.forward.config import SETTINGS, ForwardConfig, default_node, load
-from smq.forward.engine import RateLimit, ForwardedTopic
+from smq.forward.pacing import RateLimit
+from smq.forward.plan import ForwardedTopic
 from smq.forward.jetstream import describe, pattern_within, subject_matches
 
 UNIT = ROOT / "systemd" / "smq-forward.service"
