@@ -124,7 +124,7 @@ class Forwarder:
             self.problem = f"connecting to NATS at {', '.join(upstream.options.servers)}"
         await upstream.connect()
         if not upstream.connected:
-            await self._wait_connected()
+            await upstream.wait_connected()
         if plan.create_stream and await upstream.create_stream(
             [plan.subjects], plan.replicas, plan.duplicate_window
         ):
@@ -187,17 +187,10 @@ class Forwarder:
         if failure is not None:
             raise failure
 
-    async def _wait_connected(self, timeout: float = 5.0) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not self.upstream.connected:
-                    await asyncio.sleep(0.05)
-        if not self.upstream.connected:
-            raise JetStreamError("waiting for the connection to NATS to come back")
-
     def _check_stream(self, patterns: Sequence[str]) -> None:
         for topic in self.topics:
             if not any(subject_matches(p, topic.subject) for p in patterns):
+                self.upstream.errors.add("stream")
                 raise StreamMissing(
                     f"JetStream stream {self.plan.stream!r} does not take subject "
                     f"{topic.subject!r} (its subjects: {', '.join(patterns)})"

@@ -16,6 +16,7 @@ from smq.forward import engine
 from smq.forward.engine import Forwarder, Plan
 from smq.forward.jetstream import PubAck, StreamState, subject_matches
 from smq.forward.source import TopicOffsets
+from smq.forward.tallies import SMQ_ERRORS, UPSTREAM_ERRORS, Tally
 
 NODE = "edge"
 PLAN = Plan(topics=("a", "b"), node=NODE, subject_prefix="smq", stream="SMQ_edge", window=8)
@@ -37,6 +38,7 @@ class FakeSource:
         self.commits: dict[str, int] = {}
         self.commit_log: list[tuple[str, int]] = []
         self.changed = asyncio.Condition()
+        self.errors = Tally(SMQ_ERRORS)
 
     async def produce(self, topic: str, *payloads: bytes) -> None:
         async with self.changed:
@@ -99,6 +101,7 @@ class FakeJetStream:
         self.sessions = 0
         self.connected = False
         self._chain_ok = False
+        self.errors = Tally(UPSTREAM_ERRORS)
 
     @property
     def server(self) -> str:
@@ -269,6 +272,7 @@ def test_a_stream_that_does_not_take_the_subjects_is_a_problem_not_a_crash():
     forwarder = forwarding(source, upstream, check=check)
     assert upstream.stored == [] and source.commits == {}
     assert "smq.edge.a" in forwarder.problem and forwarder.status_line().startswith("not forwarding")
+    assert upstream.errors.snapshot()["stream"] >= 1
 
 
 def test_smq_unavailable_while_reading_reopens_where_it_stopped(monkeypatch):
