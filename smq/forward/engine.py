@@ -416,6 +416,21 @@ class Forwarder:
         tail += f"; access denied to topic {', '.join(denied)}" if denied else ""
         return f"{head}; backlog {total} ({topics}); forwarded {self.forwarded}{tail}"
 
+    def health_problem(self) -> str | None:
+        """None while forwarding works: a session runs, NATS is connected and SMQ serves
+        every topic that exists; else why not, in one line (/healthz). Only reads: the
+        metrics thread calls it."""
+        if self._stop.is_set():
+            return "shutting down"
+        if self.problem:
+            return " ".join(f"not forwarding: {self.problem}".split())
+        if not self.upstream.connected:
+            return "not connected to NATS (reconnecting)"
+        for topic in self.topics:
+            if topic.state.startswith(("SMQ unavailable", "access denied")):
+                return " ".join(f"topic {topic.name!r}: {topic.state}".split())
+        return None
+
     async def _report(self) -> None:
         loop = asyncio.get_running_loop()
         next_log = loop.time() + self.plan.log_interval
@@ -433,8 +448,12 @@ class Forwarder:
         for topic in self.topics:
             try:
                 offsets = await self.source.offsets(topic.name)
-                if offsets is not None and with_committed:
-                    topic.committed = await self.source.committed(topic.name)
+                # Also before the first session (NATS away since the start): the backlog
+                # counts from the committed offset, not from the earliest one.
+                if offsets is not None and (with_committed or topic.committed is None):
+                    committed = await self.source.committed(topic.name)
+                    if with_committed or topic.committed is None:  # no commit meanwhile
+                        topic.committed = committed
             except PermissionDenied:
                 continue  # this topic only (its reader says why)
             except SMQError:

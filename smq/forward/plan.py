@@ -58,6 +58,13 @@ class ForwardedTopic:
         done = self.committed if self.committed is not None else max(self.earliest - 1, 0)
         return max(self.latest - done, 0)
 
+    @property
+    def lag(self) -> int:
+        """Messages SMQ stores after the last offset JetStream acknowledged (or that was
+        committed, if more), as far as the forwarder knows SMQ's latest offset."""
+        done = max(self.acked, self.committed or 0, self.earliest - 1)
+        return max(self.latest - done, 0)
+
     def offset_of(self, msg_id: str | None) -> int | None:
         if msg_id and msg_id.startswith(self.id_prefix) and msg_id[len(self.id_prefix) :].isdigit():
             return int(msg_id[len(self.id_prefix) :])

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from smq.errors import AccessDenied, PublishFailed, TopicNotFound, Unavailable
+from smq.errors import AccessDenied, NotConnected, PublishFailed, TopicNotFound, Unavailable
 from smq.forward import engine
 from smq.forward.engine import Forwarder, Plan
 from smq.forward.jetstream import PubAck, StreamState, subject_matches
@@ -174,6 +174,13 @@ def forwarding(source: FakeSource, upstream: FakeJetStream, plan: Plan = PLAN,
     return asyncio.run(main())
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for what the forwarder's own timers change (the fakes see no call for it)."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def ids(topic: str, offsets) -> list[str]:
     return [f"{NODE}/{topic}/{o}" for o in offsets]
 
@@ -186,6 +193,7 @@ def test_the_backlog_then_new_messages_exactly_once_in_order_then_committed():
         await source.wait(lambda: source.commits == {"a": 20, "b": 1})
         await source.produce("b", b"b2", b"b3")
         await source.wait(lambda: source.commits.get("b") == 3)
+        assert forwarder.health_problem() is None
 
     forwarder = forwarding(source, upstream, check=check)
     stored = upstream.stored
@@ -193,6 +201,8 @@ def test_the_backlog_then_new_messages_exactly_once_in_order_then_committed():
     assert [i for s, i, _ in stored if s == "smq.edge.b"] == ids("b", range(1, 4))
     assert [p for s, _, p in stored if s == "smq.edge.a"] == source.messages["a"]
     assert forwarder.forwarded == 23
+    assert [(t.forwarded, t.acked, t.lag) for t in forwarder.topics] == [(20, 20, 0), (3, 3, 0)]
+    assert forwarder.health_problem() == "shutting down"
     assert "backlog 21 (a 20, b 1)" in forwarder.ready_lines[0]
     # Commits only ever go forward, and never past what JetStream acknowledged.
     for topic in ("a", "b"):
@@ -265,6 +275,7 @@ def test_a_stream_that_does_not_take_the_subjects_is_a_problem_not_a_crash():
         for _ in range(1000):  # a few sessions go by; each ends on the same problem
             seen.append(forwarder.problem)
             if upstream.sessions == 0 and "does not take subject" in forwarder.problem:
+                assert forwarder.health_problem() == f"not forwarding: {forwarder.problem}"
                 return
             await asyncio.sleep(0)  # let the forwarder's task run (no time passes)
         raise AssertionError(seen[-5:])
@@ -331,8 +342,10 @@ def test_a_denied_topic_waits_and_is_logged_once_while_the_others_go_on(monkeypa
         await source.wait(lambda: source.commits.get("a") == 2)
         await asyncio.sleep(0.5)  # about ten tries of b
         assert "access denied to topic b" in forwarder.status_line()
+        assert forwarder.health_problem().startswith("topic 'b': access denied: could not ")
         source.denied.clear()  # the server's rules were changed (and reloaded)
         await source.wait(lambda: source.commits.get("b") == 1)
+        assert forwarder.health_problem() is None
 
     forwarder = forwarding(source, upstream, check=check)
     assert upstream.ids() == ids("a", [1, 2]) + ids("b", [1])
@@ -341,3 +354,31 @@ def test_a_denied_topic_waits_and_is_logged_once_while_the_others_go_on(monkeypa
     assert len(denied) == 1, [r.getMessage() for r in denied]
     assert "not forwarding 'b', trying again every 0.05 s" in denied[0].getMessage()
     assert upstream.sessions == 1 and forwarder.forwarded == 3
+
+
+class UnreachableJetStream(FakeJetStream):
+    """NATS that never answers (a device that boots offline)."""
+
+    async def connect(self) -> None:
+        self.errors.add("connect")
+        raise NotConnected("cannot connect to NATS at nats://nats.test:4222: refused")
+
+
+def test_while_nats_is_away_from_the_start_the_lag_counts_from_the_committed_offset():
+    source = FakeSource({"a": [b"m"] * 10, "b": []})
+    source.commits["a"] = 3
+    upstream = UnreachableJetStream()
+    plan = dataclasses.replace(PLAN, log_interval=0.01)  # status refreshes this often
+
+    async def check(forwarder: Forwarder) -> None:
+        a = forwarder.topics[0]
+        await until(lambda: a.committed == 3 and a.latest == 10)
+        assert (a.lag, a.backlog, a.forwarded) == (7, 7, 0)
+        await source.produce("a", b"m", b"m")
+        await until(lambda: a.lag == 9)
+        assert "backlog 9 (a 9, b 0)" in forwarder.status_line()
+        assert forwarder.health_problem() == (
+            "not forwarding: cannot connect to NATS at nats://nats.test:4222: refused")
+        assert upstream.errors.snapshot()["connect"] >= 1
+
+    forwarding(source, upstream, plan, check=check)
