@@ -62,6 +62,19 @@ def test_flags_beat_environment_beat_env_file(tmp_path, monkeypatch):
     assert load({}, environ=environ, hostname="h").window == 8
 
 
+def test_the_metrics_port_is_off_unless_given_and_on_loopback_unless_told():
+    config = load({"topics": "t"}, environ={}, hostname="h")
+    assert (config.metrics_port, config.metrics_bind) == (None, "127.0.0.1")
+    assert ForwardConfig().metrics_port is None  # as built in code, too: off
+    for off in ("", "off", " OFF "):
+        assert load({"topics": "t"}, {"SMQ_FORWARD_METRICS_PORT": off}, "h").metrics_port is None
+    config = load({"topics": "t", "metrics_port": "0", "metrics_bind": ""}, {}, "h")
+    assert (config.metrics_port, config.metrics_bind) == (0, "127.0.0.1")  # 0: any free port
+    environ = {"SMQ_FORWARD_METRICS_PORT": "9098", "SMQ_FORWARD_METRICS_BIND": "::"}
+    config = load({"topics": "t"}, environ, "h")
+    assert (config.metrics_port, config.metrics_bind) == (9098, "::")
+
+
 @pytest.mark.parametrize("flags, environ, setting, reason", [
     ({"topics": ""}, {}, "--topics (SMQ_FORWARD_TOPICS, from command line)", "one or more topic"),
     ({"topics": "a..b"}, {}, "--topics", "no leading, trailing or double dots"),
@@ -83,6 +96,11 @@ def test_flags_beat_environment_beat_env_file(tmp_path, monkeypatch):
     ({"topics": "t", "nats_password": "p"}, {}, "--nats-user", "required with --nats-password"),
     ({"topics": "t", "nats_user": "u", "nats_token": "x"}, {}, "--nats-token", "one way"),
     ({"topics": "t", "nats_ca": "/nonexistent/ca.pem"}, {}, "--nats-ca", "no such file"),
+    ({"topics": "t"}, {"SMQ_FORWARD_METRICS_PORT": "70000"},
+     "--metrics-port (SMQ_FORWARD_METRICS_PORT, from environment)", "from 0 to 65535"),
+    ({"topics": "t", "metrics_port": "http"}, {}, "--metrics-port", "expected a number"),
+    ({"topics": "t", "metrics_bind": "not an address"}, {}, "--metrics-bind",
+     "host name or IP address"),
     ({}, {}, "--topics", "required"),
 ])
 def test_invalid_settings_name_the_setting_and_value(flags, environ, setting, reason):
