@@ -320,6 +320,12 @@ class Forwarder:
             await self._commit(topic, stored)
             committed = stored
         topic.committed = committed
+        if stored is not None and topic.sent > topic.acked:
+            # Published by this run's last session, stored, but acknowledged too late
+            # for it (it had ended): forwarded all the same.
+            late = max(min(stored, topic.sent) - topic.acked, 0)
+            topic.forwarded += late
+            self.forwarded += late
         if committed is None and stored is None:
             if self.plan.start_from == "latest":
                 if offsets.latest:
@@ -345,6 +351,7 @@ class Forwarder:
             future = await self.upstream.publish(
                 topic.subject, payload, topic.id_prefix + str(offset)
             )
+            topic.sent = offset
             inflight.put_nowait(
                 (topic, offset, future, loop.time() + self.plan.ack_timeout, len(payload))
             )

@@ -51,6 +51,7 @@ class ForwardedTopic:
     earliest: int = 0  # SMQ's offsets, as last seen (0: no message)
     latest: int = 0
     forwarded: int = 0  # acknowledged by JetStream since start
+    sent: int = 0  # highest offset published since start
 
     @property
     def backlog(self) -> int:

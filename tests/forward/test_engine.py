@@ -382,3 +382,31 @@ def test_while_nats_is_away_from_the_start_the_lag_counts_from_the_committed_off
         assert upstream.errors.snapshot()["connect"] >= 1
 
     forwarding(source, upstream, plan, check=check)
+
+
+class LateAcks(FakeJetStream):
+    """Stores the messages in `late` without answering (their acknowledgement is lost
+    with the session), and refuses `refuse_now` at once, as a message too large is."""
+
+    def __init__(self, late: set[str], refuse_now: set[str]) -> None:
+        super().__init__()
+        self.late, self.refuse_now = late, refuse_now
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[PubAck]:
+        if msg_id in self.refuse_now:
+            self.refuse_now.discard(msg_id)
+            raise PublishFailed(f"{msg_id} is too large")
+        future = await super().publish(subject, payload, msg_id)
+        return asyncio.get_running_loop().create_future() if msg_id in self.late else future
+
+
+def test_messages_stored_whose_acknowledgement_came_too_late_are_counted_once():
+    source = FakeSource({"a": [b"m%d" % i for i in range(1, 11)], "b": []})
+    upstream = LateAcks(late=set(ids("a", [1, 2, 3])), refuse_now=set(ids("a", [4])))
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 10)
+
+    forwarder = forwarding(source, upstream, check=check)
+    assert upstream.sessions == 2 and upstream.ids() == ids("a", range(1, 11))
+    assert forwarder.forwarded == forwarder.topics[0].forwarded == 10
