@@ -7,8 +7,10 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -254,6 +256,28 @@ def test_bad_settings_exit_2_with_one_line(tmp_path):
                   "'0': expected a value from 1 to 10000\n"
     code, out = run_forward(cwd=tmp_path, env=forward_env(SMQ_FORWARD_TOPICS="a..b"))
     assert code == 2 and len(out.splitlines()) == 1 and "SMQ_FORWARD_TOPICS" in out
+
+
+@pytest.mark.process
+def test_a_metrics_port_that_cannot_be_had_exits_2_with_one_line_before_anything_else(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        code, out = run_forward("--topics", "t", "--metrics-port", str(port), cwd=tmp_path)
+    assert code == 2
+    assert out == f"smq forward: error: cannot listen on 127.0.0.1:{port} for metrics: " \
+                  "Address already in use (is another server using it?)\n"
+    assert time.monotonic() - started < 15  # no wait for SMQ or NATS (neither runs here)
+    code, out = run_forward("--topics", "t", "--metrics-port", "0", "--metrics-bind",
+                            "192.0.2.1", cwd=tmp_path)  # TEST-NET-1: no address of this host
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith("smq forward: error: cannot listen on 192.0.2.1:0 for metrics: ")
+    code, out = run_forward("--topics", "t", "--metrics-port", "0", "--metrics-bind",
+                            "no-such-host.invalid", cwd=tmp_path)
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith("smq forward: error: cannot listen on no-such-host.invalid:0 for metrics")
 
 
 @pytest.mark.process
