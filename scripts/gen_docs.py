@@ -62,7 +62,7 @@ SEE_ALSO = {
     "nats_token_file": "operations.md#secrets-through-systemd-credentials",
 }
 # The same for the forwarder's settings whose field name the server's table also has.
-FORWARD_SEE_ALSO = {**SEE_ALSO}
+FORWARD_SEE_ALSO = {**SEE_ALSO, "metrics_port": "forwarding.md#metrics-and-health-check"}
 
 FORWARD_GROUP_TITLES = {
     "forwarding": "What to forward, and where",
