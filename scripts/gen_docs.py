@@ -61,11 +61,14 @@ SEE_ALSO = {
     "nats_password_file": "operations.md#secrets-through-systemd-credentials",
     "nats_token_file": "operations.md#secrets-through-systemd-credentials",
 }
+# The same for the forwarder's settings whose field name the server's table also has.
+FORWARD_SEE_ALSO = {**SEE_ALSO, "metrics_port": "forwarding.md#metrics-and-health-check"}
 
 FORWARD_GROUP_TITLES = {
     "forwarding": "What to forward, and where",
     "SMQ server": "The SMQ server to read from (as for the other smq commands)",
     "NATS": "NATS (names as for the nats command line tool)",
+    "metrics": "Metrics and health check (Prometheus)",
 }
 
 
@@ -74,13 +77,14 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def table(settings: Iterable[Setting], links: bool = True) -> list[str]:
+def table(settings: Iterable[Setting], links: bool = True,
+          see_also: dict[str, str] = SEE_ALSO) -> list[str]:
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for setting in settings:
         default = f"`{setting.default}`" if setting.default != "" else "–"
         meaning = cell(setting.help)
-        if links and setting.field in SEE_ALSO:
-            meaning += f" ([more]({SEE_ALSO[setting.field]}))"
+        if links and setting.field in see_also:
+            meaning += f" ([more]({see_also[setting.field]}))"
         rows.append(f"| `{setting.flag}` | `{setting.env}` | {default} | {meaning} |")
     return rows
 
@@ -139,7 +143,8 @@ def configuration_md() -> str:
     ]
     for group in forward_groups:
         lines += [f"### {FORWARD_GROUP_TITLES[group]}", "",
-                  *table(s for s in forward_config.SETTINGS if s.group == group), ""]
+                  *table((s for s in forward_config.SETTINGS if s.group == group),
+                         see_also=FORWARD_SEE_ALSO), ""]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

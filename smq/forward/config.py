@@ -6,8 +6,10 @@ commands (SMQ_HOST, PORT, SMQ_UNIX_SOCKET, ENABLE_MTLS, CLIENT_CERT, CLIENT_KEY,
 CA_CERT); NATS uses the names of the `nats` command line tool (NATS_URL, NATS_CREDS,
 NATS_USER, NATS_PASSWORD, NATS_CA, NATS_CERT, NATS_KEY, plus NATS_TOKEN, and
 NATS_PASSWORD_FILE and NATS_TOKEN_FILE, read once by `load()`); the rest is
-SMQ_FORWARD_*. `load()` raises ConfigError (one line, naming the setting and value;
-never a secret's value).
+SMQ_FORWARD_*, including the metrics port (SMQ_FORWARD_METRICS_PORT, off by default, and
+SMQ_FORWARD_METRICS_BIND, loopback by default: the forwarder listens on nothing else).
+`load()` raises ConfigError (one line, naming the setting and value; never a secret's
+value).
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from ..settings import (
     parse_bool,
     parse_choice,
     parse_duration,
+    parse_host,
+    parse_optional_port,
     read_secret_file,
     read_settings,
 )
 
+DEFAULT_METRICS_BIND = "127.0.0.1"
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a node name: one subject token, no dots
 STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 PREFIX_TOKEN = re.compile(r"[A-Za-z0-9_$-]+")
@@ -91,6 +96,11 @@ def parse_servers(text: str) -> tuple[str, ...]:
         if not re.fullmatch(r"((nats|tls|ws|wss)://)?[^\s/,]+(:\d+)?/?", server):
             raise ValueError(f"{server!r} is not a NATS URL such as nats://host:4222")
     return servers
+
+
+def parse_metrics_bind(text: str) -> str:
+    """A host or address; empty: the default (loopback)."""
+    return parse_host(text) if text.strip() else DEFAULT_METRICS_BIND
 
 
 def parse_rate(text: str) -> float:
@@ -305,6 +315,28 @@ SETTINGS: tuple[Setting, ...] = (
         "NATS",
     ),
     Setting("nats_key", "--nats-key", "NATS_KEY", str, "", "its private key (PEM)", "NATS"),
+    # Metrics.
+    Setting(
+        "metrics_port",
+        "--metrics-port",
+        "SMQ_FORWARD_METRICS_PORT",
+        parse_optional_port,
+        "",
+        "serve Prometheus metrics (/metrics) and a health check (/healthz) over HTTP on "
+        "this port; empty: off",
+        "metrics",
+        empty=None,
+    ),
+    Setting(
+        "metrics_bind",
+        "--metrics-bind",
+        "SMQ_FORWARD_METRICS_BIND",
+        parse_metrics_bind,
+        DEFAULT_METRICS_BIND,
+        "address of the metrics port: 127.0.0.1 keeps it on this device, 0.0.0.0 or :: "
+        "opens it to the network; empty: 127.0.0.1",
+        "metrics",
+    ),
 )
 SETTINGS_BY_FIELD = by_field(SETTINGS)
 _DEFAULT = defaults(SETTINGS)
@@ -346,6 +378,8 @@ class ForwardConfig:
     nats_ca: str = _DEFAULT["nats_ca"]
     nats_cert: str = _DEFAULT["nats_cert"]
     nats_key: str = _DEFAULT["nats_key"]
+    metrics_port: int | None = _DEFAULT["metrics_port"]
+    metrics_bind: str = _DEFAULT["metrics_bind"]
 
     def validate(self) -> ForwardConfig:
         """Checks that span settings, and that every named file can be read."""

@@ -38,6 +38,7 @@ from ..errors import (
 )
 from ..retry import backoff
 from .jetstream import JetStream, pattern_within, subject_matches
+from .pacing import InFlight, RateLimit
 from .plan import ForwardedTopic, Plan
 from .source import SmqSource
 
@@ -52,46 +53,6 @@ DENIED_RETRY = 30.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0  # seconds between sessions: doubling, with jitter
 MAX_PAGE = 1000  # messages per Subscribe page
 MAX_INFLIGHT_BYTES = 16 * 1024**2  # payload bytes in flight, at most (one message may exceed it)
-
-
-class RateLimit:
-    """At most `per_second` acquisitions a second, allowing a burst of 0.1 s worth."""
-
-    def __init__(self, per_second: float) -> None:
-        self._interval = 1.0 / per_second if per_second > 0 else 0.0
-        self._next = 0.0
-
-    async def acquire(self) -> None:
-        if not self._interval:
-            return
-        now = asyncio.get_running_loop().time()
-        self._next = max(self._next, now - 0.1)
-        delay = self._next - now
-        self._next += self._interval
-        if delay > 0:
-            await asyncio.sleep(delay)
-
-
-class _Budget:
-    """Messages and payload bytes in flight: at most `count` messages and `size` bytes
-    (a message larger than `size` goes alone). One waiter: the publisher."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self._count, self._size = count, size
-        self._messages = self._bytes = 0
-        self._released = asyncio.Event()
-
-    async def acquire(self, size: int) -> None:
-        while self._messages and (self._messages >= self._count or self._bytes + size > self._size):
-            self._released.clear()
-            await self._released.wait()
-        self._messages += 1
-        self._bytes += size
-
-    def release(self, size: int) -> None:
-        self._messages -= 1
-        self._bytes -= size
-        self._released.set()
 
 
 class Forwarder:
@@ -163,7 +124,7 @@ class Forwarder:
             self.problem = f"connecting to NATS at {', '.join(upstream.options.servers)}"
         await upstream.connect()
         if not upstream.connected:
-            await self._wait_connected()
+            await upstream.wait_connected()
         if plan.create_stream and await upstream.create_stream(
             [plan.subjects], plan.replicas, plan.duplicate_window
         ):
@@ -195,7 +156,7 @@ class Forwarder:
         inflight: asyncio.Queue[tuple[ForwardedTopic, int, asyncio.Future, float, int] | None] = (
             asyncio.Queue()
         )
-        slots = _Budget(plan.window, MAX_INFLIGHT_BYTES)
+        slots = InFlight(plan.window, MAX_INFLIGHT_BYTES)
         readers = [asyncio.create_task(self._read(topic, queue)) for topic in self.topics]
         publisher = asyncio.create_task(self._publish(queue, inflight, slots))
         acker = asyncio.create_task(self._acknowledge(inflight, slots))
@@ -226,17 +187,10 @@ class Forwarder:
         if failure is not None:
             raise failure
 
-    async def _wait_connected(self, timeout: float = 5.0) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                while not self.upstream.connected:
-                    await asyncio.sleep(0.05)
-        if not self.upstream.connected:
-            raise JetStreamError("waiting for the connection to NATS to come back")
-
     def _check_stream(self, patterns: Sequence[str]) -> None:
         for topic in self.topics:
             if not any(subject_matches(p, topic.subject) for p in patterns):
+                self.upstream.errors.add("stream")
                 raise StreamMissing(
                     f"JetStream stream {self.plan.stream!r} does not take subject "
                     f"{topic.subject!r} (its subjects: {', '.join(patterns)})"
@@ -366,6 +320,12 @@ class Forwarder:
             await self._commit(topic, stored)
             committed = stored
         topic.committed = committed
+        if stored is not None and topic.sent > topic.acked:
+            # Published by this run's last session, stored, but acknowledged too late
+            # for it (it had ended): forwarded all the same.
+            late = max(min(stored, topic.sent) - topic.acked, 0)
+            topic.forwarded += late
+            self.forwarded += late
         if committed is None and stored is None:
             if self.plan.start_from == "latest":
                 if offsets.latest:
@@ -381,7 +341,7 @@ class Forwarder:
         self,
         queue: asyncio.Queue[tuple[ForwardedTopic, int, bytes]],
         inflight: asyncio.Queue,
-        slots: _Budget,
+        slots: InFlight,
     ) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -391,11 +351,12 @@ class Forwarder:
             future = await self.upstream.publish(
                 topic.subject, payload, topic.id_prefix + str(offset)
             )
+            topic.sent = offset
             inflight.put_nowait(
                 (topic, offset, future, loop.time() + self.plan.ack_timeout, len(payload))
             )
 
-    async def _acknowledge(self, inflight: asyncio.Queue, slots: _Budget) -> None:
+    async def _acknowledge(self, inflight: asyncio.Queue, slots: InFlight) -> None:
         """Waits for each acknowledgement, in publishing order."""
         while True:
             item = await inflight.get()
@@ -462,6 +423,21 @@ class Forwarder:
         tail += f"; access denied to topic {', '.join(denied)}" if denied else ""
         return f"{head}; backlog {total} ({topics}); forwarded {self.forwarded}{tail}"
 
+    def health_problem(self) -> str | None:
+        """None while forwarding works: a session runs, NATS is connected and SMQ serves
+        every topic that exists; else why not, in one line (/healthz). Only reads: the
+        metrics thread calls it."""
+        if self._stop.is_set():
+            return "shutting down"
+        if self.problem:
+            return " ".join(f"not forwarding: {self.problem}".split())
+        if not self.upstream.connected:
+            return "not connected to NATS (reconnecting)"
+        for topic in self.topics:
+            if topic.state.startswith(("SMQ unavailable", "access denied")):
+                return " ".join(f"topic {topic.name!r}: {topic.state}".split())
+        return None
+
     async def _report(self) -> None:
         loop = asyncio.get_running_loop()
         next_log = loop.time() + self.plan.log_interval
@@ -479,8 +455,12 @@ class Forwarder:
         for topic in self.topics:
             try:
                 offsets = await self.source.offsets(topic.name)
-                if offsets is not None and with_committed:
-                    topic.committed = await self.source.committed(topic.name)
+                # Also before the first session (NATS away since the start): the backlog
+                # counts from the committed offset, not from the earliest one.
+                if offsets is not None and (with_committed or topic.committed is None):
+                    committed = await self.source.committed(topic.name)
+                    if with_committed or topic.committed is None:  # no commit meanwhile
+                        topic.committed = committed
             except PermissionDenied:
                 continue  # this topic only (its reader says why)
             except SMQError:

@@ -13,7 +13,9 @@ What the stream holds of this forwarder is therefore, per subject, a gap-free ru
 offsets; `last_msg_id(subject)` reads where it ends (the id of the subject's last
 message), which is where forwarding resumes.
 
-Failures raise smq.errors' JetStreamError: NotConnected, StreamMissing, PublishFailed.
+Failures raise smq.errors' JetStreamError: NotConnected, StreamMissing, PublishFailed;
+each one is also counted in `JetStream.errors` by kind (tallies.UPSTREAM_ERRORS), as
+is each loss of an established connection.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import JetStreamError, MissingDependency, NotConnected, PublishFailed, StreamMissing
+from .tallies import UPSTREAM_ERRORS, Tally
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class JetStream:
         self._last_id: str | None = None
         self._closing = False
         self._last_error: str | None = None
+        self.errors = Tally(UPSTREAM_ERRORS)
 
     # -- connection ---------------------------------------------------------------------
 
@@ -174,6 +178,7 @@ class JetStream:
                 if isinstance(exc, TimeoutError) and self._last_error
                 else describe(exc)
             )
+            self.errors.add("connect")
             raise NotConnected(
                 f"cannot connect to NATS at {', '.join(options.servers)}: {reason}"
             ) from exc
@@ -185,6 +190,17 @@ class JetStream:
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    async def wait_connected(self, timeout: float = 5.0) -> None:
+        """Wait up to `timeout` for nats-py to be connected again (after `connect()`, it
+        reconnects by itself); NotConnected if it is not."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.connected:
+                    await asyncio.sleep(0.05)
+        if not self.connected:
+            self.errors.add("connect")
+            raise NotConnected("waiting for the connection to NATS to come back")
 
     @property
     def server(self) -> str:
@@ -206,8 +222,9 @@ class JetStream:
         log.debug("NATS: %s", self._last_error)
 
     async def _on_disconnected(self) -> None:
-        if self._closing:
+        if self._closing or self._nc is None:  # closing, or a first connection that failed
             return
+        self.errors.add("disconnect")
         log.warning("disconnected from NATS; reconnecting")
         self._fail_pending(NotConnected("disconnected from NATS before the acknowledgement"))
 
@@ -227,6 +244,7 @@ class JetStream:
         try:
             info = await js.stream_info(self.stream)
         except Exception as exc:
+            self.errors.add("stream")
             if getattr(exc, "err_code", None) == ERR_STREAM_NOT_FOUND:
                 raise StreamMissing(
                     f"JetStream stream {self.stream!r} does not exist "
@@ -254,12 +272,14 @@ class JetStream:
             return False
         except Exception as exc:
             if getattr(exc, "err_code", None) != ERR_STREAM_NOT_FOUND:
+                self.errors.add("stream")
                 raise JetStreamError(
                     f"cannot read stream {self.stream!r}: {describe(exc)}"
                 ) from exc
         try:
             await js.add_stream(config)
         except Exception as exc:
+            self.errors.add("stream")
             raise JetStreamError(f"cannot create stream {self.stream!r}: {describe(exc)}") from exc
         return True
 
@@ -272,6 +292,7 @@ class JetStream:
         except Exception as exc:
             if getattr(exc, "err_code", None) == ERR_NO_MESSAGE:
                 return None
+            self.errors.add("stream")
             raise JetStreamError(
                 f"cannot read the last message of {subject!r}: {describe(exc)}"
             ) from exc
@@ -299,6 +320,7 @@ class JetStream:
             raise RuntimeError("begin_chain() first")
         size = len(payload) + sum(len(k) + len(v) + 4 for k, v in headers.items()) + 12
         if size > nc.max_payload:
+            self.errors.add("publish")
             raise PublishFailed(
                 f"{msg_id} is {len(payload)} bytes, more than the NATS server "
                 f"takes (max_payload {nc.max_payload}): raise max_payload on the "
@@ -318,7 +340,8 @@ class JetStream:
         return future
 
     def forget(self, future: asyncio.Future[PubAck]) -> None:
-        """Stop waiting for `future` (its acknowledgement timed out)."""
+        """Stop waiting for `future`: its acknowledgement timed out (counted so)."""
+        self.errors.add("ack_timeout")
         for token, pending in list(self._pending.items()):
             if pending is future:
                 del self._pending[token]
@@ -329,42 +352,39 @@ class JetStream:
         if future is None or future.done():
             return
         status = (msg.headers or {}).get("Status")
-        if status == "503":
-            _fail(
-                future,
-                PublishFailed(
-                    f"no stream answered (no JetStream leader for {self.stream!r} right now?)"
-                ),
-            )
-            return
         try:
-            reply = json.loads(msg.data)
-        except ValueError:
-            _fail(future, PublishFailed(f"unreadable acknowledgement {msg.data[:80]!r}"))
-            return
-        error = reply.get("error")
-        if error:
-            _fail(
-                future,
-                PublishFailed(
-                    f"JetStream refused the message: {error.get('description', error)}",
-                    error.get("err_code"),
-                ),
-            )
-            return
-        seq = int(reply.get("seq") or 0)
-        duplicate = bool(reply.get("duplicate"))
-        if duplicate and seq == 0:
-            # A NATS 2.9 cluster answers so for an id it has only staged: not a proof.
-            _fail(future, PublishFailed("JetStream reported a duplicate it has not stored yet"))
-            return
-        future.set_result(PubAck(seq, duplicate))
+            future.set_result(_acknowledgement(status, msg.data, self.stream))
+        except PublishFailed as exc:
+            self.errors.add("publish")
+            _fail(future, exc)
 
     def _fail_pending(self, error: JetStreamError) -> None:
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():
                 _fail(future, error)
+
+
+def _acknowledgement(status: str | None, data: bytes, stream: str) -> PubAck:
+    """The PubAck in JetStream's answer to a publish; PublishFailed if it is none."""
+    if status == "503":
+        raise PublishFailed(f"no stream answered (no JetStream leader for {stream!r} right now?)")
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        raise PublishFailed(f"unreadable acknowledgement {data[:80]!r}") from None
+    error = reply.get("error")
+    if error:
+        raise PublishFailed(
+            f"JetStream refused the message: {error.get('description', error)}",
+            error.get("err_code"),
+        )
+    seq = int(reply.get("seq") or 0)
+    duplicate = bool(reply.get("duplicate"))
+    if duplicate and seq == 0:
+        # A NATS 2.9 cluster answers so for an id it has only staged: not a proof.
+        raise PublishFailed("JetStream reported a duplicate it has not stored yet")
+    return PubAck(seq, duplicate)
 
 
 def _fail(future: asyncio.Future, error: JetStreamError) -> None:

@@ -7,8 +7,12 @@ the offset is committed in SMQ (consumer forward-NODE) once JetStream acknowledg
 See docs/forwarding.md for the design and its guarantees; smq.forward.engine has the
 engine, smq.forward.jetstream the NATS side.
 
+With --metrics-port, Prometheus metrics and a health check are served over HTTP
+(smq.metrics_http; smq.forward.metrics has what they say).
+
 Exit codes: 0 after SIGTERM or SIGINT (in-flight messages acknowledged and committed),
-2 for a bad setting or a missing nats-py (one line on stderr).
+2 for a bad setting, a missing nats-py or a metrics port that cannot be had (one line
+on stderr).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from ..settings import add_flags
 from .config import SETTINGS, ForwardConfig, label, load
 
 if TYPE_CHECKING:  # nats-py is only loaded once the settings are known to be good
+    from ..metrics_http import MetricsListener
     from .jetstream import NatsOptions
+    from .metrics import ForwardMetrics
 
 PROG = "smq forward"
 
@@ -88,12 +94,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"{PROG}: error: the NATS TLS files cannot be used: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        metrics = metrics_port(config)  # bound now: a taken port refuses the start
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     setup_logging(config.log_level, quiet=("nats", "grpc"))
     # asyncio's ssl transport warns about every TLS connection nats-py closes.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
     for line in exposure_warnings(config):
         logging.getLogger("smq.forward").warning("%s", line)
-    return asyncio.run(forward(config))
+    try:
+        return asyncio.run(forward(config, metrics))
+    finally:
+        if metrics is not None:
+            metrics[1].stop()  # after the forwarder's last commit: scrapes see the drain
+
+
+def metrics_port(config: ForwardConfig) -> tuple[ForwardMetrics, MetricsListener] | None:
+    """The metrics and their listener, bound but not serving yet, if --metrics-port is
+    given. StartupError (one line) if the port cannot be had."""
+    if config.metrics_port is None:
+        return None
+    from ..metrics_http import MetricsListener
+    from .metrics import ForwardMetrics
+
+    metrics = ForwardMetrics()
+    listener = MetricsListener(
+        config.metrics_bind, config.metrics_port, metrics.registry, metrics.health
+    )
+    return metrics, listener
 
 
 # The settings that name a file holding a secret: a private key, the NKey seed of a
@@ -126,8 +156,11 @@ def nats_options(config: ForwardConfig) -> NatsOptions:
     )
 
 
-async def forward(config: ForwardConfig) -> int:
-    """Run the forwarder until a signal; returns the exit code."""
+async def forward(
+    config: ForwardConfig, metrics: tuple[ForwardMetrics, MetricsListener] | None = None
+) -> int:
+    """Run the forwarder until a signal, with its metrics served on `metrics`' listener
+    (if any) from the start; returns the exit code."""
     from ..systemd import Notifier
     from .engine import Forwarder, Plan
     from .jetstream import JetStream
@@ -163,11 +196,17 @@ async def forward(config: ForwardConfig) -> int:
             notifier.watchdog()  # the event loop is alive and the status fresh
 
     forwarder = Forwarder(plan, source, upstream, on_ready=notifier.ready, on_status=on_status)
+    where = ""
+    if metrics is not None:
+        metrics[0].attach(forwarder)
+        metrics[1].start()
+        where = f", metrics on http://{metrics[1].address}/metrics"
     log.info(
-        "smq forward starting: topics %s, consumer %r, node %r",
+        "smq forward starting: topics %s, consumer %r, node %r%s",
         ",".join(config.topics),
         config.consumer,
         config.node,
+        where,
     )
     try:
         await forwarder.run(stop)

@@ -51,11 +51,19 @@ class ForwardedTopic:
     earliest: int = 0  # SMQ's offsets, as last seen (0: no message)
     latest: int = 0
     forwarded: int = 0  # acknowledged by JetStream since start
+    sent: int = 0  # highest offset published since start
 
     @property
     def backlog(self) -> int:
         """SMQ's latest offset minus the committed one (or all it stores, before a commit)."""
         done = self.committed if self.committed is not None else max(self.earliest - 1, 0)
+        return max(self.latest - done, 0)
+
+    @property
+    def lag(self) -> int:
+        """Messages SMQ stores after the last offset JetStream acknowledged (or that was
+        committed, if more), as far as the forwarder knows SMQ's latest offset."""
+        done = max(self.acked, self.committed or 0, self.earliest - 1)
         return max(self.latest - done, 0)
 
     def offset_of(self, msg_id: str | None) -> int | None:

@@ -3,7 +3,8 @@ one durable named consumer. Raw stub calls: describe a topic, read and commit th
 consumer's offset, and follow a topic in pages with the Subscribe stream.
 
 Every failed call raises the SMQError class of its status (and reason), with one line
-that says what failed. Runs in the forwarder's event loop.
+that says what failed, and is counted in `SmqSource.errors` by kind (tallies.SMQ_ERRORS;
+NOT_FOUND is an answer here, not counted). Runs in the forwarder's event loop.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from ..errors import (
     DeadlineExceeded,
     NoCommittedOffset,
     NotFound,
+    PermissionDenied,
     SMQError,
     TopicNotFound,
     Unavailable,
     error_class,
     reason_in,
 )
+from .tallies import SMQ_ERRORS, Tally
 
 CALL_TIMEOUT = 10.0  # seconds for each unary call
 # A Subscribe stream that brings nothing, not even a heartbeat (the server sends one
@@ -50,6 +53,7 @@ class SmqSource:
     def __init__(self, target: ConnectionConfig, consumer: str) -> None:
         self.target = target
         self.consumer = consumer
+        self.errors = Tally(SMQ_ERRORS)
         options = channel_options(-1, MAX_RECEIVE)
         if target.tls:
             files = target.tls_files()
@@ -120,16 +124,20 @@ class SmqSource:
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"no message nor heartbeat from {self.target.address} "
-                        f"on {topic!r} for {IDLE_TIMEOUT:g} s"
+                    raise self._counted(
+                        DeadlineExceeded(
+                            f"no message nor heartbeat from {self.target.address} "
+                            f"on {topic!r} for {IDLE_TIMEOUT:g} s"
+                        )
                     ) from None
                 yield [(m.offset, m.message) for m in reply.messages]
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc, f"follow topic {topic!r}") from None
         finally:
             call.cancel()
-        raise Unavailable(f"the SMQ server at {self.target.address} ended the stream of {topic!r}")
+        raise self._counted(
+            Unavailable(f"the SMQ server at {self.target.address} ended the stream of {topic!r}")
+        )
 
     async def _call(self, method: str, request: Any, action: str) -> Any:
         try:
@@ -139,9 +147,20 @@ class SmqSource:
 
     def _error(self, exc: grpc.aio.AioRpcError, action: str) -> SMQError:
         details = " ".join((exc.details() or exc.code().name).split())
-        return error_class(exc.code().name, reason_in(exc.trailing_metadata())).from_status(
+        error = error_class(exc.code().name, reason_in(exc.trailing_metadata())).from_status(
             f"could not {action} at {self.target.address}: {exc.code().name}: {details}",
             code=exc.code(),
             details=exc.details() or "",
             original_error=exc,
         )
+        return self._counted(error)
+
+    def _counted(self, error: SMQError) -> SMQError:
+        """`error`, counted by its kind (a NOT_FOUND answer is not a failure)."""
+        if isinstance(error, (Unavailable, DeadlineExceeded)):
+            self.errors.add("unavailable")
+        elif isinstance(error, PermissionDenied):
+            self.errors.add("access_denied")
+        elif not isinstance(error, NotFound):
+            self.errors.add("other")
+        return error

@@ -11,11 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from smq.errors import AccessDenied, PublishFailed, TopicNotFound, Unavailable
+from smq.errors import AccessDenied, NotConnected, PublishFailed, TopicNotFound, Unavailable
 from smq.forward import engine
 from smq.forward.engine import Forwarder, Plan
 from smq.forward.jetstream import PubAck, StreamState, subject_matches
 from smq.forward.source import TopicOffsets
+from smq.forward.tallies import SMQ_ERRORS, UPSTREAM_ERRORS, Tally
 
 NODE = "edge"
 PLAN = Plan(topics=("a", "b"), node=NODE, subject_prefix="smq", stream="SMQ_edge", window=8)
@@ -37,6 +38,7 @@ class FakeSource:
         self.commits: dict[str, int] = {}
         self.commit_log: list[tuple[str, int]] = []
         self.changed = asyncio.Condition()
+        self.errors = Tally(SMQ_ERRORS)
 
     async def produce(self, topic: str, *payloads: bytes) -> None:
         async with self.changed:
@@ -99,6 +101,7 @@ class FakeJetStream:
         self.sessions = 0
         self.connected = False
         self._chain_ok = False
+        self.errors = Tally(UPSTREAM_ERRORS)
 
     @property
     def server(self) -> str:
@@ -171,6 +174,13 @@ def forwarding(source: FakeSource, upstream: FakeJetStream, plan: Plan = PLAN,
     return asyncio.run(main())
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for what the forwarder's own timers change (the fakes see no call for it)."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
 def ids(topic: str, offsets) -> list[str]:
     return [f"{NODE}/{topic}/{o}" for o in offsets]
 
@@ -183,6 +193,7 @@ def test_the_backlog_then_new_messages_exactly_once_in_order_then_committed():
         await source.wait(lambda: source.commits == {"a": 20, "b": 1})
         await source.produce("b", b"b2", b"b3")
         await source.wait(lambda: source.commits.get("b") == 3)
+        assert forwarder.health_problem() is None
 
     forwarder = forwarding(source, upstream, check=check)
     stored = upstream.stored
@@ -190,6 +201,8 @@ def test_the_backlog_then_new_messages_exactly_once_in_order_then_committed():
     assert [i for s, i, _ in stored if s == "smq.edge.b"] == ids("b", range(1, 4))
     assert [p for s, _, p in stored if s == "smq.edge.a"] == source.messages["a"]
     assert forwarder.forwarded == 23
+    assert [(t.forwarded, t.acked, t.lag) for t in forwarder.topics] == [(20, 20, 0), (3, 3, 0)]
+    assert forwarder.health_problem() == "shutting down"
     assert "backlog 21 (a 20, b 1)" in forwarder.ready_lines[0]
     # Commits only ever go forward, and never past what JetStream acknowledged.
     for topic in ("a", "b"):
@@ -262,6 +275,7 @@ def test_a_stream_that_does_not_take_the_subjects_is_a_problem_not_a_crash():
         for _ in range(1000):  # a few sessions go by; each ends on the same problem
             seen.append(forwarder.problem)
             if upstream.sessions == 0 and "does not take subject" in forwarder.problem:
+                assert forwarder.health_problem() == f"not forwarding: {forwarder.problem}"
                 return
             await asyncio.sleep(0)  # let the forwarder's task run (no time passes)
         raise AssertionError(seen[-5:])
@@ -269,6 +283,7 @@ def test_a_stream_that_does_not_take_the_subjects_is_a_problem_not_a_crash():
     forwarder = forwarding(source, upstream, check=check)
     assert upstream.stored == [] and source.commits == {}
     assert "smq.edge.a" in forwarder.problem and forwarder.status_line().startswith("not forwarding")
+    assert upstream.errors.snapshot()["stream"] >= 1
 
 
 def test_smq_unavailable_while_reading_reopens_where_it_stopped(monkeypatch):
@@ -327,8 +342,10 @@ def test_a_denied_topic_waits_and_is_logged_once_while_the_others_go_on(monkeypa
         await source.wait(lambda: source.commits.get("a") == 2)
         await asyncio.sleep(0.5)  # about ten tries of b
         assert "access denied to topic b" in forwarder.status_line()
+        assert forwarder.health_problem().startswith("topic 'b': access denied: could not ")
         source.denied.clear()  # the server's rules were changed (and reloaded)
         await source.wait(lambda: source.commits.get("b") == 1)
+        assert forwarder.health_problem() is None
 
     forwarder = forwarding(source, upstream, check=check)
     assert upstream.ids() == ids("a", [1, 2]) + ids("b", [1])
@@ -337,3 +354,59 @@ def test_a_denied_topic_waits_and_is_logged_once_while_the_others_go_on(monkeypa
     assert len(denied) == 1, [r.getMessage() for r in denied]
     assert "not forwarding 'b', trying again every 0.05 s" in denied[0].getMessage()
     assert upstream.sessions == 1 and forwarder.forwarded == 3
+
+
+class UnreachableJetStream(FakeJetStream):
+    """NATS that never answers (a device that boots offline)."""
+
+    async def connect(self) -> None:
+        self.errors.add("connect")
+        raise NotConnected("cannot connect to NATS at nats://nats.test:4222: refused")
+
+
+def test_while_nats_is_away_from_the_start_the_lag_counts_from_the_committed_offset():
+    source = FakeSource({"a": [b"m"] * 10, "b": []})
+    source.commits["a"] = 3
+    upstream = UnreachableJetStream()
+    plan = dataclasses.replace(PLAN, log_interval=0.01)  # status refreshes this often
+
+    async def check(forwarder: Forwarder) -> None:
+        a = forwarder.topics[0]
+        await until(lambda: a.committed == 3 and a.latest == 10)
+        assert (a.lag, a.backlog, a.forwarded) == (7, 7, 0)
+        await source.produce("a", b"m", b"m")
+        await until(lambda: a.lag == 9)
+        assert "backlog 9 (a 9, b 0)" in forwarder.status_line()
+        assert forwarder.health_problem() == (
+            "not forwarding: cannot connect to NATS at nats://nats.test:4222: refused")
+        assert upstream.errors.snapshot()["connect"] >= 1
+
+    forwarding(source, upstream, plan, check=check)
+
+
+class LateAcks(FakeJetStream):
+    """Stores the messages in `late` without answering (their acknowledgement is lost
+    with the session), and refuses `refuse_now` at once, as a message too large is."""
+
+    def __init__(self, late: set[str], refuse_now: set[str]) -> None:
+        super().__init__()
+        self.late, self.refuse_now = late, refuse_now
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[PubAck]:
+        if msg_id in self.refuse_now:
+            self.refuse_now.discard(msg_id)
+            raise PublishFailed(f"{msg_id} is too large")
+        future = await super().publish(subject, payload, msg_id)
+        return asyncio.get_running_loop().create_future() if msg_id in self.late else future
+
+
+def test_messages_stored_whose_acknowledgement_came_too_late_are_counted_once():
+    source = FakeSource({"a": [b"m%d" % i for i in range(1, 11)], "b": []})
+    upstream = LateAcks(late=set(ids("a", [1, 2, 3])), refuse_now=set(ids("a", [4])))
+
+    async def check(forwarder: Forwarder) -> None:
+        await source.wait(lambda: source.commits.get("a") == 10)
+
+    forwarder = forwarding(source, upstream, check=check)
+    assert upstream.sessions == 2 and upstream.ids() == ids("a", range(1, 11))
+    assert forwarder.forwarded == forwarder.topics[0].forwarded == 10

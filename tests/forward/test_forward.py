@@ -4,7 +4,6 @@ backlog sent at start and after the upstream returns, resuming from what JetStre
 holds, topics that appear later, rate limit, status over sd_notify, mTLS and auth."""
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -14,15 +13,14 @@ import pytest
 
 from support.certs import make_certs
 from support.servers import clean_env, make_topic
-from support.forwarding import (ForwarderProcess, NatsServer, check_exactly_once_in_order,
-                                forward_env, free_ports, read_stream)
+from support.forwarding import (NODE, STREAM, ForwarderProcess, NatsServer, add_stream,
+                                check_exactly_once_in_order, committed, forward_env, free_ports,
+                                produce, read_stream, smq_args, wait_committed)
 from support.poll import eventually
 from smq._proto import smq_pb2
 
 pytestmark = [pytest.mark.process, pytest.mark.usefixtures("needs_nats"), pytest.mark.timeout(120)]
 
-NODE = "edge"
-STREAM = "SMQ_edge"
 
 
 @pytest.fixture
@@ -47,43 +45,6 @@ def forward(tmp_path: Path):
     yield start
     for process in started:
         process.kill()
-
-
-def smq_args(server) -> list[str]:
-    return ["--host", "127.0.0.1", "--port", str(server.port)]
-
-
-def produce(stub, topic: str, count: int, start: int = 1) -> list[bytes]:
-    payloads = [f"{topic} message {i}".encode() for i in range(start, start + count)]
-    stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic=topic, messages=payloads), timeout=10)
-    return payloads
-
-
-def committed(stub, topic: str, consumer: str = f"forward-{NODE}") -> int | None:
-    try:
-        return stub.GetCommittedOffset(smq_pb2.GetCommittedOffsetRequest(
-            consumer=consumer, topic=topic), timeout=5).offset
-    except Exception:
-        return None
-
-
-def wait_committed(stub, expected: dict[str, list[bytes]], timeout: float = 30.0) -> None:
-    eventually(lambda: all(committed(stub, t) == len(p) for t, p in expected.items()),
-               timeout=timeout, interval=0.1,
-               message=f"commits up to {[len(p) for p in expected.values()]}")
-
-
-def add_stream(url: str, name: str = STREAM, subjects: str = f"smq.{NODE}.>", **options) -> None:
-    import nats
-    from nats.js.api import StreamConfig
-
-    async def add() -> None:
-        nc = await nats.connect(url)
-        try:
-            await nc.jetstream().add_stream(StreamConfig(name=name, subjects=[subjects], **options))
-        finally:
-            await nc.close()
-    asyncio.run(add())
 
 
 class NotifySocket:

@@ -7,8 +7,10 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ from support.certs import make_certs
 from support.forwarding import ForwarderProcess, forward_env
 from smq.errors import ConfigError
 from smq.forward.config import SETTINGS, ForwardConfig, default_node, load
-from smq.forward.engine import RateLimit, ForwardedTopic
+from smq.forward.pacing import RateLimit
+from smq.forward.plan import ForwardedTopic
 from smq.forward.jetstream import describe, pattern_within, subject_matches
 
 UNIT = ROOT / "systemd" / "smq-forward.service"
@@ -61,6 +64,19 @@ def test_flags_beat_environment_beat_env_file(tmp_path, monkeypatch):
     assert load({}, environ=environ, hostname="h").window == 8
 
 
+def test_the_metrics_port_is_off_unless_given_and_on_loopback_unless_told():
+    config = load({"topics": "t"}, environ={}, hostname="h")
+    assert (config.metrics_port, config.metrics_bind) == (None, "127.0.0.1")
+    assert ForwardConfig().metrics_port is None  # as built in code, too: off
+    for off in ("", "off", " OFF "):
+        assert load({"topics": "t"}, {"SMQ_FORWARD_METRICS_PORT": off}, "h").metrics_port is None
+    config = load({"topics": "t", "metrics_port": "0", "metrics_bind": ""}, {}, "h")
+    assert (config.metrics_port, config.metrics_bind) == (0, "127.0.0.1")  # 0: any free port
+    environ = {"SMQ_FORWARD_METRICS_PORT": "9098", "SMQ_FORWARD_METRICS_BIND": "::"}
+    config = load({"topics": "t"}, environ, "h")
+    assert (config.metrics_port, config.metrics_bind) == (9098, "::")
+
+
 @pytest.mark.parametrize("flags, environ, setting, reason", [
     ({"topics": ""}, {}, "--topics (SMQ_FORWARD_TOPICS, from command line)", "one or more topic"),
     ({"topics": "a..b"}, {}, "--topics", "no leading, trailing or double dots"),
@@ -82,6 +98,11 @@ def test_flags_beat_environment_beat_env_file(tmp_path, monkeypatch):
     ({"topics": "t", "nats_password": "p"}, {}, "--nats-user", "required with --nats-password"),
     ({"topics": "t", "nats_user": "u", "nats_token": "x"}, {}, "--nats-token", "one way"),
     ({"topics": "t", "nats_ca": "/nonexistent/ca.pem"}, {}, "--nats-ca", "no such file"),
+    ({"topics": "t"}, {"SMQ_FORWARD_METRICS_PORT": "70000"},
+     "--metrics-port (SMQ_FORWARD_METRICS_PORT, from environment)", "from 0 to 65535"),
+    ({"topics": "t", "metrics_port": "http"}, {}, "--metrics-port", "expected a number"),
+    ({"topics": "t", "metrics_bind": "not an address"}, {}, "--metrics-bind",
+     "host name or IP address"),
     ({}, {}, "--topics", "required"),
 ])
 def test_invalid_settings_name_the_setting_and_value(flags, environ, setting, reason):
@@ -235,6 +256,28 @@ def test_bad_settings_exit_2_with_one_line(tmp_path):
                   "'0': expected a value from 1 to 10000\n"
     code, out = run_forward(cwd=tmp_path, env=forward_env(SMQ_FORWARD_TOPICS="a..b"))
     assert code == 2 and len(out.splitlines()) == 1 and "SMQ_FORWARD_TOPICS" in out
+
+
+@pytest.mark.process
+def test_a_metrics_port_that_cannot_be_had_exits_2_with_one_line_before_anything_else(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        code, out = run_forward("--topics", "t", "--metrics-port", str(port), cwd=tmp_path)
+    assert code == 2
+    assert out == f"smq forward: error: cannot listen on 127.0.0.1:{port} for metrics: " \
+                  "Address already in use (is another server using it?)\n"
+    assert time.monotonic() - started < 15  # no wait for SMQ or NATS (neither runs here)
+    code, out = run_forward("--topics", "t", "--metrics-port", "0", "--metrics-bind",
+                            "192.0.2.1", cwd=tmp_path)  # TEST-NET-1: no address of this host
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith("smq forward: error: cannot listen on 192.0.2.1:0 for metrics: ")
+    code, out = run_forward("--topics", "t", "--metrics-port", "0", "--metrics-bind",
+                            "no-such-host.invalid", cwd=tmp_path)
+    assert code == 2 and len(out.splitlines()) == 1, out
+    assert out.startswith("smq forward: error: cannot listen on no-such-host.invalid:0 for metrics")
 
 
 @pytest.mark.process

@@ -1,6 +1,7 @@
 """What the forwarder's tests run: real `nats-server` processes (one server, or a
 3-node JetStream cluster) on loopback ports with stores in the test's temp dir, the
-forwarder as a child process (`python -m smq.forward`), and a reader of a whole stream.
+forwarder as a child process (`python -m smq.forward`), a reader of a whole stream, and
+the SMQ side of a test: messages produced, the forwarder's commits awaited.
 
 Debian's package installs the binary as /usr/sbin/nats-server (`apt-get install -y
 nats-server`); tests that need it (the `needs_nats` fixture, tests/forward/conftest.py)
@@ -21,9 +22,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from smq._proto import smq_pb2
 from support.poll import eventually
 
 INSTALL_HINT = "nats-server is not installed (CI: apt-get install -y nats-server)"
+NODE = "edge"  # the forwarder's node name in the tests of one nats-server
+STREAM = "SMQ_edge"
 
 
 def nats_server_binary() -> str | None:
@@ -259,6 +263,45 @@ def check_exactly_once_in_order(stored: list[StoredMessage], node: str,
             f"{topic}: {len(offsets)} of {len(expected[topic])} messages"
         assert [m.msg_id for m in messages] == [f"{node}/{topic}/{o}" for o in offsets]
         assert [m.data for m in messages] == expected[topic], f"{topic}: payloads differ"
+
+
+# -- SMQ's side of a forwarder test: its arguments, messages, commits; the stream ---------------
+
+def smq_args(server) -> list[str]:
+    return ["--host", "127.0.0.1", "--port", str(server.port)]
+
+
+def produce(stub, topic: str, count: int, start: int = 1) -> list[bytes]:
+    payloads = [f"{topic} message {i}".encode() for i in range(start, start + count)]
+    stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic=topic, messages=payloads), timeout=10)
+    return payloads
+
+
+def committed(stub, topic: str, consumer: str = f"forward-{NODE}") -> int | None:
+    try:
+        return stub.GetCommittedOffset(smq_pb2.GetCommittedOffsetRequest(
+            consumer=consumer, topic=topic), timeout=5).offset
+    except Exception:
+        return None
+
+
+def wait_committed(stub, expected: dict[str, list[bytes]], timeout: float = 30.0) -> None:
+    eventually(lambda: all(committed(stub, t) == len(p) for t, p in expected.items()),
+               timeout=timeout, interval=0.1,
+               message=f"commits up to {[len(p) for p in expected.values()]}")
+
+
+def add_stream(url: str, name: str = STREAM, subjects: str = f"smq.{NODE}.>", **options) -> None:
+    import nats
+    from nats.js.api import StreamConfig
+
+    async def add() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().add_stream(StreamConfig(name=name, subjects=[subjects], **options))
+        finally:
+            await nc.close()
+    asyncio.run(add())
 
 
 def require_nats() -> None:
