@@ -1,7 +1,8 @@
 """Prometheus itself scrapes a real server's metrics port (--metrics-port 0) and its
 query API returns exactly what the test did: messages produced, stored and delivered
 per topic, a named consumer's offset and lag, calls by method and status code, an open
-stream.
+stream. Every query of the Grafana dashboard (docs/grafana/smq.json) then runs in that
+Prometheus, with its variables filled in: each must parse and return series.
 
 Needs Debian's prometheus (tests/support/prometheus.py): skipped without it, failed
 without it when SMQ_REQUIRE_PROMETHEUS=1 (as .ci/run sets). Prometheus runs in a
@@ -18,6 +19,7 @@ from smq import __version__
 from smq._proto import smq_pb2
 from smq.client import Client
 from smq.errors import NotFound
+from support.metrics import load_dashboard, queries, substitute
 from support.prometheus import Prometheus, http_get, metrics_address, require_prometheus
 from support.servers import ServerProcess, module_server
 
@@ -115,4 +117,11 @@ def test_prometheus_scrapes_the_exact_counts(scraped):
 
 def test_healthz_answers_ok(scraped):
     assert http_get(f"http://{scraped.metrics_address}/healthz") == (200, "ok\n")
+
+
+@pytest.mark.parametrize("query", queries(load_dashboard()), ids=lambda q: q.where)
+def test_every_dashboard_query_returns_series(scraped, query):
+    """A panel Grafana would show empty, or a query Prometheus refuses, fails here."""
+    expr = substitute(query.expr)
+    assert scraped.prometheus.query(expr), f"{query.where}: no series for {expr}"
 
