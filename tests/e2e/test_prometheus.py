@@ -2,13 +2,17 @@
 query API returns exactly what the test did: messages produced, stored and delivered
 per topic, a named consumer's offset and lag, calls by method and status code, an open
 stream. Every query of the Grafana dashboard (docs/grafana/smq.json) then runs in that
-Prometheus, with its variables filled in: each must parse and return series.
+Prometheus, with its variables filled in: each must parse and return series; and the
+alert rules of docs/metrics.md, loaded into it, evaluate without error and stay inactive;
+promtool passes its prometheus.yml with them.
 
 Needs Debian's prometheus (tests/support/prometheus.py): skipped without it, failed
 without it when SMQ_REQUIRE_PROMETHEUS=1 (as .ci/run sets). Prometheus runs in a
 temporary directory of its own, stopped and removed at the end, pass or fail."""
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +23,8 @@ from smq import __version__
 from smq._proto import smq_pb2
 from smq.client import Client
 from smq.errors import NotFound
-from support.metrics import load_dashboard, queries, substitute
+from support.metrics import alert_rules, load_dashboard, marked_block, queries, substitute
+from support.poll import eventually
 from support.prometheus import Prometheus, http_get, metrics_address, require_prometheus
 from support.servers import ServerProcess, module_server
 
@@ -46,7 +51,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scraped]:
     server = module_server(tmp_path_factory, "prometheus", "--metrics-port", "0")
     try:
         address = metrics_address(server.log())
-        with Prometheus({"smq": [address]}) as prometheus:
+        with Prometheus({"smq": [address]}, rules=alert_rules()) as prometheus:
             prometheus.wait_scraped("smq", after=time.time())  # a first sample: rate() needs two
             with Client("127.0.0.1", server.port) as client:
                 for topic, count in PRODUCED.items():
@@ -125,3 +130,31 @@ def test_every_dashboard_query_returns_series(scraped, query):
     expr = substitute(query.expr)
     assert scraped.prometheus.query(expr), f"{query.where}: no series for {expr}"
 
+
+def test_the_documented_alert_rules_evaluate_and_stay_inactive(scraped):
+    def evaluated() -> list[dict]:
+        rules = scraped.prometheus.rules()
+        # Each evaluated at least once (never: "0001-01-01T00:00:00Z").
+        return rules if all(r["lastEvaluation"] > "2000" for r in rules) else []
+
+    rules = eventually(evaluated, timeout=10)
+    assert len(rules) >= 5
+    assert [(r["name"], r["health"], r["lastError"]) for r in rules if r["health"] != "ok"] == []
+    # Against this healthy server none is pending or firing; but how fast this machine's
+    # disk syncs is not the server's to say.
+    assert [(r["name"], r["state"]) for r in rules
+            if r["state"] != "inactive" and r["name"] != "SMQFsyncSlow"] == []
+
+
+def test_the_documented_prometheus_config_passes_promtool(tmp_path):
+    require_prometheus()
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing (Debian's prometheus package has it)"
+    config = marked_block("prometheus config")
+    assert "smq-alerts.yml" in config
+    (tmp_path / "prometheus.yml").write_text(config)
+    (tmp_path / "smq-alerts.yml").write_text(alert_rules())
+    checked = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 7 rules found" in checked.stdout, checked.stdout

@@ -1,6 +1,6 @@
 """Reading the metrics side of the docs for the tests: the Grafana dashboard's queries
-(docs/grafana/smq.json) with the metric names they use, and a scrape in Prometheus'
-text format.
+(docs/grafana/smq.json) with the metric names they use, the metric table of
+docs/metrics.md, and a scrape in Prometheus' text format.
 
 The PromQL is parsed loosely, enough to find names: strings, label matchers, ranges,
 grouping clauses and Grafana's $variables are dropped; a word followed by "(" is a
@@ -17,6 +17,7 @@ from pathlib import Path
 from support import ROOT
 
 DASHBOARD = ROOT / "docs" / "grafana" / "smq.json"
+METRICS_MD = ROOT / "docs" / "metrics.md"
 
 # PromQL's functions and aggregation operators (Prometheus 2.42), and its keywords.
 FUNCTIONS = frozenset("""
@@ -135,3 +136,45 @@ def parse_scrape(text: str) -> tuple[set[str], dict[str, Family]]:
         family.labels.discard("le")
     return series, families
 
+
+def documented_metrics(path: Path = METRICS_MD) -> dict[str, tuple[str, set[str]]]:
+    """The metric table rows of docs/metrics.md (| `name` | type | `label`, ... | meaning |):
+    {name: (type, labels)}. A metric in two rows is an error."""
+    found: dict[str, tuple[str, set[str]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"\| `([a-z_:]+)` \| (counter|gauge|histogram) \| ([^|]*) \|", line)
+        if not match:
+            continue
+        name, kind, labels = match.groups()
+        assert name not in found, f"{name} documented twice"
+        found[name] = (kind, set(re.findall(r"`(\w+)`", labels)))
+    return found
+
+
+def marked_block(marker: str, path: Path = METRICS_MD) -> str:
+    """The YAML block that follows the comment `<!-- MARKER: ... -->`."""
+    text = path.read_text(encoding="utf-8")
+    match = re.search(rf"<!-- {marker}:[^>]*-->\n```yaml\n(.*?)^```", text, re.S | re.M)
+    assert match, f"no {marker} block in {path.name}"
+    return match.group(1)
+
+
+def alert_rules(path: Path = METRICS_MD) -> str:
+    return marked_block("alert rules", path)
+
+
+def alert_queries(path: Path = METRICS_MD) -> list[Query]:
+    """Each rule's expr in the alert rules block: one line, or a folded block (`>`)."""
+    found = []
+    for rule in re.split(r"(?m)^\s*- alert: ", alert_rules(path))[1:]:
+        name = rule.split()[0]
+        match = re.search(r"(?m)^(\s*)expr: (.*)$", rule)
+        assert match, f"alert {name}: no expr"
+        expr = match.group(2)
+        if expr.strip() == ">":
+            lines = re.match(r"(?:\n\s{%d,}.*)+" % (len(match.group(1)) + 1), rule[match.end():])
+            assert lines, f"alert {name}: an empty folded expr"
+            expr = " ".join(line.strip() for line in lines.group().splitlines() if line.strip())
+        found.append(Query(f"alert {name}", expr))
+    assert found, "no rules"
+    return found

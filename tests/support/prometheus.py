@@ -72,16 +72,22 @@ def free_port() -> int:
 
 class Prometheus:
     """A prometheus process scraping `targets` ({job: [host:port, ...]}) every
-    `scrape_interval`; a context manager (or call `close()`)."""
+    `scrape_interval`, and evaluating the rules file `rules` (YAML) as often; a context
+    manager (or call `close()`)."""
 
-    def __init__(self, targets: dict[str, list[str]], scrape_interval: str = "1s") -> None:
+    def __init__(self, targets: dict[str, list[str]], scrape_interval: str = "1s",
+                 rules: str | None = None) -> None:
         binary = prometheus_binary()
         assert binary, INSTALL_HINT
         self.dir = Path(tempfile.mkdtemp(prefix="smq-prometheus-"))
         self.proc: subprocess.Popen | None = None
         try:
             self.config = self.dir / "prometheus.yml"
-            self.config.write_text(_config(targets, scrape_interval))
+            config = _config(targets, scrape_interval)
+            if rules is not None:
+                (self.dir / "rules.yml").write_text(rules)
+                config += "rule_files:\n  - rules.yml\n"
+            self.config.write_text(config)
             self._log_path = self.dir / "prometheus.log"
             self.port = self._start(binary)
         except BaseException:
@@ -162,6 +168,13 @@ class Prometheus:
             return [{"error": body}]
         return [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError", "lastScrape")}
                 for t in json.loads(body)["data"]["activeTargets"]]
+
+    def rules(self) -> list[dict[str, Any]]:
+        """Every rule of every group as /api/v1/rules reports it (health, lastError,
+        state, lastEvaluation, ...)."""
+        status, body = http_get(f"{self.url}/api/v1/rules")
+        assert status == 200, body
+        return [rule for group in json.loads(body)["data"]["groups"] for rule in group["rules"]]
 
     def close(self) -> None:
         """Stop prometheus (SIGTERM, then SIGKILL) and remove its directory."""
