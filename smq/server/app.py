@@ -67,10 +67,13 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def exposure_warnings(config: ServerConfig, port: int) -> list[str]:
+def exposure_warnings(
+    config: ServerConfig, port: int, metrics_port: int | None = None
+) -> list[str]:
     """What this server leaves open, one line each (smq.exposure): its private key or
-    its .env file holding a secret readable by every user of the device, and TCP writes
-    open to anyone who can reach `port` (unless --quiet-open-network)."""
+    its .env file holding a secret readable by every user of the device, TCP writes
+    open to anyone who can reach `port` and metrics served on `metrics_port` beyond
+    loopback (those two unless --quiet-open-network)."""
     key = [(SETTINGS_BY_FIELD["server_key"].label, config.server_key)]
     lines = exposure.readable_secrets(key if config.server_enable_mtls else [], config.env_file)
     open_to_writes = config.allow_remote_writes and not config.server_enable_mtls
@@ -82,7 +85,6 @@ def exposure_warnings(config: ServerConfig, port: int) -> list[str]:
             "silence this warning: --quiet-open-network)"
         )
     metrics_bind = config.metrics_bind or config.bind
-    metrics_port = config.metrics_port
     metrics_open = metrics_port is not None and not exposure.is_loopback(metrics_bind)
     if metrics_port is not None and metrics_open and not config.quiet_open_network:
         lines.append(
@@ -378,7 +380,7 @@ class Server:
                 "plaintext, the certificate files are not used",
                 ", ".join(ignored),
             )
-        for line in exposure_warnings(self.config, self.port):
+        for line in exposure_warnings(self.config, self.port, self.metrics_port):
             log.warning("%s", line)
         log.info(
             "serving on %s (%s, database %s, durability %s)",

@@ -131,13 +131,15 @@ class _Collector:
         )
         yield _histogram(
             "smq_commit_duration_seconds",
-            "Time of each write transaction, from BEGIN to COMMIT done",
+            "Time of each commit of the writer: its transaction (BEGIN to COMMIT, the writes "
+            "applied) and the upkeep around it (a checkpoint when the WAL is past its share)",
             writer.stats.seconds,
         )
         yield _histogram(
             "smq_fsync_duration_seconds",
             "Time of each COMMIT statement in full durability: SQLite writes the "
-            "transaction's WAL frames and fsyncs the WAL in it (normal durability: not kept)",
+            "transaction's WAL frames and fsyncs the WAL in it (commits that wrote something; "
+            "normal durability: not kept)",
             writer.stats.sync_seconds,
         )
         yield GaugeMetricFamily(
@@ -159,7 +161,9 @@ class _Collector:
             buckets, sum_value = histogram.cumulative()
             duration.add_metric([method], buckets, sum_value)
         yield duration
-        streams = GaugeMetricFamily("smq_open_streams", "Streams open, by method", labels=["rpc"])
+        streams = GaugeMetricFamily(
+            "smq_open_streams", "Streams open, by method", labels=["method"]
+        )
         for method in STREAMING_RPCS:
             streams.add_metric([method], in_flight.get(method, 0))
         yield streams
@@ -167,11 +171,13 @@ class _Collector:
     def _server(self, topic_count: int) -> Iterator[Metric]:
         storage = self.service.storage
         info = GaugeMetricFamily(
-            "smq_build_info", "SMQ's version (value 1)", labels=["version", "python"]
+            "smq_build_info",
+            "SMQ's version and the Python that runs it (value 1)",
+            labels=["version", "python"],
         )
         info.add_metric([__version__, platform.python_version()], 1)
         yield info
-        yield GaugeMetricFamily("smq_topics", "Topics", value=topic_count)
+        yield GaugeMetricFamily("smq_topics", "Topics that exist", value=topic_count)
         files = GaugeMetricFamily(
             "smq_database_file_bytes", "Size of the database's files", labels=["file"]
         )
@@ -198,7 +204,9 @@ class _Collector:
             value=self.budget.used,
         )
         yield GaugeMetricFamily(
-            "smq_memory_budget_limit_bytes", "--memory-budget", value=self.budget.limit
+            "smq_memory_budget_limit_bytes",
+            "Memory that calls may hold in all (--memory-budget)",
+            value=self.budget.limit,
         )
         yield GaugeMetricFamily(
             "smq_liveness_check_passing",

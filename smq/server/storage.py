@@ -68,6 +68,7 @@ class Storage(ConsumerOffsets, DiskSpace):
         self.page_size = self._file.page_size
         self.trim_step = self._file.trim_step
         self.commit_seconds = 0.0  # how long the last COMMIT statement took (its fsync, if any)
+        self.commit_wrote = False  # whether its transaction changed a row (else no fsync to time)
         self._readers: queue.LifoQueue[apsw.Connection] = queue.LifoQueue()
         for _ in range(options.readers):
             self._readers.put(self._file.connect(apsw.SQLITE_OPEN_READWRITE, query_only=True))
@@ -170,6 +171,7 @@ class Storage(ConsumerOffsets, DiskSpace):
         at once (BEGIN IMMEDIATE), so even an empty one proves the database is writable."""
         with storage_errors("write"):
             self._writer.execute("BEGIN IMMEDIATE")
+            changes = self._writer.total_changes()
             try:
                 yield
             except BaseException:
@@ -180,6 +182,7 @@ class Storage(ConsumerOffsets, DiskSpace):
                 started = time.perf_counter()
                 self._writer.execute("COMMIT")
                 self.commit_seconds = time.perf_counter() - started
+                self.commit_wrote = self._writer.total_changes() != changes
             except apsw.Error:
                 if not self._writer.getautocommit():
                     self._writer.execute("ROLLBACK")

@@ -328,8 +328,8 @@ class GroupCommitWriter(Retention):
             if name in self.topics
         }
         self.stats.committed(appended, self._retained_out, time.monotonic() - started)
-        if self.storage.options.durability == "full":  # the COMMIT fsyncs only then
-            self.stats.sync_seconds.observe(self.storage.commit_seconds)
+        if self.storage.options.durability == "full" and self.storage.commit_wrote:
+            self.stats.sync_seconds.observe(self.storage.commit_seconds)  # (only then an fsync)
         for topic in self.deleted:
             if topic.name not in self.topics:  # (not deleted and created again)
                 self.stats.forget(topic.name)

@@ -105,8 +105,8 @@ def test_prometheus_scrapes_the_exact_counts(scraped):
     assert value('smq_rpcs_total{method="CommitOffset",code="OK"}') == 1
     assert value('smq_rpcs_total{method="CreateTopic",code="OK"}') == len(PRODUCED)
     assert value('smq_rpc_duration_seconds_count{method="Produce"}') == total + 1
-    assert value('smq_open_streams{rpc="StreamConsume"}') == 1
-    assert value('smq_open_streams{rpc="Subscribe"}') == 0
+    assert value('smq_open_streams{method="StreamConsume"}') == 1
+    assert value('smq_open_streams{method="Subscribe"}') == 0
     # Every message was appended by some commit: the per-commit histogram adds up.
     assert value("smq_commit_messages_sum") == total
     assert 1 <= value("smq_commit_messages_count") <= total
