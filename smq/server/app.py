@@ -20,6 +20,7 @@ import os
 import socket
 import stat
 import threading
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,19 +30,21 @@ from .. import exposure, tls
 from .._proto import smq_pb2
 from ..domain import TopicPolicy, plural, tcp_address
 from ..errors import CertificateError, ConfigError, StartupError
-from ..metrics_http import MetricsListener
 from . import malloc
 from .access import Gate, load_gate
 from .budget import MemoryBudget, minimum_limit
 from .config import SETTINGS_BY_FIELD, ServerConfig, group_id
 from .handlers import lenient_handler
 from .liveness import LivenessMonitor
-from .metrics import ServerMetrics
 from .pool import FairPool
 from .reflecting import Reflection
 from .service import PAGE_BYTES, Limits, QueueService
 from .servicer import MAX_BATCH_BYTES, SERVICE_NAME, Servicer
 from .storage import Storage, StorageOptions
+
+if TYPE_CHECKING:  # imported when metrics are asked for: prometheus_client takes ~0.1 s
+    from ..metrics_http import MetricsListener
+    from .metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +342,9 @@ class Server:
         for; it serves once the server starts."""
         if config.metrics_port is None:
             return None, None
+        from ..metrics_http import MetricsListener
+        from .metrics import ServerMetrics
+
         metrics = ServerMetrics(config.metrics_max_topics)
         listener = MetricsListener(
             config.metrics_bind or config.bind,
