@@ -4,10 +4,12 @@ reloads the access-control file (--acl-file)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
+import select
 import signal
-import threading
 from typing import Any
 
 from .. import __version__, connection
@@ -110,16 +112,17 @@ def serve(config: server_config.ServerConfig) -> int:
 
     setup_logging(config.log_level)
     notifier = Notifier()
-    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
+    # The handlers only set flags: Python runs a handler in the main thread between any
+    # two bytecodes, also while that thread holds a lock, so a handler that takes one
+    # (Event.set does) can deadlock it (a SIGTERM hung the server so, seen by py-spy).
+    requested = {"stop": False, "reload": False}
 
     def request_stop(signum: int, frame: object) -> None:
-        stop.set()  # only flags: the main thread does the work
-        wake.set()
+        requested["stop"] = True
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
 
     def request_reload(signum: int, frame: object) -> None:
-        reload.set()
-        wake.set()
+        requested["reload"] = True
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
@@ -130,17 +133,24 @@ def serve(config: server_config.ServerConfig) -> int:
     server.liveness.add_listener(supervisor)
     server.start()
     notifier.ready(server.status_line())
+    # Whichever thread the kernel gives a signal to, its C handler writes to this pipe,
+    # which wakes the wait below at once (the Python handler has run by then).
+    wake_read, wake_write = os.pipe()
+    for end in (wake_read, wake_write):
+        os.set_blocking(end, False)
+    signal.set_wakeup_fd(wake_write)
     try:
-        # Python runs signal handlers in the main thread, but the kernel may deliver the
-        # signal to any thread (grpc's, the writer's): a long wait here then sleeps
-        # through it. Waking every second runs a handler that is waiting.
-        while not stop.is_set():
-            wake.wait(timeout=1.0)
-            wake.clear()  # before the flags are read: a signal after this wakes the next wait
-            if reload.is_set() and not stop.is_set():
-                reload.clear()
+        while not requested["stop"]:
+            select.select([wake_read], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_read, 512)
+            if requested["reload"] and not requested["stop"]:
+                requested["reload"] = False
                 server.reload_access()
     finally:
+        signal.set_wakeup_fd(-1)
+        for end in (wake_read, wake_write):
+            os.close(end)
         supervisor.stop()
         notifier.stopping()
         logging.getLogger("smq").info("shutting down (grace %.1fs)", config.shutdown_grace)
