@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/bench.py [--quick] [--repeat N] [--json FILE]
                                     [--sizes 100,10240] [--modes full,normal]
+                                    [--only metrics|wear] [--metrics-rounds N]
                                     [--wear-only] [--wear-messages 3000,20000,20000]
 
 For every payload size it starts bench/raw_server.py (the same service over grpcio with
@@ -35,6 +36,17 @@ With redis-server on PATH, the same figure for redis (AOF, appendfsync always an
 everysec) taking XADDs one at a time and --batch per pipelined round trip. --wear-only
 runs just these (fast, for iterating on the storage).
 
+The cost of metrics (--metrics-port): per mode, fresh SMQ servers with the same settings
+in three arms, "off", "on" (--metrics-port 0, and a scraper in this process fetching
+/metrics every --scrape-interval seconds, as Prometheus would) and "off2" (a second
+"off": how far two arms differ with no change at all), each taking unary Produce (4
+clients, one message per call) and then ProduceBatch (one client, --batch per call) for
+--duration on payloads of the smallest --sizes. The arms run in turn, in a different
+order each round (all six in turn), --metrics-rounds times (default 3; 10 with --only
+metrics; quick 1). Its table: per workload and mode the median msg/s off and on, the
+change, both arms' range over the rounds, and off2's change from off; then the same
+for the server's CPU time per message. --only metrics runs just this.
+
 It prints one table (figure, size, mode, SMQ median, raw median, ratio SMQ/raw, target,
 met?) and writes every sample to --json. Figures are medians over the repeats (the peak
 RSS is the maximum). The targets are those of the throughput issue, checked for 100-byte
@@ -47,6 +59,7 @@ import argparse
 import ctypes
 import dataclasses
 import functools
+import http.client
 import itertools
 import json
 import multiprocessing
@@ -60,6 +73,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -73,6 +87,7 @@ from smq._proto import smq_pb2, smq_pb2_grpc  # noqa: E402
 
 RAW_SERVER = Path(__file__).resolve().parent / "raw_server.py"
 LISTENING = re.compile(r"serving on \S+:(\d+)")
+METRICS_AT = re.compile(r"metrics on http://(\S+):(\d+)/metrics")
 CLIENT_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024**2),
                   ("grpc.max_send_message_length", 16 * 1024**2)]
 # Environment names the server reads; none of the caller's may leak into a run.
@@ -204,7 +219,9 @@ def client_main(role: str, address: str, params: dict, barrier, results) -> None
         channel = grpc.insecure_channel(address, options=CLIENT_OPTIONS)
         stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
         stub.Connect(smq_pb2.ConnectRequest(), timeout=30, wait_for_ready=True)
-        results.put(("ok", ROLES[role](stub, params, barrier)))
+        cpu0 = time.process_time()
+        report = ROLES[role](stub, params, barrier)
+        results.put(("ok", {**report, "client_cpu_s": time.process_time() - cpu0}))
         channel.close()
     except BaseException as exc:  # report, and free the others from the barrier
         results.put(("error", f"{role}: {exc!r}\n{traceback.format_exc()}"))
@@ -482,6 +499,17 @@ def measure_wear(proc: subprocess.Popen, size: int, write) -> dict:
             "elapsed_s": elapsed, "settled": True, "x_payload": per_message / size}
 
 
+def machine_cpu() -> tuple[float, float] | None:
+    """CPU seconds every process of the machine has used (user, nice, system, irq,
+    softirq), and the hypervisor's steal, from /proc/stat; None where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / tick, fields[7] / tick
+
+
 def terminate(proc: subprocess.Popen | None) -> None:
     """Stop a child still running: SIGTERM, then SIGKILL after 30 s."""
     if proc is not None and proc.poll() is None:
@@ -606,6 +634,84 @@ class ServerProcess:
         terminate(self.proc)
 
 
+# -- metrics on and off ------------------------------------------------------------------
+
+METRICS_ARMS = ("off", "on", "off2")  # off2: a second "off", the noise of a null change
+METRICS_ORDERS = list(itertools.permutations(METRICS_ARMS))  # one per round, in turn
+METRICS_WORKLOADS = ("unary", "batch")
+METRICS_LOSS_MAX = 0.03  # the metrics issue: Produce and ProduceBatch lose at most 3%
+METRICS_CALLS = re.compile(rb"^smq_rpcs_total\{([^}]*)\} (\S+)$", re.MULTILINE)
+
+
+def metrics_label(workload: str, batch: int) -> str:
+    return {"unary": "Produce unary, 4 clients",
+            "batch": f"ProduceBatch ({batch}/call), 1 client"}[workload]
+
+
+class Scraper:
+    """Fetches http://host:port/metrics every `interval` seconds from a thread of its own,
+    as Prometheus would (one request per connection), from `start()` to `stop()`; counts
+    the scrapes that answered 200 with SMQ's call counts in them, and those that did not."""
+
+    def __init__(self, host: str, port: int, interval: float) -> None:
+        self.host, self.port, self.interval = host, port, interval
+        self.ok = 0
+        self.failed: list[str] = []
+        self.seconds: list[float] = []
+        self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+
+    def start(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(30)
+        return {"scrapes": self.ok, "scrape_failures": len(self.failed),
+                "scrape_errors": self.failed[:3], "scrape_bytes": self.bytes,
+                "scrape_ms_median": (statistics.median(self.seconds) * 1000
+                                     if self.seconds else None)}
+
+    def scrape(self) -> bytes:
+        """One GET /metrics: the body (raises on anything but a 200)."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {body[:200]!r}")
+        return body
+
+    def calls(self) -> dict[str, float]:
+        """Calls finished OK by method, as a scrape now reads them."""
+        counts = {}
+        for labels, value in METRICS_CALLS.findall(self.scrape()):
+            label = dict(re.findall(r'(\w+)="([^"]*)"', labels.decode()))
+            if label.get("code") == "OK":
+                counts[label["method"]] = float(value)
+        return counts
+
+    def _run(self) -> None:
+        due = time.monotonic()
+        while not self._stop.wait(max(due - time.monotonic(), 0)):
+            t0 = time.perf_counter()
+            try:
+                body = self.scrape()
+                if b"smq_rpcs_total" not in body:
+                    raise RuntimeError("no smq_rpcs_total in the answer")
+                self.ok += 1
+                self.bytes += len(body)
+                self.seconds.append(time.perf_counter() - t0)
+            except Exception as exc:
+                self.failed.append(repr(exc))
+            due += self.interval
+
+
 # -- phases ----------------------------------------------------------------------------
 
 def smq_command(mode: str) -> list[str]:
@@ -633,6 +739,13 @@ class Settings:
     wear_messages: tuple[int, int, int] = (3000, 20000, 20000)  # unary, stream, batch
     wear_only: bool = False
     redis: str | None = None  # the redis-server executable of the peer, if any
+    metrics_only: bool = False
+    metrics_rounds: int = 3  # rounds of the metrics on/off comparison (0: none)
+    scrape_interval: float = 1.0
+
+    @property
+    def metrics_size(self) -> int:
+        return min(self.sizes)
 
     def catchup(self, size: int) -> int:
         return max(100, min(self.catchup_count, self.catchup_bytes // size))
@@ -673,7 +786,7 @@ class Bench:
             barrier.wait(timeout=60)
         except Exception:
             pass  # a client failed before the start; its report says why
-        cpu0 = server.cpu_seconds()
+        cpu0, machine0, own0 = server.cpu_seconds(), machine_cpu(), time.process_time()
         info0 = server.info() if server.kind != "raw" else None
         reports, errors = [], []
         deadline = time.monotonic() + timeout
@@ -685,6 +798,13 @@ class Bench:
                 break
             (reports if status == "ok" else errors).append(body)
         delta: dict[str, float] = {"server_cpu_s": server.cpu_seconds() - cpu0}
+        machine1 = machine_cpu()
+        if machine0 and machine1:
+            # The CPU the rest of the machine took meanwhile: what else competed.
+            delta["steal_s"] = machine1[1] - machine0[1]
+            delta["others_cpu_s"] = max(0.0, machine1[0] - machine0[0] - delta["server_cpu_s"]
+                                        - sum(r.get("client_cpu_s", 0) for r in reports)
+                                        - (time.process_time() - own0))
         if info0 is not None:
             info1 = server.info()
             delta["commits"] = info1.commits - info0.commits
@@ -804,6 +924,68 @@ class Bench:
             server.stop()
         print(f"  {label}: done in {time.monotonic() - t_phase:.1f}s", file=sys.stderr)
 
+    def run_metrics(self, mode: str, arm: str, repeat: int) -> None:
+        """One arm of the metrics comparison: a fresh server, metrics on (scraped while the
+        workloads run) or off, taking unary Produce then ProduceBatch."""
+        s, size = self.s, self.s.metrics_size
+        command = smq_command(mode) + (["--metrics-port", "0"] if arm == "on" else [])
+        rundir = Path(tempfile.mkdtemp(prefix=f"metrics-{arm}-{size}-{mode}-", dir=self.workdir))
+        server = ServerProcess("smq", command, rundir)
+        where = {"server": "metrics", "size": size, "mode": mode, "repeat": repeat, "arm": arm}
+        t0 = time.monotonic()
+        scraper: Scraper | None = None
+        try:
+            server.start()
+            if arm == "on":
+                match = METRICS_AT.search(server.log())
+                if not match:
+                    raise RuntimeError(f"no metrics address in the server's log:\n{server.log()}")
+                scraper = Scraper(match.group(1), int(match.group(2)), s.scrape_interval)
+            time.sleep(s.settle)
+            for topic in ("mu", "mb"):
+                server.stub.CreateTopic(smq_pb2.CreateTopicRequest(topic=topic), timeout=30)
+            common = {"size": size, "duration": s.duration}
+            workloads = {
+                "unary": [("unary", {**common, "topic": "mu"})] * 4,
+                "batch": [("produce_batch", {**common, "topic": "mb", "batch": s.batch})]}
+            if scraper is not None:
+                scraper.start()
+            messages = {}
+            for workload in METRICS_WORKLOADS:
+                figure = f"metrics_{workload}"
+                try:
+                    result = self.throughput(server, figure, workloads[workload],
+                                             s.duration + 120)
+                    messages[workload] = result["messages"]
+                    self.samples.append({**where, "figure": figure, **result})
+                except Exception as exc:
+                    self.error(f"metrics {arm} size={size} mode={mode} repeat={repeat} "
+                               f"{workload}: {exc}")
+                    self.samples.append({**where, "figure": figure, "value": None,
+                                         "error": str(exc)})
+            if scraper is not None:
+                scrapes = scraper.stop()
+                # A last scrape: the calls it counts, beside those the clients made.
+                counted = scraper.calls()
+                self.samples.append({
+                    **where, "figure": "metrics_scrapes", "value": scrapes["scrapes"], **scrapes,
+                    "counted_produce": counted.get("Produce", 0),
+                    "counted_produce_batch": counted.get("ProduceBatch", 0),
+                    "made_produce": messages.get("unary"),
+                    "made_produce_batch": messages.get("batch", 0) // s.batch})
+                if scrapes["scrape_failures"]:
+                    self.error(f"metrics on size={size} mode={mode} repeat={repeat}: "
+                               f"{scrapes['scrape_failures']} scrape(s) failed: "
+                               f"{scrapes['scrape_errors'][0]}")
+        except Exception as exc:
+            self.error(f"metrics {arm} size={size} mode={mode} repeat={repeat}: {exc}")
+        finally:
+            if scraper is not None and not scraper._stop.is_set():
+                scraper.stop()
+            server.stop()
+        print(f"  metrics {arm} {size}B {mode} #{repeat + 1}: done in "
+              f"{time.monotonic() - t0:.1f}s", file=sys.stderr)
+
     def run_wear(self, kind: str, size: int, mode: str, repeat: int) -> None:
         """Flash wear: each pattern alone, on a fresh server and topic, until it stops."""
         t0 = time.monotonic()
@@ -866,6 +1048,14 @@ class Bench:
         print("  ERROR " + message.splitlines()[0], file=sys.stderr)
 
     def run(self) -> None:
+        if not self.s.metrics_only:
+            self.run_main()
+        for repeat in range(self.s.metrics_rounds):
+            for mode in self.s.modes:
+                for arm in METRICS_ORDERS[repeat % len(METRICS_ORDERS)]:
+                    self.run_metrics(mode, arm, repeat)
+
+    def run_main(self) -> None:
         for repeat in range(self.s.repeat):
             for size in self.s.sizes:
                 if self.s.raw and not self.s.wear_only:
@@ -953,6 +1143,99 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
             print("  ".join("-" * w for w in widths), file=out)
 
 
+def metrics_rows(settings: Settings, samples: list[dict]) -> list[dict]:
+    """Per mode and workload: each arm's runs (msg/s, server CPU us/msg), their medians,
+    on's change from off, and off2's (the noise of the comparison); each change both as
+    the ratio of the medians and as the median of the rounds' ratios (paired: the arms of
+    a round ran within a minute of each other, so slower drift cancels)."""
+    rows = []
+    for mode in settings.modes:
+        for workload in METRICS_WORKLOADS:
+            by_arm = {arm: {x["repeat"]: x for x in samples if x["server"] == "metrics"
+                            and x["figure"] == f"metrics_{workload}" and x["mode"] == mode
+                            and x["arm"] == arm and x["value"] is not None}
+                      for arm in METRICS_ARMS}
+            row: dict[str, Any] = {
+                "workload": workload, "label": metrics_label(workload, settings.batch),
+                "mode": mode, "size": settings.metrics_size,
+                "runs": {arm: [x["value"] for x in runs.values()] for arm, runs in by_arm.items()}}
+            for key, figure in (("", "value"), ("cpu_", "server_cpu_us_per_msg")):
+                median = {arm: median_or_none([x.get(figure) for x in runs.values()])
+                          for arm, runs in by_arm.items()}
+                row[f"{key}median"] = median
+                for name, arm in (("change", "on"), ("noise", "off2")):
+                    row[f"{key}{name}"] = relative(median[arm], median["off"])
+                    row[f"{key}{name}_paired"] = median_or_none([
+                        relative(by_arm[arm][r].get(figure), x.get(figure))
+                        for r, x in by_arm["off"].items() if r in by_arm[arm]])
+            row["met"] = None if row["change"] is None else row["change"] >= -METRICS_LOSS_MAX
+            rows.append(row)
+    return rows
+
+
+def median_or_none(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def relative(value: float | None, base: float | None) -> float | None:
+    return value / base - 1 if value is not None and base else None
+
+
+def print_metrics_table(settings: Settings, rows: list[dict], samples: list[dict],
+                        out=sys.stdout) -> None:
+    def pct(value):
+        return "-" if value is None else f"{value:+.1%}"
+
+    def runs(values):
+        return f"{min(values):,.0f}-{max(values):,.0f}" if values else "-"
+
+    rounds = max((len(r["runs"]["on"]) for r in rows), default=0)
+    others = [x["others_cpu_s"] / x["elapsed_s"] for x in samples if x["server"] == "metrics"
+              and x.get("others_cpu_s") is not None and x.get("elapsed_s")]
+    print(f"\nmetrics on vs off ({settings.metrics_size}B, medians of {rounds} round(s), "
+          f"arms interleaved; on: --metrics-port 0 and a scrape of /metrics every "
+          f"{settings.scrape_interval:g}s; off2: a second off, the noise; paired: median of "
+          f"the rounds' own ratios"
+          + (f"; other processes used {statistics.median(others):.2f} (max {max(others):.2f})"
+             f" of the {os.cpu_count()} cores meanwhile" if others else "")
+          + ")", file=out)
+    lines = [("workload", "mode", "off msg/s", "on msg/s", "change", "paired", "off runs",
+              "on runs", "off2 vs off", "paired", "target", "met?")]
+    for r in rows:
+        lines.append((r["label"], r["mode"], fmt(r["median"]["off"], "msg/s"),
+                      fmt(r["median"]["on"], "msg/s"), pct(r["change"]),
+                      pct(r["change_paired"]), runs(r["runs"]["off"]), runs(r["runs"]["on"]),
+                      pct(r["noise"]), pct(r["noise_paired"]), f"loss <={METRICS_LOSS_MAX:.0%}",
+                      {True: "yes", False: "NO", None: "?"}[r["met"]]))
+    print_columns(lines, out, left=(0, 1, 10, 11))
+    noise = [abs(v) for r in rows for v in (r["noise"], r["noise_paired"]) if v is not None]
+    if noise and max(noise) >= METRICS_LOSS_MAX:
+        print(f"note: off2 differs from off by up to {max(noise):.1%} with nothing changed: "
+              f"changes of that size are noise in this run (more --metrics-rounds, or a "
+              f"quieter machine, narrow it)", file=out)
+    print("\nserver CPU per message (us, median), metrics on vs off", file=out)
+    lines = [("workload", "mode", "off", "on", "change", "paired", "off2 vs off", "paired")]
+    for r in rows:
+        cpu = r["cpu_median"]
+        lines.append((r["label"], r["mode"], fmt(cpu["off"], "us"), fmt(cpu["on"], "us"),
+                      pct(r["cpu_change"]), pct(r["cpu_change_paired"]), pct(r["cpu_noise"]),
+                      pct(r["cpu_noise_paired"])))
+    print_columns(lines, out, left=(0, 1))
+    scrapes = [x for x in samples if x["figure"] == "metrics_scrapes"]
+    if scrapes:
+        times = [x["scrape_ms_median"] for x in scrapes if x["scrape_ms_median"] is not None]
+        exact = sum(1 for x in scrapes if x["counted_produce"] == x["made_produce"]
+                    and x["counted_produce_batch"] == x["made_produce_batch"])
+        print(f"scrapes: {sum(x['scrapes'] for x in scrapes)} answered, "
+              f"{sum(x['scrape_failures'] for x in scrapes)} failed"
+              + (f", median {statistics.median(times):.1f} ms and "
+                 f"{statistics.median(x['scrape_bytes'] / max(x['scrapes'], 1) for x in scrapes):,.0f}"
+                 f" bytes each" if times else "")
+              + f"; the last scrape counted every Produce and ProduceBatch call the clients "
+              f"made in {exact} of {len(scrapes)} on-run(s)", file=out)
+
+
 def print_cpu_table(settings: Settings, samples: list[dict], out=sys.stdout) -> None:
     """Where the time goes: server CPU per message, and messages per commit, by phase."""
     phases = ("unary_1", "unary_4", "stream_produce", "produce_batch", "produce_batch_4",
@@ -1015,11 +1298,11 @@ def wear_median(samples: list[dict], server: str, pattern: str, size: int,
     return statistics.median(values) if values else None
 
 
-def print_columns(lines: list[tuple[str, ...]], out) -> None:
-    """Aligned: the first column to the left, the others to the right."""
+def print_columns(lines: list[tuple[str, ...]], out, left: tuple[int, ...] = (0,)) -> None:
+    """Aligned: the `left` columns (the first) to the left, the others to the right."""
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for i, line in enumerate(lines):
-        print("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w)
+        print("  ".join(cell.ljust(w) if j in left else cell.rjust(w)
                         for j, (cell, w) in enumerate(zip(line, widths))).rstrip(), file=out)
         if i == 0:
             print("  ".join("-" * w for w in widths), file=out)
@@ -1096,6 +1379,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="keep server databases and logs here (default: a temp dir)")
     parser.add_argument("--wear-only", action="store_true",
                         help="only the flash-wear phases: bytes written per message (fast)")
+    parser.add_argument("--only", choices=("metrics", "wear"),
+                        help="run only this part: metrics, the metrics on/off comparison; "
+                             "wear, the same as --wear-only")
+    parser.add_argument("--metrics-rounds", type=int,
+                        help="rounds of the metrics on/off comparison, each arm once per round "
+                             "(default 3; 10 with --only metrics; quick 1; 0: none)")
+    parser.add_argument("--scrape-interval", type=float, default=1.0,
+                        help="seconds between scrapes of /metrics while metrics are on")
     parser.add_argument("--wear-messages", metavar="U,S,B",
                         help="messages per wear pattern: unary, StreamProduce, ProduceBatch "
                              "(default 3000,20000,20000; quick 200,1000,1000), at most 10 MiB "
@@ -1105,6 +1396,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the redis peer of the wear phases (run when redis-server "
                              "is on PATH)")
     args = parser.parse_args(argv)
+    wear_only = args.wear_only or args.only == "wear"
+    metrics_only = args.only == "metrics"
+    if wear_only and metrics_only:
+        parser.error("--wear-only and --only metrics exclude each other")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the servers on the way out
     quick = args.quick
     settings = Settings(
@@ -1119,33 +1414,51 @@ def main(argv: list[str] | None = None) -> int:
         latency_seconds=args.latency_seconds or (0.3 if quick else 5.0),
         settle=0.2 if quick else 1.0, raw=not args.no_raw,
         baseline=Path(args.baseline).resolve() if args.baseline else None,
-        wear_messages=wear_messages(args.wear_messages, quick), wear_only=args.wear_only,
-        redis=None if args.no_redis else shutil.which("redis-server"))
+        wear_messages=wear_messages(args.wear_messages, quick), wear_only=wear_only,
+        redis=None if args.no_redis or metrics_only else shutil.which("redis-server"),
+        metrics_only=metrics_only,
+        metrics_rounds=(0 if wear_only else args.metrics_rounds if args.metrics_rounds is not None
+                        else 1 if quick else 10 if metrics_only else 3),
+        scrape_interval=args.scrape_interval)
     redis_skipped = ("--no-redis" if args.no_redis
                      else None if settings.redis else "redis-server is not on PATH")
+    if metrics_only and settings.metrics_rounds < 1:
+        parser.error("--only metrics needs --metrics-rounds of at least 1")
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="smq-bench-") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         bench = Bench(settings, workdir)
-        print(f"SMQ benchmark: sizes {settings.sizes}, modes {settings.modes}, "
-              f"{settings.repeat} repeat(s), "
-              + ("" if settings.wear_only else f"{settings.duration}s per write phase, ")
-              + f"wear messages {settings.wear_messages} (unary, stream, batch), redis peer "
-              + (settings.redis or f"skipped: {redis_skipped}"), file=sys.stderr)
+        metrics_part = (f"metrics on/off: {settings.metrics_rounds} round(s) of "
+                        f"{settings.metrics_size}B" if settings.metrics_rounds else "")
+        if metrics_only:
+            print(f"SMQ benchmark, metrics only: modes {settings.modes}, "
+                  f"{settings.duration}s per write phase, {metrics_part}", file=sys.stderr)
+        else:
+            print(f"SMQ benchmark: sizes {settings.sizes}, modes {settings.modes}, "
+                  f"{settings.repeat} repeat(s), "
+                  + ("" if settings.wear_only else f"{settings.duration}s per write phase, ")
+                  + f"wear messages {settings.wear_messages} (unary, stream, batch), redis peer "
+                  + (settings.redis or f"skipped: {redis_skipped}")
+                  + (f", {metrics_part}" if metrics_part else ""), file=sys.stderr)
         bench.run()
-    rows = evaluate(settings, bench.samples, settings.batch, settings.bulk_limit,
-                    settings.latency_rate)
+    rows = [] if metrics_only else evaluate(settings, bench.samples, settings.batch,
+                                            settings.bulk_limit, settings.latency_rate)
+    metrics = metrics_rows(settings, bench.samples) if settings.metrics_rounds else []
     if settings.wear_only:
         print(f"\nSMQ flash wear, medians of {settings.repeat} run(s)")
-    else:
+    elif not metrics_only:
         print(f"\nSMQ vs raw grpcio (no storage), medians of {settings.repeat} run(s); "
               f"ratio = SMQ/raw; targets for {TARGET_SIZE}B, {TARGET_MODE} durability")
-    print_table(rows)
-    if not settings.wear_only:
+    if not metrics_only:
+        print_table(rows)
+    if not settings.wear_only and not metrics_only:
         print_cpu_table(settings, bench.samples)
         print_memory_table(settings, bench.samples)
-    print_wear_tables(settings, bench.samples, redis_skipped)
+    if not metrics_only:
+        print_wear_tables(settings, bench.samples, redis_skipped)
+    if metrics:
+        print_metrics_table(settings, metrics, bench.samples)
     report = {
         "command": [sys.executable, *sys.argv] if argv is None else ["bench.py", *argv],
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -1153,7 +1466,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform(), "grpcio": grpc.__version__,
                     "loadavg_at_end": os.getloadavg()},
-        "settings": dataclasses.asdict(settings), "rows": rows, "samples": bench.samples,
+        "settings": dataclasses.asdict(settings), "rows": rows, "metrics_rows": metrics,
+        "samples": bench.samples,
         "redis": redis_version(settings.redis) if settings.redis else f"skipped: {redis_skipped}",
         "errors": bench.errors,
     }

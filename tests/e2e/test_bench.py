@@ -53,7 +53,8 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path):
         assert rows[figure]["raw"] is not None and rows[figure]["raw"] > 0, figure
     assert rows["msgs_per_commit_4"]["smq"] >= 1
     assert_wear_reported(done.stdout, report, "full")
-    assert {s["server"] for s in report["samples"]} - {"redis"} == {"smq", "raw"}
+    assert {s["server"] for s in report["samples"]} - {"redis"} == {"smq", "raw", "metrics"}
+    assert_metrics_compared(done.stdout, report, ["full"])
 
 
 def test_wear_only_runs_just_the_wear_phases(tmp_path):
@@ -67,9 +68,56 @@ def test_wear_only_runs_just_the_wear_phases(tmp_path):
     report = json.loads(out.read_text())
     assert not report["errors"]
     assert {row["figure"] for row in report["rows"]} == {"wear_unary", "wear_stream", "wear_batch"}
-    assert {s["server"] for s in report["samples"]} == {"smq"}
+    assert {s["server"] for s in report["samples"]} == {"smq"}  # no metrics part either
+    assert not report["metrics_rows"]
     assert_wear_reported(done.stdout, report, "normal")
     assert "redis peer was skipped (--no-redis)" in done.stdout
+
+
+def test_only_metrics_runs_just_the_metrics_comparison(tmp_path):
+    """--only metrics: servers with metrics off, on (scraped) and off again, in both
+    modes; the table, and scrapes that counted every call the clients made."""
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench.py"), "--only", "metrics", "--quick",
+         "--modes", "full,normal", "--json", str(out), "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert not report["errors"]
+    assert not report["rows"] and "SMQ vs raw" not in done.stdout  # nothing else ran
+    assert {s["server"] for s in report["samples"]} == {"metrics"}
+    assert_metrics_compared(done.stdout, report, ["full", "normal"])
+
+
+def assert_metrics_compared(stdout: str, report: dict, modes: list[str]) -> None:
+    """Every arm ran both workloads in every mode, the table has a row for each (with
+    figures, whatever they are: no assertion on speed), and while on, /metrics answered
+    every scrape and its last one counted exactly the calls the clients made."""
+    samples = [s for s in report["samples"] if s["server"] == "metrics"]
+    workloads = {(s["arm"], s["mode"], s["figure"]) for s in samples if s["value"] is not None}
+    assert workloads == {(arm, mode, f"metrics_{w}") for arm in ("off", "on", "off2")
+                         for mode in modes for w in ("unary", "batch")} | {
+        ("on", mode, "metrics_scrapes") for mode in modes}, samples
+    rows = report["metrics_rows"]
+    assert [(r["mode"], r["workload"]) for r in rows] == [
+        (mode, w) for mode in modes for w in ("unary", "batch")]
+    for row in rows:
+        assert all(row["median"][arm] > 0 for arm in ("off", "on", "off2")), row
+        assert row["change"] is not None and row["noise"] is not None, row
+    assert "metrics on vs off" in stdout
+    for label in ("Produce unary, 4 clients", "ProduceBatch (100/call), 1 client"):
+        for mode in modes:
+            assert re.search(rf"^{re.escape(label)}\s+{mode}\s+[\d,]+\s+[\d,]+\s+[-+]",
+                             stdout, re.MULTILINE), (label, mode, stdout)
+    scrapes = [s for s in samples if s["figure"] == "metrics_scrapes"]
+    assert len(scrapes) == len(modes)
+    for s in scrapes:
+        assert s["scrapes"] >= 1 and s["scrape_failures"] == 0, s
+        assert s["made_produce"] > 0 and s["made_produce_batch"] > 0, s
+        assert (s["counted_produce"], s["counted_produce_batch"]) == (
+            s["made_produce"], s["made_produce_batch"]), s
+    assert f"made in {len(scrapes)} of {len(scrapes)} on-run(s)" in stdout
 
 
 WEAR_ROW = re.compile(r"^bytes written per message, (.+?) \[B/msg\]\s+100B\s+(\w+)\s+([\d,]+)\s",
