@@ -21,6 +21,7 @@ from support.poll import eventually
 from smq._proto import smq_pb2, smq_pb2_grpc
 from smq.server.config import ServerConfig as Config
 from smq.server import Server
+from smq.server.budget import CallMemory
 
 sys.path.insert(0, str(ROOT / "soak"))
 from stalled import StalledConnection  # noqa: E402
@@ -223,7 +224,14 @@ def test_list_answers_are_built_one_at_a_time_and_charged(tmp_path, monkeypatch)
                     building[0] -= 1
 
         monkeypatch.setattr(server.service, "consumers", slow_consumers)
-        sampler = UsedSampler(server)
+        charged: list[int] = []  # the budget in use once an answer is held: exact, not sampled
+        hold = CallMemory.hold
+
+        def recorded_hold(memory: CallMemory, size: int) -> None:
+            hold(memory, size)
+            charged.append(server.budget.used)
+
+        monkeypatch.setattr(CallMemory, "hold", recorded_hold)
         pages: list[int] = []
 
         def list_consumers() -> None:  # a failed call leaves no page: counted below
@@ -238,7 +246,8 @@ def test_list_answers_are_built_one_at_a_time_and_charged(tmp_path, monkeypatch)
             call.join()
         assert pages == [100] * 8
         assert most[0] == 1
-        assert sampler.stop() >= 2 * 100 * 200  # a page of 100 entries of 200+ bytes, twice
+        assert len(charged) == 8
+        assert min(charged) >= 2 * 100 * 200  # a page of 100 entries of 200+ bytes, twice
         eventually(lambda: server.budget.used == 0, timeout=15)
     finally:
         server.stop(0)
