@@ -132,3 +132,86 @@ def test_stream_writes_wait_longer_and_are_not_refused_for_waiting_unary_writes(
         assert not thread.is_alive()
         write.committed.set()
     assert queue.queued == 0
+
+
+def in_thread(target, *args) -> tuple[threading.Thread, list]:
+    """Run target(*args) in a thread; the list gets its result or its exception."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(target(*args))
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def write_in_turn(queue: WriteQueue, size: int, source: str, log: list[str], name: str) -> None:
+    """A unary write: takes room, says it is queued (logs its name), holds the room briefly."""
+    with queue.room(size, source) as queued:
+        log.append(name)
+        queued()
+
+
+def test_a_connections_small_write_waits_until_its_earlier_large_write_is_queued():
+    """The hostile review's case: a caller gave up on a large write waiting for room and
+    sent a small one at once; the small one must not reach the writer first."""
+    queue = WriteQueue(limit=4 * MIB, wait_seconds=5)
+    release, log = threading.Event(), []
+    holder = hold_room(queue, 4 * MIB, release)
+    large, _ = in_thread(write_in_turn, queue, 2 * MIB, "peer-a", log, "large")
+    eventually(lambda: queue._waiting == 1)
+    small, _ = in_thread(write_in_turn, queue, 100, "peer-a", log, "small")
+    other, _ = in_thread(write_in_turn, queue, 100, "peer-b", log, "other")
+    other.join(5)
+    assert log == ["other"]  # another connection's small write never waits
+    time.sleep(0.2)
+    assert log == ["other"] and small.is_alive()
+    release.set()
+    for thread in (holder, large, small):
+        thread.join(5)
+    assert log == ["other", "large", "small"]
+
+
+def test_a_connections_large_writes_get_room_in_the_order_they_came():
+    queue = WriteQueue(limit=4 * MIB, wait_seconds=5)
+    release, log = threading.Event(), []
+    holder = hold_room(queue, 4 * MIB, release)
+    threads = []
+    for name in ("first", "second", "third"):
+        threads.append(in_thread(write_in_turn, queue, 3 * MIB, "peer-a", log, name)[0])
+        eventually(lambda: queue._waiting == len(threads))
+    release.set()
+    for thread in [holder, *threads]:
+        thread.join(10)
+    assert log == ["first", "second", "third"]
+
+
+def test_a_refused_large_write_lets_its_connections_next_write_go():
+    queue = WriteQueue(limit=4 * MIB, wait_seconds=0.3)
+    release, log = threading.Event(), []
+    holder = hold_room(queue, 4 * MIB, release)
+    large, outcome = in_thread(write_in_turn, queue, 2 * MIB, "peer-a", log, "large")
+    eventually(lambda: queue._waiting == 1)
+    write_in_turn(queue, 100, "peer-a", log, "small")  # waits for the refusal, then goes
+    large.join(5)
+    assert isinstance(outcome[0], Overloaded)
+    assert log == ["small"]
+    release.set()
+    holder.join(5)
+    write_in_turn(queue, 100, "peer-a", log, "later")
+    assert log == ["small", "later"] and queue.queued == 0 and not queue._unqueued
+
+
+def test_a_streams_large_write_holds_its_connections_line_until_queued():
+    queue = WriteQueue(limit=4 * MIB, wait_seconds=5)
+    queued = queue.room_until_done(Write(), 4 * MIB, large=True, source="peer-a")
+    small, outcome = in_thread(queue.room_until_done, Write(), 100, False, "peer-a")
+    time.sleep(0.2)
+    assert small.is_alive()
+    queued()
+    small.join(5)
+    assert not small.is_alive() and outcome
