@@ -661,8 +661,8 @@ METRICS_CALLS = re.compile(rb"^smq_rpcs_total\{([^}]*)\} (\S+)$", re.MULTILINE)
 
 
 def metrics_flags(on: bool) -> list[str]:
-    """The server's flags for metrics on (any free port) or off: said explicitly, since
-    the server at f65f37f-d82ab26 serves metrics when --metrics-port is not given."""
+    """The server's flags for metrics on (any free port) or off: said explicitly (before
+    b30e9f8, a server without --metrics-port served metrics all the same)."""
     return ["--metrics-port", "0" if on else "off"]
 
 
