@@ -126,6 +126,7 @@ def test_metrics_costs_reports_every_piece(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "metrics_costs.py"), "--quick"],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr, done.stderr  # a stand-in the code cannot use
     for figure in ("per call, added by metrics", "per commit, _count_commit (on or off)",
                    "per scrape, server CPU", "per scrape, size",
                    "idle server CPU, metrics off / on",

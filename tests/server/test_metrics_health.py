@@ -3,6 +3,9 @@ to 503 with the reason, and it is 200 again once the writer commits."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pytest
 
 from smq.server import Server, ServerConfig
@@ -34,3 +37,19 @@ def test_healthz_is_503_once_the_server_drains(server):
     port = server.metrics_port
     server._stopped.set()  # what stop() sets first; the port stays until the end of the drain
     assert get(port, "/healthz") == (503, "shutting down\n")
+
+
+def test_an_idle_listener_wakes_about_once_a_second(server):
+    """The listener's thread sleeps in select while nothing comes: it woke every 10 ms
+    (100 context switches a second on an idle board, metrics_costs.py measured it)."""
+    eventually(lambda: get(server.metrics_port, "/healthz") == (200, "ok\n"), timeout=10)
+    thread = server._metrics_port._thread
+    status = Path(f"/proc/self/task/{thread.native_id}/status")
+
+    def switches() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("voluntary_"))
+        return int(line.split()[1])
+
+    before = switches()
+    time.sleep(3)
+    assert switches() - before <= 6  # a wake-up a second, and some slack
