@@ -52,7 +52,7 @@ from .ops import (
 from .storage import Storage
 from .streams import Follower, PageLimits, StreamPlaces, Unlimited
 from .topic_state import TopicState
-from .write_queue import SMALL_WRITE, Queued, WriteQueue, nothing_waits
+from .write_queue import SMALL_WRITE, WriteQueue
 from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -286,8 +286,8 @@ class QueueService:
     def produce(self, name: str, payload: bytes, source: object = None) -> int:
         """Append one message; its offset once committed. `source`: see write_lanes.py."""
         self._check_message(name, payload)
-        with self.write_queue.room(len(payload), source) as queued:
-            return self._write(Append.to_topic(name, [payload], source=source), queued)[1]
+        with self.write_queue.room(len(payload)):
+            return self._write(Append.to_topic(name, [payload], source=source))[1]
 
     def produce_stream(
         self,
@@ -321,13 +321,9 @@ class QueueService:
                         not_before = time.monotonic() + STREAM_SECONDS
                     last = self._wait_stream_op(op, committed) or last
                 new = StreamAppend(name, payload, not_before, source)
-                large = len(payload) > SMALL_WRITE
-                queued = self.write_queue.room_until_done(new, STREAM_BYTES, large, source)
+                self.write_queue.room_until_done(new, STREAM_BYTES, len(payload) > SMALL_WRITE)
                 op = new
-                try:
-                    self.writer.submit(op)
-                finally:
-                    queued()
+                self.writer.submit(op)
         finally:
             # Whatever ends the stream, what was accepted before it is committed.
             if op is not None:
@@ -353,9 +349,8 @@ class QueueService:
             return (0, 0)
         if max(map(len, payloads)) > self.limits.max_message_size:  # one pass at C speed
             self._check_size(max(payloads, key=len))
-        with self.write_queue.room(sum(map(len, payloads)), source) as queued:
-            append = Append.to_topic(name, payloads, atomic=True, source=source)
-            return self._write(append, queued)
+        with self.write_queue.room(sum(map(len, payloads))):
+            return self._write(Append.to_topic(name, payloads, atomic=True, source=source))
 
     def trim(self, name: str, until: int) -> int:
         """Delete every message with offset <= until; returns how many were deleted."""
@@ -375,8 +370,8 @@ class QueueService:
                 f"of {self.limits.max_message_size} bytes"
             )
 
-    def _write(self, op: WriteOp, queued: Queued = nothing_waits) -> Any:
-        return self.writer.execute(op, WRITE_TIMEOUT, queued)
+    def _write(self, op: WriteOp) -> Any:
+        return self.writer.execute(op, WRITE_TIMEOUT)
 
     # -- reading ------------------------------------------------------------------
 

@@ -15,13 +15,6 @@ are refused at once: Overloaded (RESOURCE_EXHAUSTED). A stream's write waits lon
 of its own, and what it holds meanwhile is counted in the memory budget. A write
 larger than `limit` still goes, alone.
 
-Writes of one connection (`source`) go to the writer in the order they came: a caller
-that gave up on a large write waiting here (its deadline passed) may send its next one
-at once, and that one must not overtake it (write_lanes.py keeps the order from the
-writer's queue on). So a large write of a source lines up behind that source's earlier
-large writes not yet in the writer's queue, and a small one waits until there are none;
-each says `queued` once its write is in the writer's queue (or will never be).
-
 Called by the threads that run calls (QueueService's produce methods).
 """
 
@@ -30,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 from ..errors import Overloaded
@@ -44,13 +37,6 @@ POLL_SECONDS = 0.005  # how often a waiter looks whether a stream's write is don
 
 class Done(Protocol):
     def done(self) -> bool: ...
-
-
-Queued = Callable[[], None]  # a write is in the writer's queue: the next of its source may go
-
-
-def nothing_waits() -> None:
-    """The `queued` of a write no later one waits for."""
 
 
 class WriteQueue:
@@ -69,8 +55,6 @@ class WriteQueue:
         self._held = 0  # room held by calls until they return it
         self._until_done: list[tuple[Done, int]] = []  # room held until a write is done
         self._waiting = 0
-        # By source: its large writes not yet in the writer's queue, in arrival order.
-        self._unqueued: dict[object, list[_Turn]] = {}
 
     @property
     def queued(self) -> int:
@@ -78,109 +62,56 @@ class WriteQueue:
             return self._queued()
 
     @contextlib.contextmanager
-    def room(self, size: int, source: object = None) -> Iterator[Queued]:
-        """Hold room for a write of `size` bytes until the block ends (its commit). Yields
-        `queued`, to call once the write is in the writer's queue."""
+    def room(self, size: int) -> Iterator[None]:
+        """Hold room for a write of `size` bytes until the block ends (its commit)."""
         if size <= SMALL_WRITE:
-            self._wait_for_turn(source)
-            yield nothing_waits
+            yield
             return
-        queued = self._line_up(source)
+        self._take(size, None)
         try:
-            self._take(size, None, queued)
-            try:
-                yield queued
-            finally:
-                with self._changed:
-                    self._held -= size
-                    self._changed.notify_all()
+            yield
         finally:
-            queued()  # whatever happened, the source's next write need not wait for it
-
-    def room_until_done(self, write: Done, size: int, large: bool, source: object = None) -> Queued:
-        """Take room for `write` of up to `size` bytes, held until `write.done()`; only
-        for a `large` one (made of messages larger than SMALL_WRITE). Returns `queued`,
-        to call once `write` is in the writer's queue or will never be."""
-        if not large:
-            self._wait_for_turn(source)
-            return nothing_waits
-        queued = self._line_up(source)
-        try:
-            self._take(size, write, queued)
-        except BaseException:
-            queued()
-            raise
-        return queued
-
-    def _line_up(self, source: object) -> _Turn:
-        if source is None:
-            return _Turn(None, self)
-        with self._changed:
-            turn = _Turn(source, self)
-            self._unqueued.setdefault(source, []).append(turn)
-            return turn
-
-    def _leave_line(self, turn: _Turn) -> None:
-        with self._changed:
-            line = self._unqueued.get(turn.source, [])
-            if turn in line:
-                line.remove(turn)
-                if not line:
-                    del self._unqueued[turn.source]
+            with self._changed:
+                self._held -= size
                 self._changed.notify_all()
 
-    def _wait_for_turn(self, source: object) -> None:
-        """A small write: wait until no earlier large write of `source` waits for room.
-        No lock when none does (a dict lookup is atomic; a write that lines up now came
-        after this one)."""
-        if source is None or source not in self._unqueued:
-            return
-        with self._changed:
-            deadline = time.monotonic() + self.stream_wait_seconds + self.wait_seconds
-            while source in self._unqueued:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:  # the earlier write's own wait is bounded by less
-                    raise Overloaded(
-                        "an earlier large write of this connection still waits "
-                        "for room: retry later"
-                    )
-                self._changed.wait(remaining)
+    def room_until_done(self, write: Done, size: int, large: bool) -> None:
+        """Take room for `write` of up to `size` bytes, held until `write.done()`; only
+        for a `large` one (made of messages larger than SMALL_WRITE)."""
+        if large:
+            self._take(size, write)
 
-    def _take(self, size: int, write: Done | None, turn: _Turn) -> None:
-        """Wait for room and `turn` (see the module's docstring), then hold the room:
-        until it is given back (`write` None: a unary write) or until `write` is done (a
-        stream's)."""
+    def _take(self, size: int, write: Done | None) -> None:
+        """Wait for room (see the module's docstring), then hold it: until it is given
+        back (`write` None: a unary write) or until `write` is done (a stream's)."""
         with self._changed:
             if write is None:
-                self._wait_for(size, turn, self.wait_seconds, counted=True)
+                self._wait_for(size, self.wait_seconds, counted=True)
                 self._held += size
             else:
-                self._wait_for(size, turn, self.stream_wait_seconds, counted=False)
+                self._wait_for(size, self.stream_wait_seconds, counted=False)
                 self._until_done.append((write, size))
 
-    def _wait_for(self, size: int, turn: _Turn, seconds: float, counted: bool) -> None:
-        """Return once `size` fits and it is `turn`'s turn; raise Overloaded if not within
-        `seconds`, or at once if it is `counted` among the unary writers waiting and
-        max_waiting wait already. Called with the lock held."""
-        if self._fits(size) and self._first(turn):
+    def _wait_for(self, size: int, seconds: float, counted: bool) -> None:
+        """Return once `size` fits; raise Overloaded if it does not within `seconds`, or
+        at once if it is `counted` among the unary writers waiting and max_waiting wait
+        already. Called with the lock held."""
+        if self._fits(size):
             return
         if counted and self._waiting >= self.max_waiting:
             raise Overloaded(self._refusal())
         self._waiting += counted
         try:
             deadline = time.monotonic() + seconds
-            while not (self._fits(size) and self._first(turn)):
+            while not self._fits(size):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Overloaded(self._refusal())
-                # Woken when a call gives its room back or a write is queued; a stream's
-                # write being done tells nobody, so look again soon.
+                # Woken when a call gives its room back; a stream's write being done
+                # tells nobody, so look again soon.
                 self._changed.wait(min(remaining, POLL_SECONDS if self._until_done else 1.0))
         finally:
             self._waiting -= counted
-
-    def _first(self, turn: _Turn) -> bool:
-        return turn.source is None or self._unqueued[turn.source][0] is turn
 
     def _queued(self) -> int:
         self._until_done = [(write, size) for write, size in self._until_done if not write.done()]
@@ -195,18 +126,3 @@ class WriteQueue:
             f"too many large writes queued ({self._queued() / 1024**2:.1f} MiB waiting for "
             "the disk, more waiting for room): retry later"
         )
-
-
-class _Turn:
-    """A large write's place among its source's (see the module's docstring); calling
-    it says the write is queued."""
-
-    __slots__ = ("_queue", "source")
-
-    def __init__(self, source: object, queue: WriteQueue) -> None:
-        self.source = source
-        self._queue = queue
-
-    def __call__(self) -> None:
-        if self.source is not None:
-            self._queue._leave_line(self)

@@ -49,7 +49,6 @@ from .storage import Storage
 from .tallies import CommitStats
 from .topic_state import TopicState
 from .write_lanes import STOP, WriteLanes
-from .write_queue import nothing_waits
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +117,9 @@ class GroupCommitWriter(Retention):
         self._lanes.put(op)
         return op
 
-    def execute(
-        self, op: WriteOp, timeout: float | None = None, queued: Callable[[], None] = nothing_waits
-    ) -> Any:
+    def execute(self, op: WriteOp, timeout: float | None = None) -> Any:
         """Apply op, wait until it is committed, return its result or raise its error.
-        A lone writer (see the module's docstring) commits it in the calling thread.
-        `queued()` is called once a write that comes later would commit after op."""
+        A lone writer (see the module's docstring) commits it in the calling thread."""
         if self._closed:
             raise Unavailable("server is shutting down")
         if (
@@ -132,16 +128,13 @@ class GroupCommitWriter(Retention):
             and self._commit_lock.acquire(blocking=False)
         ):
             try:
-                queued()  # the writer thread commits nothing while this holds the lock
                 if self._finished:
                     raise Unavailable("server is shutting down")
                 self._commit_group([op])
             finally:
                 self._commit_lock.release()
             return op.wait(0)
-        self.submit(op)
-        queued()
-        return op.wait(timeout)
+        return self.submit(op).wait(timeout)
 
     def queue_depth(self) -> int:
         """Writes waiting for the writer (for the metrics)."""
