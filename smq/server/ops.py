@@ -6,7 +6,7 @@ whose caller waits in its own thread for the commit.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..domain import TopicPolicy
@@ -26,6 +26,25 @@ if TYPE_CHECKING:
 STREAM_MESSAGES = 1_000  # a StreamAppend takes at most this many messages...
 STREAM_BYTES = 1024**2  # ...and bytes (a large write holds the writer: write_lanes.py),
 STREAM_SECONDS = 0.002  # and a stream commits at most this often while it is busy
+
+
+class Caller:
+    """Who sent a write (its `WriteOp.source`): the connection (`peer`: equal and hashed
+    by it, since writes of one connection keep their order, write_lanes.py) and whether
+    its call still waits for the answer (`waits`). A write whose caller gave up before it
+    was queued is not written (writer.py): it would be stored after the caller's next."""
+
+    __slots__ = ("peer", "waits")
+
+    def __init__(self, peer: str, waits: Callable[[], bool]) -> None:
+        self.peer = peer
+        self.waits = waits
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Caller) and other.peer == self.peer
+
+    def __hash__(self) -> int:
+        return hash(self.peer)
 
 
 class WriteOp:

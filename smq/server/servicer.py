@@ -24,6 +24,7 @@ from .access import Gate, is_local
 from .budget import REPLY_COPIES, CallMemory, MemoryBudget, Writes, held_page_cost
 from .handlers import Encoded, charge, decoded
 from .lists import Listing, PageRequest, page_of
+from .ops import Caller
 from .service import (
     PAGE_BYTES,
     STREAM_PAGE_BYTES,
@@ -110,7 +111,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         self, request: smq_pb2.ProduceRequest, context: grpc.ServicerContext
     ) -> smq_pb2.ProduceResponse:
         self.service.check_may_write(is_local(context))
-        offset = self.service.produce(request.topic, request.message, source=context.peer())
+        offset = self.service.produce(request.topic, request.message, source=caller(context))
         return smq_pb2.ProduceResponse(offset=offset)
 
     @rpc
@@ -242,7 +243,7 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
                 f"not {len(request.messages)}: split it"
             )
         first, last = self.service.produce_batch(
-            request.topic, list(request.messages), source=context.peer()
+            request.topic, list(request.messages), source=caller(context)
         )
         return smq_pb2.ProduceBatchResponse(first_offset=first, last_offset=last)
 
@@ -402,6 +403,17 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
         page = self.service.read(request.topic, request.start_offset, count, max_bytes)
         self.delivered.add(request.topic, len(page.messages))
         return encoding.bulk_retrieve_response(page.messages, page.next_offset)
+
+
+def caller(context: grpc.ServicerContext) -> Caller:
+    """A unary write's source: its connection, and whether the call still waits. The
+    deadline is read off the clock: the call's cancellation reaches is_active() only
+    once gRPC's thread has handled it, and the caller may have sent its next write."""
+
+    def waits() -> bool:
+        return context.time_remaining() > 0 and context.is_active()
+
+    return Caller(context.peer(), waits)
 
 
 def _messages(

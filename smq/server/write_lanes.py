@@ -12,7 +12,8 @@ Writes of one connection stay in arrival order: a small op whose connection (`so
 has a large op waiting goes behind it, into the large lane. A caller waits for each
 write's commit before it sends the next (a unary call, a StreamProduce stream, a
 Producer's lane) except when it gave up on one (its deadline passed, it cancelled):
-that write may still be committed, and must not be overtaken by the caller's next one.
+that write may still be committed, and must not be overtaken by the caller's next one
+(a write whose caller gave up before it got here is not written: writer.py).
 Ops of different connections come from callers that did not wait for one another.
 
 A StreamAppend goes on taking messages while it waits; it is sealed when it joins a

@@ -40,10 +40,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..domain import TopicPolicy
-from ..errors import SMQError, StorageFailure, StorageFull, Unavailable
+from ..errors import DeadlineExceeded, SMQError, StorageFailure, StorageFull, Unavailable
 from ..logs import Throttled
 from .clock import MessageClock, describe_shift
-from .ops import STREAM_SECONDS, Barrier, EnforceAge, WriteOp
+from .ops import STREAM_SECONDS, Barrier, Caller, EnforceAge, WriteOp
 from .retention import ROOM_TRUSTED_ABOVE, Retention
 from .storage import Storage
 from .tallies import CommitStats
@@ -130,10 +130,12 @@ class GroupCommitWriter(Retention):
             try:
                 if self._finished:
                     raise Unavailable("server is shutting down")
+                _check_caller_waits(op)  # a write queued from now on commits after op
                 self._commit_group([op])
             finally:
                 self._commit_lock.release()
             return op.wait(0)
+        _check_caller_waits(op)
         return self.submit(op).wait(timeout)
 
     def queue_depth(self) -> int:
@@ -372,3 +374,11 @@ class GroupCommitWriter(Retention):
             self.touched.clear()
             self.deleted.clear()
             self._on_commit(changed)
+
+
+def _check_caller_waits(op: WriteOp) -> None:
+    """A unary write whose caller gave up (its deadline passed or it cancelled, for
+    example while the write waited for room in write_queue.py) is not written: the
+    caller may have sent its next write already, which must not be overtaken."""
+    if isinstance(op.source, Caller) and not op.source.waits():
+        raise DeadlineExceeded("the call ended before its write was queued: nothing was written")
