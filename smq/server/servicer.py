@@ -408,10 +408,12 @@ class Servicer(smq_pb2_grpc.SuhaibMessageQueueServicer):
 def caller(context: grpc.ServicerContext) -> Caller:
     """A unary write's source: its connection, and whether the call still waits. The
     deadline is read off the clock: the call's cancellation reaches is_active() only
-    once gRPC's thread has handled it, and the caller may have sent its next write."""
+    once gRPC's thread has handled it, and the caller may have sent its next write.
+    Monotonic from here: a board's clock stepped by NTP must not end calls."""
+    ends = time.monotonic() + context.time_remaining()
 
     def waits() -> bool:
-        return context.time_remaining() > 0 and context.is_active()
+        return time.monotonic() < ends and context.is_active()
 
     return Caller(context.peer(), waits)
 
