@@ -132,7 +132,7 @@ def layer_tar(root: Path, epoch: int, owners: dict[str, int]) -> bytes:
 
 def gzipped(data: bytes) -> bytes:
     out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=9, mtime=0) as gz:
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=6, mtime=0) as gz:
         gz.write(data)
     return out.getvalue()
 
