@@ -21,6 +21,7 @@ Reproducible: tar entries sorted by name, owner 0:0 (the data directory: the app
 user), every mtime the epoch, gzip without file name and with mtime 0, JSON with sorted
 keys and no spaces.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 CONFIG = "application/vnd.oci.image.config.v1+json"
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
-PLATFORMS = {"amd64": {"architecture": "amd64", "os": "linux"},
-             "arm64": {"architecture": "arm64", "os": "linux", "variant": "v8"}}
+PLATFORMS = {
+    "amd64": {"architecture": "amd64", "os": "linux"},
+    "arm64": {"architecture": "arm64", "os": "linux", "variant": "v8"},
+}
 PORT = 8097
 DATA = "/data"
 ENTRYPOINT = ["/opt/smq/bin/smq"]
@@ -71,8 +74,15 @@ def labels(version: str, revision: str, epoch: int, source: str = SOURCE) -> dic
     }
 
 
-def image_config(arch: str, diff_id: str, version: str, revision: str, epoch: int,
-                 app_uid: int, source: str = SOURCE) -> dict[str, Any]:
+def image_config(
+    arch: str,
+    diff_id: str,
+    version: str,
+    revision: str,
+    epoch: int,
+    app_uid: int,
+    source: str = SOURCE,
+) -> dict[str, Any]:
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
     return {
         **PLATFORMS[arch],
@@ -112,7 +122,9 @@ def layer_tar(root: Path, epoch: int, owners: dict[str, int]) -> bytes:
             info = tarfile.TarInfo(rel)
             info.mtime = epoch
             info.mode = stat.S_IMODE(st.st_mode)
-            owner = next((uid for top, uid in owners.items() if rel == top or rel.startswith(top + "/")), 0)
+            owner = next(
+                (uid for top, uid in owners.items() if rel == top or rel.startswith(top + "/")), 0
+            )
             info.uid = info.gid = owner
             info.uname = info.gname = ""
             if stat.S_ISLNK(st.st_mode):
@@ -149,7 +161,10 @@ class Layout:
         return {"mediaType": media_type, "digest": d, "size": len(data), **extra}
 
     def write(self, path: Path, index: dict[str, Any], epoch: int) -> None:
-        files = {"oci-layout": canonical({"imageLayoutVersion": "1.0.0"}), "index.json": canonical(index)}
+        files = {
+            "oci-layout": canonical({"imageLayoutVersion": "1.0.0"}),
+            "index.json": canonical(index),
+        }
         for d, data in self.blobs.items():
             files["blobs/sha256/" + d.split(":", 1)[1]] = data
         dirs = ["blobs", "blobs/sha256"]
@@ -167,24 +182,48 @@ class Layout:
         os.replace(tmp, path)
 
 
-def write(out: Path, roots: dict[str, Path], version: str, revision: str, epoch: int,
-          app_uid: int, source: str = SOURCE) -> None:
+def write(
+    out: Path,
+    roots: dict[str, Path],
+    version: str,
+    revision: str,
+    epoch: int,
+    app_uid: int,
+    source: str = SOURCE,
+) -> None:
     layout = Layout()
     annotations = labels(version, revision, epoch, source)
     manifests = []
     for arch in sorted(roots):
         tar = layer_tar(roots[arch], epoch, {DATA.lstrip("/"): app_uid})
         layer = layout.add(LAYER, gzipped(tar))
-        config = layout.add(CONFIG, canonical(image_config(arch, digest(tar), version, revision, epoch, app_uid, source)))
-        manifest = {"schemaVersion": 2, "mediaType": MANIFEST, "config": config, "layers": [layer],
-                    "annotations": annotations}
+        config = layout.add(
+            CONFIG,
+            canonical(image_config(arch, digest(tar), version, revision, epoch, app_uid, source)),
+        )
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": config,
+            "layers": [layer],
+            "annotations": annotations,
+        }
         manifests.append(layout.add(MANIFEST, canonical(manifest), platform=PLATFORMS[arch]))
-    image_index = {"schemaVersion": 2, "mediaType": INDEX, "manifests": manifests, "annotations": annotations}
+    image_index = {
+        "schemaVersion": 2,
+        "mediaType": INDEX,
+        "manifests": manifests,
+        "annotations": annotations,
+    }
     name = f"smq:{version}"
-    top = layout.add(INDEX, canonical(image_index), annotations={
-        "org.opencontainers.image.ref.name": name,  # podman load, skopeo
-        "io.containerd.image.name": f"docker.io/library/{name}",  # docker load (containerd)
-    })
+    top = layout.add(
+        INDEX,
+        canonical(image_index),
+        annotations={
+            "org.opencontainers.image.ref.name": name,  # podman load, skopeo
+            "io.containerd.image.name": f"docker.io/library/{name}",  # docker load (containerd)
+        },
+    )
     layout.write(out, {"schemaVersion": 2, "mediaType": INDEX, "manifests": [top]}, epoch)
 
 
@@ -208,7 +247,7 @@ def check(path: Path) -> list[str]:
         problems.append("oci-layout missing or not 1.0.0")
     top = json.loads(files.get("index.json", b"{}"))
     if len(top.get("manifests", [])) != 1 or top["manifests"][0].get("mediaType") != INDEX:
-        return problems + ["index.json must hold one image index"]
+        return [*problems, "index.json must hold one image index"]
     ref = top["manifests"][0].get("annotations", {}).get("org.opencontainers.image.ref.name", "")
     if not ref.startswith("smq:"):
         problems.append(f"index.json: ref.name {ref!r} is not smq:<version>")
@@ -226,7 +265,9 @@ def check(path: Path) -> list[str]:
     return problems
 
 
-def check_image(files: dict[str, bytes], desc: dict[str, Any], arch: str, problems: list[str]) -> None:
+def check_image(
+    files: dict[str, bytes], desc: dict[str, Any], arch: str, problems: list[str]
+) -> None:
     """Append what is wrong with the image DESC names to PROBLEMS; print its sizes."""
     manifest = json.loads(blob(files, desc, problems) or b"{}")
     config = json.loads(blob(files, manifest["config"], problems) or b"{}")
@@ -243,8 +284,10 @@ def check_image(files: dict[str, bytes], desc: dict[str, Any], arch: str, proble
     for needed in ("opt/smq/bin/smq", "usr/bin/python3.11", "data", "etc/passwd"):
         if needed not in names:
             problems.append(f"{arch}: {needed} missing from the layer")
-    print(f"{arch}: layer {layers[0]['size'] / 1e6:.1f} MB compressed, {len(tar) / 1e6:.1f} MB "
-          f"unpacked, {len(names)} entries; manifest {desc['digest'][:19]}")
+    print(
+        f"{arch}: layer {layers[0]['size'] / 1e6:.1f} MB compressed, {len(tar) / 1e6:.1f} MB "
+        f"unpacked, {len(names)} entries; manifest {desc['digest'][:19]}"
+    )
 
 
 def check_config(config: dict[str, Any], arch: str) -> list[str]:
@@ -261,7 +304,11 @@ def check_config(config: dict[str, Any], arch: str) -> list[str]:
     if c.get("User", "0").split(":")[0] in ("", "0", "root"):
         problems.append(f"User {c.get('User')!r} is root")
     want = {"version", "revision", "source", "licenses"}
-    have = {k.rsplit(".", 1)[1] for k, v in c.get("Labels", {}).items() if v and k.startswith("org.opencontainers.image.")}
+    have = {
+        k.rsplit(".", 1)[1]
+        for k, v in c.get("Labels", {}).items()
+        if v and k.startswith("org.opencontainers.image.")
+    }
     if want - have:
         problems.append(f"labels missing: {sorted(want - have)}")
     return problems
@@ -272,7 +319,10 @@ def images(files: dict[str, bytes]) -> dict[str, dict[str, Any]]:
     problems: list[str] = []
     top = json.loads(files["index.json"])["manifests"][0]
     index = json.loads(blob(files, top, problems))
-    found = {d["platform"]["architecture"]: json.loads(blob(files, d, problems)) for d in index["manifests"]}
+    found = {
+        d["platform"]["architecture"]: json.loads(blob(files, d, problems))
+        for d in index["manifests"]
+    }
     if problems:
         raise SystemExit("; ".join(problems))
     return found
@@ -314,8 +364,15 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.command == "write":
         roots = dict(item.split("=", 1) for item in args.roots)
-        write(args.out, {a: Path(r) for a, r in roots.items()}, args.version, args.revision, args.epoch, args.app_uid,
-              args.source)
+        write(
+            args.out,
+            {a: Path(r) for a, r in roots.items()},
+            args.version,
+            args.revision,
+            args.epoch,
+            args.app_uid,
+            args.source,
+        )
         return 0
     if args.command == "extract":
         extract(args.archive, args.arch, args.dest)

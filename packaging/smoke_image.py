@@ -11,6 +11,7 @@ start again on the same database, `--version`, `serve --help`, a newer database
 refused), and one more: a start with no flags at all, `PORT` from the environment and
 the database at the image's `DB_PATH`. Exit 0 when every step passed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,29 @@ class ImageTarget:
     def host(self, path: Path | str) -> Path:
         return self.root / str(path).lstrip("/")
 
-    def command(self, *args: str, env: tuple[str, ...] = ()) -> tuple[list[str], dict[str, str] | None]:
-        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", MOUNT_AND_EXEC,
-                str(self.root), "env", "-i", *self.env, *env, "/usr/sbin/chroot", f"--userspec={self.user}",
-                str(self.root), *self.entrypoint, *args], None
+    def command(
+        self, *args: str, env: tuple[str, ...] = ()
+    ) -> tuple[list[str], dict[str, str] | None]:
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "/bin/sh",
+            "-c",
+            MOUNT_AND_EXEC,
+            str(self.root),
+            "env",
+            "-i",
+            *self.env,
+            *env,
+            "/usr/sbin/chroot",
+            f"--userspec={self.user}",
+            str(self.root),
+            *self.entrypoint,
+            *args,
+        ], None
 
 
 def env_start(smoke: Smoke, target: ImageTarget) -> None:
@@ -62,8 +82,14 @@ def env_start(smoke: Smoke, target: ImageTarget) -> None:
     db_path = next(e.split("=", 1)[1] for e in target.env if e.startswith("DB_PATH="))
     cmd, _ = target.command(env=(f"PORT={port}",))
     log = smoke.work / "env.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     t0 = time.monotonic()
     while time.monotonic() - t0 < smoke.timeout and proc.poll() is None:
         if port_open(port) and SERVING.search(log.read_text()):
@@ -77,10 +103,15 @@ def env_start(smoke: Smoke, target: ImageTarget) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         code = proc.wait()
-    smoke.step("PORT and DB_PATH from the environment",
-               bool(serving) and serving.group(1) == str(port) and created and code == 0,
-               port=port, db=db_path, db_created=created, exit=code,
-               **({} if code == 0 and serving else {"log": log.read_text()[-2000:]}))
+    smoke.step(
+        "PORT and DB_PATH from the environment",
+        bool(serving) and serving.group(1) == str(port) and created and code == 0,
+        port=port,
+        db=db_path,
+        db_created=created,
+        exit=code,
+        **({} if code == 0 and serving else {"log": log.read_text()[-2000:]}),
+    )
 
 
 def main() -> int:

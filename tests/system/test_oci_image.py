@@ -3,6 +3,7 @@ layout podman, skopeo and docker read, the config SMQ's images need, and the sam
 from the same inputs. Building the real images (root, mmdebstrap, minutes) and running
 them (a VM with podman, qemu-user) is packaging/build-oci and packaging/verify-oci,
 run by packaging/ci-checks. Also: the Debian pins and the `./dev oci` wiring."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,7 +17,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from support import ROOT
 
 PACKAGING = ROOT / "packaging"
@@ -28,8 +28,11 @@ EPOCH = 1_700_000_000
 
 
 def fake_root(path: Path, arch: str, mtime: int) -> Path:
-    for name, text in {"opt/smq/bin/smq": "#!/opt/smq/bin/python3.11\n", "usr/bin/python3.11": arch,
-                       "etc/passwd": "smq:x:10001:10001::/data:/usr/sbin/nologin\n"}.items():
+    for name, text in {
+        "opt/smq/bin/smq": "#!/opt/smq/bin/python3.11\n",
+        "usr/bin/python3.11": arch,
+        "etc/passwd": "smq:x:10001:10001::/data:/usr/sbin/nologin\n",
+    }.items():
         (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text(text)
         os.utime(path / name, (mtime, mtime))
@@ -40,7 +43,9 @@ def fake_root(path: Path, arch: str, mtime: int) -> Path:
 
 
 def build(tmp_path: Path, label: str, mtime: int) -> Path:
-    roots = {arch: fake_root(tmp_path / f"{label}-{arch}", arch, mtime) for arch in ("arm64", "amd64")}
+    roots = {
+        arch: fake_root(tmp_path / f"{label}-{arch}", arch, mtime) for arch in ("arm64", "amd64")
+    }
     out = tmp_path / f"{label}.tar"
     oci_image.write(out, roots, "1.2.3", "abc123", EPOCH, 10001)
     return out
@@ -60,7 +65,9 @@ def test_layout_holds_both_platforms_and_checks_clean(tmp_path, capsys):
     assert top["annotations"]["org.opencontainers.image.ref.name"] == "smq:1.2.3"
     index = json.loads(files["blobs/sha256/" + top["digest"].split(":")[1]])
     assert [m["platform"] for m in index["manifests"]] == [
-        {"architecture": "amd64", "os": "linux"}, {"architecture": "arm64", "os": "linux", "variant": "v8"}]
+        {"architecture": "amd64", "os": "linux"},
+        {"architecture": "arm64", "os": "linux", "variant": "v8"},
+    ]
     for name, data in files.items():  # every blob is named by its sha256
         if name.startswith("blobs/sha256/"):
             assert hashlib.sha256(data).hexdigest() == name.rsplit("/", 1)[1]
@@ -114,7 +121,9 @@ def test_check_names_what_is_wrong(tmp_path):
     archive = build(tmp_path, "a", mtime=1)
     files = members(archive)
     configs = oci_image.image_configs(archive)
-    broken = dict(configs["arm64"], config=dict(configs["arm64"]["config"], User="0", Entrypoint=["/bin/sh"]))
+    broken = dict(
+        configs["arm64"], config=dict(configs["arm64"]["config"], User="0", Entrypoint=["/bin/sh"])
+    )
     problems = oci_image.check_config(broken, "arm64")
     assert any("User" in p for p in problems) and any("Entrypoint" in p for p in problems)
     # A blob whose bytes no longer match its digest.
@@ -132,8 +141,11 @@ def test_check_names_what_is_wrong(tmp_path):
 def test_debian_pins_cover_both_architectures():
     """packaging/oci/debian-packages.txt: ARCH NAME VERSION, the same packages for both,
     CPython 3.11 and libstdc++ (grpcio) among them, no apt."""
-    lines = [line.split() for line in (PACKAGING / "oci/debian-packages.txt").read_text().splitlines()
-             if line and not line.startswith("#")]
+    lines = [
+        line.split()
+        for line in (PACKAGING / "oci/debian-packages.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert all(len(parts) == 3 and parts[0] in ("amd64", "arm64") for parts in lines)
     by_arch = {arch: {name for a, name, _ in lines if a == arch} for arch in ("amd64", "arm64")}
     assert by_arch["amd64"] == by_arch["arm64"]
