@@ -150,29 +150,43 @@
         {
           inherit python testPython smq;
 
-          # A docker-archive tarball (`docker load < result`, `podman load`, or
-          # `skopeo copy docker-archive:result oci:smq` for an OCI layout): the server as
-          # entry point, its database in the /data volume, running as nobody (65534).
+          # A docker-archive tarball for this system (`docker load < result`, `podman load`,
+          # `skopeo copy docker-archive:result oci-archive:smq.tar`), configured as the
+          # images of `./dev oci` (packaging/build-oci, docs/containers.md): the server as
+          # entry point, its database in the /data volume, user 10001, port 8097, the same
+          # environment and org.opencontainers.image.* labels. Those are one OCI index for
+          # amd64 and arm64 from Debian packages and the PEX's locked wheels, and the ones
+          # verified; this one (nixpkgs' Python packages, one architecture) is never built here.
           oci = pkgs.dockerTools.buildLayeredImage {
             name = "smq";
             tag = version;
             fakeRootCommands = ''
-              install -d -m 0750 -o 65534 -g 65534 data
+              install -d -m 0755 -o 10001 -g 10001 data
               install -d -m 1777 tmp
             '';
             config = {
               Entrypoint = [ "${smq}/bin/smq" ];
               Env = [
                 "DB_PATH=/data/smq.db"
+                "LANG=C.UTF-8"
                 "PYTHONUNBUFFERED=1"
+                "PYTHONDONTWRITEBYTECODE=1"
               ];
               WorkingDir = "/data";
-              User = "65534:65534";
+              User = "10001:10001";
               ExposedPorts = {
                 "8097/tcp" = { };
               };
               Volumes = {
                 "/data" = { };
+              };
+              StopSignal = "SIGTERM";
+              Labels = {
+                "org.opencontainers.image.title" = "smq";
+                "org.opencontainers.image.version" = version;
+                "org.opencontainers.image.revision" = self.rev or "dirty";
+                "org.opencontainers.image.source" = "https://pypi.org/project/smq-queue/";
+                "org.opencontainers.image.licenses" = "MIT";
               };
             };
           };

@@ -116,6 +116,13 @@ let
         (expect (builtins.elem "DB_PATH=/data/smq.db" image.config.Env) "${system}: the image's database is not in /data")
         (expect (attrs image.config.ExposedPorts == [ "8097/tcp" ]) "${system}: the image does not expose 8097/tcp")
         (expect (image.name == "smq" && image.tag == version) "${system}: image name/tag")
+        # As packaging/build-oci's images (packaging/oci_image.py): a non-root user, the labels.
+        (expect (image.config.User == "10001:10001") "${system}: the image's user is not 10001:10001")
+        (expect (image.config.Labels."org.opencontainers.image.version" == version
+          && image.config.Labels."org.opencontainers.image.licenses" == "MIT"
+          && builtins.hasAttr "org.opencontainers.image.revision" image.config.Labels
+          && builtins.hasAttr "org.opencontainers.image.source" image.config.Labels)
+          "${system}: the image lacks org.opencontainers.image.* labels")
         (expect (shellEnv.stub.kind == "python-env") "${system}: devShells.default has no Python environment")
         (expect (
           names shellEnv.stub.packages == sort (

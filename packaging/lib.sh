@@ -116,18 +116,21 @@ ensure_vm_tools() {
   fi
 }
 
-# ensure_vm_root -> prints the path of the VM's root: systemd as init, python3 for the
-# PEX, Debian's kernel and initramfs. Built once with debootstrap, kept in $ROOTFS_CACHE.
+# ensure_vm_root [NAME PACKAGE,...] -> prints the path of the VM's root: systemd as init,
+# python3 for the PEX, Debian's kernel and initramfs (and with NAME, the extra packages:
+# a root of its own, e.g. podman for packaging/verify-oci). Built once with debootstrap,
+# kept in $ROOTFS_CACHE.
 ensure_vm_root() {
-  local root="$ROOTFS_CACHE/bookworm-amd64-vm"
+  local name=${1:-vm} extra=${2:+,$2}
+  local root="$ROOTFS_CACHE/bookworm-amd64-$name"
   if [ ! -f "$root/.smq-rootfs-complete" ]; then
     log "building the VM root with debootstrap (a few minutes; cached in $root)"
     mkdir -p "$ROOTFS_CACHE"
     rm -rf "$root.tmp"
     debootstrap --arch=amd64 --variant=minbase \
-      --include=systemd,systemd-sysv,dbus,udev,kmod,procps,python3,linux-image-amd64,initramfs-tools \
-      bookworm "$root.tmp" "$DEBIAN_MIRROR" >"$ROOTFS_CACHE/bookworm-amd64-vm.debootstrap.log" 2>&1 \
-      || die "debootstrap failed; see $ROOTFS_CACHE/bookworm-amd64-vm.debootstrap.log"
+      --include="systemd,systemd-sysv,dbus,udev,kmod,procps,python3,linux-image-amd64,initramfs-tools$extra" \
+      bookworm "$root.tmp" "$DEBIAN_MIRROR" >"$ROOTFS_CACHE/bookworm-amd64-$name.debootstrap.log" 2>&1 \
+      || die "debootstrap failed; see $ROOTFS_CACHE/bookworm-amd64-$name.debootstrap.log"
     echo smq-vm >"$root.tmp/etc/hostname"
     echo "/dev/vda / ext4 defaults 0 1" >"$root.tmp/etc/fstab"
     date -u +%FT%TZ >"$root.tmp/.smq-rootfs-complete"

@@ -87,6 +87,9 @@ class Target:
         """The host's path for a path the server sees."""
         return Path(path) if self.root is None else self.root / str(path).lstrip("/")
 
+    def own(self, path: Path) -> None:
+        """Give a file the host made to the server's user (here: the same user)."""
+
     def command(self, *args: str) -> tuple[list[str], dict[str, str] | None]:
         if self.root is None:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("PEX_", "SMQ_"))}
@@ -97,10 +100,12 @@ class Target:
 
 
 class Smoke:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, target: Target | None = None) -> None:
+        """TARGET: where the server runs (default: the PEX, from ARGS); packaging/smoke_image.py
+        passes an image's root file system instead."""
         self.work = Path(tempfile.mkdtemp(prefix="smq-smoke-"))
-        self.target = Target(Path(args.pex), Path(args.root) if args.root else None, self.work,
-                             args.python, args.mdwe)
+        self.target = target or Target(Path(args.pex), Path(args.root) if args.root else None, self.work,
+                                       args.python, args.mdwe)
         self.client_pex = args.client_pex
         self.timeout = args.timeout
         self.report: dict = {"pex": str(args.pex), "root": args.root, "python": args.python,
@@ -194,6 +199,7 @@ class Smoke:
         newer = self.target.data / "newer.db"
         with sqlite3.connect(self.target.host(newer)) as conn:
             conn.execute("PRAGMA user_version = 999")
+        self.target.own(self.target.host(newer))
         refused = self.run("--port", str(free_port()), "--bind", "127.0.0.1", "--dbpath", str(newer))
         message = (refused.stderr.strip().splitlines() or [""])[-1]
         self.step("newer database refused", refused.returncode == 2 and "newer SMQ" in message,
