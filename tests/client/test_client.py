@@ -154,8 +154,10 @@ def test_iter_messages_pages_then_follows(client: Client, topic: str) -> None:
     messages = client.iter_messages(topic, 0, page_size=7)
     first = list(itertools.islice(messages, 20))
     assert [m.offset for m in first] == list(range(6, 26))
-    threading.Timer(0.3, client.produce, (topic, b"live")).start()
+    live = threading.Timer(0.3, client.produce, (topic, b"live"))
+    live.start()
     assert next(messages) == (b"live", 26)
+    live.join(10)  # its answer may come after the stream's: before the client closes
     messages.close()
 
 
@@ -170,8 +172,10 @@ def test_subscribe_yields_messages_then_follows(client: Client, topic: str) -> N
     client.produce_many(topic, [b"%d" % i for i in range(1, 2001)])
     messages = client.subscribe(topic, 1500, page_size=100)
     assert [m.offset for m in itertools.islice(messages, 501)] == list(range(1500, 2001))
-    threading.Timer(0.5, client.produce, (topic, b"new")).start()  # after some heartbeats
+    new = threading.Timer(0.5, client.produce, (topic, b"new"))  # after some heartbeats
+    new.start()
     assert next(messages) == (b"new", 2001)
+    new.join(10)
     messages.close()
 
 
