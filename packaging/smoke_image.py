@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,13 @@ import time
 from pathlib import Path
 
 from oci_image import extract, image_configs  # type: ignore[import-not-found]
-from smoke_pex import SERVING, Smoke, free_port, port_open  # type: ignore[import-not-found]
+from smoke_pex import (  # type: ignore[import-not-found]
+    SERVING,
+    Smoke,
+    free_port,
+    port_open,
+    terminate,
+)
 
 MOUNT_AND_EXEC = 'mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" || exit 97; exec "$@"'
 
@@ -97,12 +102,7 @@ def env_start(smoke: Smoke, target: ImageTarget) -> None:
         time.sleep(0.05)
     serving = SERVING.search(log.read_text())
     created = target.host(db_path).exists()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        code = proc.wait()
+    code = terminate(proc)
     smoke.step(
         "PORT and DB_PATH from the environment",
         bool(serving) and serving.group(1) == str(port) and created and code == 0,

@@ -59,6 +59,16 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def terminate(proc: subprocess.Popen) -> int:
+    """SIGTERM, then its exit code; after 60 s its process group is killed."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
 class Target:
     """Where the server runs: this host, or a chroot. Paths are the server's view."""
 
@@ -152,12 +162,7 @@ class Smoke:
 
     def stop(self, proc: subprocess.Popen, log: Path, label: str) -> None:
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
+        code = terminate(proc)
         self.step(f"{label} SIGTERM", code == 0, exit=code, seconds=round(time.monotonic() - t0, 2),
                   **({} if code == 0 else {"log": log.read_text()[-2000:]}))
 

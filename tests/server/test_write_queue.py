@@ -138,21 +138,6 @@ def test_stream_writes_wait_longer_and_are_not_refused_for_waiting_unary_writes(
     assert queue.queued == 0
 
 
-class HeldRoom:
-    """Holds `size` bytes of a server's write queue until release(): as large stream
-    writes waiting for the disk do."""
-
-    def __init__(self, queue: WriteQueue, size: int) -> None:
-        self._released = threading.Event()
-        queue.room_until_done(self, size, large=True)
-
-    def done(self) -> bool:
-        return self._released.is_set()
-
-    def release(self) -> None:
-        self._released.set()
-
-
 def test_a_write_whose_caller_gave_up_while_it_waited_for_room_is_not_written(tmp_path):
     """A real server whose write queue is full: a 300 KB ProduceBatch times out while it
     waits for room, and its caller sends a small Produce at once. The batch must not be
@@ -164,13 +149,14 @@ def test_a_write_whose_caller_gave_up_while_it_waited_for_room_is_not_written(tm
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         stub = smq_pb2_grpc.SuhaibMessageQueueStub(channel)
         stub.CreateTopic(smq_pb2.CreateTopicRequest(topic="t"), timeout=10)
-        held = HeldRoom(server.service.write_queue, 4 * MIB)
+        held = Write()  # a stream's large write waiting for the disk: the queue is full
+        server.service.write_queue.room_until_done(held, 4 * MIB, large=True)
         with pytest.raises(grpc.RpcError) as given_up:
             stub.ProduceBatch(smq_pb2.ProduceBatchRequest(topic="t", messages=[b"B" * 300_000]),
                               timeout=0.2)
         assert given_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert stub.Produce(smq_pb2.ProduceRequest(topic="t", message=b"P"), timeout=10).offset == 1
-        held.release()  # the batch gets room now: it is dropped, not written
+        held.committed.set()  # the batch gets room now: it is dropped, not written
         time.sleep(server.service.write_queue.wait_seconds)
         reply = stub.BulkRetrieve(smq_pb2.BulkRetrieveRequest(topic="t", start_offset=1, limit=10),
                                   timeout=10)
